@@ -1,0 +1,183 @@
+"""Append commands to the log through the decide-and-append Lua script, in per-partition batches."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from command_api.batching import MicroBatcher
+from command_api.exceptions import CommandRefused, LogUnavailable
+from events.exceptions import LogError
+from events.layout import LogLayout
+from events.log import EventLog
+from events.position import LogPosition
+
+log = logging.getLogger(__name__)
+
+APPEND_SCRIPT = files("command_api").joinpath("append.lua").read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One decided-in-Redis command; `target`/`aux` carry the op's subject (see append.lua)."""
+
+    op: str
+    conversation_id: str
+    actor: str
+    event_tail: bytes
+    memo: str
+    fingerprint: str = ""
+    idempotency_key: str = ""
+    target: str = ""
+    aux: str = ""
+    expected_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Where a command's event landed; `replayed` when an idempotent retry returned the original."""
+
+    seq: int
+    position: LogPosition
+    memo: str
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AppendSettings:
+    idempotency_ttl_s: float = 86_400
+    max_stream_length: int = 0
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 1_000
+    max_batch: int = 256
+
+
+class Appender:
+    """Appends commands to the partitioned log; one script call per partition batch."""
+
+    def __init__(
+        self, redis: aioredis.Redis, layout: LogLayout, settings: AppendSettings | None = None
+    ) -> None:
+        self.redis = redis
+        self.layout = layout
+        self.settings = settings or AppendSettings()
+        self.log = EventLog(redis, layout)
+        self._script = redis.register_script(APPEND_SCRIPT)
+        self._batcher: MicroBatcher[int, Command, Appended] = MicroBatcher(
+            self._flush, self.settings.max_batch
+        )
+
+    @property
+    def epoch(self) -> str | None:
+        return self.log.epoch
+
+    async def open(self) -> str:
+        """Create the log if needed and learn its epoch.
+
+        Raises:
+            LogUnavailable: Redis is unreachable or the log's layout conflicts with ours.
+        """
+        try:
+            return await self.log.open(create=True)
+        except redis.exceptions.RedisError as exc:
+            raise LogUnavailable(f"redis: {exc}") from exc
+
+    async def append(self, command: Command) -> Appended:
+        """Decide and append one command.
+
+        Raises:
+            CommandRefused: the write-side state forbids the command; nothing was appended.
+            LogUnavailable: the outcome is unknown (Redis failed mid-call) or nothing was appended.
+        """
+        partition = self.layout.partition_for(command.conversation_id)
+        return await self._batcher.submit(partition, command)
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+    async def _flush(self, partition: int, commands: Sequence[Command]) -> list[Appended | BaseException]:
+        epoch = self.log.epoch
+        if epoch is None:
+            epoch = await self.open()
+        keys = [self.layout.stream_key(partition), self.layout.partition_meta_key(partition)]
+        ttl_ms = str(int(self.settings.idempotency_ttl_s * 1000))
+        args: list[str | bytes] = [epoch, str(self.settings.max_stream_length)]
+        for c in commands:
+            keys.append(self.layout.conversation_key(partition, c.conversation_id))
+            keys.append(
+                self.layout.idempotency_key(partition, c.actor, c.idempotency_key)
+                if c.idempotency_key
+                else self.layout.conversation_key(partition, c.conversation_id)
+            )
+            args += [
+                c.op, c.conversation_id, c.actor, c.idempotency_key, c.fingerprint,
+                c.target, c.aux, "" if c.expected_seq is None else str(c.expected_seq),
+                c.event_tail, ttl_ms, c.memo,
+            ]  # fmt: skip
+        try:
+            replies = await self._call(keys, args)
+        except redis.exceptions.RedisError as exc:
+            log.error("append to partition %d failed: %s", partition, exc)
+            raise LogUnavailable(f"redis: {exc}") from exc
+        if replies and _is_log_failure(replies[0]):
+            await self._reopen(partition, replies[0])
+            reason = _text(replies[0][1])
+            return [
+                LogUnavailable(f"log {reason}; it has been reopened, retry the command") for _ in commands
+            ]
+        return [self._result(partition, epoch, r) for r in replies]
+
+    async def _call(self, keys: list[str], args: list[str | bytes]) -> list[list[bytes | int]]:
+        if self.settings.wait_replicas <= 0:
+            return await self._script(keys=keys, args=args)  # type: ignore[no-any-return]
+        pipe = self.redis.pipeline(transaction=False)
+        await self._script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", self.settings.wait_replicas, self.settings.wait_timeout_ms)
+        replies, acknowledged = await pipe.execute()
+        if int(acknowledged) < self.settings.wait_replicas:
+            raise redis.exceptions.RedisError(
+                f"only {acknowledged} of {self.settings.wait_replicas} replicas acknowledged the "
+                "append within the timeout; it may still be applied"
+            )
+        return replies  # type: ignore[no-any-return]
+
+    async def _reopen(self, partition: int, reply: list[bytes | int]) -> None:
+        reason = _text(reply[1])
+        log.error(
+            "log at partition %d reports %s (epoch was %s): reopening", partition, reason,
+            self.log.epoch,
+        )  # fmt: skip
+        self.log.epoch = None
+        try:
+            await self.log.open(create=True)
+        except (redis.exceptions.RedisError, LogError) as exc:
+            log.error("reopening the log failed: %s", exc)
+
+    def _result(self, partition: int, epoch: str, reply: list[bytes | int]) -> Appended | BaseException:
+        status = int(reply[0])
+        if status == 1:
+            return Appended(
+                seq=int(reply[1]),
+                position=LogPosition(partition, _text(reply[2]), epoch),
+                memo="",
+                replayed=False,
+            )
+        if status == 2:
+            seq, stream_id, memo = _text(reply[1]).split("\n", 2)
+            return Appended(int(seq), LogPosition(partition, stream_id, epoch), memo, replayed=True)
+        return CommandRefused(_text(reply[1]), _text(reply[2]))
+
+
+def _is_log_failure(reply: list[bytes | int]) -> bool:
+    return int(reply[0]) == 0 and _text(reply[1]) in ("log-missing", "epoch-changed")
+
+
+def _text(value: bytes | int | str) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return str(value)

@@ -1,0 +1,107 @@
+"""Request bodies (msgspec Structs) and the checks msgspec cannot express: ids, text, limits.
+
+Pure: bytes and limits in, a valid normalized body out, or `CommandInvalid` naming the cause.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import TypeVar
+
+import msgspec
+
+from command_api.exceptions import CommandInvalid
+from events.ids import is_valid_id
+
+# C0 controls but tab and newline, DEL, C1 controls.
+_FORBIDDEN_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+MAX_TITLE_CHARS = 200
+MAX_PARTICIPANTS = 1_000
+
+
+class Body(msgspec.Struct, forbid_unknown_fields=True):
+    """Base of request bodies: unknown fields are refused."""
+
+
+class CreateConversation(Body):
+    title: str
+    participants: list[str] = []
+    conversation_id: str | None = None
+
+
+class AddParticipant(Body):
+    user_id: str
+
+
+class SendMessage(Body):
+    body: str
+    reply_to: str | None = None
+    message_id: str | None = None
+
+
+class EditMessage(Body):
+    body: str
+
+
+class MarkRead(Body):
+    up_to_seq: int
+
+
+B = TypeVar("B", bound=Body)
+
+_decoders: dict[type[Body], msgspec.json.Decoder[object]] = {}
+
+
+def decode_body(data: bytes, body_type: type[B]) -> B:
+    """Decode a JSON request body strictly.
+
+    Raises:
+        CommandInvalid: malformed JSON (400), or wrong shape / unknown field (422).
+    """
+    decoder = _decoders.get(body_type)
+    if decoder is None:
+        decoder = _decoders[body_type] = msgspec.json.Decoder(body_type)
+    try:
+        result = decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise CommandInvalid("invalid-body", str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise CommandInvalid("malformed-json", str(exc), status=400) from None
+    assert isinstance(result, body_type)
+    return result
+
+
+def check_id(value: str, field: str) -> str:
+    """Return `value` if it is a valid id, else raise `CommandInvalid` naming `field`."""
+    if not is_valid_id(value):
+        raise CommandInvalid("invalid-id", f"{field}: ids are 1-64 characters of A-Z a-z 0-9 _ . @ -")
+    return value
+
+
+def clean_text(value: str, field: str, max_chars: int) -> str:
+    """NFC-normalize `value` and check it: 1..max_chars characters, not blank, no control characters
+    other than newline and tab.
+    """
+    text = unicodedata.normalize("NFC", value)
+    if _FORBIDDEN_CONTROLS.search(text):
+        raise CommandInvalid("control-characters", f"{field}: control characters are not allowed")
+    if not text.strip():
+        raise CommandInvalid("empty-text", f"{field}: must not be empty or blank")
+    if len(text) > max_chars:
+        raise CommandInvalid("text-too-long", f"{field}: {len(text)} characters, at most {max_chars} allowed")
+    return text
+
+
+def check_idempotency_key(value: str | None) -> str:
+    """The Idempotency-Key header, or "" when absent; printable ASCII, at most 255 characters."""
+    if value is None:
+        return ""
+    if not _IDEMPOTENCY_KEY.fullmatch(value):
+        raise CommandInvalid(
+            "invalid-idempotency-key",
+            "Idempotency-Key must be 1-255 printable ASCII characters without spaces",
+            status=400,
+        )
+    return value

@@ -1,0 +1,186 @@
+"""Turn validated requests into log commands and their events: pure, no I/O.
+
+Each builder returns the `Command` the append script decides on, with the event it will append
+(its envelope minus `seq`) and the memo an idempotent replay answers with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import msgspec
+
+from command_api.append import Command
+from command_api.bodies import (
+    MAX_PARTICIPANTS,
+    MAX_TITLE_CHARS,
+    AddParticipant,
+    CreateConversation,
+    EditMessage,
+    MarkRead,
+    SendMessage,
+    check_id,
+    clean_text,
+)
+from command_api.exceptions import CommandInvalid
+from events import schema
+from events.codec import encode_unsequenced_tail
+from events.ids import new_event_id, new_object_id
+
+_CONVERSATION_NAMESPACE = uuid.UUID("5b0c4b8e-2f4e-4c55-9a53-7c1b0b6d8f21")
+
+
+class Memo(msgspec.Struct, frozen=True):
+    """What a command's answer needs besides its position; stored for idempotent replays."""
+
+    event_id: str
+    message_id: str | None = None
+
+
+_memo_encoder = msgspec.json.Encoder()
+_memo_decoder = msgspec.json.Decoder(Memo)
+
+
+def decode_memo(text: str) -> Memo:
+    return _memo_decoder.decode(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Who asks, and the request-level facts every command carries."""
+
+    actor: str
+    idempotency_key: str = ""
+    correlation_id: str = ""
+    causation_id: str | None = None
+    expected_seq: int | None = None
+    max_body_chars: int = 4000
+
+
+def _fingerprint(*parts: object) -> str:
+    digest = hashlib.sha256(b"\x1f".join(str(p).encode() for p in parts))
+    return digest.hexdigest()[:32]
+
+
+def _command(
+    ctx: Context,
+    op: str,
+    conversation_id: str,
+    payload: schema.AnyPayload,
+    fingerprint_parts: tuple[object, ...],
+    *,
+    target: str = "",
+    aux: str = "",
+    message_id: str | None = None,
+) -> Command:
+    check_id(conversation_id, "conversation_id")
+    event_id = new_event_id()
+    envelope = schema.UnsequencedEnvelope(
+        event_id=event_id,
+        schema_version=payload.VERSION,
+        occurred_at=datetime.now(UTC),
+        actor=ctx.actor,
+        conversation_id=conversation_id,
+        correlation_id=ctx.correlation_id or event_id,
+        causation_id=ctx.causation_id,
+        idempotency_key=ctx.idempotency_key or None,
+        payload=payload,
+    )
+    return Command(
+        op=op,
+        conversation_id=conversation_id,
+        actor=ctx.actor,
+        event_tail=encode_unsequenced_tail(envelope),
+        memo=_memo_encoder.encode(Memo(event_id, message_id)).decode(),
+        fingerprint=_fingerprint(op, conversation_id, ctx.expected_seq, *fingerprint_parts)
+        if ctx.idempotency_key
+        else "",
+        idempotency_key=ctx.idempotency_key,
+        target=target,
+        aux=aux,
+        expected_seq=ctx.expected_seq,
+    )
+
+
+def create_conversation(ctx: Context, body: CreateConversation) -> Command:
+    """The conversation id is the client's, else derived from the idempotency key (so a retry
+    lands on the same partition and finds its record), else fresh."""
+    title = clean_text(body.title, "title", MAX_TITLE_CHARS)
+    if len(body.participants) > MAX_PARTICIPANTS:
+        raise CommandInvalid("too-many-participants", f"at most {MAX_PARTICIPANTS} participants")
+    others = [check_id(p, "participants[]") for p in body.participants]
+    participants = tuple(dict.fromkeys([ctx.actor, *others]))
+    if body.conversation_id is not None:
+        conversation_id = check_id(body.conversation_id, "conversation_id")
+    elif ctx.idempotency_key:
+        conversation_id = str(uuid.uuid5(_CONVERSATION_NAMESPACE, f"{ctx.actor}\n{ctx.idempotency_key}"))
+    else:
+        conversation_id = new_object_id()
+    payload = schema.ConversationCreated(title=title, participants=participants)
+    return _command(
+        ctx, "create", conversation_id, payload, (title, participants, body.conversation_id),
+        target=",".join(participants),
+    )  # fmt: skip
+
+
+def add_participant(ctx: Context, conversation_id: str, body: AddParticipant) -> Command:
+    user_id = check_id(body.user_id, "user_id")
+    payload = schema.ParticipantAdded(user_id=user_id)
+    return _command(ctx, "add", conversation_id, payload, (user_id,), target=user_id)
+
+
+def remove_participant(ctx: Context, conversation_id: str, user_id: str) -> Command:
+    check_id(user_id, "user_id")
+    payload = schema.ParticipantRemoved(user_id=user_id)
+    return _command(ctx, "remove", conversation_id, payload, (user_id,), target=user_id)
+
+
+def send_message(ctx: Context, conversation_id: str, body: SendMessage) -> Command:
+    text = clean_text(body.body, "body", ctx.max_body_chars)
+    reply_to = None if body.reply_to is None else check_id(body.reply_to, "reply_to")
+    if body.message_id is not None:
+        message_id = check_id(body.message_id, "message_id")
+    else:
+        message_id = new_object_id()
+    payload = schema.MessageSent(message_id=message_id, body=text, reply_to=reply_to)
+    return _command(
+        ctx, "send", conversation_id, payload, (text, reply_to, body.message_id),
+        target=message_id, aux=reply_to or "", message_id=message_id,
+    )  # fmt: skip
+
+
+def edit_message(ctx: Context, conversation_id: str, message_id: str, body: EditMessage) -> Command:
+    check_id(message_id, "message_id")
+    text = clean_text(body.body, "body", ctx.max_body_chars)
+    payload = schema.MessageEdited(message_id=message_id, body=text)
+    return _command(
+        ctx, "edit", conversation_id, payload, (message_id, text),
+        target=message_id, message_id=message_id,
+    )  # fmt: skip
+
+
+def delete_message(ctx: Context, conversation_id: str, message_id: str) -> Command:
+    check_id(message_id, "message_id")
+    payload = schema.MessageDeleted(message_id=message_id)
+    return _command(
+        ctx, "delete", conversation_id, payload, (message_id,),
+        target=message_id, message_id=message_id,
+    )  # fmt: skip
+
+
+def mark_read(ctx: Context, conversation_id: str, body: MarkRead) -> Command:
+    if body.up_to_seq < 1:
+        raise CommandInvalid("invalid-body", "up_to_seq must be at least 1")
+    payload = schema.MessagesRead(up_to_seq=body.up_to_seq)
+    return _command(ctx, "read", conversation_id, payload, (body.up_to_seq,), target=str(body.up_to_seq))
+
+
+def archive(ctx: Context, conversation_id: str) -> Command:
+    return _command(ctx, "archive", conversation_id, schema.ConversationArchived(), ())
+
+
+def unarchive(ctx: Context, conversation_id: str) -> Command:
+    return _command(ctx, "unarchive", conversation_id, schema.ConversationUnarchived(), ())

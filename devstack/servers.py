@@ -1,0 +1,196 @@
+"""Real Redis and Postgres servers run as child processes we own (never daemonized)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from devstack import pgadmin
+from devstack.binaries import postgres_bindir, redis_server_binary
+from devstack.child import ChildServer, ServerStartError
+from devstack.pguser import RunAs, give_dir, make_traversable, pg_run_as
+from devstack.ports import LOOPBACK
+
+_MAX_SOCKET_DIR_LEN = 90
+
+
+class RedisServer(ChildServer):
+    """redis-server with AOF persistence in `data_dir`, bound to 127.0.0.1:`port`."""
+
+    name = "redis-server"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        appendfsync: str = "always",
+        *,
+        die_with_parent: bool = False,
+    ) -> None:
+        super().__init__(data_dir, port, die_with_parent)
+        self.appendfsync = appendfsync
+
+    @property
+    def url(self) -> str:
+        """redis://127.0.0.1:PORT/0"""
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    def _prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def _command(self) -> list[str]:
+        return [
+            str(redis_server_binary()),
+            "--bind",
+            LOOPBACK,
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.appendfsync,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.log_path),
+        ]
+
+    def _probe(self) -> bool:
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+
+class PostgresServer(ChildServer):
+    """A Postgres cluster in `data_dir` (initdb on first start) on 127.0.0.1:`port`, trust auth."""
+
+    name = "postgres"
+    ready_timeout = 20.0
+    stop_signal = signal.SIGINT
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        fast: bool = False,
+        die_with_parent: bool = False,
+    ) -> None:
+        super().__init__(data_dir, port, die_with_parent)
+        self.fast = fast
+        self._run_as = RunAs()
+        self._socket_dir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        """postgresql://postgres@127.0.0.1:PORT/postgres"""
+        return f"postgresql://postgres@{LOOPBACK}:{self.port}/postgres"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "postgres.log"
+
+    def create_database(self, name: str, *, exist_ok: bool = False) -> str:
+        """Create database `name` on this server; return its URL."""
+        return pgadmin.create_database(self.url, name, exist_ok=exist_ok)
+
+    def _popen_kwargs(self) -> dict[str, Any]:
+        return {
+            "user": self._run_as.uid,
+            "group": self._run_as.gid,
+            "extra_groups": self._run_as.extra_groups,
+        }
+
+    def _prepare(self) -> None:
+        self._run_as = pg_run_as()
+        bindir = postgres_bindir()
+        if self._run_as.uid is not None:
+            make_traversable(bindir)
+        give_dir(self.data_dir, self._run_as)
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb(bindir)
+        self._socket_dir = self._make_socket_dir()
+
+    def _initdb(self, bindir: Path) -> None:
+        cmd = [
+            str(bindir / "initdb"),
+            "-D",
+            str(self.data_dir),
+            "--auth=trust",
+            "-U",
+            "postgres",
+            "--encoding=UTF8",
+        ]
+        if self.fast:
+            cmd.append("--no-sync")
+        result = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False, **self._popen_kwargs()
+        )
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).decode(errors="replace")
+            raise ServerStartError(f"initdb failed ({result.returncode}):\n{output[-3000:]}")
+
+    def _make_socket_dir(self) -> Path:
+        if len(str(self.data_dir)) <= _MAX_SOCKET_DIR_LEN:
+            return self.data_dir
+        socket_dir = Path(tempfile.mkdtemp(prefix="pgsock-"))
+        give_dir(socket_dir, self._run_as)
+        return socket_dir
+
+    def _command(self) -> list[str]:
+        assert self._socket_dir is not None
+        cmd = [
+            str(postgres_bindir() / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-h",
+            LOOPBACK,
+            "-p",
+            str(self.port),
+            "-k",
+            str(self._socket_dir),
+            "-c",
+            "max_connections=200",
+        ]
+        if self.fast:
+            for setting in ("fsync=off", "synchronous_commit=off", "full_page_writes=off"):
+                cmd += ["-c", setting]
+        return cmd
+
+    def _probe(self) -> bool:
+        try:
+            with psycopg.connect(self.url, connect_timeout=2):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def _after_stop(self) -> None:
+        if self._socket_dir is not None and self._socket_dir != self.data_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+        self._socket_dir = None
+
+    def __enter__(self) -> PostgresServer:
+        self.start()
+        return self

@@ -1,0 +1,113 @@
+"""Pure planning for `make run`: which servers to start, which services exist, the banner."""
+
+from __future__ import annotations
+
+import importlib.util
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REDIS_PORT = 6380
+POSTGRES_PORT = 5433
+DATABASE_NAME = "parley"
+DATA_DIR = Path(".data")
+BANNER_READY = "Parley dev stack is up"
+
+FIRST_MESSAGE_HINT = (
+    "TOKEN=$(.venv/bin/python -m command_api token alice) && "
+    "curl -s -X POST localhost:8000/v1/conversations "
+    "-H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' "
+    '-d \'{"title":"hello","participants":["bob"]}\''
+)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A runnable service module and the address it listens on (None if it serves no port)."""
+
+    name: str
+    port: int | None = None
+
+
+SERVICES: tuple[Service, ...] = (
+    Service("command_api", 8000),
+    Service("projector"),
+    Service("realtime_fanout", 8001),
+)
+
+
+@dataclass(frozen=True)
+class ServerPlan:
+    """Which embedded servers the supervisor must start (a URL in the env means: use it)."""
+
+    start_redis: bool
+    start_postgres: bool
+
+
+def plan_servers(env: Mapping[str, str]) -> ServerPlan:
+    """Start Redis unless REDIS_URL is set, Postgres unless DATABASE_URL is set."""
+    return ServerPlan(
+        start_redis=not env.get("REDIS_URL"),
+        start_postgres=not env.get("DATABASE_URL"),
+    )
+
+
+def available_services(
+    find_spec: Callable[[str], Any] = importlib.util.find_spec,
+    services: tuple[Service, ...] = SERVICES,
+) -> list[Service]:
+    """The services whose `<name>.__main__` module exists."""
+    return [service for service in services if _has_main(find_spec, service.name)]
+
+
+def _has_main(find_spec: Callable[[str], Any], name: str) -> bool:
+    try:
+        return find_spec(f"{name}.__main__") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def resolve_jwt_secret(env: Mapping[str, str], path: Path) -> str:
+    """PARLEY_JWT_SECRET from `env` if set, else the secret persisted at `path`."""
+    return env.get("PARLEY_JWT_SECRET") or load_or_create_secret(path)
+
+
+def load_or_create_secret(path: Path) -> str:
+    """Return the secret stored at `path`, creating a random one (mode 0600) if absent."""
+    if path.exists():
+        existing = path.read_text().strip()
+        if existing:
+            return existing
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    path.touch(mode=0o600)
+    path.write_text(secret + "\n")
+    return secret
+
+
+def child_env(base: Mapping[str, str], redis_url: str, database_url: str, jwt_secret: str) -> dict[str, str]:
+    """The environment every service gets: `base` plus the stack URLs and dev settings."""
+    env = dict(base)
+    env["REDIS_URL"] = redis_url
+    env["DATABASE_URL"] = database_url
+    env["PARLEY_DEV_MODE"] = "1"
+    env["PARLEY_JWT_SECRET"] = jwt_secret
+    return env
+
+
+def banner(redis_url: str, database_url: str, services: list[Service]) -> str:
+    """The startup banner: where everything listens and how to send a first message."""
+    lines = [
+        f"{BANNER_READY}",
+        f"  redis      {redis_url}",
+        f"  postgres   {database_url}",
+    ]
+    for service in services:
+        where = f"http://127.0.0.1:{service.port}" if service.port else "(no port)"
+        lines.append(f"  {service.name:<16} {where}")
+    if not services:
+        lines.append("  (no service modules found yet)")
+    lines += ["", "Try it:", f"  {FIRST_MESSAGE_HINT}", "", "Ctrl-C stops everything."]
+    return "\n".join(lines)

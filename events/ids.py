@@ -1,0 +1,27 @@
+"""Identifiers: time-ordered event ids (UUIDv7) and the shapes accepted for user and object ids."""
+
+from __future__ import annotations
+
+import re
+
+import uuid_utils
+
+ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"
+"""User, conversation and message ids: 1-64 URL-safe characters; never a separator used in log keys."""
+
+_ID_RE = re.compile(ID_PATTERN)
+
+
+def new_event_id() -> str:
+    """A UUIDv7 string: unique, and sorting by it sorts by creation time (millisecond precision)."""
+    return str(uuid_utils.uuid7())
+
+
+def new_object_id() -> str:
+    """A fresh id for a conversation or message (UUIDv7, so ids sort roughly by creation time)."""
+    return str(uuid_utils.uuid7())
+
+
+def is_valid_id(value: str) -> bool:
+    """Whether `value` is acceptable as a user, conversation or message id."""
+    return _ID_RE.fullmatch(value) is not None

@@ -1,0 +1,46 @@
+"""Log positions: where an event sits (partition, Redis stream id) in which incarnation (epoch) of the log."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+_STREAM_ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+
+
+def parse_stream_id(stream_id: str) -> tuple[int, int]:
+    """Split a Redis stream id `ms-seq` into integers, for ordering.
+
+    Raises:
+        ValueError: the text is not a stream id.
+    """
+    match = _STREAM_ID_RE.fullmatch(stream_id)
+    if match is None:
+        raise ValueError(f"not a stream id: {stream_id!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+class LogPosition(msgspec.Struct, frozen=True):
+    """The position of one appended event; totally ordered within a partition of one epoch."""
+
+    partition: int
+    stream_id: str
+    epoch: str
+
+    def token(self) -> str:
+        """The opaque text form a client echoes back (`epoch.partition.stream_id`)."""
+        return f"{self.epoch}.{self.partition}.{self.stream_id}"
+
+    @classmethod
+    def from_token(cls, token: str) -> LogPosition:
+        """Parse `token()` output.
+
+        Raises:
+            ValueError: the token is malformed.
+        """
+        parts = token.split(".")
+        if len(parts) != 3 or not parts[0] or not parts[1].isdigit():
+            raise ValueError(f"malformed log position {token!r}")
+        parse_stream_id(parts[2])
+        return cls(partition=int(parts[1]), stream_id=parts[2], epoch=parts[0])

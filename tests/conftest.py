@@ -1,0 +1,75 @@
+"""Shared fixtures: real Redis and Postgres servers (or TEST_REDIS_URL / TEST_DATABASE_URL)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from devstack import pgadmin
+from devstack.servers import PostgresServer, RedisServer
+
+
+def _unique(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of the session's shared Redis: TEST_REDIS_URL, or an embedded server."""
+    if url := os.environ.get("TEST_REDIS_URL"):
+        yield url
+        return
+    with RedisServer(tmp_path_factory.mktemp("redis"), appendfsync="everysec") as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def database_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of the session's Postgres server: TEST_DATABASE_URL, or an embedded server."""
+    if url := os.environ.get("TEST_DATABASE_URL"):
+        yield url
+        return
+    with PostgresServer(tmp_path_factory.mktemp("pg") / "data", fast=True) as server:
+        yield server.url
+
+
+@pytest.fixture
+def log_namespace() -> str:
+    """A unique key prefix so tests sharing one Redis never see each other's keys."""
+    return _unique("t")
+
+
+@pytest.fixture
+def database_url(database_server_url: str) -> Iterator[str]:
+    """URL of a fresh, empty database, dropped (FORCE) after the test."""
+    name = _unique("t_")
+    url = pgadmin.create_database(database_server_url, name)
+    try:
+        yield url
+    finally:
+        pgadmin.drop_database(database_server_url, name)
+
+
+@pytest.fixture
+def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A dedicated, running Redis (appendfsync=always) that the test may kill -9 and restart."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-proc"), appendfsync="always")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def redis_client(redis_server_url: str) -> AsyncIterator[aioredis.Redis]:
+    """An asyncio client on the shared Redis, closed after the test."""
+    client = aioredis.Redis.from_url(redis_server_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
