@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port,
-        log_level="info", access_log=False, loop="uvloop", http="httptools",
+        log_level="info", access_log=False, loop="uvloop", http="httptools", proxy_headers=False,
     )  # fmt: skip
     return 0
 

@@ -34,9 +34,14 @@ def decode(data: bytes | str) -> Envelope:
     Raises:
         DecodeError: the bytes are not a valid event of a known type and version.
     """
+    if isinstance(data, str):
+        try:
+            data = data.encode()
+        except UnicodeEncodeError as exc:
+            raise DecodeError(f"not valid UTF-8 text: {exc}") from None
     try:
         envelope = _decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return _decode_slow(data)
     if envelope.schema_version != CURRENT_VERSIONS[envelope.type]:
         return _decode_slow(data)

@@ -6,7 +6,7 @@ import re
 
 import msgspec
 
-_STREAM_ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_STREAM_ID_RE = re.compile(r"^([0-9]{1,20})-([0-9]{1,20})$")
 
 
 def parse_stream_id(stream_id: str) -> tuple[int, int]:
@@ -40,7 +40,7 @@ class LogPosition(msgspec.Struct, frozen=True):
             ValueError: the token is malformed.
         """
         parts = token.split(".")
-        if len(parts) != 3 or not parts[0] or not parts[1].isdigit():
+        if len(parts) != 3 or not parts[0] or not (parts[1].isascii() and parts[1].isdigit()):
             raise ValueError(f"malformed log position {token!r}")
         parse_stream_id(parts[2])
         return cls(partition=int(parts[1]), stream_id=parts[2], epoch=parts[0])

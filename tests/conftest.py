@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from devstack import pgadmin
+from devstack.apiclient import ApiClient
 from devstack.servers import PostgresServer, RedisServer
 
 
@@ -73,3 +74,26 @@ async def redis_client(redis_server_url: str) -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+DEV_SECRET = "test-secret-" + "x" * 32
+
+
+@pytest.fixture
+def api_env(redis_server_url: str, log_namespace: str) -> dict[str, str]:
+    """Environment of a command API on the shared Redis, isolated by its own log namespace."""
+    return {
+        "REDIS_URL": redis_server_url,
+        "PARLEY_LOG_NAMESPACE": log_namespace,
+        "PARLEY_PARTITIONS": "4",
+        "PARLEY_JWT_SECRET": DEV_SECRET,
+        "PARLEY_DEV_MODE": "1",
+        "PARLEY_RATE_LIMIT_PER_S": "0",
+    }
+
+
+@pytest.fixture
+async def api(api_env: dict[str, str]) -> AsyncIterator[ApiClient]:
+    """An in-process command API (real Redis), with a client that mints tokens per user."""
+    async with ApiClient.running(api_env) as client:
+        yield client

@@ -1,0 +1,150 @@
+"""Command throughput: the real API vs a naive FastAPI+XADD endpoint vs raw pipelined XADD, one run.
+
+All three hit the same embedded Redis (appendfsync always) on this machine; the load generator is
+a separate process from the servers. Bounded: `--seconds` per phase (default 10) after a warm-up.
+Run: make bench-commands   (or python -m benchmarks.commands --seconds 10 --connections 64)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import redis.asyncio as aioredis
+
+from benchmarks.loadgen import LoadResult, post_request, run_load
+from benchmarks.machine import describe
+from devstack.binaries import redis_server_binary
+from devstack.ports import free_port
+from devstack.servers import RedisServer
+from events.codec import encode
+from events.ids import new_event_id
+from events.schema import Envelope, MessageSent
+
+SECRET = "bench-secret-" + "x" * 32
+
+
+def wait_healthy(port: int, proc: subprocess.Popen[bytes], path: str = "/docs") -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            httpx.get(f"http://127.0.0.1:{port}{path}", timeout=0.5)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not start")
+
+
+async def raw_ceiling(redis_url: str, seconds: float, payload: bytes) -> float:
+    """Pipelined XADD of the same payloads, 256 per round trip: what Redis alone sustains here."""
+    client = aioredis.Redis.from_url(redis_url)
+    count = 0
+    deadline = time.perf_counter() + seconds
+    started = time.perf_counter()
+    while time.perf_counter() < deadline:
+        pipe = client.pipeline(transaction=False)
+        for _ in range(256):
+            pipe.xadd("ceiling:log", {"e": payload})
+        await pipe.execute()
+        count += 256
+    elapsed = time.perf_counter() - started
+    await client.aclose()
+    return count / elapsed
+
+
+def report(name: str, result: LoadResult) -> str:
+    ok = result.statuses.get(202, 0)
+    other = {k: v for k, v in result.statuses.items() if k != 202}
+    return (
+        f"{name:<28} {result.rate:>9,.0f} commands/s   p50 {result.percentile_ms(0.5):6.2f} ms   "
+        f"p99 {result.percentile_ms(0.99):6.2f} ms   202s {ok:,}   other {other or '-'}   errors {result.errors}"
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--partitions", type=int, default=8)
+    args = parser.parse_args()
+
+    body = b'{"body":"hello from the benchmark, a message of ordinary length"}'
+    sample = Envelope(
+        seq=1, event_id=new_event_id(), schema_version=2,
+        occurred_at=__import__("datetime").datetime.now(__import__("datetime").UTC),
+        actor="user-1", conversation_id="c-1", correlation_id=new_event_id(),
+        payload=MessageSent(message_id=new_event_id(), body=body.decode()[9:-2]),
+    )  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        RedisServer(Path(tmp) / "redis", appendfsync="always") as redis,
+    ):
+        print(f"machine: {describe(str(redis_server_binary()))}")
+        print(f"redis: appendfsync always, {args.connections} connections, {args.seconds:g} s per phase\n")
+
+        ceiling = await raw_ceiling(redis.url, args.seconds, encode(sample))
+
+        naive_port = free_port()
+        naive = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.baselines.naive_api", str(naive_port), redis.url]
+        )
+        try:
+            wait_healthy(naive_port, naive)
+            naive_requests = [
+                [post_request(f"/v1/conversations/c{i}/messages", body, {})] for i in range(args.connections)
+            ]
+            naive_result = await run_load(naive_port, naive_requests, args.seconds)
+        finally:
+            naive.terminate()
+            naive.wait()
+
+        api_port = free_port()
+        env = {
+            **os.environ, "REDIS_URL": redis.url, "PARLEY_API_PORT": str(api_port),
+            "PARLEY_PARTITIONS": str(args.partitions), "PARLEY_LOG_NAMESPACE": "bench",
+            "PARLEY_JWT_SECRET": SECRET, "PARLEY_DEV_MODE": "1",
+            "PARLEY_RATE_LIMIT_PER_S": "1000000", "PARLEY_RATE_LIMIT_BURST": "1000000",
+        }  # fmt: skip
+        api = subprocess.Popen([sys.executable, "-m", "command_api"], env=env, stderr=subprocess.DEVNULL)
+        try:
+            wait_healthy(api_port, api, "/healthz")
+            from servicekit.auth_settings import AuthSettings
+            from servicekit.settings import Env
+            from servicekit.tokens import mint_token
+
+            auth = AuthSettings.from_env(Env(env))
+            per_connection = []
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}") as http:
+                for i in range(args.connections):
+                    user = f"user-{i}"
+                    headers = {"Authorization": f"Bearer {mint_token(auth, user, ttl_s=3600)}"}
+                    created = await http.post(
+                        "/v1/conversations", json={"title": f"bench {i}"}, headers=headers
+                    )
+                    cid = created.json()["conversation_id"]
+                    per_connection.append([post_request(f"/v1/conversations/{cid}/messages", body, headers)])
+            api_result = await run_load(api_port, per_connection, args.seconds)
+        finally:
+            api.terminate()
+            api.wait()
+
+    print(f"{'raw pipelined XADD ceiling':<28} {ceiling:>9,.0f} appends/s")
+    print(report("naive FastAPI + XADD", naive_result))
+    print(report("Parley command API", api_result))
+    print(
+        f"\nParley / ceiling = {api_result.rate / ceiling:.1%}   "
+        f"Parley / naive = {api_result.rate / naive_result.rate:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
