@@ -27,6 +27,7 @@ from devstack.supervisor import (
     child_env,
     plan_servers,
     resolve_jwt_secret,
+    with_ports,
 )
 
 SERVICE_STOP_TIMEOUT = 10.0
@@ -128,7 +129,7 @@ def main() -> int:
             secret = resolve_jwt_secret(os.environ, DATA_DIR / "jwt-secret")
             env = child_env(os.environ, redis_url, database_url, secret)
             stack.callback(_stop_services, running)
-            services = available_services()
+            services = with_ports(available_services(), env)
             for service in services:
                 running.append(_start_service(service, env))
             _wait_listening(running)

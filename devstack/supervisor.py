@@ -16,26 +16,42 @@ DATA_DIR = Path(".data")
 BANNER_READY = "Parley dev stack is up"
 
 FIRST_MESSAGE_HINT = (
-    "TOKEN=$(.venv/bin/python -m command_api token alice) && "
-    "curl -s -X POST localhost:8000/v1/conversations "
+    "export TOKEN=$(PARLEY_DEV_MODE=1 PARLEY_JWT_SECRET=$(cat .data/jwt-secret) "
+    ".venv/bin/python -m command_api token alice)\n"
+    '  curl -s -X POST localhost:8000/v1/conversations -H "Authorization: Bearer $TOKEN" '
+    "-H 'Content-Type: application/json' "
+    '-d \'{"conversation_id":"welcome","title":"Welcome","participants":["bob"]}\'; echo\n'
+    "  curl -s -X POST localhost:8000/v1/conversations/welcome/messages "
     "-H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' "
-    '-d \'{"title":"hello","participants":["bob"]}\''
+    '-d \'{"body":"Hello, Bob!"}\'; echo'
 )
 
 
 @dataclass(frozen=True)
 class Service:
-    """A runnable service module and the address it listens on (None if it serves no port)."""
+    """A runnable service module and the port it listens on (None if it serves none);
+    `port_setting` names the environment variable that moves it."""
 
     name: str
     port: int | None = None
+    port_setting: str | None = None
 
 
 SERVICES: tuple[Service, ...] = (
-    Service("command_api", 8000),
-    Service("projector"),
-    Service("realtime_fanout", 8001),
+    Service("command_api", 8000, "PARLEY_API_PORT"),
+    Service("projector", 8002, "PARLEY_PROJECTOR_HTTP_PORT"),
+    Service("realtime_fanout", 8001, "PARLEY_FANOUT_PORT"),
 )
+
+
+def with_ports(services: list[Service], env: Mapping[str, str]) -> list[Service]:
+    """`services` with each port taken from its setting in `env` when set."""
+    resolved = []
+    for service in services:
+        value = env.get(service.port_setting or "")
+        port = int(value) if value and value.isdigit() else service.port
+        resolved.append(Service(service.name, port, service.port_setting))
+    return resolved
 
 
 @dataclass(frozen=True)

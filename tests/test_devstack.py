@@ -108,7 +108,7 @@ def test_available_services_are_those_with_a_main_module() -> None:
     def find_spec(name: str) -> Any:
         return object() if name == "projector.__main__" else None
 
-    assert available_services(find_spec) == [Service("projector")]
+    assert [s.name for s in available_services(find_spec)] == ["projector"]
     assert set(available_services()) <= set(SERVICES)
 
 
@@ -122,6 +122,10 @@ def test_child_env_secret_and_banner(tmp_path: Path) -> None:
     assert (env["REDIS_URL"], env["PARLEY_JWT_SECRET"]) == ("redis://r", secret)
     text = banner("redis://r", "postgresql://p", [Service("command_api", 8000)])
     assert BANNER_READY in text and FIRST_MESSAGE_HINT in text and ":8000" in text
+
+
+def _free_service_ports() -> dict[str, str]:
+    return {s.port_setting: str(free_port()) for s in SERVICES if s.port_setting}
 
 
 def _run_devstack_until_banner(cwd: Path, env: Mapping[str, str]) -> tuple[int, str, list[int]]:
@@ -150,7 +154,7 @@ def _run_devstack_until_banner(cwd: Path, env: Mapping[str, str]) -> tuple[int, 
 def test_devstack_runs_services_and_stops_them_on_sigint(
     tmp_path: Path, redis_server_url: str, database_url: str
 ) -> None:
-    env = {**os.environ, "REDIS_URL": redis_server_url, "DATABASE_URL": database_url}
+    env = {**os.environ, "REDIS_URL": redis_server_url, "DATABASE_URL": database_url, **_free_service_ports()}
     code, output, children = _run_devstack_until_banner(tmp_path, env)
     assert code == 0, output
     assert len(children) == len(available_services())
@@ -159,6 +163,7 @@ def test_devstack_runs_services_and_stops_them_on_sigint(
 
 def test_devstack_starts_and_stops_its_own_servers(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env.update(_free_service_ports())
     code, output, children = _run_devstack_until_banner(tmp_path, env)
     assert code == 0, output
     assert len(children) >= 2
