@@ -61,12 +61,33 @@ async def raw_ceiling(redis_url: str, seconds: float, payload: bytes) -> float:
     return count / elapsed
 
 
-def report(name: str, result: LoadResult) -> str:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measured_load(
+    port: int, pid: int, requests: list[list[bytes]], seconds: float
+) -> tuple[LoadResult, float, float]:
+    """Run the load; also return the server's and this load generator's CPU use, in cores."""
+    server_before, client_before, wall = cpu_seconds(pid), time.process_time(), time.perf_counter()
+    result = await run_load(port, requests, seconds)
+    wall = time.perf_counter() - wall
+    return (
+        result,
+        (cpu_seconds(pid) - server_before) / wall,
+        (time.process_time() - client_before) / wall,
+    )
+
+
+def report(name: str, result: LoadResult, server_cpu: float, client_cpu: float) -> str:
     ok = result.statuses.get(202, 0)
     other = {k: v for k, v in result.statuses.items() if k != 202}
     return (
         f"{name:<28} {result.rate:>9,.0f} commands/s   p50 {result.percentile_ms(0.5):6.2f} ms   "
-        f"p99 {result.percentile_ms(0.99):6.2f} ms   202s {ok:,}   other {other or '-'}   errors {result.errors}"
+        f"p99 {result.percentile_ms(0.99):6.2f} ms   202s {ok:,}   other {other or '-'}   "
+        f"errors {result.errors}   server cpu {server_cpu:.2f} cores   loadgen cpu {client_cpu:.2f} cores"
     )
 
 
@@ -102,7 +123,9 @@ async def main() -> None:
             naive_requests = [
                 [post_request(f"/v1/conversations/c{i}/messages", body, {})] for i in range(args.connections)
             ]
-            naive_result = await run_load(naive_port, naive_requests, args.seconds)
+            naive_result, naive_cpu, naive_client = await measured_load(
+                naive_port, naive.pid, naive_requests, args.seconds
+            )
         finally:
             naive.terminate()
             naive.wait()
@@ -132,14 +155,16 @@ async def main() -> None:
                     )
                     cid = created.json()["conversation_id"]
                     per_connection.append([post_request(f"/v1/conversations/{cid}/messages", body, headers)])
-            api_result = await run_load(api_port, per_connection, args.seconds)
+            api_result, api_cpu, api_client = await measured_load(
+                api_port, api.pid, per_connection, args.seconds
+            )
         finally:
             api.terminate()
             api.wait()
 
     print(f"{'raw pipelined XADD ceiling':<28} {ceiling:>9,.0f} appends/s")
-    print(report("naive FastAPI + XADD", naive_result))
-    print(report("Parley command API", api_result))
+    print(report("naive FastAPI + XADD", naive_result, naive_cpu, naive_client))
+    print(report("Parley command API", api_result, api_cpu, api_client))
     print(
         f"\nParley / ceiling = {api_result.rate / ceiling:.1%}   "
         f"Parley / naive = {api_result.rate / naive_result.rate:.2f}x"

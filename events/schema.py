@@ -114,14 +114,7 @@ def tag_of(payload_type: type[Payload]) -> str:
 CURRENT_VERSIONS: dict[str, int] = {tag_of(t): t.VERSION for t in PAYLOAD_TYPES}
 
 
-class Envelope(msgspec.Struct, frozen=True):
-    """One event as stored in the log: identity, ordering, provenance, and the payload.
-
-    `seq` is the conversation's sequence number (1, 2, ...; no gap, no repeat), assigned by the
-    log at append time. `schema_version` is the payload type's version when it was written.
-    """
-
-    seq: int
+class _EnvelopeFields(msgspec.Struct, frozen=True):
     event_id: str
     schema_version: int
     occurred_at: UtcDatetime
@@ -138,15 +131,15 @@ class Envelope(msgspec.Struct, frozen=True):
         return tag_of(type(self.payload))
 
 
-class UnsequencedEnvelope(msgspec.Struct, frozen=True):
+class UnsequencedEnvelope(_EnvelopeFields, frozen=True):
     """An envelope before the log assigns `seq`; the append script prepends `"seq":N,` to it."""
 
-    event_id: str
-    schema_version: int
-    occurred_at: UtcDatetime
-    actor: str
-    conversation_id: str
-    correlation_id: str
-    payload: AnyPayload
-    causation_id: str | None = None
-    idempotency_key: str | None = None
+
+class Envelope(_EnvelopeFields, frozen=True, kw_only=True):
+    """One event as stored in the log: identity, ordering, provenance, and the payload.
+
+    `seq` is the conversation's sequence number (1, 2, ...; no gap, no repeat), assigned by the
+    log at append time. `schema_version` is the payload type's version when it was written.
+    """
+
+    seq: int
