@@ -1,0 +1,33 @@
+"""`python -m realtime_fanout` serves the WebSocket fanout (ws://127.0.0.1:8001/v1/stream by default)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from servicekit.exceptions import ServiceKitError
+
+
+def main() -> int:
+    import uvicorn
+
+    from realtime_fanout.app import create_app
+    from realtime_fanout.settings import FanoutSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = FanoutSettings.from_env()
+    except ServiceKitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False,
+        loop="uvloop", http="httptools", ws="websockets-sansio",
+        ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=settings.ping_timeout_s,
+        timeout_graceful_shutdown=5,
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The fanout service: a WebSocket endpoint (/v1/stream) fed by one hub per process, plus health routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.websockets import WebSocket
+
+from events.exceptions import LogError
+from events.log import EventLog
+from realtime_fanout.connection import Connection
+from realtime_fanout.exceptions import HubUnavailable
+from realtime_fanout.history import History
+from realtime_fanout.hub import Hub
+from realtime_fanout.settings import FanoutSettings
+from servicekit.auth import TokenVerifier
+from servicekit.health import add_health_routes
+
+log = logging.getLogger(__name__)
+
+
+class Services:
+    """The live edges a running fanout holds; built in the lifespan, closed on shutdown."""
+
+    def __init__(self, settings: FanoutSettings) -> None:
+        self.settings = settings
+        layout = settings.log.layout()
+        url = settings.log.redis_url
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=2)
+        read_timeout = settings.read_block_ms / 1000 + 10
+        self.reader_redis = aioredis.Redis.from_url(
+            url, socket_timeout=read_timeout, socket_connect_timeout=2
+        )
+        self.hub = Hub(self.reader_redis, layout, block_ms=settings.read_block_ms, count=settings.read_count)
+        self.history = History(EventLog(self.redis, layout), settings.replay_page)
+        self.verifier = TokenVerifier(settings.auth)
+        self._starter: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        """Start the hub now if the log exists, else keep trying in the background."""
+        try:
+            await self.hub.start()
+        except (LogError, redis.exceptions.RedisError) as exc:
+            log.error("log not readable at start (%s); retrying in the background", exc)
+            self._starter = asyncio.create_task(self._keep_starting())
+
+    async def _keep_starting(self) -> None:
+        delay = 0.2
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.hub.start()
+                return
+            except (LogError, redis.exceptions.RedisError) as exc:
+                log.warning("log still not readable: %s", exc)
+                delay = min(delay * 2, 5.0)
+
+    async def close(self) -> None:
+        if self._starter is not None:
+            self._starter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._starter
+        await self.hub.stop()
+        await self.reader_redis.aclose()
+        await self.redis.aclose()
+
+
+def create_app(settings: FanoutSettings | None = None) -> FastAPI:
+    """Build the fanout app; Redis is connected in the lifespan, so building has no side effect."""
+    settings = settings or FanoutSettings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = Services(settings)
+        app.state.services = services
+        await services.open()
+        try:
+            yield
+        finally:
+            await services.close()
+
+    app = FastAPI(title="Parley realtime fanout", version="1", lifespan=lifespan)
+
+    @app.websocket("/v1/stream")
+    async def stream(websocket: WebSocket) -> None:
+        services: Services = websocket.app.state.services
+        connection = Connection(websocket, services.hub, services.history, services.verifier, settings)
+        await connection.run()
+
+    async def redis_ready(request: Request) -> None:
+        services: Services = request.app.state.services
+        await services.redis.ping()
+
+    async def hub_ready(request: Request) -> None:
+        services: Services = request.app.state.services
+        if not services.hub.running:
+            raise HubUnavailable("the hub is not reading the log")
+
+    add_health_routes(
+        app, lambda request: {"redis": lambda: redis_ready(request), "hub": lambda: hub_ready(request)}
+    )
+    return app

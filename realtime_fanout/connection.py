@@ -1,0 +1,259 @@
+"""One WebSocket connection: authenticate, subscribe, splice history and live, move frames; nothing else.
+
+All decisions about what to send live in the sans-I/O `Session`; this layer only moves bytes, keeps
+time (token expiry) and enforces the per-connection send budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from realtime_fanout import closecodes
+from realtime_fanout.cursor import Cursor
+from realtime_fanout.exceptions import CursorError, HubUnavailable, ProtocolViolation
+from realtime_fanout.frames import (
+    Auth,
+    AuthenticatedFrame,
+    ErrorFrame,
+    ResyncFrame,
+    Subscribe,
+    decode_client_message,
+    encode_frame,
+)
+from realtime_fanout.history import History
+from realtime_fanout.hub import Hub
+from realtime_fanout.item import Item
+from realtime_fanout.metrics import CLOSES, CONNECTIONS, RESYNCS
+from realtime_fanout.session import Session
+from realtime_fanout.settings import FanoutSettings
+from servicekit.auth import Principal, TokenVerifier
+from servicekit.exceptions import AuthError
+
+log = logging.getLogger(__name__)
+
+SUBPROTOCOL_PREFIX = "bearer."
+
+
+class Closing(Exception):
+    """Internal: end the connection with `code` after sending an error frame."""
+
+    def __init__(self, code: int, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.detail = detail
+
+
+class Connection:
+    """The I/O shell around one Session; a hub Subscriber."""
+
+    def __init__(
+        self, ws: WebSocket, hub: Hub, history: History, verifier: TokenVerifier, settings: FanoutSettings
+    ) -> None:
+        self.ws = ws
+        self.hub = hub
+        self.history = history
+        self.verifier = verifier
+        self.settings = settings
+        self.principal: Principal | None = None
+        self.conversations: frozenset[str] | None = None
+        self.session: Session | None = None
+        self._control: list[bytes] = []
+        self._wake = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._close_code = closecodes.NORMAL
+        self._close_reason = ""
+        self._attached = False
+
+    @property
+    def user_id(self) -> str:
+        assert self.principal is not None
+        return self.principal.user_id
+
+    def offer(self, item: Item) -> None:
+        """Called by the hub for each live item; never blocks, closes with 4008 on overflow."""
+        session = self.session
+        if session is None or self._closing.is_set():
+            return
+        session.feed_live(item)
+        if session.pending_bytes > self.settings.max_buffer_bytes:
+            self._close(closecodes.SLOW_CONSUMER, "slow-consumer")
+        else:
+            self._wake.set()
+
+    def _close(self, code: int, reason: str) -> None:
+        if not self._closing.is_set():
+            self._close_code, self._close_reason = code, reason
+            self._closing.set()
+            self._detach()
+
+    def _detach(self) -> None:
+        if self._attached:
+            self._attached = False
+            self.hub.detach(self)
+
+    async def run(self) -> None:
+        subprotocol, token = self._offered_token()
+        await self.ws.accept(subprotocol=subprotocol)
+        subscribed = False
+        try:
+            subscribe = await self._handshake(token)
+            await self._subscribe(subscribe)
+            subscribed = True
+            CONNECTIONS.inc()
+            await self._serve()
+        except Closing as closing:
+            self._close_code, self._close_reason = closing.code, closing.reason
+            with contextlib.suppress(Exception):
+                await self._send(encode_frame(ErrorFrame(closing.reason, closing.detail)))
+        except WebSocketDisconnect:
+            self._close_code = -1
+        except Exception:
+            log.exception("connection of %s failed", self.principal and self.principal.user_id)
+            self._close_code, self._close_reason = closecodes.INTERNAL_ERROR, "internal-error"
+        finally:
+            self._detach()
+            if subscribed:
+                CONNECTIONS.dec()
+        if self._close_code >= 0:
+            CLOSES.labels(str(self._close_code)).inc()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self.ws.close(self._close_code, self._close_reason), self.settings.close_timeout_s
+                )
+
+    def _offered_token(self) -> tuple[str | None, str | None]:
+        for proto in self.ws.scope.get("subprotocols", []):
+            if proto.startswith(SUBPROTOCOL_PREFIX):
+                return proto, proto[len(SUBPROTOCOL_PREFIX) :]
+        return None, self.ws.query_params.get("token")
+
+    async def _receive(self, wait_s: float | None) -> Auth | Subscribe:
+        try:
+            text = await asyncio.wait_for(self.ws.receive_text(), wait_s)
+        except TimeoutError:
+            raise Closing(closecodes.UNAUTHORIZED, "auth-timeout", "authenticate first") from None
+        except KeyError:  # a binary frame
+            raise Closing(closecodes.PROTOCOL_ERROR, "protocol-error", "send text frames") from None
+        try:
+            return decode_client_message(text)
+        except ProtocolViolation as exc:
+            raise Closing(closecodes.PROTOCOL_ERROR, "protocol-error", str(exc)) from None
+
+    def _authenticate(self, token: str) -> None:
+        try:
+            principal = self.verifier.verify(token)
+        except AuthError as exc:
+            raise Closing(closecodes.UNAUTHORIZED, exc.reason, exc.detail) from None
+        if self.principal is not None and principal.user_id != self.principal.user_id:
+            raise Closing(closecodes.FORBIDDEN, "user-mismatch", "a refresh token must name the same user")
+        self.principal = principal
+        self._control.append(encode_frame(AuthenticatedFrame(principal.user_id, principal.expires_at)))
+        self._wake.set()
+
+    async def _handshake(self, token: str | None) -> Subscribe:
+        timeout = self.settings.auth_timeout_s
+        if token is not None:
+            self._authenticate(token)
+        while True:
+            message = await self._receive(timeout)
+            if isinstance(message, Auth):
+                self._authenticate(message.token)
+            elif self.principal is None:
+                raise Closing(closecodes.UNAUTHORIZED, "missing-token", "the first message must be auth")
+            else:
+                return message
+
+    async def _subscribe(self, message: Subscribe) -> None:
+        if self.hub.epoch is None:
+            raise Closing(closecodes.UNAVAILABLE, "log-unavailable", "the log is not readable yet")
+        partitions = self.hub.layout.partitions
+        cursor: Cursor | None = None
+        resync: str | None = None
+        if message.cursor is not None:
+            try:
+                cursor = Cursor.decode(message.cursor, epoch=self.hub.epoch, partitions=partitions)
+                for partition, position in enumerate(cursor.positions):
+                    await self.history.check_held(partition, position)
+            except CursorError as exc:
+                cursor, resync = None, exc.reason
+        self.conversations = None if message.conversations is None else frozenset(message.conversations)
+        try:
+            positions, seed = self.hub.attach(self)
+        except HubUnavailable as exc:
+            raise Closing(closecodes.UNAVAILABLE, "log-unavailable", str(exc)) from None
+        self._attached = True
+        start = Cursor(self.hub.epoch, positions)
+        session = Session(
+            self.user_id, cursor or start, conversations=self.conversations, seed=seed,
+            max_batch=self.settings.max_batch,
+        )  # fmt: skip
+        self.session = session
+        if resync is not None:
+            RESYNCS.labels(resync).inc()
+            self._control.append(encode_frame(ResyncFrame(start.encode(), resync)))
+        for partition, after in session.replay_plan(positions).items():
+            async for page in self.history.pages(partition, after):
+                session.feed_replay(page)
+                await self._flush()
+                if self._closing.is_set():
+                    return
+        session.replay_done()
+        await self._flush()
+
+    async def _send(self, frame: bytes) -> None:
+        await self.ws.send_text(frame.decode())
+
+    async def _flush(self) -> None:
+        control, self._control = self._control, []
+        for frame in control:
+            await self._send(frame)
+        if self.session is not None:
+            for frame in self.session.frames():
+                await self._send(frame)
+
+    async def _serve(self) -> None:
+        tasks = [
+            asyncio.create_task(self._writer()),
+            asyncio.create_task(self._reader()),
+            asyncio.create_task(self._expiry()),
+            asyncio.create_task(self._closing.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+
+    async def _reader(self) -> None:
+        while True:
+            message = await self._receive(None)
+            if isinstance(message, Auth):
+                self._authenticate(message.token)
+            else:
+                detail = "subscribe once per connection"
+                raise Closing(closecodes.PROTOCOL_ERROR, "already-subscribed", detail)
+
+    async def _expiry(self) -> None:
+        while True:
+            assert self.principal is not None
+            delay = self.principal.expires_at - time.time()
+            if delay <= 0:
+                raise Closing(closecodes.UNAUTHORIZED, "token-expired", "send a fresh auth before expiry")
+            await asyncio.sleep(min(delay, 3600.0))

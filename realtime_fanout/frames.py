@@ -1,0 +1,95 @@
+"""The wire protocol's JSON frames (msgspec): what clients send and what the server sends back.
+
+Server → client (`type`):
+  event    {"type":"event","cursor":C,"event":E}              one event; C is the cursor just after it
+  events   {"type":"events","cursor":C,"events":[E, ...]}     a batch, in log order; C is after the last
+  live     {"type":"live","cursor":C}                          history is done, what follows is live
+  resync   {"type":"resync","position":C,"reason":R}           the cursor cannot be served; C is the head
+  authenticated {"type":"authenticated","user_id":U,"expires_at":T}
+  error    {"type":"error","reason":R,"detail":D}              sent just before a protocol-error close
+Client → server: {"type":"auth","token":T} and {"type":"subscribe","cursor":C?,"conversations":[...]?}.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from realtime_fanout.exceptions import ProtocolViolation
+
+MAX_CLIENT_MESSAGE_BYTES = 16_384
+
+
+class Auth(msgspec.Struct, frozen=True, tag="auth", tag_field="type"):
+    """Authenticate (first message), or refresh the token of a running session."""
+
+    token: str
+
+
+class Subscribe(msgspec.Struct, frozen=True, tag="subscribe", tag_field="type"):
+    """Start streaming: after `cursor` when given (else from now), narrowed to `conversations` if given."""
+
+    cursor: str | None = None
+    conversations: list[str] | None = None
+
+
+ClientMessage = Auth | Subscribe
+
+_client_decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)
+
+
+def decode_client_message(data: str | bytes) -> ClientMessage:
+    """Parse one client frame.
+
+    Raises:
+        ProtocolViolation: too large, not JSON, or not a known message.
+    """
+    if len(data) > MAX_CLIENT_MESSAGE_BYTES:
+        raise ProtocolViolation(f"client messages are at most {MAX_CLIENT_MESSAGE_BYTES} bytes")
+    try:
+        return _client_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolViolation(str(exc)) from None
+
+
+class EventFrame(msgspec.Struct, frozen=True, tag="event", tag_field="type"):
+    cursor: str
+    event: msgspec.Raw
+
+
+class EventsFrame(msgspec.Struct, frozen=True, tag="events", tag_field="type"):
+    cursor: str
+    events: list[msgspec.Raw]
+
+
+class LiveFrame(msgspec.Struct, frozen=True, tag="live", tag_field="type"):
+    cursor: str
+
+
+class ResyncFrame(msgspec.Struct, frozen=True, tag="resync", tag_field="type"):
+    position: str
+    reason: str
+
+
+class AuthenticatedFrame(msgspec.Struct, frozen=True, tag="authenticated", tag_field="type"):
+    user_id: str
+    expires_at: float
+
+
+class ErrorFrame(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
+    reason: str
+    detail: str = ""
+
+
+ServerFrame = EventFrame | EventsFrame | LiveFrame | ResyncFrame | AuthenticatedFrame | ErrorFrame
+
+_encoder = msgspec.json.Encoder()
+_server_decoder: msgspec.json.Decoder[ServerFrame] = msgspec.json.Decoder(ServerFrame)
+
+
+def encode_frame(frame: ServerFrame) -> bytes:
+    return _encoder.encode(frame)
+
+
+def decode_server_frame(data: str | bytes) -> ServerFrame:
+    """Parse one server frame (for clients); raises msgspec.DecodeError when it is not one."""
+    return _server_decoder.decode(data)

@@ -1,0 +1,184 @@
+"""The hub: one reader per process for all partitions, dispatching in memory to local subscribers.
+
+It reads every partition stream once (XREAD BLOCK), decodes each entry once, keeps the membership
+index, and offers each item only to the subscribers of its conversation (plus users it names), so
+the cost grows with recipients, not with connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from events.layout import LogLayout
+from events.log import EventLog, LogEntry
+from realtime_fanout.exceptions import HubUnavailable
+from realtime_fanout.item import Item, decode_entry, may_change_membership
+from realtime_fanout.membership import MembershipIndex, Span
+from realtime_fanout.metrics import DELIVERIES, ENTRIES_READ
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_PAGE = 2_000
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a connection: who it is, its filter, and a non-blocking `offer`."""
+
+    @property
+    def user_id(self) -> str: ...
+
+    @property
+    def conversations(self) -> frozenset[str] | None: ...
+
+    def offer(self, item: Item) -> None:
+        """Take one live item; must not block or await (overflow is the subscriber's business)."""
+
+
+class Hub:
+    """Reads the log once per process; `attach` returns the positions and membership seed to splice at."""
+
+    def __init__(
+        self, redis: aioredis.Redis, layout: LogLayout, *, block_ms: int = 5_000, count: int = 1_000
+    ) -> None:
+        self.log = EventLog(redis, layout)
+        self.layout = layout
+        self.block_ms = block_ms
+        self.count = count
+        self.epoch: str | None = None
+        self.positions: list[str] = ["0-0"] * layout.partitions
+        self.index = MembershipIndex()
+        self._by_user: dict[str, set[Subscriber]] = {}
+        self._by_conversation: dict[str, set[Subscriber]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._keys = layout.stream_keys()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and self.epoch is not None
+
+    async def start(self) -> None:
+        """Open the log, learn memberships from the held history, then read live in the background."""
+        self.epoch = await self.log.open(create=False)
+        heads = [await self.log.head(p) for p in range(self.layout.partitions)]
+        for partition, head in enumerate(heads):
+            await self._bootstrap(partition, head)
+        self.positions = heads
+        self._task = asyncio.create_task(self._run(), name="fanout-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _bootstrap(self, partition: int, head: str) -> None:
+        after = "0-0"
+        while head != "0-0":
+            start = f"({after}" if after != "0-0" else "-"
+            entries = await self.log.read_range(partition, start, head, BOOTSTRAP_PAGE)
+            for entry in entries:
+                if may_change_membership(entry.data):
+                    item = decode_entry(entry)
+                    if item is not None:
+                        self.index.apply(item.envelope)
+            if len(entries) < BOOTSTRAP_PAGE:
+                return
+            after = entries[-1].stream_id
+
+    def learn(self, spans: list[Span]) -> None:
+        """Add spans known from the read model (for history the streams no longer hold)."""
+        self.index.learn(spans)
+
+    def attach(self, subscriber: Subscriber) -> tuple[list[str], list[Span]]:
+        """Register `subscriber` for live items after the returned positions; also its membership seed.
+
+        Raises:
+            HubUnavailable: the hub has not opened the log.
+        """
+        if self.epoch is None:
+            raise HubUnavailable("the hub is not reading the log yet")
+        user = subscriber.user_id
+        self._by_user.setdefault(user, set()).add(subscriber)
+        for cid in self.index.conversations_of(user):
+            if subscriber.conversations is None or cid in subscriber.conversations:
+                self._by_conversation.setdefault(cid, set()).add(subscriber)
+        return list(self.positions), self.index.seed_for(user)
+
+    def detach(self, subscriber: Subscriber) -> None:
+        user = subscriber.user_id
+        subs = self._by_user.get(user)
+        if subs is not None:
+            subs.discard(subscriber)
+            if not subs:
+                del self._by_user[user]
+        for cid in self.index.conversations_of(user):
+            members = self._by_conversation.get(cid)
+            if members is not None:
+                members.discard(subscriber)
+                if not members:
+                    del self._by_conversation[cid]
+
+    def subscribers(self) -> list[Subscriber]:
+        return [s for subs in self._by_user.values() for s in subs]
+
+    def dispatch(self, item: Item) -> None:
+        """Update the index with `item`, then offer it to every local subscriber that may see it."""
+        cid = item.conversation_id
+        named = item.named_users()
+        targets: set[Subscriber] | tuple[Subscriber, ...]
+        if named:
+            self.index.apply(item.envelope)
+            targets = set(self._by_conversation.get(cid, ()))
+            for user in named:
+                for sub in self._by_user.get(user, ()):
+                    targets.add(sub)
+                    self._route(sub, cid, member=user in self.index.members.get(cid, ()))
+        else:
+            targets = tuple(self._by_conversation.get(cid, ()))
+        for sub in targets:
+            sub.offer(item)
+        DELIVERIES.inc(len(targets))
+
+    def _route(self, sub: Subscriber, cid: str, *, member: bool) -> None:
+        if member and (sub.conversations is None or cid in sub.conversations):
+            self._by_conversation.setdefault(cid, set()).add(sub)
+        else:
+            members = self._by_conversation.get(cid)
+            if members is not None:
+                members.discard(sub)
+                if not members:
+                    del self._by_conversation[cid]
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                streams: dict[Any, Any] = {key: self.positions[p] for p, key in enumerate(self._keys)}
+                reply: Any = await self.log.redis.xread(streams, count=self.count, block=self.block_ms)
+                backoff = 0.1
+            except redis.exceptions.RedisError as exc:
+                log.warning("hub read failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            for stream, items in reply or ():
+                name = stream.decode() if isinstance(stream, bytes) else stream
+                partition = self._keys.index(name)
+                for stream_id, fields in items:
+                    sid = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+                    data = fields.get(b"e", fields.get("e", b""))
+                    ENTRIES_READ.inc()
+                    raw = data if isinstance(data, bytes) else data.encode()
+                    item = decode_entry(LogEntry(partition, sid, raw))
+                    self.positions[partition] = sid
+                    if item is not None:
+                        self.dispatch(item)
+                    else:
+                        log.error("skipping undecodable entry %s of partition %d", sid, partition)

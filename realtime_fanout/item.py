@@ -1,0 +1,52 @@
+"""A log entry decoded once per process and shared by every session it is delivered to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from events.codec import decode, encode
+from events.exceptions import DecodeError
+from events.log import LogEntry
+from events.schema import ConversationCreated, Envelope, ParticipantAdded, ParticipantRemoved
+from realtime_fanout.cursor import StreamKey, stream_key
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One decoded event at its log position; `json` is the current-schema envelope, encoded once."""
+
+    partition: int
+    stream_id: str
+    key: StreamKey
+    envelope: Envelope
+    json: bytes
+
+    @property
+    def conversation_id(self) -> str:
+        return self.envelope.conversation_id
+
+    def named_users(self) -> tuple[str, ...]:
+        """Users a membership event concerns (they may not yet be indexed under the conversation)."""
+        payload = self.envelope.payload
+        if isinstance(payload, ConversationCreated):
+            return payload.participants
+        if isinstance(payload, ParticipantAdded | ParticipantRemoved):
+            return (payload.user_id,)
+        return ()
+
+
+def decode_entry(entry: LogEntry) -> Item | None:
+    """The entry as an Item, or None when its bytes are not a current event (it is then skipped)."""
+    try:
+        envelope = decode(entry.data)
+    except DecodeError:
+        return None
+    return Item(entry.partition, entry.stream_id, stream_key(entry.stream_id), envelope, encode(envelope))
+
+
+_MEMBERSHIP_MARKERS = (b'"conversation_created"', b'"participant_added"', b'"participant_removed"')
+
+
+def may_change_membership(data: bytes) -> bool:
+    """Cheap pre-filter: False only when the raw bytes cannot be a membership event."""
+    return any(marker in data for marker in _MEMBERSHIP_MARKERS)

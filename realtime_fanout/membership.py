@@ -1,0 +1,129 @@
+"""Who may see what: per conversation, the spans of `seq` during which a user is a participant.
+
+A span is inclusive at both ends: it opens at the event that added the user (ConversationCreated
+or ParticipantAdded) and closes at the event that removed them. Spans are facts about the log, so
+learning one twice (from a seed and from replay) is a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from events.schema import ConversationCreated, Envelope, ParticipantAdded, ParticipantRemoved
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """`user_id` is a participant of `conversation_id` for seq in [joined_seq, left_seq]."""
+
+    conversation_id: str
+    user_id: str
+    joined_seq: int
+    left_seq: int | None = None
+
+
+class UserMemberships:
+    """One user's spans per conversation: `{conversation: {joined_seq: left_seq | None}}`."""
+
+    __slots__ = ("spans", "user_id")
+
+    def __init__(self, user_id: str, spans: Iterable[Span] = ()) -> None:
+        self.user_id = user_id
+        self.spans: dict[str, dict[int, int | None]] = {}
+        for span in spans:
+            self.open(span.conversation_id, span.joined_seq)
+            if span.left_seq is not None:
+                self.close(span.conversation_id, span.left_seq)
+
+    def open(self, conversation_id: str, seq: int) -> None:
+        spans = self.spans.setdefault(conversation_id, {})
+        if not any(j <= seq and (left is None or seq <= left) for j, left in spans.items()):
+            spans[seq] = None
+
+    def close(self, conversation_id: str, seq: int) -> None:
+        spans = self.spans.get(conversation_id, {})
+        for joined, left in spans.items():
+            if joined <= seq and (left is None or seq < left):
+                spans[joined] = seq
+                return
+
+    def apply(self, envelope: Envelope) -> None:
+        """Learn from a membership event that concerns this user; other events change nothing."""
+        payload = envelope.payload
+        cid, seq = envelope.conversation_id, envelope.seq
+        if isinstance(payload, ConversationCreated):
+            if self.user_id in payload.participants:
+                self.open(cid, seq)
+        elif isinstance(payload, ParticipantAdded):
+            if payload.user_id == self.user_id:
+                self.open(cid, seq)
+        elif isinstance(payload, ParticipantRemoved) and payload.user_id == self.user_id:
+            self.close(cid, seq)
+
+    def can_see(self, conversation_id: str, seq: int) -> bool:
+        spans = self.spans.get(conversation_id)
+        if not spans:
+            return False
+        return any(j <= seq and (left is None or seq <= left) for j, left in spans.items())
+
+    def is_member(self, conversation_id: str) -> bool:
+        """True when the user's latest span of the conversation is still open."""
+        return any(left is None for left in self.spans.get(conversation_id, {}).values())
+
+    def export(self) -> Iterator[Span]:
+        for cid, spans in self.spans.items():
+            for joined, left in spans.items():
+                yield Span(cid, self.user_id, joined, left)
+
+
+class MembershipIndex:
+    """Every user's spans, learned from the membership events a process reads; feeds session seeds."""
+
+    def __init__(self) -> None:
+        self._users: dict[str, UserMemberships] = {}
+        self.members: dict[str, set[str]] = {}
+
+    def apply(self, envelope: Envelope) -> None:
+        payload = envelope.payload
+        cid = envelope.conversation_id
+        if isinstance(payload, ConversationCreated):
+            users: tuple[str, ...] = payload.participants
+        elif isinstance(payload, ParticipantAdded | ParticipantRemoved):
+            users = (payload.user_id,)
+        else:
+            return
+        for user in users:
+            memberships = self._users.get(user)
+            if memberships is None:
+                memberships = self._users[user] = UserMemberships(user)
+            memberships.apply(envelope)
+            if memberships.is_member(cid):
+                self.members.setdefault(cid, set()).add(user)
+            else:
+                self.members.get(cid, set()).discard(user)
+
+    def learn(self, spans: Iterable[Span]) -> None:
+        """Add spans known from elsewhere (the Postgres read model)."""
+        for span in spans:
+            memberships = self._users.get(span.user_id)
+            if memberships is None:
+                memberships = self._users[span.user_id] = UserMemberships(span.user_id)
+            memberships.open(span.conversation_id, span.joined_seq)
+            if span.left_seq is not None:
+                memberships.close(span.conversation_id, span.left_seq)
+            if memberships.is_member(span.conversation_id):
+                self.members.setdefault(span.conversation_id, set()).add(span.user_id)
+            else:
+                self.members.get(span.conversation_id, set()).discard(span.user_id)
+
+    def seed_for(self, user_id: str) -> list[Span]:
+        memberships = self._users.get(user_id)
+        return [] if memberships is None else list(memberships.export())
+
+    def conversations_of(self, user_id: str) -> list[str]:
+        """Conversations the user is a participant of right now (open span)."""
+        memberships = self._users.get(user_id)
+        if memberships is None:
+            return []
+        return [cid for cid in memberships.spans if memberships.is_member(cid)]

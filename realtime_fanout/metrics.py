@@ -1,0 +1,12 @@
+"""Prometheus metrics of the fanout (process-wide, on the default registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+CONNECTIONS = Gauge("parley_fanout_connections", "Open, subscribed WebSocket connections")
+ENTRIES_READ = Counter("parley_fanout_entries_read_total", "Log entries the hub read (once per process)")
+DELIVERIES = Counter("parley_fanout_deliveries_total", "Events queued to sessions (one per recipient)")
+CLOSES = Counter("parley_fanout_closes_total", "Connections the server closed, by close code", ["code"])
+RESYNCS = Counter("parley_fanout_resyncs_total", "Resync frames sent, by reason", ["reason"])
+HISTORY_READS = Counter("parley_fanout_history_reads_total", "History pages read from Redis", ["coalesced"])

@@ -1,0 +1,47 @@
+"""The fanout's settings, read once from the environment (see README_SECTION.md, Configuration)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from events.config import LogSettings
+from servicekit.auth_settings import AuthSettings
+from servicekit.settings import Env
+
+
+@dataclass(frozen=True, slots=True)
+class FanoutSettings:
+    """Where to listen, where the log is, and the per-connection limits."""
+
+    log: LogSettings
+    auth: AuthSettings
+    host: str = "127.0.0.1"
+    port: int = 8001
+    max_buffer_bytes: int = 1_048_576
+    max_batch: int = 100
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    auth_timeout_s: float = 10.0
+    close_timeout_s: float = 10.0
+    read_block_ms: int = 5_000
+    read_count: int = 1_000
+    replay_page: int = 500
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> FanoutSettings:
+        env = env or Env()
+        return cls(
+            log=LogSettings.from_env(env),
+            auth=AuthSettings.from_env(env),
+            host=env.str("PARLEY_FANOUT_HOST", "127.0.0.1"),
+            port=env.int("PARLEY_FANOUT_PORT", 8001, minimum=0),
+            max_buffer_bytes=env.int("PARLEY_FANOUT_MAX_BUFFER_BYTES", 1_048_576, minimum=4096),
+            max_batch=env.int("PARLEY_FANOUT_MAX_BATCH", 100, minimum=1),
+            ping_interval_s=env.float("PARLEY_FANOUT_PING_INTERVAL_S", 20.0, minimum=0.1),
+            ping_timeout_s=env.float("PARLEY_FANOUT_PING_TIMEOUT_S", 20.0, minimum=0.1),
+            auth_timeout_s=env.float("PARLEY_FANOUT_AUTH_TIMEOUT_S", 10.0, minimum=0.1),
+            close_timeout_s=env.float("PARLEY_FANOUT_CLOSE_TIMEOUT_S", 10.0, minimum=0.1),
+            read_block_ms=env.int("PARLEY_FANOUT_READ_BLOCK_MS", 5_000, minimum=10),
+            read_count=env.int("PARLEY_FANOUT_READ_COUNT", 1_000, minimum=1),
+            replay_page=env.int("PARLEY_FANOUT_REPLAY_PAGE", 500, minimum=1),
+        )
