@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench bench-commands clean
+.PHONY: run test lint typecheck bench bench-commands bench-fanout clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ typecheck: $(STAMP)
 bench-commands: $(STAMP)
 	$(BIN)/python -m benchmarks.commands
 
-bench: bench-commands
+$(VENV)/.bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(VENV)/.bench
+
+bench-fanout: $(VENV)/.bench
+	$(BIN)/python -m benchmarks.fanout
+
+bench: bench-commands bench-fanout
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
