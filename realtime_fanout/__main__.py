@@ -13,6 +13,7 @@ def main() -> int:
 
     from realtime_fanout.app import create_app
     from realtime_fanout.settings import FanoutSettings
+    from realtime_fanout.wsproto import protocol_class
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -22,7 +23,7 @@ def main() -> int:
         return 2
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False,
-        loop="uvloop", http="httptools", ws="websockets-sansio",
+        loop="uvloop", http="httptools", ws=protocol_class(settings.close_timeout_s),
         ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=settings.ping_timeout_s,
         timeout_graceful_shutdown=5,
     )  # fmt: skip

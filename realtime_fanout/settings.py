@@ -22,7 +22,7 @@ class FanoutSettings:
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     auth_timeout_s: float = 10.0
-    close_timeout_s: float = 10.0
+    close_timeout_s: float = 5.0
     read_block_ms: int = 5_000
     read_count: int = 1_000
     replay_page: int = 500
@@ -40,7 +40,7 @@ class FanoutSettings:
             ping_interval_s=env.float("PARLEY_FANOUT_PING_INTERVAL_S", 20.0, minimum=0.1),
             ping_timeout_s=env.float("PARLEY_FANOUT_PING_TIMEOUT_S", 20.0, minimum=0.1),
             auth_timeout_s=env.float("PARLEY_FANOUT_AUTH_TIMEOUT_S", 10.0, minimum=0.1),
-            close_timeout_s=env.float("PARLEY_FANOUT_CLOSE_TIMEOUT_S", 10.0, minimum=0.1),
+            close_timeout_s=env.float("PARLEY_FANOUT_CLOSE_TIMEOUT_S", 5.0, minimum=0.1),
             read_block_ms=env.int("PARLEY_FANOUT_READ_BLOCK_MS", 5_000, minimum=10),
             read_count=env.int("PARLEY_FANOUT_READ_COUNT", 1_000, minimum=1),
             replay_page=env.int("PARLEY_FANOUT_REPLAY_PAGE", 500, minimum=1),
