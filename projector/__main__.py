@@ -1,0 +1,82 @@
+"""`python -m projector` runs the worker and the query API; `redrive` re-applies dead letters."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from servicekit.exceptions import ServiceKitError
+
+
+async def serve() -> int:
+    import uvicorn
+
+    from projector.app import create_app
+    from projector.settings import ProjectorSettings
+    from projector.worker import Worker
+
+    settings = ProjectorSettings.from_env()
+    worker = Worker(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        loop.call_soon_threadsafe(stop.set)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    await worker.start()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, worker), host=settings.http_host, port=settings.http_port,
+            log_level="warning", access_log=False, lifespan="off",
+        )
+    )  # fmt: skip
+    http = asyncio.create_task(server.serve(), name="http")
+    http.add_done_callback(lambda _t: stop.set())
+    try:
+        await worker.run(stop)
+    finally:
+        server.should_exit = True
+        await asyncio.gather(http, return_exceptions=True)
+        await worker.close()
+    return 0
+
+
+async def redrive_main() -> int:
+    import psycopg
+
+    from projector.migrate import migrate
+    from projector.redrive import redrive
+    from projector.settings import ProjectorSettings
+    from projector.store import Store
+
+    settings = ProjectorSettings.from_env(auth=False)
+    async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
+        await migrate(conn)
+        applied, failed = await redrive(conn, Store())
+    print(f"re-applied {applied} dead letters; {failed} still fail")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m projector")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the worker and the query API (the default)")
+    sub.add_parser("redrive", help="re-apply pending dead letters to the live read models")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "redrive":
+            return asyncio.run(redrive_main())
+        return asyncio.run(serve())
+    except ServiceKitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The projector's Prometheus metrics (default registry, served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_APPLIED = Counter(
+    "parley_projector_events_applied", "Log entries committed to the read models", ["partition"]
+)
+DEAD_LETTERS = Counter(
+    "parley_projector_dead_letters", "Entries sent to the dead-letter table", ["partition", "reason"]
+)
+BATCH_SIZE = Histogram(
+    "parley_projector_batch_size",
+    "Entries per committed batch",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000),
+)
+BATCH_SECONDS = Histogram(
+    "parley_projector_batch_seconds", "Time to fold and commit one batch",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)  # fmt: skip
+LAG_EVENTS = Gauge("parley_projector_lag_events", "Entries in the log not yet applied", ["partition"])
+LAG_SECONDS = Gauge(
+    "parley_projector_lag_seconds", "Newest log entry time minus last applied entry time", ["partition"]
+)
+EPOCH_MISMATCH = Gauge(
+    "parley_projector_epoch_mismatch", "1 while a partition is stopped: log epoch differs from checkpoint",
+    ["partition"],
+)  # fmt: skip
+STOPPED = Gauge(
+    "parley_projector_partition_stopped", "1 while a partition's projection is stopped", ["partition"]
+)
+OWNED = Gauge("parley_projector_partitions_owned", "Partitions this worker holds the lease of")
+DB_ERRORS = Counter("parley_projector_db_errors", "Batches that failed on a Postgres error and were retried")

@@ -1,0 +1,125 @@
+"""The read side's SQL: every query the HTTP API runs against the live schema `parley`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import psycopg
+
+AsyncConn = psycopg.AsyncConnection[Any]
+
+_VISIBLE = (
+    "EXISTS (SELECT 1 FROM parley.memberships s WHERE s.conversation_id = m.conversation_id "
+    "AND s.user_id = %(user)s AND s.joined_seq < m.seq AND (s.left_seq IS NULL OR m.seq < s.left_seq))"
+)
+_MESSAGE_COLUMNS = "m.conversation_id, m.seq, m.message_id, m.author, m.body, m.state, m.reply_to, " \
+    "m.sent_at, m.edited_at, m.deleted_at"  # fmt: skip
+
+
+class ConversationItem(msgspec.Struct):
+    conversation_id: str
+    title: str
+    unread_count: int
+    archived: bool
+    last_activity_at: datetime
+    message_count: int
+    last_seq: int
+    last_message_id: str | None
+    last_message_seq: int | None
+    last_message_author: str | None
+    last_message_preview: str | None
+
+
+class MessageItem(msgspec.Struct):
+    conversation_id: str
+    seq: int
+    message_id: str
+    author: str
+    body: str | None
+    state: str
+    reply_to: str | None
+    sent_at: datetime
+    edited_at: datetime | None
+    deleted_at: datetime | None
+
+
+async def conversations(
+    conn: AsyncConn, user: str, limit: int, after: tuple[datetime, str] | None, archived: bool | None
+) -> list[ConversationItem]:
+    """The user's current conversations, most recent activity first, after the cursor (activity, id)."""
+    cur = await conn.execute(
+        "SELECT i.conversation_id, c.title, i.unread_count, i.archived, i.last_activity_at, c.message_count, "
+        "c.last_seq, c.last_message_id, c.last_message_seq, c.last_message_author, c.last_message_preview "
+        "FROM parley.inbox i JOIN parley.conversations c USING (conversation_id) "
+        "WHERE i.user_id = %(user)s AND i.is_member "
+        "AND (%(archived)s::boolean IS NULL OR i.archived = %(archived)s) "
+        "AND (%(at)s::timestamptz IS NULL OR (i.last_activity_at, i.conversation_id) < (%(at)s, %(id)s)) "
+        "ORDER BY i.last_activity_at DESC, i.conversation_id DESC LIMIT %(limit)s",
+        {"user": user, "archived": archived, "at": after[0] if after else None,
+         "id": after[1] if after else None, "limit": limit},
+    )  # fmt: skip
+    return [ConversationItem(*r) for r in await cur.fetchall()]
+
+
+async def is_or_was_participant(conn: AsyncConn, user: str, conversation_id: str) -> bool:
+    cur = await conn.execute(
+        "SELECT 1 FROM parley.memberships WHERE conversation_id = %s AND user_id = %s LIMIT 1",
+        (conversation_id, user),
+    )
+    return await cur.fetchone() is not None
+
+
+async def messages(
+    conn: AsyncConn,
+    user: str,
+    conversation_id: str,
+    limit: int,
+    *,
+    after_seq: int | None,
+    before_seq: int | None,
+) -> list[MessageItem]:
+    """Messages the user saw (sent while they were in), ascending after `after_seq` or descending before."""
+    params = {"user": user, "conv": conversation_id, "limit": limit}
+    if after_seq is not None:
+        where, order, params["seq"] = "m.seq > %(seq)s", "ASC", after_seq
+    else:
+        where, order, params["seq"] = (
+            "m.seq < %(seq)s",
+            "DESC",
+            before_seq if before_seq is not None else 2**62,
+        )
+    cur = await conn.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM parley.messages m WHERE m.conversation_id = %(conv)s "
+        f"AND {where} AND {_VISIBLE} ORDER BY m.seq {order} LIMIT %(limit)s",
+        params,
+    )
+    return [MessageItem(*r) for r in await cur.fetchall()]
+
+
+async def total_unread(conn: AsyncConn, user: str) -> int:
+    cur = await conn.execute(
+        "SELECT coalesce(sum(unread_count), 0) FROM parley.inbox WHERE user_id = %s AND is_member", (user,)
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def search(conn: AsyncConn, user: str, text: str, limit: int) -> list[MessageItem]:
+    """Messages the user saw whose current body matches `text` (web-search syntax); deleted never match."""
+    cur = await conn.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM parley.messages m "
+        f"WHERE m.search @@ websearch_to_tsquery('simple', %(q)s) AND {_VISIBLE} "
+        "ORDER BY m.sent_at DESC, m.conversation_id, m.seq LIMIT %(limit)s",
+        {"user": user, "q": text, "limit": limit},
+    )
+    return [MessageItem(*r) for r in await cur.fetchall()]
+
+
+async def checkpoint(conn: AsyncConn, partition: int) -> tuple[str | None, str] | None:
+    cur = await conn.execute(
+        "SELECT epoch, stream_id FROM parley.checkpoints WHERE partition = %s", (partition,)
+    )
+    row = await cur.fetchone()
+    return None if row is None else (row[0], row[1])

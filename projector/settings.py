@@ -1,0 +1,52 @@
+"""The projector's settings, read once from the environment (see README_SECTION.md, Configuration)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+
+from events.config import LogSettings
+from servicekit.auth_settings import AuthSettings
+from servicekit.settings import Env
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectorSettings:
+    """Where to read (log), where to write (Postgres), how big a batch, who we are for leases."""
+
+    log: LogSettings
+    database_url: str
+    auth: AuthSettings | None = None
+    batch: int = 1000
+    block_ms: int = 1000
+    http_host: str = "127.0.0.1"
+    http_port: int = 8002
+    read_wait_s: float = 5.0
+    lease_ttl_s: float = 5.0
+    worker_id: str = ""
+    cache_conversations: int = 50_000
+    retry_max_s: float = 10.0
+    max_lag_s: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Env | None = None, *, auth: bool = True) -> ProjectorSettings:
+        """Read PARLEY_PROJECTOR_* (and the shared log/JWT settings; JWT only when `auth`)."""
+        env = env or Env()
+        default_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        return cls(
+            log=LogSettings.from_env(env),
+            database_url=env.str("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/parley"),
+            auth=AuthSettings.from_env(env) if auth else None,
+            batch=env.int("PARLEY_PROJECTOR_BATCH", 1000, minimum=1),
+            block_ms=env.int("PARLEY_PROJECTOR_BLOCK_MS", 1000, minimum=1),
+            http_host=env.str("PARLEY_PROJECTOR_HTTP_HOST", "127.0.0.1"),
+            http_port=env.int("PARLEY_PROJECTOR_HTTP_PORT", 8002, minimum=0),
+            read_wait_s=env.float("PARLEY_READ_WAIT_S", 5.0, minimum=0),
+            lease_ttl_s=env.float("PARLEY_PROJECTOR_LEASE_TTL_S", 5.0, minimum=0.5),
+            worker_id=env.str("PARLEY_PROJECTOR_WORKER_ID", default_id),
+            cache_conversations=env.int("PARLEY_PROJECTOR_CACHE_CONVERSATIONS", 50_000, minimum=1),
+            retry_max_s=env.float("PARLEY_PROJECTOR_RETRY_MAX_S", 10.0, minimum=0.1),
+            max_lag_s=env.float("PARLEY_PROJECTOR_MAX_LAG_S", 30.0, minimum=0),
+        )

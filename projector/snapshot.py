@@ -1,0 +1,50 @@
+"""Read a read-model schema back into rows, shaped like `model.ReadModel.tables`, for comparisons."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from projector.rows import TABLE_OF, Row
+
+
+async def read_tables(
+    conn: psycopg.AsyncConnection[Any], schema: str
+) -> dict[str, dict[tuple[Any, ...], Row]]:
+    """Every row of the four read-model tables of `schema`, by primary key."""
+    tables: dict[str, dict[tuple[Any, ...], Row]] = {}
+    for row_type, table in TABLE_OF.items():
+        cols = sql.SQL(", ").join(map(sql.Identifier, row_type.__struct_fields__))
+        cur = await conn.execute(
+            sql.SQL("SELECT {} FROM {}.{}").format(cols, sql.Identifier(schema), sql.Identifier(table))
+        )
+        rows = [row_type(*r) for r in await cur.fetchall()]
+        tables[table] = {r.key: r for r in rows}
+    return tables
+
+
+async def check_search_column(conn: psycopg.AsyncConnection[Any], schema: str) -> int:
+    """How many messages' tsvector disagrees with their body (must be 0: edits and deletes honoured)."""
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT count(*) FROM {}.messages "
+            "WHERE search IS DISTINCT FROM to_tsvector('simple', coalesce(body, ''))"
+        ).format(sql.Identifier(schema))
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def dead_letter_keys(conn: psycopg.AsyncConnection[Any]) -> set[tuple[int, str]]:
+    cur = await conn.execute(
+        "SELECT partition, stream_id FROM parley_store.dead_letters WHERE redriven_at IS NULL"
+    )
+    return {(int(r[0]), str(r[1])) for r in await cur.fetchall()}
+
+
+async def archive_keys(conn: psycopg.AsyncConnection[Any]) -> set[tuple[int, str]]:
+    cur = await conn.execute("SELECT partition, stream_id FROM parley_store.event_archive")
+    return {(int(r[0]), str(r[1])) for r in await cur.fetchall()}

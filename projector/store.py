@@ -1,0 +1,269 @@
+"""The Postgres adapter: load conversation states, and commit a batch with its checkpoint atomically.
+
+One transaction per batch: lock the partition's checkpoint row (FOR UPDATE), refuse unless it is exactly
+where the batch was folded from and in the same epoch, check the lease, COPY the archive and staged rows,
+upsert them, record dead letters, move the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from projector.batch import Batch, DeadLetter
+from projector.exceptions import CheckpointMoved, EpochMismatch, ProjectionStopped
+from projector.fold import ConversationState
+from projector.migrate import LIVE_SCHEMA, STORE_SCHEMA
+from projector.rows import ConversationRow, InboxRow, MembershipRow, MessageRow, Row
+
+AsyncConn = psycopg.AsyncConnection[Any]
+
+_COLUMNS: dict[type[Row], tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    ConversationRow: ("conversations", ConversationRow.__struct_fields__, ("conversation_id",)),
+    MembershipRow: (
+        "memberships",
+        MembershipRow.__struct_fields__,
+        ("conversation_id", "user_id", "joined_seq"),
+    ),
+    MessageRow: ("messages", (*MessageRow.__struct_fields__, "state"), ("conversation_id", "seq")),
+    InboxRow: ("inbox", InboxRow.__struct_fields__, ("user_id", "conversation_id")),
+}
+_ARCHIVE_COLUMNS = (
+    "epoch", "partition", "stream_id", "stream_ms", "stream_seq", "event_id", "conversation_id",
+    "seq", "type", "actor", "occurred_at", "data",
+)  # fmt: skip
+
+
+def _values(row: Row) -> tuple[Any, ...]:
+    values = tuple(getattr(row, f) for f in row.__struct_fields__)
+    return (*values, row.state) if isinstance(row, MessageRow) else values
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    partition: int
+    epoch: str | None
+    stream_id: str
+    events_applied: int
+    version: int = 0
+
+
+class Store:
+    """Reads and writes one read-model schema (`parley` when live) plus the shared `parley_store`."""
+
+    def __init__(self, schema: str = LIVE_SCHEMA, *, archive: bool = True) -> None:
+        self.schema = schema
+        self.archive = archive
+        self._s = sql.Identifier(schema)
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(s=self._s)
+
+    async def prepare_connection(self, conn: AsyncConn) -> None:
+        """Create this session's staging tables (temporary, emptied at every commit)."""
+        for row_type, (table, columns, _) in _COLUMNS.items():
+            del row_type
+            await conn.execute(
+                sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
+                    "SELECT {cols} FROM {s}.{t} WITH NO DATA"
+                ).format(
+                    stage=sql.Identifier(f"stage_{table}"),
+                    cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
+                    s=self._s, t=sql.Identifier(table),
+                )
+            )  # fmt: skip
+        await conn.commit()
+
+    async def ensure_checkpoints(self, conn: AsyncConn, partitions: Iterable[int]) -> None:
+        async with conn.transaction():
+            for p in partitions:
+                await conn.execute(
+                    self._q("INSERT INTO {s}.checkpoints (partition) VALUES (%s) ON CONFLICT DO NOTHING"),
+                    (p,),
+                )
+
+    async def checkpoint(self, conn: AsyncConn, partition: int) -> Checkpoint:
+        cur = await conn.execute(
+            self._q(
+                "SELECT epoch, stream_id, events_applied, version FROM {s}.checkpoints WHERE partition = %s"
+            ),
+            (partition,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return Checkpoint(partition, None, "0-0", 0)
+        return Checkpoint(partition, row[0], row[1], row[2], row[3])
+
+    async def checkpoints(self, conn: AsyncConn) -> dict[int, Checkpoint]:
+        cur = await conn.execute(
+            self._q("SELECT partition, epoch, stream_id, events_applied FROM {s}.checkpoints")
+        )
+        return {r[0]: Checkpoint(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()}
+
+    async def load_states(self, conn: AsyncConn, ids: Iterable[str]) -> dict[str, ConversationState]:
+        """The fold state of every existing conversation among `ids` (message bodies left out)."""
+        wanted = list(ids)
+        if not wanted:
+            return {}
+        states: dict[str, ConversationState] = {}
+        cur = await conn.execute(
+            sql.SQL("SELECT {cols} FROM {s}.conversations WHERE conversation_id = ANY(%s)").format(
+                cols=sql.SQL(", ").join(map(sql.Identifier, ConversationRow.__struct_fields__)), s=self._s
+            ),
+            (wanted,),
+        )
+        for r in await cur.fetchall():
+            states[r[0]] = ConversationState(ConversationRow(*r))
+        if not states:
+            return states
+        present = list(states)
+        cur = await conn.execute(
+            self._q(
+                "SELECT conversation_id, user_id, joined_seq, joined_stream_id, left_seq, left_stream_id "
+                "FROM {s}.memberships WHERE conversation_id = ANY(%s) "
+                "ORDER BY conversation_id, user_id, joined_seq"
+            ),
+            (present,),
+        )
+        for r in await cur.fetchall():
+            states[r[0]].spans.setdefault(r[1], []).append(MembershipRow(*r))
+        cur = await conn.execute(
+            self._q(
+                "SELECT user_id, conversation_id, read_seq, unread_count, archived, is_member, "
+                "last_activity_at "
+                "FROM {s}.inbox WHERE conversation_id = ANY(%s)"
+            ),
+            (present,),
+        )
+        for r in await cur.fetchall():
+            states[r[1]].inbox[r[0]] = InboxRow(*r)
+        cur = await conn.execute(
+            self._q(
+                "SELECT conversation_id, seq, message_id, author, NULL, sent_at, reply_to, edited_at, "
+                "deleted_at "
+                "FROM {s}.messages WHERE conversation_id = ANY(%s)"
+            ),
+            (present,),
+        )
+        for r in await cur.fetchall():
+            states[r[0]].messages[r[2]] = MessageRow(*r)
+        return states
+
+    async def commit(self, conn: AsyncConn, batch: Batch, lease_owner: str | None = None) -> None:
+        """Write `batch` and move the checkpoint to `batch.last`, all in one transaction.
+
+        Raises:
+            EpochMismatch: the checkpoint was taken in another epoch of the log.
+            CheckpointMoved: the checkpoint is not `batch.after` (a repeat, an older batch, another
+                writer).
+            ProjectionStopped: `lease_owner` no longer holds the partition's lease.
+        """
+        async with conn.transaction():
+            cur = await conn.execute(
+                self._q(
+                    "SELECT epoch, stream_id, version FROM {s}.checkpoints WHERE partition = %s FOR UPDATE"
+                ),
+                (batch.partition,),
+            )
+            row = await cur.fetchone()
+            epoch, stream_id, version = (None, "0-0", 0) if row is None else (row[0], row[1], row[2])
+            if epoch is not None and epoch != batch.epoch:
+                raise EpochMismatch(batch.partition, epoch, batch.epoch)
+            if stream_id != batch.after or version != batch.version:
+                raise CheckpointMoved(
+                    batch.partition, f"{batch.after}#{batch.version}", f"{stream_id}#{version}"
+                )
+            if lease_owner is not None:
+                cur = await conn.execute(
+                    "SELECT 1 FROM parley_store.leases "
+                    "WHERE partition = %s AND owner = %s AND expires_at > now()",
+                    (batch.partition, lease_owner),
+                )
+                if await cur.fetchone() is None:
+                    raise ProjectionStopped(f"partition {batch.partition}: lease lost by {lease_owner}")
+            if self.archive and batch.archive:
+                cols = sql.SQL(", ").join(map(sql.Identifier, _ARCHIVE_COLUMNS))
+                async with conn.cursor().copy(
+                    sql.SQL("COPY {}.event_archive ({}) FROM STDIN").format(
+                        sql.Identifier(STORE_SCHEMA), cols
+                    )
+                ) as copy:
+                    for a in batch.archive:
+                        await copy.write_row(a)
+            for row_type, rows in batch.rows.items():
+                if rows:
+                    await self._upsert(conn, row_type, rows.values())
+            if batch.dead:
+                await self._dead_letters(conn, batch.epoch, batch.dead)
+            await conn.execute(
+                self._q(
+                    "INSERT INTO {s}.checkpoints (partition, epoch, stream_id, events_applied, updated_at) "
+                    "VALUES (%s, %s, %s, %s, now()) ON CONFLICT (partition) DO UPDATE "
+                    "SET epoch = EXCLUDED.epoch, version = {s}.checkpoints.version + 1, "
+                    "stream_id = EXCLUDED.stream_id, updated_at = now(), "
+                    "events_applied = {s}.checkpoints.events_applied + EXCLUDED.events_applied"
+                ),
+                (batch.partition, batch.epoch, batch.last, batch.entries),
+            )
+
+    async def lock_checkpoint(self, conn: AsyncConn, partition: int) -> None:
+        """Lock the partition's checkpoint row and bump its version (cached worker states become stale)."""
+        await conn.execute(
+            self._q("SELECT 1 FROM {s}.checkpoints WHERE partition = %s FOR UPDATE"), (partition,)
+        )
+        await conn.execute(
+            self._q("UPDATE {s}.checkpoints SET version = version + 1 WHERE partition = %s"), (partition,)
+        )
+
+    async def write_rows(self, conn: AsyncConn, rows: Iterable[Row]) -> None:
+        """Upsert rows (last one per key wins) inside the caller's transaction."""
+        by_type: dict[type[Row], dict[tuple[Any, ...], Row]] = {}
+        for row in rows:
+            by_type.setdefault(type(row), {})[row.key] = row
+        for row_type, keyed in by_type.items():
+            await self._upsert(conn, row_type, keyed.values())
+
+    async def archive_once(self, conn: AsyncConn, row: tuple[Any, ...]) -> None:
+        """Archive one event unless it already is (a re-driven letter that decoded the first time)."""
+        cols = sql.SQL(", ").join(map(sql.Identifier, _ARCHIVE_COLUMNS))
+        await conn.execute(
+            sql.SQL("INSERT INTO parley_store.event_archive ({}) VALUES ({}) ON CONFLICT DO NOTHING").format(
+                cols, sql.SQL(", ").join(sql.Placeholder() * len(_ARCHIVE_COLUMNS))
+            ),
+            row,
+        )
+
+    async def _upsert(self, conn: AsyncConn, row_type: type[Row], rows: Iterable[Row]) -> None:
+        table, columns, key = _COLUMNS[row_type]
+        stage = sql.Identifier(f"stage_{table}")
+        cols = sql.SQL(", ").join(map(sql.Identifier, columns))
+        async with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols)) as copy:
+            for row in rows:
+                await copy.write_row(_values(row))
+        updates = sql.SQL(", ").join(
+            sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in columns if c not in key
+        )
+        await conn.execute(
+            sql.SQL(
+                "INSERT INTO {s}.{t} ({cols}) SELECT {cols} FROM {stage} "
+                "ON CONFLICT ({key}) DO UPDATE SET {updates}"
+            ).format(
+                s=self._s, t=sql.Identifier(table), cols=cols, stage=stage, updates=updates,
+                key=sql.SQL(", ").join(map(sql.Identifier, key)),
+            )
+        )  # fmt: skip
+
+    async def _dead_letters(self, conn: AsyncConn, epoch: str, dead: list[DeadLetter]) -> None:
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO parley_store.dead_letters (epoch, partition, stream_id, data, error) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (epoch, partition, stream_id) DO UPDATE "
+                "SET error = EXCLUDED.error, attempts = parley_store.dead_letters.attempts + 1, "
+                "failed_at = now(), redriven_at = NULL",
+                [(epoch, d.partition, d.stream_id, d.data, d.error) for d in dead],
+            )

@@ -1,0 +1,311 @@
+"""The worker: holds partition leases, and for each owned partition reads the log (XREAD, blocking),
+folds a batch, commits it with the checkpoint, loops. Postgres or Redis errors: retry with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+import redis.asyncio as aioredis
+import redis.exceptions
+from psycopg_pool import AsyncConnectionPool
+
+from events.exceptions import EpochChanged, LogError
+from events.log import EventLog, LogEntry
+from events.position import parse_stream_id
+from events.schema import Envelope
+from projector import leases, metrics
+from projector.batch import Batch, DeadLetter, decode_entries, fold_batch
+from projector.exceptions import CheckpointMoved, EpochMismatch, ProjectionStopped
+from projector.fold import ConversationState
+from projector.migrate import migrate
+from projector.settings import ProjectorSettings
+from projector.store import Store
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT = (
+    psycopg.OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+)
+
+
+class PartitionProjector:
+    """Projects one partition; its conversation-state cache is valid only at `position`."""
+
+    def __init__(self, worker: Worker, partition: int) -> None:
+        self.worker = worker
+        self.partition = partition
+        self.position = "0-0"
+        self.version = 0
+        self.applied = 0
+        self.cache: OrderedDict[str, ConversationState] = OrderedDict()
+        self.stopped: str | None = None
+
+    async def load(self) -> None:
+        """Reset the cache and read the checkpoint; raise EpochMismatch if it belongs to another log."""
+        self.cache.clear()
+        async with self.worker.pool.connection() as conn:
+            cp = await self.worker.store.checkpoint(conn, self.partition)
+        if cp.epoch is not None and cp.epoch != self.worker.epoch:
+            raise EpochMismatch(self.partition, cp.epoch, self.worker.epoch)
+        self.position, self.applied, self.version = cp.stream_id, cp.events_applied, cp.version
+
+    async def run(self) -> None:
+        """Loop until cancelled or stopped; a stop is logged loudly and shown in metrics, never skipped."""
+        label = str(self.partition)
+        delay = 0.1
+        loaded = False
+        while True:
+            try:
+                if not loaded:
+                    await self.load()
+                    loaded = True
+                await self.step()
+                delay = 0.1
+            except (EpochMismatch, EpochChanged) as exc:
+                metrics.EPOCH_MISMATCH.labels(label).set(1)
+                metrics.STOPPED.labels(label).set(1)
+                self.stopped = str(exc)
+                log.critical("PROJECTION STOPPED: %s", exc)
+                return
+            except CheckpointMoved as exc:
+                log.warning("%s; reloading", exc)
+                loaded = False
+            except ProjectionStopped as exc:
+                metrics.STOPPED.labels(label).set(1)
+                self.stopped = str(exc)
+                log.error("projection of partition %d stopped: %s", self.partition, exc)
+                return
+            except (*_TRANSIENT, LogError) as exc:
+                metrics.DB_ERRORS.inc()
+                log.warning("partition %d: %s; retrying in %.1fs", self.partition, exc, delay)
+                loaded = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.worker.settings.retry_max_s)
+
+    async def step(self) -> int:
+        """Read, fold and commit one batch; returns how many entries it moved past."""
+        w = self.worker
+        entries = await w.log.read_after(self.partition, self.position, w.settings.batch, w.settings.block_ms)
+        if not entries:
+            return 0
+        assert w.epoch is not None
+        await w.log.check_epoch(w.epoch)
+        started = time.perf_counter()
+        try:
+            batch = await self._commit(entries, isolate=False)
+        except psycopg.OperationalError:
+            raise
+        except psycopg.DatabaseError as exc:
+            log.error("partition %d: batch failed (%s); applying one entry at a time", self.partition, exc)
+            self.cache.clear()
+            for entry in entries:
+                batch = await self._commit([entry], isolate=True)
+        self._after_commit(batch, time.perf_counter() - started)
+        return len(entries)
+
+    async def _commit(self, entries: Sequence[LogEntry], *, isolate: bool) -> Batch:
+        w = self.worker
+        assert w.epoch is not None
+        decoded = decode_entries(entries)
+        needed = {
+            e.conversation_id
+            for e in decoded
+            if isinstance(e, Envelope) and e.conversation_id not in self.cache
+        }
+        async with w.pool.connection() as conn:
+            try:
+                if needed:
+                    self.cache.update(await w.store.load_states(conn, needed))
+                batch = fold_batch(
+                    Batch(self.partition, w.epoch, self.position, self.version), entries, decoded, self.cache
+                )
+                await w.store.commit(conn, batch, w.settings.worker_id if w.use_leases else None)
+            except BaseException as exc:
+                self.cache.clear()
+                if (
+                    not isolate
+                    or not isinstance(exc, psycopg.DatabaseError)
+                    or isinstance(exc, psycopg.OperationalError)
+                ):
+                    raise
+                # This single entry cannot be written: keep it as a dead letter and move past it.
+                entry = entries[0]
+                batch = Batch(self.partition, w.epoch, self.position, self.version, entry.stream_id, 1)
+                error = f"{type(exc).__name__}: {exc}"
+                batch.dead.append(DeadLetter(self.partition, entry.stream_id, entry.data, error, "db"))
+                await w.store.commit(conn, batch, w.settings.worker_id if w.use_leases else None)
+        self.position = batch.last
+        self.version += 1
+        self.applied += batch.entries
+        return batch
+
+    def _after_commit(self, batch: Batch, seconds: float) -> None:
+        label = str(self.partition)
+        metrics.EVENTS_APPLIED.labels(label).inc(batch.entries)
+        metrics.BATCH_SIZE.observe(batch.entries)
+        metrics.BATCH_SECONDS.observe(seconds)
+        for dead in batch.dead:
+            metrics.DEAD_LETTERS.labels(label, dead.reason).inc()
+            log.error("dead letter: partition %d entry %s: %s", dead.partition, dead.stream_id, dead.error)
+        limit = self.worker.settings.cache_conversations
+        while len(self.cache) > limit:
+            self.cache.popitem(last=False)
+
+
+class Worker:
+    """A projector process: migrations, leases, one task per owned partition, lag metrics."""
+
+    def __init__(self, settings: ProjectorSettings, *, use_leases: bool = True) -> None:
+        self.settings = settings
+        self.use_leases = use_leases
+        self.layout = settings.log.layout()
+        self.redis = aioredis.Redis.from_url(
+            settings.log.redis_url, socket_connect_timeout=2, health_check_interval=30,
+            max_connections=settings.log.partitions + 8,
+        )  # fmt: skip
+        self.log = EventLog(self.redis, self.layout)
+        self.store = Store()
+        self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            settings.database_url, min_size=1, max_size=settings.log.partitions + 4, open=False, timeout=5,
+            kwargs={"prepare_threshold": None}, configure=self.store.prepare_connection,
+        )  # fmt: skip
+        self.epoch: str | None = None
+        self.projectors: dict[int, PartitionProjector] = {}
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.ready = asyncio.Event()
+        self.lag: dict[int, float] = {}
+
+    async def start(self) -> None:
+        """Migrate (retrying while Postgres is down), open the pool, learn the log's epoch."""
+        delay = 0.2
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self.settings.database_url) as conn:
+                    for applied in await migrate(conn):
+                        log.info("migration applied: %s", applied)
+                break
+            except psycopg.OperationalError as exc:
+                log.warning("postgres not reachable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max_s)
+        await self.pool.open(wait=True)
+        delay = 0.2
+        while self.epoch is None:
+            try:
+                self.epoch = await self.log.open(create=False)
+            except (LogError, *_TRANSIENT) as exc:
+                log.warning("log not readable yet (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max_s)
+        async with self.pool.connection() as conn:
+            await self.store.ensure_checkpoints(conn, range(self.layout.partitions))
+        log.info("projector %s: log epoch %s, %d partitions", self.settings.worker_id, self.epoch,
+                 self.layout.partitions)  # fmt: skip
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Hold leases and project owned partitions until `stop` is set."""
+        ttl = self.settings.lease_ttl_s
+        try:
+            while not stop.is_set():
+                manage = asyncio.ensure_future(self._manage())
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({manage, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not manage.done():
+                    manage.cancel()
+                    await asyncio.gather(manage, return_exceptions=True)
+                    break
+                manage.result()
+                self.ready.set()
+                try:
+                    await asyncio.wait_for(stop.wait(), ttl / 3 if self.use_leases else 1.0)
+                except TimeoutError:
+                    pass
+        finally:
+            try:
+                await asyncio.wait_for(self._stop_all(), 5)
+            except TimeoutError:
+                log.warning("shutdown did not finish in 5s; leases will expire on their own")
+
+    async def _manage(self) -> None:
+        try:
+            if self.use_leases:
+                async with self.pool.connection() as conn:
+                    held, share = await leases.lease_round(
+                        conn, self.settings.worker_id, self.layout.partitions, self.settings.lease_ttl_s
+                    )
+            else:
+                held, share = set(range(self.layout.partitions)), self.layout.partitions
+        except _TRANSIENT as exc:
+            log.warning("lease round failed: %s", exc)
+            return
+        for p in sorted(set(self.tasks) - held):
+            log.warning("lease of partition %d lost; stopping it", p)
+            await self._stop(p)
+        for p in sorted(held - set(self.tasks)):
+            log.info("partition %d acquired", p)
+            self.projectors[p] = PartitionProjector(self, p)
+            self.tasks[p] = asyncio.create_task(self.projectors[p].run(), name=f"partition-{p}")
+        if self.use_leases and len(held) > share:
+            for p in sorted(held)[share:]:
+                log.info("partition %d released for balance", p)
+                await self._stop(p)
+                async with self.pool.connection() as conn:
+                    await leases.release(conn, self.settings.worker_id, p)
+        metrics.OWNED.set(len(self.tasks))
+        await self._lag()
+
+    async def _lag(self) -> None:
+        for p, projector in self.projectors.items():
+            try:
+                length = await self.redis.xlen(self.layout.stream_key(p))
+                head = await self.log.head(p)
+            except _TRANSIENT:
+                return
+            metrics.LAG_EVENTS.labels(str(p)).set(max(0, length - projector.applied))
+            seconds = max(0.0, (parse_stream_id(head)[0] - parse_stream_id(projector.position)[0]) / 1000)
+            self.lag[p] = seconds
+            metrics.LAG_SECONDS.labels(str(p)).set(seconds)
+
+    def lag_seconds(self) -> float:
+        """The largest lag (seconds) among owned partitions at the last lease round."""
+        return max((self.lag.get(p, 0.0) for p in self.projectors), default=0.0)
+
+    async def _stop(self, partition: int) -> None:
+        task = self.tasks.pop(partition, None)
+        self.projectors.pop(partition, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _stop_all(self) -> None:
+        for p in list(self.tasks):
+            await self._stop(p)
+        if self.use_leases:
+            try:
+                async with self.pool.connection(timeout=2) as conn:
+                    await leases.leave(conn, self.settings.worker_id)
+            except Exception as exc:  # shutting down: the leases expire anyway
+                log.warning("could not release leases: %s", exc)
+
+    async def close(self) -> None:
+        await self.pool.close(timeout=3)
+        await self.redis.aclose()
+
+    async def caught_up(self, partitions: Sequence[int] | None = None) -> bool:
+        """True when every given (default: owned) partition's position is the log's head."""
+        for p in partitions if partitions is not None else list(self.projectors):
+            projector = self.projectors.get(p)
+            if projector is None or projector.position != await self.log.head(p):
+                return False
+        return True

@@ -1,0 +1,129 @@
+"""The Postgres adapter against real servers: read models equal the in-memory fold; positions refused."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+import redis.asyncio as aioredis
+
+from command_api.append import Appender
+from events.config import LogSettings
+from events.log import EventLog, LogEntry
+from projector.batch import Batch
+from projector.exceptions import CheckpointMoved, EpochMismatch
+from projector.migrate import migrate
+from projector.model import fold_entries
+from projector.settings import ProjectorSettings
+from projector.snapshot import archive_keys, check_search_column, dead_letter_keys, read_tables
+from projector.store import Store
+from projector.worker import Worker
+from projector.workload import Workload
+
+PARTITIONS = 4
+
+
+def settings_for(redis_url: str, namespace: str, database_url: str, **extra: Any) -> ProjectorSettings:
+    return ProjectorSettings(
+        log=LogSettings(redis_url, namespace, PARTITIONS), database_url=database_url, batch=200,
+        block_ms=100, lease_ttl_s=2.0, worker_id="test-worker", **extra,
+    )  # fmt: skip
+
+
+async def whole_log(log: EventLog) -> list[LogEntry]:
+    entries: list[LogEntry] = []
+    for p in range(log.layout.partitions):
+        entries += await log.read_range(p, "-", "+")
+    return entries
+
+
+async def wait_caught_up(worker: Worker) -> None:
+    async def loop() -> None:
+        while not await worker.caught_up(range(PARTITIONS)):
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(loop(), 30)
+
+
+async def assert_equal_to_fold(database_url: str, log: EventLog) -> None:
+    model = fold_entries(await whole_log(log))
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        assert await read_tables(conn, "parley") == model.tables
+        assert await dead_letter_keys(conn) == set(model.dead_letters)
+        assert await archive_keys(conn) == model.archived
+        assert await check_search_column(conn, "parley") == 0
+
+
+async def test_migrations_are_recorded_once(database_url: str) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        first = await migrate(conn)
+        again = await migrate(conn)
+    assert first == ["parley_store:0001_store", "parley:0001_read_models"]
+    assert again == []
+
+
+async def test_concurrent_migrations_do_not_race(database_url: str) -> None:
+    async def one() -> list[str]:
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            return await migrate(conn)
+
+    results = await asyncio.gather(*(one() for _ in range(4)))
+    assert sorted(len(r) for r in results) == [0, 0, 0, 2]
+
+
+async def test_worker_projects_real_log_equal_to_fold(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    settings = settings_for(redis_server_url, log_namespace, database_url)
+    appender = Appender(redis_client, settings.log.layout())
+    await appender.open()
+    workload = Workload(seed=7)
+    await workload.append(appender, 600)
+    # A poison entry: not an event at all. It must become a dead letter; everything else carries on.
+    await redis_client.xadd(settings.log.layout().stream_key(1), {"e": b"\xffnot an event"})
+    worker = Worker(settings)
+    await worker.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await workload.append(appender, 400)
+        await asyncio.wait_for(worker.ready.wait(), 10)
+        await wait_caught_up(worker)
+        await assert_equal_to_fold(database_url, worker.log)
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            assert len(await dead_letter_keys(conn)) >= 1
+    finally:
+        stop.set()
+        await task
+        await worker.close()
+        await appender.close()
+
+
+async def test_repeated_or_older_position_is_refused(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    settings = settings_for(redis_server_url, log_namespace, database_url)
+    appender = Appender(redis_client, settings.log.layout())
+    epoch = await appender.open()
+    await Workload(seed=3).append(appender, 50)
+    log = EventLog(redis_client, settings.log.layout())
+    entries = await whole_log(log)
+    assert entries
+    p = entries[0].partition
+    store = Store()
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await migrate(conn)
+        await store.prepare_connection(conn)
+        batch = Batch(p, epoch, "0-0", last=entries[0].stream_id, entries=1)
+        await store.commit(conn, batch)
+        with pytest.raises(CheckpointMoved):
+            await store.commit(conn, batch)  # the same position again
+        with pytest.raises(CheckpointMoved):
+            await store.commit(conn, Batch(p, epoch, "0-0", 1, last="0-1", entries=1))  # older
+        with pytest.raises(EpochMismatch):
+            await store.commit(conn, Batch(p, "other-epoch", entries[0].stream_id, 1, "99-0", 1))
+        cp = await store.checkpoint(conn, p)
+    assert (cp.stream_id, cp.events_applied, cp.epoch) == (entries[0].stream_id, 1, epoch)
+    await appender.close()
