@@ -7,15 +7,19 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+import psycopg
 import redis.asyncio as aioredis
 import redis.exceptions
 from fastapi import FastAPI
+from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 from starlette.websockets import WebSocket
 
 from events.exceptions import LogError
 from events.log import EventLog
+from realtime_fanout.archive import Archive
 from realtime_fanout.connection import Connection
 from realtime_fanout.exceptions import HubUnavailable
 from realtime_fanout.history import History
@@ -39,16 +43,32 @@ class Services:
         self.reader_redis = aioredis.Redis.from_url(
             url, socket_timeout=read_timeout, socket_connect_timeout=2
         )
-        self.hub = Hub(self.reader_redis, layout, block_ms=settings.read_block_ms, count=settings.read_count)
-        self.history = History(EventLog(self.redis, layout), settings.replay_page)
+        self.pool: AsyncConnectionPool[Any] | None = None
+        archive: Archive | None = None
+        if settings.database_url:
+            self.pool = AsyncConnectionPool(
+                settings.database_url, open=False, min_size=1, max_size=4, timeout=5
+            )
+            archive = Archive(self.pool, settings.replay_page)
+        self.hub = Hub(
+            self.reader_redis,
+            layout,
+            block_ms=settings.read_block_ms,
+            count=settings.read_count,
+            archive=archive,
+        )
+        history_log = EventLog(self.redis, layout)
+        self.history = History(history_log, settings.replay_page, archive, settings.archive_wait_s)
         self.verifier = TokenVerifier(settings.auth)
         self._starter: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Start the hub now if the log exists, else keep trying in the background."""
+        if self.pool is not None:
+            await self.pool.open(wait=False)
         try:
             await self.hub.start()
-        except (LogError, redis.exceptions.RedisError) as exc:
+        except (LogError, redis.exceptions.RedisError, psycopg.Error) as exc:
             log.error("log not readable at start (%s); retrying in the background", exc)
             self._starter = asyncio.create_task(self._keep_starting())
 
@@ -59,7 +79,7 @@ class Services:
             try:
                 await self.hub.start()
                 return
-            except (LogError, redis.exceptions.RedisError) as exc:
+            except (LogError, redis.exceptions.RedisError, psycopg.Error) as exc:
                 log.warning("log still not readable: %s", exc)
                 delay = min(delay * 2, 5.0)
 
@@ -69,6 +89,8 @@ class Services:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._starter
         await self.hub.stop()
+        if self.pool is not None:
+            await self.pool.close()
         await self.reader_redis.aclose()
         await self.redis.aclose()
 

@@ -179,7 +179,7 @@ class Connection:
             try:
                 cursor = Cursor.decode(message.cursor, epoch=self.hub.epoch, partitions=partitions)
                 for partition, position in enumerate(cursor.positions):
-                    await self.history.check_held(partition, position)
+                    await self.history.check_held(self.hub.epoch, partition, position)
             except CursorError as exc:
                 cursor, resync = None, exc.reason
         self.conversations = None if message.conversations is None else frozenset(message.conversations)
@@ -198,7 +198,7 @@ class Connection:
             RESYNCS.labels(resync).inc()
             self._control.append(encode_frame(ResyncFrame(start.encode(), resync)))
         for partition, after in session.replay_plan(positions).items():
-            async for page in self.history.pages(partition, after):
+            async for page in self.history.pages(start.epoch, partition, after):
                 session.feed_replay(page)
                 await self._flush()
                 if self._closing.is_set():

@@ -1,63 +1,99 @@
-"""History after a cursor, read from the Redis streams in pages; concurrent identical reads share one call.
+"""History after a cursor: from the Postgres archive for what the streams trimmed, then from the streams.
 
-A reconnect storm asks for the same pages many times: each (partition, after, page size) read is in
-flight at most once per process, and every waiter gets the same decoded items.
+Rule (sound on Redis 6.2, which reports no max-deleted-entry-id): a stream holds every entry after cursor C
+when C is at or after its first entry (or, on an empty stream, its last-generated id). Otherwise entries in
+(C, F) may be trimmed, F being that first/last id; the archive serves them when its head for the partition
+is at or after F (it holds every entry up to its head), else we wait `archive_wait_s` for the projector,
+then raise HistoryGone. Exception: on Redis 6 a cursor of "0-0" with nothing archived is assumed served.
+Trimmers must only trim what is archived (XTRIM MINID <= archive head). Identical page reads are coalesced.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.exceptions
 
 from events.log import EventLog
+from realtime_fanout.archive import Archive
 from realtime_fanout.cursor import stream_key
 from realtime_fanout.exceptions import HistoryGone
 from realtime_fanout.item import Item, decode_entry
 from realtime_fanout.metrics import HISTORY_READS
+from realtime_fanout.singleflight import SingleFlight
 
-PageKey = tuple[int, str, int]
 Page = tuple[list[Item], str | None, int]  # decodable items, last stream id read, entries read
 
 
-class History:
-    """Pages of decoded items after a stream id, coalesced across callers."""
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
-    def __init__(self, log: EventLog, page: int = 500) -> None:
+
+class History:
+    """Pages of decoded items after a stream id, archive first when needed, coalesced across callers."""
+
+    def __init__(
+        self, log: EventLog, page: int = 500, archive: Archive | None = None, archive_wait_s: float = 2.0
+    ) -> None:
         self.log = log
         self.page = page
-        self._inflight: dict[PageKey, asyncio.Future[Page]] = {}
-        self.reads = 0
+        self.archive = archive
+        self.archive_wait_s = archive_wait_s
+        self._flights: SingleFlight[tuple[int, str, int], Page] = SingleFlight()
 
-    async def check_held(self, partition: int, after_id: str) -> None:
-        """Raise HistoryGone when entries after `after_id` were trimmed from the stream.
+    @property
+    def reads(self) -> int:
+        return self._flights.calls
 
-        Uses XINFO's max-deleted-entry-id (Redis 7+); on older servers, a stream whose first held entry
-        is after a cursor that named a real entry. A cursor of "0-0" on Redis 6 is assumed served.
-        """
+    async def check_held(self, epoch: str, partition: int, after_id: str) -> None:
+        """Raise HistoryGone unless the archive and the stream together hold every entry after `after_id`."""
+        await self.archive_until(epoch, partition, after_id)
+
+    async def archive_until(self, epoch: str, partition: int, after_id: str) -> str | None:
+        """None when the stream holds every entry after `after_id`; else the stream id up to which
+        (inclusive) the archive must serve first. Raises HistoryGone when neither can serve."""
         after = stream_key(after_id)
         try:
             info: Any = await self.log.redis.xinfo_stream(self.log.layout.stream_key(partition))
         except redis.exceptions.ResponseError:  # no such key: the partition has no stream (yet)
             if after != (0, 0):
-                raise HistoryGone(
-                    f"partition {partition} has no stream, the cursor names {after_id}"
-                ) from None
-            return
+                raise HistoryGone(f"partition {partition} has no stream, cursor at {after_id}") from None
+            return None
+        first = info.get("first-entry")
+        bound = _text(first[0]) if first else _text(info.get("last-generated-id", "0-0"))
         deleted = info.get("max-deleted-entry-id")
-        if deleted is not None:
-            text = deleted.decode() if isinstance(deleted, bytes) else str(deleted)
-            if stream_key(text) > after:
-                raise HistoryGone(f"partition {partition} was trimmed past {after_id}")
-            return
-        first = await self.log.first_id(partition)
-        if first is not None and after != (0, 0) and stream_key(first) > after:
-            raise HistoryGone(f"partition {partition} no longer holds entries after {after_id}")
+        if stream_key(bound) <= after or (deleted is not None and stream_key(_text(deleted)) <= after):
+            return None
+        deadline = time.monotonic() + self.archive_wait_s
+        while True:
+            head = None if self.archive is None else await self.archive.head(epoch, partition)
+            if head is not None and head >= stream_key(bound):
+                return bound
+            if head is None and after == (0, 0) and deleted is None:
+                return None  # Redis 6 cannot tell whether "0-0" lost anything: assumed served
+            if self.archive is None or time.monotonic() >= deadline:
+                raise HistoryGone(f"partition {partition} no longer holds entries after {after_id}")
+            await asyncio.sleep(0.1)
 
-    async def pages(self, partition: int, after_id: str) -> AsyncIterator[list[Item]]:
-        """Items of `partition` after `after_id` up to the current end, one page at a time."""
+    async def pages(self, epoch: str, partition: int, after_id: str) -> AsyncIterator[list[Item]]:
+        """Items of `partition` after `after_id` up to the current end, one page at a time.
+
+        Raises:
+            HistoryGone: entries after `after_id` were trimmed and the archive does not hold them.
+        """
+        until = await self.archive_until(epoch, partition, after_id)
+        if until is not None and self.archive is not None:
+            while True:
+                items, last_id, count = await self.archive.read_page(epoch, partition, after_id, until)
+                if items:
+                    yield items
+                if count < self.archive.page or last_id is None:
+                    break
+                after_id = last_id
+            after_id = until
         while True:
             items, last_id, count = await self.read_page(partition, after_id)
             if items:
@@ -67,28 +103,13 @@ class History:
             after_id = last_id
 
     async def read_page(self, partition: int, after_id: str) -> Page:
-        """One page after `after_id`; a caller asking for a page already in flight shares its result."""
+        """One stream page after `after_id`; a caller asking for a page in flight shares its result."""
         key = (partition, after_id, self.page)
-        shared = self._inflight.get(key)
-        if shared is not None:
-            HISTORY_READS.labels("true").inc()
-            return await asyncio.shield(shared)
-        future: asyncio.Future[Page] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        HISTORY_READS.labels("false").inc()
-        self.reads += 1
-        try:
-            entries = await self.log.read_range(partition, f"({after_id}", "+", self.page)
-            page: Page = (
-                [i for i in map(decode_entry, entries) if i is not None],
-                entries[-1].stream_id if entries else None,
-                len(entries),
-            )
-            future.set_result(page)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it, no "never retrieved" warning
-            raise
-        finally:
-            del self._inflight[key]
+        page, shared = await self._flights.run(key, lambda: self._read(partition, after_id))
+        HISTORY_READS.labels("true" if shared else "false").inc()
         return page
+
+    async def _read(self, partition: int, after_id: str) -> Page:
+        entries = await self.log.read_range(partition, f"({after_id}", "+", self.page)
+        items = [i for i in map(decode_entry, entries) if i is not None]
+        return items, entries[-1].stream_id if entries else None, len(entries)

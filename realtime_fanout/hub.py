@@ -17,6 +17,8 @@ import redis.exceptions
 
 from events.layout import LogLayout
 from events.log import EventLog, LogEntry
+from realtime_fanout.archive import Archive
+from realtime_fanout.cursor import stream_key
 from realtime_fanout.exceptions import HubUnavailable
 from realtime_fanout.item import Item, decode_entry, may_change_membership
 from realtime_fanout.membership import MembershipIndex, Span
@@ -44,9 +46,16 @@ class Hub:
     """Reads the log once per process; `attach` returns the positions and membership seed to splice at."""
 
     def __init__(
-        self, redis: aioredis.Redis, layout: LogLayout, *, block_ms: int = 5_000, count: int = 1_000
+        self,
+        redis: aioredis.Redis,
+        layout: LogLayout,
+        *,
+        block_ms: int = 5_000,
+        count: int = 1_000,
+        archive: Archive | None = None,
     ) -> None:
         self.log = EventLog(redis, layout)
+        self.archive = archive
         self.layout = layout
         self.block_ms = block_ms
         self.count = count
@@ -63,11 +72,15 @@ class Hub:
         return self._task is not None and not self._task.done() and self.epoch is not None
 
     async def start(self) -> None:
-        """Open the log, learn memberships from the held history, then read live in the background."""
-        self.epoch = await self.log.open(create=False)
+        """Open the log, learn memberships from the archive's trimmed part and the held history, then read
+        live in the background."""
+        epoch = await self.log.open(create=False)
         heads = [await self.log.head(p) for p in range(self.layout.partitions)]
         for partition, head in enumerate(heads):
+            if self.archive is not None:
+                await self._bootstrap_archive(epoch, partition)
             await self._bootstrap(partition, head)
+        self.epoch = epoch
         self.positions = heads
         self._task = asyncio.create_task(self._run(), name="fanout-hub")
 
@@ -91,6 +104,15 @@ class Hub:
             if len(entries) < BOOTSTRAP_PAGE:
                 return
             after = entries[-1].stream_id
+
+    async def _bootstrap_archive(self, epoch: str, partition: int) -> None:
+        assert self.archive is not None
+        first = await self.log.first_id(partition)
+        before = stream_key(first) if first is not None else (1 << 64, 0)
+        for entry in await self.archive.membership_entries(epoch, partition, before):
+            item = decode_entry(entry)
+            if item is not None:
+                self.index.apply(item.envelope)
 
     def learn(self, spans: list[Span]) -> None:
         """Add spans known from the read model (for history the streams no longer hold)."""

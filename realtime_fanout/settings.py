@@ -26,6 +26,8 @@ class FanoutSettings:
     read_block_ms: int = 5_000
     read_count: int = 1_000
     replay_page: int = 500
+    database_url: str | None = None
+    archive_wait_s: float = 2.0
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> FanoutSettings:
@@ -44,4 +46,6 @@ class FanoutSettings:
             read_block_ms=env.int("PARLEY_FANOUT_READ_BLOCK_MS", 5_000, minimum=10),
             read_count=env.int("PARLEY_FANOUT_READ_COUNT", 1_000, minimum=1),
             replay_page=env.int("PARLEY_FANOUT_REPLAY_PAGE", 500, minimum=1),
+            database_url=env.optional_str("DATABASE_URL"),
+            archive_wait_s=env.float("PARLEY_FANOUT_ARCHIVE_WAIT_S", 2.0, minimum=0.0),
         )

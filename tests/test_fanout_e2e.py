@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,6 +19,7 @@ from typing import Any
 
 import httpx
 import msgspec
+import psycopg
 import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
@@ -26,7 +30,13 @@ from command_api.append import Appender
 from command_api.bodies import AddParticipant, CreateConversation, SendMessage
 from command_api.commands import Context
 from devstack.ports import free_port
+from events.codec import decode
 from events.config import LogSettings
+from events.log import EventLog
+from projector.migrate import migrate
+from realtime_fanout.client import Event, FanoutClient, Live
+from realtime_fanout.cursor import Cursor
+from realtime_fanout.membership import UserMemberships
 from servicekit.auth_settings import AuthSettings
 from servicekit.tokens import mint_token
 
@@ -323,15 +333,54 @@ def tcp_established(local_port: int) -> bool:
     return any(row[1] == want and row[3] == "01" for row in rows)
 
 
-async def stuck_client(url: str, port: int, user: str) -> tuple[ClientConnection, int]:
-    """A subscribed client that stops reading at once (tiny receive buffer, queue of one frame)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    ws = await connect(url, sock=sock, max_queue=1, close_timeout=1)
-    await ws.send(msgspec.json.encode({"type": "auth", "token": token(user)}).decode())
-    await ws.send('{"type":"subscribe"}')
-    return ws, sock.getsockname()[1]
+def client_frame(text: str) -> bytes:
+    """A masked text frame, as a client must send it."""
+    payload, mask = text.encode(), os.urandom(4)
+    n = len(payload)
+    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0xFE]) + n.to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class StuckClient:
+    """A WebSocket client on a bare stream with a tiny receive buffer: it reads nothing until asked."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
+        self.reader, self.writer, self.local_port = reader, writer, port
+
+    @classmethod
+    async def open(cls, port: int, user: str) -> StuckClient:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        auth = msgspec.json.encode({"type": "auth", "token": token(user)}).decode()
+        writer.write(client_frame(auth) + client_frame('{"type":"subscribe"}'))
+        await writer.drain()
+        return cls(reader, writer, sock.getsockname()[1])
+
+    async def close_code(self, wait_s: float) -> int | None:
+        """Read frames until the server's close frame: its code, or None when the connection drops."""
+        try:
+            async with asyncio.timeout(wait_s):
+                while True:
+                    b0, b1 = await self.reader.readexactly(2)
+                    n = b1 & 0x7F
+                    if n >= 126:
+                        n = int.from_bytes(await self.reader.readexactly(2 if n == 126 else 8), "big")
+                    payload = await self.reader.readexactly(n)
+                    if b0 & 0x0F == 0x8:
+                        return int.from_bytes(payload[:2], "big") if n >= 2 else 1005
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        finally:
+            self.writer.close()
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
@@ -346,8 +395,7 @@ async def test_slow_consumer_is_closed_4008_and_others_are_unaffected(
         PARLEY_FANOUT_MAX_BUFFER_BYTES="262144", PARLEY_FANOUT_READ_COUNT="20",
         PARLEY_FANOUT_PING_TIMEOUT_S="60", PARLEY_FANOUT_CLOSE_TIMEOUT_S="3",
     )  # fmt: skip
-    late, _ = await stuck_client(fanout.url, fanout.port, "bob")
-    never, never_port = await stuck_client(fanout.url, fanout.port, "bob")
+    late, never = [await StuckClient.open(fanout.port, "bob") for _ in range(2)]
     alice = await Client.open(fanout.url, "alice")
     body = "x" * 3900
     closed = False
@@ -358,14 +406,13 @@ async def test_slow_consumer_is_closed_4008_and_others_are_unaffected(
             metrics = (await http.get(f"http://127.0.0.1:{fanout.port}/metrics")).text
             if closed := 'parley_fanout_closes_total{code="4008"} 2.0' in metrics:
                 break
-    assert closed, f"the stuck clients were never closed: {[m for m in metrics.splitlines() if 'fanout' in m]}"
+    assert closed, "the server never decided the two 4008 closes"
     decided = time.monotonic()
-    assert await close_code(late, wait_s=10) == 4008  # read within the close timeout: the frame arrives
-    while tcp_established(never_port) and time.monotonic() - decided < 8:
+    assert await late.close_code(wait_s=10) == 4008  # read within the close timeout: the frame arrives
+    while tcp_established(never.local_port) and time.monotonic() - decided < 8:
         await asyncio.sleep(0.1)
-    assert not tcp_established(never_port), "the stuck connection was not aborted"
-    assert time.monotonic() - decided < 8
-    assert await close_code(never, wait_s=5) in (None, 1006, 4008)  # the 4008 frame is best effort
+    assert not tcp_established(never.local_port), "the stuck connection was not aborted"
+    assert await never.close_code(wait_s=5) in (None, 4008)  # the 4008 frame is best effort
     await log.send("room", "alice", "still here")
     await alice.until(lambda c: c.bodies()[-1:] == ["still here"])
     await alice.close()
@@ -388,3 +435,249 @@ async def test_graceful_shutdown_closes_1012_and_a_restart_resumes(
     again = await Client.open(fanout.url, "alice", alice.cursor)
     await again.until(lambda c: c.bodies() == ["two"])
     await again.close()
+
+
+async def visible_to(
+    redis: aioredis.Redis, namespace: str, user: str, conversations: list[str] | None
+) -> dict[str, list[str]]:
+    """From the whole log: per conversation, the event ids `user` may see (and asked for), in log order."""
+    log = EventLog(redis, LogSettings("", namespace, PARTITIONS).layout())
+    view = UserMemberships(user)
+    seen: dict[str, list[str]] = {}
+    for partition in range(PARTITIONS):
+        for entry in await log.read_range(partition, "-", "+"):
+            envelope = decode(entry.data)
+            cid = envelope.conversation_id
+            view.apply(envelope)
+            if view.can_see(cid, envelope.seq) and (conversations is None or cid in conversations):
+                seen.setdefault(cid, []).append(envelope.event_id)
+    return seen
+
+
+class Collector:
+    """A FanoutClient consumed in the background: every event it hands out, grouped by conversation."""
+
+    def __init__(self, url: str, user: str, cursor: str | None, conversations: list[str] | None = None):
+        async def fresh_token() -> str:
+            return token(user)
+
+        self.user = user
+        self.client = FanoutClient(
+            url, fresh_token, cursor=cursor, conversations=conversations, backoff_initial_s=0.05,
+            backoff_max_s=0.5, max_failures=200, rng=random.Random(user),
+        )  # fmt: skip
+        self.events: list[dict[str, Any]] = []
+        self.lives = 0
+        self.task = asyncio.create_task(self._consume())
+
+    async def _consume(self) -> None:
+        async for item in self.client:
+            if isinstance(item, Event):
+                self.events.append(item.event)
+            elif isinstance(item, Live):
+                self.lives += 1
+            else:
+                raise AssertionError(f"unexpected {item}")
+
+    def by_conversation(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for event in self.events:
+            out.setdefault(event["conversation_id"], []).append(event["event_id"])
+        return out
+
+    async def until(self, count: int, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        while len(self.events) < count and time.monotonic() < deadline:
+            assert not self.task.done(), self.task
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        await self.client.close()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def check_exactly_once(
+    collectors: list[Collector], redis: aioredis.Redis, namespace: str, wait_s: float = 20
+) -> None:
+    """Every collector ends with exactly its visible events, each once, in log order per conversation."""
+    expected = [await visible_to(redis, namespace, c.user, c.client.conversations) for c in collectors]
+    for collector, want in zip(collectors, expected, strict=True):
+        await collector.until(sum(map(len, want.values())), wait_s)
+    await asyncio.sleep(0.3)  # anything doubled would arrive now
+    for collector, want in zip(collectors, expected, strict=True):
+        assert collector.by_conversation() == want, collector.user
+
+
+def origin(epoch: str) -> str:
+    """The cursor before the first event of every partition."""
+    return Cursor(epoch, ["0-0"] * PARTITIONS).encode()
+
+
+@pytest.mark.slow
+async def test_sigkill_and_restart_resumes_every_client_with_nothing_lost_or_doubled(
+    appender: Appender, make_fanout: Any, redis_client: aioredis.Redis, log_namespace: str
+) -> None:
+    log = Log(appender)
+    await log.create("a", "u0", "u1", "u2")
+    await log.create("b", "u3", "u1")
+    fanout = await make_fanout(PARLEY_FANOUT_MAX_BATCH="7")
+    assert appender.epoch is not None
+    collectors = [Collector(fanout.url, user, origin(appender.epoch)) for user in ("u0", "u1", "u2", "u3")]
+    for round_ in range(6):  # bounded: 6 rounds of 40 messages
+        if round_ == 2:
+            fanout.signal(signal.SIGKILL)
+            fanout.wait()
+        if round_ == 4:
+            await fanout.start()
+        if round_ == 3:
+            await log.remove("a", "u0", "u2")
+        await asyncio.gather(
+            *(log.send("ab"[n % 2], "u0" if n % 2 == 0 else "u3", f"{round_}.{n}") for n in range(40))
+        )
+        await asyncio.sleep(0.1)
+    await check_exactly_once(collectors, redis_client, log_namespace)
+    assert all(c.client.connects >= 2 and c.lives >= 2 for c in collectors)
+    for collector in collectors:
+        await collector.stop()
+
+
+@pytest.mark.slow
+async def test_random_connection_kills_under_load_lose_and_double_nothing(
+    appender: Appender, make_fanout: Any, redis_client: aioredis.Redis, log_namespace: str
+) -> None:
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    log = Log(appender)
+    users = [f"u{n}" for n in range(6)]
+    members: dict[str, set[str]] = {}
+    for n in range(5):  # c0..c4, owner u{n}, plus two others
+        cid, owner = f"c{n}", users[n]
+        others = rng.sample([u for u in users if u != owner], 2)
+        await log.create(cid, owner, *others)
+        members[cid] = {owner, *others}
+    fanout = await make_fanout(PARLEY_FANOUT_MAX_BATCH="5")
+    assert appender.epoch is not None
+    start = origin(appender.epoch)
+    collectors = [Collector(fanout.url, user, start) for user in users]
+    collectors.append(Collector(fanout.url, "u1", start, conversations=["c0", "c3"]))
+    stop_chaos = asyncio.Event()
+
+    async def chaos() -> int:
+        drops = 0
+        deadline = time.monotonic() + 20
+        while not stop_chaos.is_set() and drops < 60 and time.monotonic() < deadline:
+            await asyncio.sleep(rng.uniform(0.005, 0.05))
+            rng.choice(collectors).client.drop()
+            drops += 1
+        return drops
+
+    killer = asyncio.create_task(chaos())
+    for _ in range(40):  # bounded: 40 rounds of one membership change and 20 messages = 840 events
+        cid = rng.choice(sorted(members))
+        owner = users[int(cid[1:])]
+        user = rng.choice([u for u in users if u != owner])
+        if user in members[cid]:
+            await log.remove(cid, owner, user)
+            members[cid].discard(user)
+        else:
+            await log.add(cid, owner, user)
+            members[cid].add(user)
+        sends = [(c, users[int(c[1:])]) for c in rng.choices(sorted(members), k=20)]
+        await asyncio.gather(*(log.send(c, actor, "m") for c, actor in sends))
+        await asyncio.sleep(0.01)
+    stop_chaos.set()
+    drops = await killer
+    await check_exactly_once(collectors, redis_client, log_namespace)
+    assert drops > 10, seed
+    assert sum(c.client.connects for c in collectors) > len(collectors) + 10, seed
+    for collector in collectors:
+        await collector.stop()
+
+
+async def test_the_client_refreshes_its_token_before_expiry(appender: Appender, make_fanout: Any) -> None:
+    log = Log(appender)
+    await log.create("room", "alice")
+    fanout = await make_fanout()
+
+    async def short_token() -> str:
+        return token("alice", ttl_s=2)
+
+    client = FanoutClient(fanout.url, short_token, refresh_margin_s=1, max_failures=0)
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for item in client:
+            if isinstance(item, Event):
+                got.append(item.event["payload"].get("body"))
+                if len(got) == 2:
+                    return
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.3)
+    await log.send("room", "alice", "early")
+    await asyncio.sleep(3.5)  # past the first token's expiry
+    await log.send("room", "alice", "late")
+    await asyncio.wait_for(task, 5)
+    assert got == ["early", "late"] and client.connects == 1 and client.refreshes >= 2
+    await client.close()
+
+
+async def archive_everything(database_url: str, redis: aioredis.Redis, namespace: str, epoch: str) -> int:
+    """Create the store (the projector's migrations) and archive every log entry as the projector does."""
+    log = EventLog(redis, LogSettings("", namespace, PARTITIONS).layout())
+    rows = 0
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await migrate(conn)
+        for partition in range(PARTITIONS):
+            for entry in await log.read_range(partition, "-", "+"):
+                env = decode(entry.data)
+                ms, sq = (int(x) for x in entry.stream_id.split("-"))
+                await conn.execute(
+                    "INSERT INTO parley_store.event_archive VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                    (epoch, partition, entry.stream_id, ms, sq, env.event_id, env.conversation_id, env.seq,
+                     env.type, env.actor, env.occurred_at, entry.data),
+                )  # fmt: skip
+                rows += 1
+        await conn.commit()
+    return rows
+
+
+@pytest.mark.slow
+async def test_a_cursor_older_than_the_streams_is_served_from_the_archive(
+    appender: Appender, make_fanout: Any, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    log = Log(appender)
+    await log.create("room", "alice", "bob")
+    await log.create("other", "alice")
+    fanout = await make_fanout(DATABASE_URL=database_url)
+    bob = await Client.open(fanout.url, "bob")
+    await log.send("room", "alice", "first")
+    await bob.until(lambda c: c.bodies() == ["first"])
+    cursor = bob.cursor
+    await bob.close()
+    for n in range(30):
+        await log.send("room", "alice", f"m{n}")
+        await log.send("other", "alice", "not for bob")
+    assert appender.epoch is not None
+    assert await archive_everything(database_url, redis_client, log_namespace, appender.epoch) == 63
+    layout = LogSettings("", log_namespace, PARTITIONS).layout()
+    for partition in range(PARTITIONS):  # the streams keep 2 entries each: bob's cursor is long gone
+        await redis_client.xtrim(layout.stream_key(partition), maxlen=2, approximate=False)
+    fresh = await make_fanout(DATABASE_URL=database_url)  # learns bob's membership from the archive
+    for url in (fanout.url, fresh.url):
+        again = await Client.open(url, "bob", cursor)
+        assert not [f for f in again.control if f["type"] == "resync"]
+        assert again.bodies() == [f"m{n}" for n in range(30)]
+        assert [e["seq"] for e in again.events] == list(range(3, 33))
+        await again.close()
+    await log.send("room", "alice", "live")
+    again = await Client.open(fresh.url, "bob", cursor)
+    await again.until(lambda c: c.bodies()[-1:] == ["live"])
+    assert len(again.bodies()) == 31
+    await again.close()
+    no_archive = await make_fanout()
+    gone = await Client.open(no_archive.url, "bob", cursor)
+    assert [f["reason"] for f in gone.control if f["type"] == "resync"] == ["history-gone"]
+    await gone.close()

@@ -1,0 +1,85 @@
+"""The Postgres event archive (`parley_store.event_archive`, written by the projector), read by the fanout.
+
+Rows are the log's exact bytes per (epoch, partition, stream id), inserted in stream order per partition,
+so the archive holds every entry of a partition up to its head: it serves history the streams trimmed.
+Reads of the same page are coalesced across connections. Until the projector has created the table, the
+archive reads as empty.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import errors
+from psycopg_pool import AsyncConnectionPool
+
+from events.log import LogEntry
+from realtime_fanout.cursor import StreamKey, stream_key
+from realtime_fanout.item import Item, decode_entry
+from realtime_fanout.metrics import HISTORY_READS
+from realtime_fanout.singleflight import SingleFlight
+
+ArchivePage = tuple[list[Item], str | None, int]  # decodable items, last stream id read, rows read
+
+_PAGE_SQL = """
+SELECT stream_id, data FROM parley_store.event_archive
+WHERE epoch = %s AND partition = %s AND (stream_ms, stream_seq) > (%s, %s)
+  AND (stream_ms, stream_seq) <= (%s, %s)
+ORDER BY stream_ms, stream_seq LIMIT %s
+"""
+_HEAD_SQL = """
+SELECT stream_id FROM parley_store.event_archive WHERE epoch = %s AND partition = %s
+ORDER BY stream_ms DESC, stream_seq DESC LIMIT 1
+"""
+_MEMBERSHIP_SQL = """
+SELECT stream_id, data FROM parley_store.event_archive
+WHERE epoch = %s AND partition = %s AND (stream_ms, stream_seq) < (%s, %s)
+  AND type IN ('conversation_created', 'participant_added', 'participant_removed')
+ORDER BY stream_ms, stream_seq
+"""
+
+
+class Archive:
+    """Pages of one log epoch's archived entries; `head` is the last archived stream id of a partition."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any], page: int = 500) -> None:
+        self.pool = pool
+        self.page = page
+        self._flights: SingleFlight[tuple[str, int, str, str], ArchivePage] = SingleFlight()
+
+    @property
+    def reads(self) -> int:
+        return self._flights.calls
+
+    async def _rows(self, query: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        try:
+            async with self.pool.connection() as conn:
+                rows: list[tuple[Any, ...]] = await (await conn.execute(query, args)).fetchall()
+                return rows
+        except errors.UndefinedTable:  # the projector has not migrated yet: nothing is archived
+            return []
+
+    async def head(self, epoch: str, partition: int) -> StreamKey | None:
+        """The key of the newest archived entry of `partition`, or None when nothing is archived."""
+        rows = await self._rows(_HEAD_SQL, (epoch, partition))
+        return stream_key(rows[0][0]) if rows else None
+
+    async def read_page(self, epoch: str, partition: int, after_id: str, until_id: str) -> ArchivePage:
+        """Up to `page` entries with `after_id < id <= until_id`, oldest first; identical reads share one."""
+        key = (epoch, partition, after_id, until_id)
+        page, shared = await self._flights.run(key, lambda: self._read(epoch, partition, after_id, until_id))
+        HISTORY_READS.labels("true" if shared else "false").inc()
+        return page
+
+    async def _read(self, epoch: str, partition: int, after_id: str, until_id: str) -> ArchivePage:
+        after, until = stream_key(after_id), stream_key(until_id)
+        args = (epoch, partition, *after, *until, self.page)
+        rows = await self._rows(_PAGE_SQL, args)
+        entries = [LogEntry(partition, sid, bytes(data)) for sid, data in rows]
+        items = [i for i in map(decode_entry, entries) if i is not None]
+        return items, entries[-1].stream_id if entries else None, len(entries)
+
+    async def membership_entries(self, epoch: str, partition: int, before: StreamKey) -> list[LogEntry]:
+        """Archived membership events of `partition` older than `before`, oldest first (hub bootstrap)."""
+        rows = await self._rows(_MEMBERSHIP_SQL, (epoch, partition, *before))
+        return [LogEntry(partition, sid, bytes(data)) for sid, data in rows]

@@ -1,0 +1,85 @@
+"""uvicorn's websockets-sansio protocol, made safe against peers that stop reading.
+
+Stock uvicorn waits for the write buffer to drain before it even queues a close frame, and its close
+timer only calls `transport.close()`, which also waits for the drain: a client that never reads would
+hold its connection (and its buffer) forever. Here a close frame is queued at once, behind what is
+unsent, and the transport is aborted (TCP RST; the peer sees 1006) when the closing handshake has not
+completed within the close timeout. The close code is therefore best effort for a stuck peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+DEFAULT_CLOSE_TIMEOUT_S = 5.0
+
+
+class AbortingWebSocketProtocol(WebSocketsSansIOProtocol):
+    """Closes never wait on the peer's reading; a handshake not done in `close_after_s` aborts the socket."""
+
+    close_after_s = DEFAULT_CLOSE_TIMEOUT_S
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.close_timeout = self.close_after_s
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "websocket.close" and self._open_for_close():
+            self._close_now(int(message.get("code", 1000)), message.get("reason") or "")
+            return
+        await super().send(message)
+
+    def _open_for_close(self) -> bool:
+        return (
+            self.handshake_complete
+            and self.initial_response is None
+            and not self.close_sent
+            and not self.disconnected
+            and not self.transport.is_closing()
+        )
+
+    def _close_now(self, code: int, reason: str) -> None:
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        self._arm_abort()
+
+    def _arm_abort(self) -> None:
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        self.close_timer = self.loop.call_later(self.close_timeout, self._reset)
+
+    def _reset(self) -> None:
+        """Drop the connection with a TCP RST: a plain close would leave the kernel trying to deliver
+        the unsent bytes to a peer that does not read (an orphaned socket holding its buffer)."""
+        self.close_timer = None
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        if not self.disconnected:
+            self._arm_abort()
+
+    async def run_asgi(self) -> None:
+        await super().run_asgi()
+        if not self.disconnected and self.close_timer is None:
+            self._arm_abort()
+
+
+def protocol_class(close_timeout_s: float) -> type[asyncio.Protocol]:
+    """An `AbortingWebSocketProtocol` subclass with the given close timeout, for uvicorn's `ws=`."""
+    return type("FanoutWebSocketProtocol", (AbortingWebSocketProtocol,), {"close_after_s": close_timeout_s})
