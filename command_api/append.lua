@@ -4,8 +4,8 @@
 --
 -- KEYS[1] = partition stream, KEYS[2] = partition meta (epoch)
 -- KEYS[1 + 2i], KEYS[2 + 2i] = conversation state hash, idempotency record of command i (1-based)
--- ARGV[1] = expected epoch, ARGV[2] = approximate MAXLEN ("0": keep everything)
--- ARGV[3 + 11(i-1) ..] = op, conversation id, actor, idempotency key, fingerprint, target, aux,
+-- ARGV[1] = expected epoch
+-- ARGV[2 + 11(i-1) ..] = op, conversation id, actor, idempotency key, fingerprint, target, aux,
 --                        expected seq, envelope JSON tail, idempotency ttl ms, memo
 --
 -- Conversation hash fields: seq, creator, m:<user> (member), g:<message> (author, "~author" once
@@ -22,7 +22,6 @@ end
 if epoch ~= ARGV[1] then
   return {{0, 'epoch-changed', epoch}}
 end
-local maxlen = tonumber(ARGV[2])
 
 local function refuse(reason, detail)
   return {0, reason, detail or ''}
@@ -91,7 +90,7 @@ local function apply(ck, op, actor, target, aux, seq)
 end
 
 local function run(i)
-  local base = 2 + ARGS_PER_COMMAND * (i - 1)
+  local base = 1 + ARGS_PER_COMMAND * (i - 1)
   local ck, ik = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   local op, actor = ARGV[base + 1], ARGV[base + 3]
   local idem, fingerprint = ARGV[base + 4], ARGV[base + 5]
@@ -120,12 +119,8 @@ local function run(i)
   local next_seq = tonumber(seq or '0') + 1
   redis.call('HSET', ck, 'seq', next_seq)
   local event = '{"seq":' .. next_seq .. ',' .. tail
-  local id
-  if maxlen > 0 then
-    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'e', event)
-  else
-    id = redis.call('XADD', KEYS[1], '*', 'e', event)
-  end
+  -- Never trimmed here: only what the archive holds may leave the stream (see README, Trimming).
+  local id = redis.call('XADD', KEYS[1], '*', 'e', event)
   if idem ~= '' then
     redis.call('SET', ik, fingerprint .. '\n' .. next_seq .. '\n' .. id .. '\n' .. memo, 'PX', ttl_ms)
   end
@@ -133,7 +128,7 @@ local function run(i)
 end
 
 local results = {}
-local count = (#ARGV - 2) / ARGS_PER_COMMAND
+local count = (#ARGV - 1) / ARGS_PER_COMMAND
 for i = 1, count do
   results[i] = run(i)
 end

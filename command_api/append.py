@@ -51,7 +51,6 @@ class Appended:
 @dataclass(frozen=True, slots=True)
 class AppendSettings:
     idempotency_ttl_s: float = 86_400
-    max_stream_length: int = 0
     wait_replicas: int = 0
     wait_timeout_ms: int = 1_000
     max_batch: int = 256
@@ -106,7 +105,7 @@ class Appender:
             epoch = await self.open()
         keys = [self.layout.stream_key(partition), self.layout.partition_meta_key(partition)]
         ttl_ms = str(int(self.settings.idempotency_ttl_s * 1000))
-        args: list[str | bytes] = [epoch, str(self.settings.max_stream_length)]
+        args: list[str | bytes] = [epoch]
         for c in commands:
             keys.append(self.layout.conversation_key(partition, c.conversation_id))
             keys.append(

@@ -30,7 +30,6 @@ class Services:
             layout,
             AppendSettings(
                 idempotency_ttl_s=settings.idempotency_ttl_s,
-                max_stream_length=settings.max_stream_length,
                 wait_replicas=settings.wait_replicas,
                 wait_timeout_ms=settings.wait_timeout_ms,
             ),

@@ -18,7 +18,6 @@ class CommandApiSettings:
     max_body_chars: int = 4000
     max_request_bytes: int = 65_536
     idempotency_ttl_s: float = 86_400
-    max_stream_length: int = 0
     wait_replicas: int = 0
     wait_timeout_ms: int = 1_000
     rate_limit_per_s: float = 50
@@ -35,7 +34,6 @@ class CommandApiSettings:
             max_body_chars=env.int("PARLEY_MAX_BODY_CHARS", 4000, minimum=1),
             max_request_bytes=env.int("PARLEY_MAX_REQUEST_BYTES", 65_536, minimum=1024),
             idempotency_ttl_s=env.float("PARLEY_IDEMPOTENCY_TTL_S", 86_400, minimum=1),
-            max_stream_length=env.int("PARLEY_MAX_STREAM_LENGTH", 0, minimum=0),
             wait_replicas=env.int("PARLEY_WAIT_REPLICAS", 0, minimum=0),
             wait_timeout_ms=env.int("PARLEY_WAIT_TIMEOUT_MS", 1_000, minimum=0),
             rate_limit_per_s=env.float("PARLEY_RATE_LIMIT_PER_S", 50, minimum=0),
