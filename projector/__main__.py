@@ -1,4 +1,5 @@
-"""`python -m projector` runs the worker and the query API; `redrive` re-applies dead letters."""
+"""`python -m projector` runs the worker and the query API; `redrive` re-applies dead letters; `rebuild`
+rebuilds the read models beside the live ones and swaps them in."""
 
 from __future__ import annotations
 
@@ -62,16 +63,32 @@ async def redrive_main() -> int:
     return 1 if failed else 0
 
 
+async def rebuild_main() -> int:
+    from projector.rebuild import rebuild
+    from projector.settings import ProjectorSettings
+
+    report = await rebuild(ProjectorSettings.from_env(auth=False))
+    print(
+        f"rebuilt {report.schema} and swapped it in as parley: {report.from_archive} events from the "
+        f"archive, {report.from_log} entries from the log, writers paused {report.swap_ms:.0f} ms, "
+        f"{report.seconds:.1f} s in all"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m projector")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the worker and the query API (the default)")
     sub.add_parser("redrive", help="re-apply pending dead letters to the live read models")
+    sub.add_parser("rebuild", help="rebuild the read models from the archive and the log, swap them in")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "redrive":
             return asyncio.run(redrive_main())
+        if args.command == "rebuild":
+            return asyncio.run(rebuild_main())
         return asyncio.run(serve())
     except ServiceKitError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -184,14 +184,30 @@ def create_app(settings: ProjectorSettings, worker: Worker) -> FastAPI:
         stopped = {p: pr.stopped for p, pr in worker.projectors.items() if pr.stopped}
         if stopped:
             raise RuntimeError("; ".join(f"partition {p}: {why}" for p, why in stopped.items()))
+        retrying = {p: pr.retrying for p, pr in worker.projectors.items() if pr.retrying}
+        if retrying:
+            raise RuntimeError("; ".join(f"partition {p} retrying: {why}" for p, why in retrying.items()))
         if not worker.ready.is_set():
             raise RuntimeError("no lease round completed yet")
+        await worker.measure_lag()
         lag = worker.lag_seconds()
         if lag > settings.max_lag_s:
             raise RuntimeError(f"lagging {lag:.1f}s behind the log (limit {settings.max_lag_s:g}s)")
 
+    def details() -> dict[str, object]:
+        """Per-partition position and lag (as measured by the readiness check), and stopped partitions."""
+        lags = worker.lags
+        return {
+            "partitions": {
+                str(p): {"position": pr.position, "lag_events": lags[p].events if p in lags else None,
+                         "lag_seconds": lags[p].seconds if p in lags else None,
+                         "stopped": pr.stopped, "retrying": pr.retrying}
+                for p, pr in sorted(worker.projectors.items())
+            }
+        }  # fmt: skip
+
     add_health_routes(app, lambda _r: {"postgres": postgres_ready, "redis": redis_ready,
-                                       "projection": projection_ready})  # fmt: skip
+                                       "projection": projection_ready}, details=details)  # fmt: skip
 
     @app.exception_handler(Problem)
     async def problem(_request: Request, exc: Problem) -> Response:

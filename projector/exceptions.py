@@ -5,7 +5,9 @@ ProjectorError
 ├── MigrationError        a migration file is malformed or the recorded history disagrees with the files
 └── ProjectionStopped     a partition's projection must stop rather than skip events
     ├── EpochMismatch     the log's epoch differs from the checkpoint's: the log was recreated or lost
-    └── CheckpointMoved   the checkpoint is not where this worker's state was built (another writer moved it)
+    ├── CheckpointMoved   the checkpoint is not where this worker's state was built (another writer moved it)
+    └── LogGap            the stream was trimmed past the checkpoint: entries were lost before projection
+RebuildError              a rebuild cannot start or finish (another rebuild runs, the log is unreadable)
 """
 
 from __future__ import annotations
@@ -50,3 +52,20 @@ class CheckpointMoved(ProjectionStopped):
         self.partition = partition
         self.expected = expected
         self.actual = actual
+
+
+class LogGap(ProjectionStopped):
+    """Raised when the stream's first entry is after a non-zero checkpoint: trimmed before projection."""
+
+    def __init__(self, partition: int, checkpoint: str, first_id: str) -> None:
+        super().__init__(
+            f"partition {partition}: checkpoint is at {checkpoint} but the stream now starts at {first_id}; "
+            "entries were trimmed before they were projected: projection stopped (nothing is skipped)"
+        )
+        self.partition = partition
+        self.checkpoint = checkpoint
+        self.first_id = first_id
+
+
+class RebuildError(ProjectorError):
+    """Raised when a rebuild cannot run (another one holds the lock) or cannot complete."""

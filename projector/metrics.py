@@ -27,6 +27,10 @@ EPOCH_MISMATCH = Gauge(
     "parley_projector_epoch_mismatch", "1 while a partition is stopped: log epoch differs from checkpoint",
     ["partition"],
 )  # fmt: skip
+LOG_GAP = Gauge(
+    "parley_projector_log_gap", "1 while a partition is stopped: entries after its checkpoint were trimmed",
+    ["partition"],
+)  # fmt: skip
 STOPPED = Gauge(
     "parley_projector_partition_stopped", "1 while a partition's projection is stopped", ["partition"]
 )

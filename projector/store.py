@@ -56,6 +56,8 @@ class Store:
     """Reads and writes one read-model schema (`parley` when live) plus the shared `parley_store`."""
 
     def __init__(self, schema: str = LIVE_SCHEMA, *, archive: bool = True) -> None:
+        """`archive=False` (a rebuild): the durable store already holds this history, so no archive rows
+        are written and dead letters already recorded are left as they are (re-driven ones stay so)."""
         self.schema = schema
         self.archive = archive
         self._s = sql.Identifier(schema)
@@ -262,8 +264,12 @@ class Store:
         async with conn.cursor() as cur:
             await cur.executemany(
                 "INSERT INTO parley_store.dead_letters (epoch, partition, stream_id, data, error) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (epoch, partition, stream_id) DO UPDATE "
-                "SET error = EXCLUDED.error, attempts = parley_store.dead_letters.attempts + 1, "
-                "failed_at = now(), redriven_at = NULL",
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (epoch, partition, stream_id) "
+                + (
+                    "DO UPDATE SET error = EXCLUDED.error, failed_at = now(), redriven_at = NULL, "
+                    "attempts = parley_store.dead_letters.attempts + 1"
+                    if self.archive
+                    else "DO NOTHING"
+                ),
                 [(epoch, d.partition, d.stream_id, d.data, d.error) for d in dead],
             )

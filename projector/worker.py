@@ -1,5 +1,9 @@
 """The worker: holds partition leases, and for each owned partition reads the log (XREAD, blocking),
 folds a batch, commits it with the checkpoint, loops. Postgres or Redis errors: retry with backoff.
+
+Trimmed-stream rule: trimmers keep every entry from the archive's head on (XTRIM MINID <= archive head),
+and the archive's head is never after a checkpoint, so a stream whose first id is after a non-zero
+checkpoint lost entries the read models never saw: that partition stops (`LogGap`), it never skips.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 import redis.asyncio as aioredis
@@ -22,7 +26,7 @@ from events.position import parse_stream_id
 from events.schema import Envelope
 from projector import leases, metrics
 from projector.batch import Batch, DeadLetter, decode_entries, fold_batch
-from projector.exceptions import CheckpointMoved, EpochMismatch, ProjectionStopped
+from projector.exceptions import CheckpointMoved, EpochMismatch, LogGap, ProjectionStopped
 from projector.fold import ConversationState
 from projector.migrate import migrate
 from projector.settings import ProjectorSettings
@@ -38,6 +42,21 @@ _TRANSIENT = (
 )
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _after(a: str, b: str) -> bool:
+    return parse_stream_id(a) > parse_stream_id(b)
+
+
+class Lag(NamedTuple):
+    """How far a partition's read models are behind its stream."""
+
+    events: int
+    seconds: float
+
+
 class PartitionProjector:
     """Projects one partition; its conversation-state cache is valid only at `position`."""
 
@@ -49,6 +68,7 @@ class PartitionProjector:
         self.applied = 0
         self.cache: OrderedDict[str, ConversationState] = OrderedDict()
         self.stopped: str | None = None
+        self.retrying: str | None = None  # the last transient error, until a batch succeeds again
 
     async def load(self) -> None:
         """Reset the cache and read the checkpoint; raise EpochMismatch if it belongs to another log."""
@@ -70,7 +90,7 @@ class PartitionProjector:
                     await self.load()
                     loaded = True
                 await self.step()
-                delay = 0.1
+                delay, self.retrying = 0.1, None
             except (EpochMismatch, EpochChanged) as exc:
                 metrics.EPOCH_MISMATCH.labels(label).set(1)
                 metrics.STOPPED.labels(label).set(1)
@@ -81,25 +101,42 @@ class PartitionProjector:
                 log.warning("%s; reloading", exc)
                 loaded = False
             except ProjectionStopped as exc:
+                if isinstance(exc, LogGap):
+                    metrics.LOG_GAP.labels(label).set(1)
                 metrics.STOPPED.labels(label).set(1)
                 self.stopped = str(exc)
                 log.error("projection of partition %d stopped: %s", self.partition, exc)
                 return
             except (*_TRANSIENT, LogError) as exc:
                 metrics.DB_ERRORS.inc()
+                self.retrying = f"{type(exc).__name__}: {exc}".strip()
                 log.warning("partition %d: %s; retrying in %.1fs", self.partition, exc, delay)
                 loaded = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.worker.settings.retry_max_s)
 
     async def step(self) -> int:
-        """Read, fold and commit one batch; returns how many entries it moved past."""
+        """Read, fold and commit one batch; returns how many entries it moved past.
+
+        Raises EpochChanged (the log was recreated) or LogGap (entries after the checkpoint were trimmed).
+        """
         w = self.worker
         entries = await w.log.read_after(self.partition, self.position, w.settings.batch, w.settings.block_ms)
         if not entries:
             return 0
         assert w.epoch is not None
-        await w.log.check_epoch(w.epoch)
+        pipe = w.redis.pipeline(transaction=False)
+        pipe.hget(w.layout.meta_key(), "epoch")
+        pipe.xrange(w.layout.stream_key(self.partition), "-", "+", count=1)
+        epoch, first = await pipe.execute()
+        if epoch is None or _text(epoch) != w.epoch:
+            raise EpochChanged(w.epoch, None if epoch is None else _text(epoch))
+        if first and self.position != "0-0" and _after(_text(first[0][0]), self.position):
+            raise LogGap(self.partition, self.position, _text(first[0][0]))
+        return await self.apply(entries)
+
+    async def apply(self, entries: Sequence[LogEntry]) -> int:
+        """Fold and commit `entries` (the next ones after `position`); returns how many it moved past."""
         started = time.perf_counter()
         try:
             batch = await self._commit(entries, isolate=False)
@@ -127,8 +164,9 @@ class PartitionProjector:
                 if needed:
                     self.cache.update(await w.store.load_states(conn, needed))
                 batch = fold_batch(
-                    Batch(self.partition, w.epoch, self.position, self.version), entries, decoded, self.cache
-                )
+                    Batch(self.partition, w.epoch, self.position, self.version), entries, decoded, self.cache,
+                    archive=w.store.archive,
+                )  # fmt: skip
                 await w.store.commit(conn, batch, w.settings.worker_id if w.use_leases else None)
             except BaseException as exc:
                 self.cache.clear()
@@ -150,6 +188,11 @@ class PartitionProjector:
         return batch
 
     def _after_commit(self, batch: Batch, seconds: float) -> None:
+        limit = self.worker.settings.cache_conversations
+        while len(self.cache) > limit:
+            self.cache.popitem(last=False)
+        if not self.worker.observe:
+            return
         label = str(self.partition)
         metrics.EVENTS_APPLIED.labels(label).inc(batch.entries)
         metrics.BATCH_SIZE.observe(batch.entries)
@@ -157,24 +200,30 @@ class PartitionProjector:
         for dead in batch.dead:
             metrics.DEAD_LETTERS.labels(label, dead.reason).inc()
             log.error("dead letter: partition %d entry %s: %s", dead.partition, dead.stream_id, dead.error)
-        limit = self.worker.settings.cache_conversations
-        while len(self.cache) > limit:
-            self.cache.popitem(last=False)
 
 
 class Worker:
     """A projector process: migrations, leases, one task per owned partition, lag metrics."""
 
-    def __init__(self, settings: ProjectorSettings, *, use_leases: bool = True) -> None:
+    def __init__(
+        self,
+        settings: ProjectorSettings,
+        *,
+        use_leases: bool = True,
+        store: Store | None = None,
+        observe: bool = True,
+    ) -> None:
+        """`store` selects the read-model schema (a rebuild's); `observe=False` keeps metrics untouched."""
         self.settings = settings
         self.use_leases = use_leases
+        self.observe = observe
         self.layout = settings.log.layout()
         self.redis = aioredis.Redis.from_url(
             settings.log.redis_url, socket_connect_timeout=2, health_check_interval=30,
             max_connections=settings.log.partitions + 8,
         )  # fmt: skip
         self.log = EventLog(self.redis, self.layout)
-        self.store = Store()
+        self.store = store or Store()
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             settings.database_url, min_size=1, max_size=settings.log.partitions + 4, open=False, timeout=5,
             kwargs={"prepare_threshold": None}, configure=self.store.prepare_connection,
@@ -184,6 +233,7 @@ class Worker:
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.ready = asyncio.Event()
         self.lag: dict[int, float] = {}
+        self.lags: dict[int, Lag] = {}
 
     async def start(self) -> None:
         """Migrate (retrying while Postgres is down), open the pool, learn the log's epoch."""
@@ -266,19 +316,39 @@ class Worker:
         await self._lag()
 
     async def _lag(self) -> None:
-        for p, projector in self.projectors.items():
+        try:
+            await self.measure_lag()
+        except _TRANSIENT as exc:
+            log.warning("lag not measured: %s", exc)
+
+    async def measure_lag(self) -> dict[int, Lag]:
+        """Each owned partition's lag now, also set in the lag gauges (and kept for `lag_seconds`).
+
+        events = entries the stream ever received (Redis 7 `entries-added`; on 6.2 its length, which
+        undercounts after a trim) minus entries applied; seconds = head entry time minus applied entry time.
+        """
+        lags: dict[int, Lag] = {}
+        for p, projector in list(self.projectors.items()):
+            key = self.layout.stream_key(p)
             try:
-                length = await self.redis.xlen(self.layout.stream_key(p))
-                head = await self.log.head(p)
-            except _TRANSIENT:
-                return
-            metrics.LAG_EVENTS.labels(str(p)).set(max(0, length - projector.applied))
+                info: dict[Any, Any] = await self.redis.xinfo_stream(key)
+            except redis.exceptions.ResponseError:  # no stream yet
+                info = {}
+            added = info.get("entries-added", info.get("length", 0))
+            last = info.get("last-entry")
+            head = _text(last[0]) if last else "0-0"
             seconds = max(0.0, (parse_stream_id(head)[0] - parse_stream_id(projector.position)[0]) / 1000)
+            if head == projector.position or _after(projector.position, head):
+                seconds = 0.0
+            lags[p] = Lag(max(0, int(added) - projector.applied), seconds)
             self.lag[p] = seconds
+            metrics.LAG_EVENTS.labels(str(p)).set(lags[p].events)
             metrics.LAG_SECONDS.labels(str(p)).set(seconds)
+        self.lags = lags
+        return lags
 
     def lag_seconds(self) -> float:
-        """The largest lag (seconds) among owned partitions at the last lease round."""
+        """The largest lag (seconds) among owned partitions at the last measurement."""
         return max((self.lag.get(p, 0.0) for p in self.projectors), default=0.0)
 
     async def _stop(self, partition: int) -> None:

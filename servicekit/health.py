@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -40,8 +41,12 @@ def add_health_routes(
     app: FastAPI,
     checks: Callable[[Request], Mapping[str, ReadinessCheck]],
     timeout_s: float = 2.0,
+    details: Callable[[], Mapping[str, object]] | None = None,
 ) -> None:
-    """Mount /healthz, /readyz and /metrics on `app`; `checks(request)` gives the readiness checks."""
+    """Mount /healthz, /readyz and /metrics on `app`; `checks(request)` gives the readiness checks.
+
+    `details()`, if given, is called after the checks ran; its mapping goes into both /readyz bodies.
+    """
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process is running")
     async def healthz() -> JSONResponse:
@@ -55,12 +60,13 @@ def add_health_routes(
     )
     async def readyz(request: Request) -> Response:
         failures = await run_checks(checks(request), timeout_s)
+        extra: dict[str, Any] = {"details": dict(details())} if details is not None else {}
         if failures:
             return problem_response(
                 503, "not-ready", "A dependency is not ready",
-                "; ".join(f"{k}: {v}" for k, v in failures.items()), failures=failures,
+                "; ".join(f"{k}: {v}" for k, v in failures.items()), failures=failures, **extra,
             )  # fmt: skip
-        return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "ready", **extra})
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
     async def metrics() -> Response:

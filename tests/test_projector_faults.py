@@ -1,0 +1,266 @@
+"""Faults against real servers: redrive, entry isolation, epoch change, trimmed stream, Postgres down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import redis.asyncio as aioredis
+from test_projector_api import AUTH
+from test_projector_fold import T0, envelope
+from test_projector_store import assert_equal_to_fold
+
+from command_api.append import Appender
+from devstack.servers import PostgresServer
+from events import schema
+from events.codec import encode
+from events.config import LogSettings
+from events.log import EventLog
+from projector.app import create_app
+from projector.redrive import redrive
+from projector.settings import ProjectorSettings
+from projector.store import Store
+from projector.worker import Worker
+from projector.workload import Workload
+
+PARTITIONS = 2
+
+
+def settings_for(redis_url: str, namespace: str, database_url: str, **extra: Any) -> ProjectorSettings:
+    return ProjectorSettings(
+        log=LogSettings(redis_url, namespace, PARTITIONS), database_url=database_url, auth=AUTH, batch=200,
+        block_ms=50, lease_ttl_s=2.0, worker_id="fault-worker", retry_max_s=0.5, **extra,
+    )  # fmt: skip
+
+
+@asynccontextmanager
+async def running(settings: ProjectorSettings) -> AsyncIterator[tuple[Worker, httpx.AsyncClient]]:
+    """A started worker running its loop, with an in-process client of its HTTP app."""
+    worker = Worker(settings)
+    await worker.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    transport = httpx.ASGITransport(app=create_app(settings, worker))
+    try:
+        await asyncio.wait_for(worker.ready.wait(), 10)
+        async with httpx.AsyncClient(transport=transport, base_url="http://projector") as client:
+            yield worker, client
+    finally:
+        stop.set()
+        await task
+        await worker.close()
+
+
+async def xadd_events(redis: aioredis.Redis, settings: ProjectorSettings, *events: schema.Envelope) -> None:
+    layout = settings.log.layout()
+    for event in events:
+        await redis.xadd(layout.stream_key(layout.partition_for(event.conversation_id)), {"e": encode(event)})
+
+
+async def until(predicate: Any, limit_s: float = 15) -> None:
+    deadline = time.monotonic() + limit_s
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def fetch(database_url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        return await (await conn.execute(query, args)).fetchall()
+
+
+async def test_redrive_applies_a_refused_event_once_its_conversation_exists(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    settings = settings_for(redis_server_url, log_namespace, database_url)
+    await EventLog(redis_client, settings.log.layout()).open(create=True)
+    early = envelope("ghost", 2, "ann", schema.MessageSent("m-early", "before its conversation"))
+    await xadd_events(redis_client, settings, early)  # the fold refuses: unknown conversation
+    async with running(settings) as (worker, _client):
+        await wait_caught_up(worker)
+        letters = await fetch(database_url, "SELECT error, redriven_at FROM parley_store.dead_letters")
+        assert len(letters) == 1 and "unknown conversation" in letters[0][0] and letters[0][1] is None
+        # "The fix": the conversation's creation shows up; now the letter applies.
+        created = envelope("ghost", 1, "ann", schema.ConversationCreated("late", ("ann", "bob")))
+        await xadd_events(redis_client, settings, created)
+        await wait_caught_up(worker)
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            assert await redrive(conn, Store()) == (1, 0)
+            assert await redrive(conn, Store()) == (0, 0)  # idempotent: done letters are not re-applied
+        later = envelope("ghost", 3, "bob", schema.MessageSent("m-later", "after"), T0 + timedelta(seconds=1))
+        await xadd_events(redis_client, settings, later)
+        await wait_caught_up(worker)  # the running worker reloaded the state the redrive changed
+        assert not any(p.stopped for p in worker.projectors.values())
+    messages = await fetch(database_url, "SELECT seq, body FROM parley.messages ORDER BY seq")
+    assert messages == [(2, "before its conversation"), (3, "after")]
+    (letter,) = await fetch(database_url, "SELECT redriven_at, attempts FROM parley_store.dead_letters")
+    assert letter[0] is not None and letter[1] == 1
+    (inbox,) = await fetch(database_url, "SELECT unread_count FROM parley.inbox WHERE user_id = 'ann'")
+    assert inbox == (1,)  # ann did not read bob's message; her own re-driven one is not unread
+
+
+async def test_entry_postgres_refuses_is_isolated_and_the_rest_of_the_batch_applies(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    settings = settings_for(redis_server_url, log_namespace, database_url)
+    await EventLog(redis_client, settings.log.layout()).open(create=True)
+    second = T0 + timedelta(seconds=1)
+    await xadd_events(
+        redis_client, settings,
+        envelope("iso", 1, "ann", schema.ConversationCreated("t", ("ann", "bob"))),
+        envelope("iso", 2, "ann", schema.MessageSent("m2", "fine")),
+        envelope("iso", 3, "ann", schema.MessageSent("m3", "NUL \x00 is no text for Postgres"), second),
+        envelope("iso", 4, "bob", schema.MessageSent("m4", "also fine"), second),
+    )  # fmt: skip
+    async with running(settings) as (worker, _client):
+        await wait_caught_up(worker)
+        projector = worker.projectors[settings.log.layout().partition_for("iso")]
+        assert projector.stopped is None and projector.applied == 4
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            assert await redrive(conn, Store()) == (0, 1)  # still refused: the letter stays, attempts + 1
+    assert await fetch(database_url, "SELECT seq FROM parley.messages ORDER BY seq") == [(2,), (4,)]
+    ((error, attempts, data),) = await fetch(
+        database_url, "SELECT error, attempts, data FROM parley_store.dead_letters WHERE redriven_at IS NULL"
+    )
+    assert error.startswith(("DataError", "UntranslatableCharacter")) and attempts == 2
+    assert b"NUL" in bytes(data)
+    counts = await fetch(database_url, "SELECT message_count, last_seq FROM parley.conversations")
+    assert counts == [(2, 4)]
+
+
+async def test_epoch_change_under_a_running_worker_stops_the_partition(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    settings = settings_for(redis_server_url, log_namespace, database_url)
+    layout = settings.log.layout()
+    appender = Appender(redis_client, layout)
+    await appender.open()
+    await Workload(seed=5).append(appender, 100)
+    async with running(settings) as (worker, client):
+        await wait_caught_up(worker)
+        r = await client.get("/readyz")
+        assert r.status_code == 200
+        lags = r.json()["details"]["partitions"]
+        assert {p: (lag["lag_events"], lag["lag_seconds"]) for p, lag in lags.items()} == {
+            "0": (0, 0),
+            "1": (0, 0),
+        }
+        text = (await client.get("/metrics")).text
+        for name in (
+            "lag_events",
+            "lag_seconds",
+            "events_applied_total",
+            "batch_size_bucket",
+            "batch_seconds_bucket",
+        ):
+            assert f"parley_projector_{name}" in text
+        before = await fetch(
+            database_url, "SELECT partition, stream_id, events_applied FROM parley.checkpoints"
+        )
+        # The log is lost and recreated: a new epoch, and new entries in partition 1.
+        await redis_client.delete(
+            layout.meta_key(), *(layout.partition_meta_key(p) for p in range(PARTITIONS))
+        )
+        await EventLog(redis_client, layout).open(create=True)
+        await redis_client.xadd(
+            layout.stream_key(1), {"e": encode(envelope("new", 1, "x", schema.ConversationCreated("n", ())))}
+        )
+
+        async def stopped() -> bool:
+            return worker.projectors[1].stopped is not None
+
+        await until(stopped)
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and "partition 1" in r.json()["detail"] and "epoch" in r.json()["detail"]
+        assert 'parley_projector_epoch_mismatch{partition="1"} 1.0' in (await client.get("/metrics")).text
+        after = await fetch(
+            database_url, "SELECT partition, stream_id, events_applied FROM parley.checkpoints"
+        )
+        assert after == before  # nothing skipped, nothing applied from the other log
+    await appender.close()
+
+
+async def test_trimmed_stream_after_the_checkpoint_stops_the_partition_loudly(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    settings = settings_for(redis_server_url, log_namespace, database_url)
+    layout = settings.log.layout()
+    appender = Appender(redis_client, layout)
+    await appender.open()
+    workload = Workload(seed=9)
+    await workload.append(appender, 100)
+    async with running(settings) as (worker, _client):
+        await wait_caught_up(worker)
+    (checkpoint,) = await fetch(database_url, "SELECT stream_id FROM parley.checkpoints WHERE partition = 0")
+    await workload.append(appender, 100)
+    head = (await redis_client.xrevrange(layout.stream_key(0), count=1))[0][0]
+    await redis_client.xtrim(layout.stream_key(0), minid=head)  # a trimmer breaking its contract
+    async with running(settings) as (worker, client):
+        await until(lambda: asyncio.sleep(0, worker.projectors[0].stopped is not None))
+        assert "trimmed" in (worker.projectors[0].stopped or "")
+        assert 'parley_projector_log_gap{partition="0"} 1.0' in (await client.get("/metrics")).text
+        assert "partition 0" in (await client.get("/readyz")).json()["detail"]
+        await wait_caught_up_partition(worker, 1)
+    assert await fetch(database_url, "SELECT stream_id FROM parley.checkpoints WHERE partition = 0") == [
+        checkpoint
+    ]
+    await appender.close()
+
+
+async def wait_caught_up_partition(worker: Worker, partition: int) -> None:
+    async def done() -> bool:
+        return await worker.caught_up([partition])
+
+    await until(done)
+
+
+async def wait_caught_up(worker: Worker) -> None:
+    async def done() -> bool:
+        return await worker.caught_up(range(PARTITIONS))
+
+    await until(done)
+
+
+@pytest.mark.slow
+async def test_postgres_down_then_back_worker_retries_and_resumes(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, tmp_path: Path
+) -> None:
+    server = PostgresServer(tmp_path / "pg", fast=False)
+    await asyncio.to_thread(server.start)
+    try:
+        database_url = await asyncio.to_thread(server.create_database, "parley")
+        settings = settings_for(redis_server_url, log_namespace, database_url)
+        appender = Appender(redis_client, settings.log.layout())
+        await appender.open()
+        workload = Workload(seed=13)
+        await workload.append(appender, 200)
+        async with running(settings) as (worker, client):
+            await wait_caught_up(worker)
+            await asyncio.to_thread(server.stop)
+            await workload.append(appender, 200)
+
+            async def retrying() -> bool:
+                return any(p.retrying for p in worker.projectors.values())
+
+            await until(retrying)
+            r = await client.get("/readyz")
+            assert r.status_code == 503
+            failures = r.json()["failures"]
+            assert "postgres" in failures and "retrying" in failures["projection"], failures
+            await asyncio.to_thread(server.start)
+            await wait_caught_up(worker)
+            await until(lambda: asyncio.sleep(0, not any(p.retrying for p in worker.projectors.values())))
+            assert (await client.get("/readyz")).status_code == 200
+            assert not any(p.stopped for p in worker.projectors.values())
+        await assert_equal_to_fold(database_url, EventLog(redis_client, settings.log.layout()))
+        await appender.close()
+    finally:
+        await asyncio.to_thread(server.stop)
