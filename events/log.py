@@ -82,22 +82,36 @@ class EventLog:
         self, partition: int, after_id: str, count: int, block_ms: int | None = None
     ) -> list[LogEntry]:
         """Entries of `partition` strictly after `after_id` ("0-0" for the start), oldest first."""
-        key = self.layout.stream_key(partition)
-        reply: Any = await self.redis.xread({key: after_id}, count=count, block=block_ms)
+        return await self.read_many({partition: after_id}, count, block_ms)
+
+    async def read_many(
+        self, after: dict[int, str], count: int, block_ms: int | None = None
+    ) -> list[LogEntry]:
+        """Entries of several partitions, each strictly after its id, in one XREAD; per partition in order."""
+        args: list[str | int] = ["COUNT", count]
+        if block_ms is not None:
+            args += ["BLOCK", block_ms]
+        keys = {self.layout.stream_key(p): p for p in after}
+        args += ["STREAMS", *keys, *after.values()]
+        reply: Any = await self.redis.execute_command(_RAW_XREAD, *args)  # type: ignore[no-untyped-call]
         if not reply:
             return []
         entries: list[LogEntry] = []
-        for _stream, items in reply:
-            for stream_id, fields in items:
-                entries.append(_entry(partition, stream_id, fields))
+        streams = reply.items() if isinstance(reply, dict) else reply  # RESP3 map or RESP2 list
+        for stream, items in streams:
+            partition = keys[_text(stream)]
+            entries += [_raw_entry(partition, item) for item in items]
         return entries
 
     async def read_range(
         self, partition: int, start_id: str, end_id: str, count: int | None = None
     ) -> list[LogEntry]:
         """Entries of `partition` with `start_id <= id <= end_id` (`-`/`+` for the ends)."""
-        items: Any = await self.redis.xrange(self.layout.stream_key(partition), start_id, end_id, count)
-        return [_entry(partition, stream_id, fields) for stream_id, fields in items]
+        args: list[str | int] = [self.layout.stream_key(partition), start_id, end_id]
+        if count is not None:
+            args += ["COUNT", count]
+        items: Any = await self.redis.execute_command(_RAW_XRANGE, *args)  # type: ignore[no-untyped-call]
+        return [_raw_entry(partition, item) for item in items]
 
     async def head(self, partition: int) -> str:
         """The id of the last entry of `partition`, or "0-0" when it is empty."""
@@ -110,8 +124,19 @@ class EventLog:
         return _text(items[0][0]) if items else None
 
 
-def _entry(partition: int, stream_id: bytes | str, fields: dict[bytes | str, bytes | str]) -> LogEntry:
-    data = fields.get(b"e", fields.get("e", b""))
+# Sent as bytes, these command names match none of redis-py's response callbacks (keyed by str), so
+# the reply stays the raw nested list: building a dict per entry was 12% of the projector's CPU.
+_RAW_XREAD = b"XREAD"
+_RAW_XRANGE = b"XRANGE"
+
+
+def _raw_entry(partition: int, item: list[Any]) -> LogEntry:
+    stream_id, fields = item
+    data = b""
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] in (b"e", "e"):
+            data = fields[i + 1]
+            break
     return LogEntry(
         partition=partition,
         stream_id=_text(stream_id),

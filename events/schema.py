@@ -112,6 +112,7 @@ def tag_of(payload_type: type[Payload]) -> str:
 
 
 CURRENT_VERSIONS: dict[str, int] = {tag_of(t): t.VERSION for t in PAYLOAD_TYPES}
+_TAGS: dict[type[Payload], str] = {t: tag_of(t) for t in PAYLOAD_TYPES}
 
 
 class _EnvelopeFields(msgspec.Struct, frozen=True):
@@ -128,7 +129,7 @@ class _EnvelopeFields(msgspec.Struct, frozen=True):
     @property
     def type(self) -> str:
         """The payload's wire name, e.g. `message_sent`."""
-        return tag_of(type(self.payload))
+        return _TAGS[type(self.payload)]
 
 
 class UnsequencedEnvelope(_EnvelopeFields, frozen=True):

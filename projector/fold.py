@@ -26,9 +26,13 @@ class ConversationState:
     spans: dict[str, list[MembershipRow]] = field(default_factory=dict)
     inbox: dict[str, InboxRow] = field(default_factory=dict)
     messages: dict[str, MessageRow] = field(default_factory=dict)
+    _members: list[str] | None = None
 
     def current_members(self) -> list[str]:
-        return [u for u, spans in self.spans.items() if spans and spans[-1].left_seq is None]
+        """Current participants (cached until `absorb` applies a membership change)."""
+        if self._members is None:
+            self._members = [u for u, spans in self.spans.items() if spans and spans[-1].left_seq is None]
+        return self._members
 
     def is_member(self, user_id: str) -> bool:
         spans = self.spans.get(user_id)
@@ -58,6 +62,7 @@ def absorb(state: ConversationState | None, rows: list[Row]) -> ConversationStat
         raise FoldError("no conversation row for a conversation without state")
     for row in rows:
         if isinstance(row, MembershipRow):
+            state._members = None
             spans = state.spans.setdefault(row.user_id, [])
             if spans and spans[-1].joined_seq == row.joined_seq:
                 spans[-1] = row

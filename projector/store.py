@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from msgspec.structs import astuple
 from psycopg import sql
 
 from projector.batch import Batch, DeadLetter
@@ -39,7 +40,7 @@ _ARCHIVE_COLUMNS = (
 
 
 def _values(row: Row) -> tuple[Any, ...]:
-    values = tuple(getattr(row, f) for f in row.__struct_fields__)
+    values = astuple(row)
     return (*values, row.state) if isinstance(row, MessageRow) else values
 
 
@@ -61,6 +62,45 @@ class Store:
         self.schema = schema
         self.archive = archive
         self._s = sql.Identifier(schema)
+        self._copy_types: dict[str, list[int]] = {}
+        self._statements: dict[type[Row], tuple[sql.Composed, sql.Composed]] = {
+            row_type: self._upsert_statements(row_type) for row_type in _COLUMNS
+        }
+        self._archive_copy = sql.SQL("COPY {}.event_archive ({}) FROM STDIN (FORMAT BINARY)").format(
+            sql.Identifier(STORE_SCHEMA), sql.SQL(", ").join(map(sql.Identifier, _ARCHIVE_COLUMNS))
+        )
+
+    def _upsert_statements(self, row_type: type[Row]) -> tuple[sql.Composed, sql.Composed]:
+        table, columns, key = _COLUMNS[row_type]
+        stage = sql.Identifier(f"stage_{table}")
+        cols = sql.SQL(", ").join(map(sql.Identifier, columns))
+        copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, cols)
+        updates = sql.SQL(", ").join(
+            sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in columns if c not in key
+        )
+        upsert = sql.SQL(
+            "INSERT INTO {s}.{t} ({cols}) SELECT {cols} FROM {stage} "
+            "ON CONFLICT ({key}) DO UPDATE SET {updates}"
+        ).format(
+            s=self._s, t=sql.Identifier(table), cols=cols, stage=stage, updates=updates,
+            key=sql.SQL(", ").join(map(sql.Identifier, key)),
+        )  # fmt: skip
+        return copy, upsert
+
+    async def _column_types(
+        self, conn: AsyncConn, table: str, qualified: str, columns: tuple[str, ...]
+    ) -> list[int]:
+        """The type oids of `columns` of `qualified` (binary COPY needs them), read once per Store."""
+        known = self._copy_types.get(table)
+        if known is None:
+            cur = await conn.execute(
+                "SELECT attname, atttypid::int FROM pg_attribute "
+                "WHERE attrelid = %s::regclass AND attnum > 0",
+                (qualified,),
+            )
+            oids = {name: oid for name, oid in await cur.fetchall()}
+            known = self._copy_types[table] = [oids[c] for c in columns]
+        return known
 
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(s=self._s)
@@ -189,12 +229,11 @@ class Store:
                 if await cur.fetchone() is None:
                     raise ProjectionStopped(f"partition {batch.partition}: lease lost by {lease_owner}")
             if self.archive and batch.archive:
-                cols = sql.SQL(", ").join(map(sql.Identifier, _ARCHIVE_COLUMNS))
-                async with conn.cursor().copy(
-                    sql.SQL("COPY {}.event_archive ({}) FROM STDIN").format(
-                        sql.Identifier(STORE_SCHEMA), cols
-                    )
-                ) as copy:
+                types = await self._column_types(
+                    conn, "event_archive", f"{STORE_SCHEMA}.event_archive", _ARCHIVE_COLUMNS
+                )
+                async with conn.cursor().copy(self._archive_copy) as copy:
+                    copy.set_types(types)
                     for a in batch.archive:
                         await copy.write_row(a)
             for row_type, rows in batch.rows.items():
@@ -241,24 +280,14 @@ class Store:
         )
 
     async def _upsert(self, conn: AsyncConn, row_type: type[Row], rows: Iterable[Row]) -> None:
-        table, columns, key = _COLUMNS[row_type]
-        stage = sql.Identifier(f"stage_{table}")
-        cols = sql.SQL(", ").join(map(sql.Identifier, columns))
-        async with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols)) as copy:
+        table, columns, _ = _COLUMNS[row_type]
+        copy_statement, upsert = self._statements[row_type]
+        types = await self._column_types(conn, table, f"{self.schema}.{table}", columns)
+        async with conn.cursor().copy(copy_statement) as copy:
+            copy.set_types(types)
             for row in rows:
                 await copy.write_row(_values(row))
-        updates = sql.SQL(", ").join(
-            sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in columns if c not in key
-        )
-        await conn.execute(
-            sql.SQL(
-                "INSERT INTO {s}.{t} ({cols}) SELECT {cols} FROM {stage} "
-                "ON CONFLICT ({key}) DO UPDATE SET {updates}"
-            ).format(
-                s=self._s, t=sql.Identifier(table), cols=cols, stage=stage, updates=updates,
-                key=sql.SQL(", ").join(map(sql.Identifier, key)),
-            )
-        )  # fmt: skip
+        await conn.execute(upsert)
 
     async def _dead_letters(self, conn: AsyncConn, epoch: str, dead: list[DeadLetter]) -> None:
         async with conn.cursor() as cur:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
 from servicekit.exceptions import ServiceKitError
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m realtime_fanout",
+        description="Serve the WebSocket fanout; settings come from the environment (see README).",
+    ).parse_args(argv)
     import uvicorn
 
     from realtime_fanout.app import create_app

@@ -24,7 +24,9 @@ from realtime_fanout.connection import Connection
 from realtime_fanout.exceptions import HubUnavailable
 from realtime_fanout.history import History
 from realtime_fanout.hub import Hub
+from realtime_fanout.pageflights import PageFlights
 from realtime_fanout.settings import FanoutSettings
+from realtime_fanout.unreadseed import UnreadSeeder
 from servicekit.auth import TokenVerifier
 from servicekit.health import add_health_routes
 
@@ -45,11 +47,13 @@ class Services:
         )
         self.pool: AsyncConnectionPool[Any] | None = None
         archive: Archive | None = None
+        self.seeder: UnreadSeeder | None = None
         if settings.database_url:
             self.pool = AsyncConnectionPool(
                 settings.database_url, open=False, min_size=1, max_size=4, timeout=5
             )
-            archive = Archive(self.pool, settings.replay_page)
+            archive = Archive(self.pool, settings.replay_page, self._flights())
+            self.seeder = UnreadSeeder(self.pool, settings.unread_wait_s)
         self.hub = Hub(
             self.reader_redis,
             layout,
@@ -58,9 +62,14 @@ class Services:
             archive=archive,
         )
         history_log = EventLog(self.redis, layout)
-        self.history = History(history_log, settings.replay_page, archive, settings.archive_wait_s)
+        self.history = History(
+            history_log, settings.replay_page, archive, settings.archive_wait_s, self._flights()
+        )
         self.verifier = TokenVerifier(settings.auth)
         self._starter: asyncio.Task[None] | None = None
+
+    def _flights(self) -> PageFlights[Any]:
+        return PageFlights(self.settings.history_linger_s, self.settings.history_cache_pages)
 
     async def open(self) -> None:
         """Start the hub now if the log exists, else keep trying in the background."""
@@ -114,7 +123,9 @@ def create_app(settings: FanoutSettings | None = None) -> FastAPI:
     @app.websocket("/v1/stream")
     async def stream(websocket: WebSocket) -> None:
         services: Services = websocket.app.state.services
-        connection = Connection(websocket, services.hub, services.history, services.verifier, settings)
+        connection = Connection(
+            websocket, services.hub, services.history, services.verifier, settings, services.seeder
+        )
         await connection.run()
 
     async def redis_ready(request: Request) -> None:

@@ -2,7 +2,7 @@
 
 Rows are the log's exact bytes per (epoch, partition, stream id), inserted in stream order per partition,
 so the archive holds every entry of a partition up to its head: it serves history the streams trimmed.
-Reads of the same page are coalesced across connections. Until the projector has created the table, the
+Page reads are shared across connections (`pageflights`). Until the projector has created the table, the
 archive reads as empty.
 """
 
@@ -15,11 +15,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from events.log import LogEntry
 from realtime_fanout.cursor import StreamKey, stream_key
-from realtime_fanout.item import Item, decode_entry
-from realtime_fanout.metrics import HISTORY_READS
-from realtime_fanout.singleflight import SingleFlight
-
-ArchivePage = tuple[list[Item], str | None, int]  # decodable items, last stream id read, rows read
+from realtime_fanout.item import decode_entry
+from realtime_fanout.metrics import HISTORY_COALESCED, HISTORY_READS
+from realtime_fanout.pageflights import Page, PageFlights
 
 _PAGE_SQL = """
 SELECT stream_id, data FROM parley_store.event_archive
@@ -42,14 +40,19 @@ ORDER BY stream_ms, stream_seq
 class Archive:
     """Pages of one log epoch's archived entries; `head` is the last archived stream id of a partition."""
 
-    def __init__(self, pool: AsyncConnectionPool[Any], page: int = 500) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        page: int = 500,
+        flights: PageFlights[tuple[str, int, str]] | None = None,
+    ) -> None:
         self.pool = pool
         self.page = page
-        self._flights: SingleFlight[tuple[str, int, str, str], ArchivePage] = SingleFlight()
+        self.flights: PageFlights[tuple[str, int, str]] = flights or PageFlights()
 
     @property
     def reads(self) -> int:
-        return self._flights.calls
+        return self.flights.reads
 
     async def _rows(self, query: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         try:
@@ -64,20 +67,25 @@ class Archive:
         rows = await self._rows(_HEAD_SQL, (epoch, partition))
         return stream_key(rows[0][0]) if rows else None
 
-    async def read_page(self, epoch: str, partition: int, after_id: str, until_id: str) -> ArchivePage:
-        """Up to `page` entries with `after_id < id <= until_id`, oldest first; identical reads share one."""
-        key = (epoch, partition, after_id, until_id)
-        page, shared = await self._flights.run(key, lambda: self._read(epoch, partition, after_id, until_id))
-        HISTORY_READS.labels("true" if shared else "false").inc()
+    async def read_page(self, epoch: str, partition: int, after_id: str, until_id: str) -> Page:
+        """Up to `page` entries with `after_id < id <= until_id`, oldest first (a shared page may start
+        earlier); a partial page holds everything up to `until_id`."""
+        scope = (epoch, partition, until_id)
+        page, shared = await self.flights.read(
+            scope, stream_key(after_id), None, lambda: self._read(epoch, partition, after_id, until_id)
+        )
+        (HISTORY_COALESCED if shared else HISTORY_READS).labels("archive").inc()
         return page
 
-    async def _read(self, epoch: str, partition: int, after_id: str, until_id: str) -> ArchivePage:
+    async def _read(self, epoch: str, partition: int, after_id: str, until_id: str) -> Page:
         after, until = stream_key(after_id), stream_key(until_id)
         args = (epoch, partition, *after, *until, self.page)
         rows = await self._rows(_PAGE_SQL, args)
         entries = [LogEntry(partition, sid, bytes(data)) for sid, data in rows]
         items = [i for i in map(decode_entry, entries) if i is not None]
-        return items, entries[-1].stream_id if entries else None, len(entries)
+        last_id = entries[-1].stream_id if entries else None
+        last = stream_key(last_id) if last_id is not None else None
+        return Page(items, after, last_id, last, len(entries) >= self.page)
 
     async def membership_entries(self, epoch: str, partition: int, before: StreamKey) -> list[LogEntry]:
         """Archived membership events of `partition` older than `before`, oldest first (hub bootstrap)."""

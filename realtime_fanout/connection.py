@@ -31,6 +31,8 @@ from realtime_fanout.item import Item
 from realtime_fanout.metrics import CLOSES, CONNECTIONS, RESYNCS
 from realtime_fanout.session import Session
 from realtime_fanout.settings import FanoutSettings
+from realtime_fanout.unread import UnreadSeed, UnreadTracker
+from realtime_fanout.unreadseed import UnreadSeeder
 from servicekit.auth import Principal, TokenVerifier
 from servicekit.exceptions import AuthError
 
@@ -53,9 +55,16 @@ class Connection:
     """The I/O shell around one Session; a hub Subscriber."""
 
     def __init__(
-        self, ws: WebSocket, hub: Hub, history: History, verifier: TokenVerifier, settings: FanoutSettings
+        self,
+        ws: WebSocket,
+        hub: Hub,
+        history: History,
+        verifier: TokenVerifier,
+        settings: FanoutSettings,
+        seeder: UnreadSeeder | None = None,
     ) -> None:
         self.ws = ws
+        self.seeder = seeder
         self.hub = hub
         self.history = history
         self.verifier = verifier
@@ -193,12 +202,16 @@ class Connection:
             self.user_id, cursor or start, conversations=self.conversations, seed=seed,
             max_batch=self.settings.max_batch,
         )  # fmt: skip
-        self.session = session
+        self.session = session  # from here live items are buffered in it, until replay_done
+        unread = UnreadSeed.none(partitions)
+        if self.seeder is not None:
+            unread = await self.seeder.seed(self.user_id, start.epoch, positions)
+        session.unread = UnreadTracker(self.user_id, unread)
         if resync is not None:
             RESYNCS.labels(resync).inc()
             self._control.append(encode_frame(ResyncFrame(start.encode(), resync)))
         for partition, after in session.replay_plan(positions).items():
-            async for page in self.history.pages(start.epoch, partition, after):
+            async for page in self.history.pages(start.epoch, partition, after, positions[partition]):
                 session.feed_replay(page)
                 await self._flush()
                 if self._closing.is_set():

@@ -7,6 +7,8 @@ Server → client (`type`):
   resync   {"type":"resync","position":C,"reason":R}           the cursor cannot be served; C is the head
   authenticated {"type":"authenticated","user_id":U,"expires_at":T}
   error    {"type":"error","reason":R,"detail":D}              sent just before a protocol-error close
+  unread   {"type":"unread","conversation_id":C,"unread":N,"read_seq":R,"seq":S}   after the event at S
+  read     {"type":"read","conversation_id":C,"user_id":U,"up_to_seq":S,"seq":Q}   a read receipt
 Client → server: {"type":"auth","token":T} and {"type":"subscribe","cursor":C?,"conversations":[...]?}.
 """
 
@@ -80,7 +82,34 @@ class ErrorFrame(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
     detail: str = ""
 
 
-ServerFrame = EventFrame | EventsFrame | LiveFrame | ResyncFrame | AuthenticatedFrame | ErrorFrame
+class UnreadFrame(msgspec.Struct, frozen=True, tag="unread", tag_field="type"):
+    """The user's unread count and read marker in a conversation, as of the event at `seq`."""
+
+    conversation_id: str
+    unread: int
+    read_seq: int
+    seq: int
+
+
+class ReadFrame(msgspec.Struct, frozen=True, tag="read", tag_field="type"):
+    """A read receipt: `user_id` read the conversation up to `up_to_seq` (event at `seq`)."""
+
+    conversation_id: str
+    user_id: str
+    up_to_seq: int
+    seq: int
+
+
+ServerFrame = (
+    EventFrame
+    | EventsFrame
+    | LiveFrame
+    | ResyncFrame
+    | AuthenticatedFrame
+    | ErrorFrame
+    | UnreadFrame
+    | ReadFrame
+)
 
 _encoder = msgspec.json.Encoder()
 _server_decoder: msgspec.json.Decoder[ServerFrame] = msgspec.json.Decoder(ServerFrame)

@@ -5,7 +5,8 @@ when C is at or after its first entry (or, on an empty stream, its last-generate
 (C, F) may be trimmed, F being that first/last id; the archive serves them when its head for the partition
 is at or after F (it holds every entry up to its head), else we wait `archive_wait_s` for the projector,
 then raise HistoryGone. Exception: on Redis 6 a cursor of "0-0" with nothing archived is assumed served.
-Trimmers must only trim what is archived (XTRIM MINID <= archive head). Identical page reads are coalesced.
+Trimmers must only trim what is archived (XTRIM MINID <= archive head). Page reads are shared across callers
+(`pageflights`): in flight and for a short linger after.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import redis.exceptions
 
 from events.log import EventLog
 from realtime_fanout.archive import Archive
-from realtime_fanout.cursor import stream_key
+from realtime_fanout.cursor import StreamKey, stream_key
 from realtime_fanout.exceptions import HistoryGone
 from realtime_fanout.item import Item, decode_entry
-from realtime_fanout.metrics import HISTORY_READS
-from realtime_fanout.singleflight import SingleFlight
+from realtime_fanout.metrics import HISTORY_COALESCED, HISTORY_READS
+from realtime_fanout.pageflights import Page, PageFlights
 
-Page = tuple[list[Item], str | None, int]  # decodable items, last stream id read, entries read
+_NO_LIVE: StreamKey = (1 << 64, 0)  # later than any stream id: only a fresh read serves a partial page
 
 
 def _text(value: Any) -> str:
@@ -36,17 +37,22 @@ class History:
     """Pages of decoded items after a stream id, archive first when needed, coalesced across callers."""
 
     def __init__(
-        self, log: EventLog, page: int = 500, archive: Archive | None = None, archive_wait_s: float = 2.0
+        self,
+        log: EventLog,
+        page: int = 500,
+        archive: Archive | None = None,
+        archive_wait_s: float = 2.0,
+        flights: PageFlights[int] | None = None,
     ) -> None:
         self.log = log
         self.page = page
         self.archive = archive
         self.archive_wait_s = archive_wait_s
-        self._flights: SingleFlight[tuple[int, str, int], Page] = SingleFlight()
+        self.flights: PageFlights[int] = flights or PageFlights()
 
     @property
     def reads(self) -> int:
-        return self._flights.calls
+        return self.flights.reads
 
     async def check_held(self, epoch: str, partition: int, after_id: str) -> None:
         """Raise HistoryGone unless the archive and the stream together hold every entry after `after_id`."""
@@ -78,8 +84,12 @@ class History:
                 raise HistoryGone(f"partition {partition} no longer holds entries after {after_id}")
             await asyncio.sleep(0.1)
 
-    async def pages(self, epoch: str, partition: int, after_id: str) -> AsyncIterator[list[Item]]:
-        """Items of `partition` after `after_id` up to the current end, one page at a time.
+    async def pages(
+        self, epoch: str, partition: int, after_id: str, live_from: str | None = None
+    ) -> AsyncIterator[list[Item]]:
+        """Items of `partition` after `after_id` up to the current end, one page at a time; a page may start
+        earlier (a shared read), so callers drop what they already have. `live_from` is where the caller's
+        live feed starts (None: no live feed, every partial page is read afresh).
 
         Raises:
             HistoryGone: entries after `after_id` were trimmed and the archive does not hold them.
@@ -87,29 +97,33 @@ class History:
         until = await self.archive_until(epoch, partition, after_id)
         if until is not None and self.archive is not None:
             while True:
-                items, last_id, count = await self.archive.read_page(epoch, partition, after_id, until)
-                if items:
-                    yield items
-                if count < self.archive.page or last_id is None:
+                page = await self.archive.read_page(epoch, partition, after_id, until)
+                if page.items:
+                    yield page.items
+                if not page.full or page.last_id is None:
                     break
-                after_id = last_id
+                after_id = page.last_id
             after_id = until
+        horizon = stream_key(live_from) if live_from is not None else _NO_LIVE
         while True:
-            items, last_id, count = await self.read_page(partition, after_id)
-            if items:
-                yield items
-            if count < self.page or last_id is None:
+            page = await self.read_page(partition, after_id, horizon)
+            if page.items:
+                yield page.items
+            if not page.full or page.last_id is None:
                 return
-            after_id = last_id
+            after_id = page.last_id
 
-    async def read_page(self, partition: int, after_id: str) -> Page:
-        """One stream page after `after_id`; a caller asking for a page in flight shares its result."""
-        key = (partition, after_id, self.page)
-        page, shared = await self._flights.run(key, lambda: self._read(partition, after_id))
-        HISTORY_READS.labels("true" if shared else "false").inc()
+    async def read_page(self, partition: int, after_id: str, horizon: StreamKey = (0, 0)) -> Page:
+        """A stream page serving a read after `after_id` (see `Page.serves`), shared when one is at hand."""
+        page, shared = await self.flights.read(
+            partition, stream_key(after_id), horizon, lambda: self._read(partition, after_id)
+        )
+        (HISTORY_COALESCED if shared else HISTORY_READS).labels("redis").inc()
         return page
 
     async def _read(self, partition: int, after_id: str) -> Page:
         entries = await self.log.read_range(partition, f"({after_id}", "+", self.page)
         items = [i for i in map(decode_entry, entries) if i is not None]
-        return items, entries[-1].stream_id if entries else None, len(entries)
+        last_id = entries[-1].stream_id if entries else None
+        last = stream_key(last_id) if last_id is not None else None
+        return Page(items, stream_key(after_id), last_id, last, len(entries) >= self.page)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from events.layout import LogLayout
-from events.log import EventLog, LogEntry
+from events.log import EventLog
 from realtime_fanout.archive import Archive
 from realtime_fanout.cursor import stream_key
 from realtime_fanout.exceptions import HubUnavailable
@@ -182,25 +182,21 @@ class Hub:
         backoff = 0.1
         while True:
             try:
-                streams: dict[Any, Any] = {key: self.positions[p] for p, key in enumerate(self._keys)}
-                reply: Any = await self.log.redis.xread(streams, count=self.count, block=self.block_ms)
+                after = {p: self.positions[p] for p in range(len(self._keys))}
+                entries = await self.log.read_many(after, self.count, self.block_ms)
                 backoff = 0.1
             except redis.exceptions.RedisError as exc:
                 log.warning("hub read failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            for stream, items in reply or ():
-                name = stream.decode() if isinstance(stream, bytes) else stream
-                partition = self._keys.index(name)
-                for stream_id, fields in items:
-                    sid = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
-                    data = fields.get(b"e", fields.get("e", b""))
-                    ENTRIES_READ.inc()
-                    raw = data if isinstance(data, bytes) else data.encode()
-                    item = decode_entry(LogEntry(partition, sid, raw))
-                    self.positions[partition] = sid
-                    if item is not None:
-                        self.dispatch(item)
-                    else:
-                        log.error("skipping undecodable entry %s of partition %d", sid, partition)
+            for entry in entries:
+                ENTRIES_READ.inc()
+                item = decode_entry(entry)
+                self.positions[entry.partition] = entry.stream_id
+                if item is not None:
+                    self.dispatch(item)
+                else:
+                    log.error(
+                        "skipping undecodable entry %s of partition %d", entry.stream_id, entry.partition
+                    )

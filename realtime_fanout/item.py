@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from events.codec import decode, encode
 from events.exceptions import DecodeError
 from events.log import LogEntry
-from events.schema import ConversationCreated, Envelope, ParticipantAdded, ParticipantRemoved
+from events.schema import (
+    ConversationArchived,
+    ConversationCreated,
+    ConversationUnarchived,
+    Envelope,
+    ParticipantAdded,
+    ParticipantRemoved,
+)
 from realtime_fanout.cursor import StreamKey, stream_key
 
 
@@ -26,12 +33,16 @@ class Item:
         return self.envelope.conversation_id
 
     def named_users(self) -> tuple[str, ...]:
-        """Users a membership event concerns (they may not yet be indexed under the conversation)."""
+        """Users an event is routed to beyond the conversation's subscribers: those a membership event
+        concerns (maybe not yet indexed under it), and the actor of an archive/unarchive (all of their
+        connections, whatever their conversation filter)."""
         payload = self.envelope.payload
         if isinstance(payload, ConversationCreated):
             return payload.participants
         if isinstance(payload, ParticipantAdded | ParticipantRemoved):
             return (payload.user_id,)
+        if isinstance(payload, ConversationArchived | ConversationUnarchived):
+            return (self.envelope.actor,)
         return ()
 
 

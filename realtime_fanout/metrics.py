@@ -9,4 +9,9 @@ ENTRIES_READ = Counter("parley_fanout_entries_read_total", "Log entries the hub 
 DELIVERIES = Counter("parley_fanout_deliveries_total", "Events queued to sessions (one per recipient)")
 CLOSES = Counter("parley_fanout_closes_total", "Connections the server closed, by close code", ["code"])
 RESYNCS = Counter("parley_fanout_resyncs_total", "Resync frames sent, by reason", ["reason"])
-HISTORY_READS = Counter("parley_fanout_history_reads_total", "History pages read from Redis", ["coalesced"])
+HISTORY_READS = Counter(
+    "parley_fanout_history_reads_total", "History pages read from a backend (redis|archive)", ["source"]
+)
+HISTORY_COALESCED = Counter(
+    "parley_fanout_history_coalesced_total", "History page reads served by a shared read", ["source"]
+)

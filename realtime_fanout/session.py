@@ -13,10 +13,12 @@ from enum import Enum
 
 import msgspec
 
+from events.schema import ConversationArchived, ConversationUnarchived
 from realtime_fanout.cursor import Cursor, stream_key
 from realtime_fanout.frames import EventFrame, EventsFrame, LiveFrame, encode_frame
 from realtime_fanout.item import Item
 from realtime_fanout.membership import Span, UserMemberships
+from realtime_fanout.unread import UnreadTracker, receipt
 
 FRAME_OVERHEAD_BYTES = 48
 
@@ -37,6 +39,7 @@ class Session:
         conversations: Iterable[str] | None = None,
         seed: Iterable[Span] = (),
         max_batch: int = 100,
+        unread: UnreadTracker | None = None,
     ) -> None:
         self.user_id = user_id
         self.cursor = cursor.copy()
@@ -47,8 +50,9 @@ class Session:
         self.pending_bytes = 0
         self.delivered = 0
         self._sent = cursor.copy()
+        self.unread = unread
         self._buffer: list[Item] = []
-        self._pending: list[Item | Cursor] = []
+        self._pending: list[Item | Cursor | bytes] = []
 
     def learn(self, spans: Iterable[Span]) -> None:
         """Add membership spans known from elsewhere (e.g. Postgres) before history is fed."""
@@ -99,23 +103,34 @@ class Session:
         self.pending_bytes += FRAME_OVERHEAD_BYTES
 
     def visible(self, item: Item) -> bool:
-        """True when the user may see `item` (membership at its seq, and the conversation filter)."""
-        cid = item.envelope.conversation_id
-        if self.conversations is not None and cid not in self.conversations:
+        """True when the user may see `item`: membership at its seq and the conversation filter; a user's
+        own archive/unarchive reaches all their connections, and nobody else's."""
+        env = item.envelope
+        if isinstance(env.payload, ConversationArchived | ConversationUnarchived):
+            return env.actor == self.user_id and self.memberships.can_see(env.conversation_id, env.seq)
+        if self.conversations is not None and env.conversation_id not in self.conversations:
             return False
-        return self.memberships.can_see(cid, item.envelope.seq)
+        return self.memberships.can_see(env.conversation_id, env.seq)
 
     def _consider(self, item: Item) -> None:
         self.memberships.apply(item.envelope)  # idempotent; also for covered items (cursor ahead of seed)
-        if self.cursor.covers(item.partition, item.key):
-            return
-        self.cursor.advance(item.partition, item.stream_id, item.key)
-        if self.visible(item):
-            self._pending.append(item)
-            self.pending_bytes += len(item.json) + FRAME_OVERHEAD_BYTES
+        cid = item.envelope.conversation_id
+        notes: list[bytes] = []
+        if self.unread is not None and (self.conversations is None or cid in self.conversations):
+            notes = self.unread.observe(item, self.memberships)  # once per item, even if covered
+        if not self.cursor.covers(item.partition, item.key):
+            self.cursor.advance(item.partition, item.stream_id, item.key)
+            if self.visible(item):
+                self._pending.append(item)
+                self.pending_bytes += len(item.json) + FRAME_OVERHEAD_BYTES
+                notes = receipt(item) + notes
+        for note in notes:
+            self._pending.append(note)
+            self.pending_bytes += len(note)
 
     def frames(self) -> list[bytes]:
-        """Drain everything pending as encoded frames; consecutive events become `events` batches."""
+        """Drain everything pending as encoded frames; consecutive events become `events` batches; a
+        notification (unread, read) follows the event that caused it."""
         out: list[bytes] = []
         run: list[Item] = []
         pending, self._pending = self._pending, []
@@ -130,6 +145,9 @@ class Session:
             if run:
                 out.append(self._batch(run, final=False))
                 run = []
+            if isinstance(entry, bytes):
+                out.append(entry)
+                continue
             self._sent = entry.copy()
             out.append(encode_frame(LiveFrame(entry.encode())))
         self.pending_bytes = sum(len(i.json) + FRAME_OVERHEAD_BYTES for i in self._buffer)

@@ -28,6 +28,9 @@ class FanoutSettings:
     replay_page: int = 500
     database_url: str | None = None
     archive_wait_s: float = 2.0
+    history_linger_s: float = 2.0
+    history_cache_pages: int = 64
+    unread_wait_s: float = 1.0
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> FanoutSettings:
@@ -48,4 +51,7 @@ class FanoutSettings:
             replay_page=env.int("PARLEY_FANOUT_REPLAY_PAGE", 500, minimum=1),
             database_url=env.optional_str("DATABASE_URL"),
             archive_wait_s=env.float("PARLEY_FANOUT_ARCHIVE_WAIT_S", 2.0, minimum=0.0),
+            history_linger_s=env.float("PARLEY_FANOUT_HISTORY_LINGER_S", 2.0, minimum=0.0),
+            history_cache_pages=env.int("PARLEY_FANOUT_HISTORY_CACHE_PAGES", 64, minimum=0),
+            unread_wait_s=env.float("PARLEY_FANOUT_UNREAD_WAIT_S", 1.0, minimum=0.0),
         )

@@ -1,0 +1,109 @@
+"""End to end: unread counts seeded from the real projector's read model, read receipts, own archive events."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from test_fanout_e2e import ROOT, Client, Log, appender, fanout_env, make_fanout
+
+from command_api import commands
+from command_api.append import Appender
+from command_api.bodies import MarkRead
+from command_api.commands import Context
+from devstack.ports import free_port
+
+__all__ = ["appender", "make_fanout"]  # fixtures
+
+
+@pytest.fixture
+def projector(redis_server_url: str, log_namespace: str, database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A real `python -m projector` on the test's log and database; yields the database URL."""
+    env = fanout_env(redis_server_url, log_namespace, DATABASE_URL=database_url)
+    env.update(PARLEY_PROJECTOR_HTTP_PORT=str(free_port()), PARLEY_PROJECTOR_BLOCK_MS="100")
+    with (tmp_path / "projector.log").open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "projector"], env=env, cwd=ROOT, stdout=out, stderr=out
+        )
+    try:
+        yield database_url
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+async def inbox(database_url: str, user: str, cid: str) -> tuple[int, int] | None:
+    """(unread_count, read_seq) of the read model, or None before the projector has the row."""
+    try:
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            cur = await conn.execute(
+                "SELECT unread_count, read_seq FROM parley.inbox WHERE user_id = %s AND conversation_id = %s",
+                (user, cid),
+            )
+            row = await cur.fetchone()
+    except psycopg.errors.UndefinedTable:
+        return None
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
+async def until_projected(database_url: str, user: str, cid: str, want: tuple[int, int]) -> None:
+    deadline = time.monotonic() + 20
+    while (got := await inbox(database_url, user, cid)) != want:
+        assert time.monotonic() < deadline, f"projector never reached {want} (at {got})"
+        await asyncio.sleep(0.05)
+
+
+def kinds(client: Client, kind: str) -> list[dict[str, Any]]:
+    return [f for f in client.control if f["type"] == kind]
+
+
+@pytest.mark.slow
+async def test_unread_counts_read_receipts_and_own_archive_reach_the_right_connections(
+    appender: Appender, make_fanout: Any, projector: str
+) -> None:
+    log = Log(appender)
+    await log.create("room", "alice", "bob")
+    await log.create("other", "bob")
+    for n in range(3):
+        await log.send("room", "alice", f"m{n}")
+    await until_projected(projector, "bob", "room", (3, 0))
+    fanout = await make_fanout(DATABASE_URL=projector, PARLEY_FANOUT_UNREAD_WAIT_S="10")
+    bob = await Client.open(fanout.url, "bob")
+    bob_other = await Client.open(fanout.url, "bob", conversations=["other"])
+    alice = await Client.open(fanout.url, "alice")
+    await log.send("room", "alice", "m3")
+    await bob.until(lambda c: kinds(c, "unread"))
+    unread = {"type": "unread", "conversation_id": "room", "unread": 4, "read_seq": 0, "seq": 5}
+    assert kinds(bob, "unread") == [unread]
+    m3 = next(e for e in bob.events if e["payload"].get("body") == "m3")
+    assert m3["seq"] == 5
+    await appender.append(
+        commands.delete_message(Context(actor="alice"), "room", m3["payload"]["message_id"])
+    )
+    await bob.until(lambda c: len(kinds(c, "unread")) == 2)
+    assert kinds(bob, "unread")[-1] == {**unread, "unread": 3, "seq": 6}
+    await appender.append(commands.mark_read(Context(actor="bob"), "room", MarkRead(up_to_seq=3)))
+    await bob.until(lambda c: len(kinds(c, "unread")) == 3)
+    receipt = {"type": "read", "conversation_id": "room", "user_id": "bob", "up_to_seq": 3, "seq": 7}
+    assert kinds(bob, "read") == [receipt]
+    assert kinds(bob, "unread")[-1] == {**unread, "unread": 1, "read_seq": 3, "seq": 7}
+    await alice.until(lambda c: kinds(c, "read"))
+    assert kinds(alice, "read") == [receipt] and kinds(alice, "unread") == []  # alice wrote them all
+    await until_projected(projector, "bob", "room", (1, 3))  # the read model agrees
+    await appender.append(commands.archive(Context(actor="bob"), "room"))
+    await log.send("other", "bob", "marker")
+    await log.send("room", "bob", "after")
+    for client in (bob, bob_other):  # every connection of bob's, the one filtered to "other" too
+        await client.until(lambda c: "marker" in c.bodies())
+        assert "conversation_archived" in [e["payload"]["type"] for e in client.events]
+    await alice.until(lambda c: "after" in c.bodies())
+    assert "conversation_archived" not in [e["payload"]["type"] for e in alice.events]  # nobody else's
+    for client in (bob, bob_other, alice):
+        await client.close()
