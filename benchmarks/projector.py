@@ -198,7 +198,8 @@ async def main() -> None:
                 report = await asyncio.wait_for(rebuild(settings), args.limit_s)
                 print(f"rebuild of {args.events} events: {report.seconds:.1f}s "
                       f"({report.from_archive} from the archive, {report.from_log} from the log, "
-                      f"writers paused {report.swap_ms:.0f} ms)")  # fmt: skip
+                      f"writers paused {report.swap_ms:.0f} ms; archive fold {report.archive_s:.1f}s "
+                      f"in {settings.rebuild_processes} processes, index builds {report.index_s:.1f}s)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -76,12 +76,24 @@ async def rebuild_main() -> int:
     return 0
 
 
+async def rebuild_archive_main(schema: str, partitions: list[int]) -> int:
+    from projector.rebuild import fold_archive_into
+    from projector.settings import ProjectorSettings
+
+    folded = await fold_archive_into(ProjectorSettings.from_env(auth=False), schema, partitions)
+    print(f"folded {folded} archived events of partitions {partitions} into {schema}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m projector")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the worker and the query API (the default)")
     sub.add_parser("redrive", help="re-apply pending dead letters to the live read models")
     sub.add_parser("rebuild", help="rebuild the read models from the archive and the log, swap them in")
+    part = sub.add_parser("rebuild-archive", help="(internal) one process of a rebuild's archive phase")
+    part.add_argument("--schema", required=True)
+    part.add_argument("--partitions", required=True, help="comma-separated partition numbers")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -89,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(redrive_main())
         if args.command == "rebuild":
             return asyncio.run(rebuild_main())
+        if args.command == "rebuild-archive":
+            partitions = [int(p) for p in args.partitions.split(",")]
+            return asyncio.run(rebuild_archive_main(args.schema, partitions))
         return asyncio.run(serve())
     except ServiceKitError as exc:
         print(f"error: {exc}", file=sys.stderr)

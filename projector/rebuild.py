@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +49,8 @@ class RebuildReport:
     from_log: int = 0
     archived_at_swap: int = 0
     swap_ms: float = 0.0
+    archive_s: float = 0.0
+    index_s: float = 0.0
     seconds: float = 0.0
 
 
@@ -83,11 +87,14 @@ async def rebuild(settings: ProjectorSettings) -> RebuildReport:
                 await worker.store.ensure_checkpoints(conn, partitions)
                 await Store().ensure_checkpoints(conn, partitions)
             projectors = {p: PartitionProjector(worker, p) for p in partitions}
-            counts = await asyncio.gather(*(_from_archive(pr) for pr in projectors.values()))
-            report.from_archive = sum(counts)
+            phase = time.perf_counter()
+            report.from_archive = await _archive_phase(settings, name, projectors)
+            report.archive_s = time.perf_counter() - phase
             report.from_log += sum(await asyncio.gather(*(_from_log(pr) for pr in projectors.values())))
+            phase = time.perf_counter()
             for text in indexes:
                 await admin.execute(text.encode())
+            report.index_s = time.perf_counter() - phase
             report.from_log += sum(await asyncio.gather(*(_from_log(pr) for pr in projectors.values())))
             await _swap(admin, worker, projectors, report, n)
             swapped = True
@@ -125,6 +132,42 @@ async def _drop_secondary_indexes(admin: psycopg.AsyncConnection[Any], schema: s
     for index, _definition in found:
         await admin.execute(sql.SQL("DROP INDEX {}.{}").format(sql.Identifier(schema), sql.Identifier(index)))
     return [str(definition) for _index, definition in found]
+
+
+async def _archive_phase(
+    settings: ProjectorSettings, schema: str, projectors: dict[int, PartitionProjector]
+) -> int:
+    """Fold every partition's archive into `schema`: in this process, or split over child processes
+    (`rebuild_processes`), since folding is CPU-bound and one process uses one core."""
+    processes = min(settings.rebuild_processes, len(projectors))
+    if processes <= 1:
+        return sum(await asyncio.gather(*(_from_archive(pr) for pr in projectors.values())))
+    groups = [list(projectors)[i::processes] for i in range(processes)]
+    env = {**os.environ, **settings.child_env()}
+    command = [sys.executable, "-m", "projector", "rebuild-archive", "--schema", schema, "--partitions"]
+    children = [
+        await asyncio.create_subprocess_exec(*command, ",".join(map(str, group)), env=env) for group in groups
+    ]
+    codes = await asyncio.gather(*(child.wait() for child in children))
+    if any(codes):
+        raise RebuildError(f"an archive fold process failed (exit codes {codes})")
+    before = 0
+    for pr in projectors.values():
+        await pr.load()
+        before += pr.applied
+    return before
+
+
+async def fold_archive_into(settings: ProjectorSettings, schema: str, partitions: list[int]) -> int:
+    """The child side of `_archive_phase`: fold `partitions`' archives into `schema`; returns how many."""
+    worker = Worker(settings, use_leases=False, store=Store(schema, archive=False), observe=False)
+    try:
+        await worker.pool.open(wait=True)
+        worker.epoch = await worker.log.open(create=False)
+        projectors = [PartitionProjector(worker, p) for p in partitions]
+        return sum(await asyncio.gather(*(_from_archive(pr) for pr in projectors)))
+    finally:
+        await worker.close()
 
 
 async def _from_archive(pr: PartitionProjector) -> int:

@@ -29,6 +29,17 @@ class ProjectorSettings:
     cache_conversations: int = 50_000
     retry_max_s: float = 10.0
     max_lag_s: float = 30.0
+    rebuild_processes: int = 2
+
+    def child_env(self) -> dict[str, str]:
+        """The environment a child process needs to read the same log into the same database."""
+        return {
+            "REDIS_URL": self.log.redis_url,
+            "PARLEY_LOG_NAMESPACE": self.log.namespace,
+            "PARLEY_PARTITIONS": str(self.log.partitions),
+            "DATABASE_URL": self.database_url,
+            "PARLEY_PROJECTOR_BATCH": str(self.batch),
+        }
 
     @classmethod
     def from_env(cls, env: Env | None = None, *, auth: bool = True) -> ProjectorSettings:
@@ -49,4 +60,5 @@ class ProjectorSettings:
             cache_conversations=env.int("PARLEY_PROJECTOR_CACHE_CONVERSATIONS", 50_000, minimum=1),
             retry_max_s=env.float("PARLEY_PROJECTOR_RETRY_MAX_S", 10.0, minimum=0.1),
             max_lag_s=env.float("PARLEY_PROJECTOR_MAX_LAG_S", 30.0, minimum=0),
+            rebuild_processes=env.int("PARLEY_PROJECTOR_REBUILD_PROCESSES", 2, minimum=1),
         )

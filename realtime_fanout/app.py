@@ -26,6 +26,7 @@ from realtime_fanout.history import History
 from realtime_fanout.hub import Hub
 from realtime_fanout.pageflights import PageFlights
 from realtime_fanout.settings import FanoutSettings
+from realtime_fanout.signalbus import SignalBus
 from realtime_fanout.unreadseed import UnreadSeeder
 from servicekit.auth import TokenVerifier
 from servicekit.health import add_health_routes
@@ -66,6 +67,10 @@ class Services:
             history_log, settings.replay_page, archive, settings.archive_wait_s, self._flights()
         )
         self.verifier = TokenVerifier(settings.auth)
+        self.bus = SignalBus(
+            self.redis, self.hub, typing_ttl_s=settings.typing_ttl_s, typing_per_s=settings.typing_per_s,
+            presence_ttl_s=settings.presence_ttl_s,
+        )  # fmt: skip
         self._starter: asyncio.Task[None] | None = None
 
     def _flights(self) -> PageFlights[Any]:
@@ -75,6 +80,7 @@ class Services:
         """Start the hub now if the log exists, else keep trying in the background."""
         if self.pool is not None:
             await self.pool.open(wait=False)
+        await self.bus.start()
         try:
             await self.hub.start()
         except (LogError, redis.exceptions.RedisError, psycopg.Error) as exc:
@@ -97,6 +103,7 @@ class Services:
             self._starter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._starter
+        await self.bus.stop()
         await self.hub.stop()
         if self.pool is not None:
             await self.pool.close()
@@ -124,8 +131,9 @@ def create_app(settings: FanoutSettings | None = None) -> FastAPI:
     async def stream(websocket: WebSocket) -> None:
         services: Services = websocket.app.state.services
         connection = Connection(
-            websocket, services.hub, services.history, services.verifier, settings, services.seeder
-        )
+            websocket, services.hub, services.history, services.verifier, settings, services.seeder,
+            services.bus,
+        )  # fmt: skip
         await connection.run()
 
     async def redis_ready(request: Request) -> None:

@@ -22,6 +22,7 @@ from realtime_fanout.frames import (
     ErrorFrame,
     ResyncFrame,
     Subscribe,
+    Typing,
     decode_client_message,
     encode_frame,
 )
@@ -31,6 +32,7 @@ from realtime_fanout.item import Item
 from realtime_fanout.metrics import CLOSES, CONNECTIONS, RESYNCS
 from realtime_fanout.session import Session
 from realtime_fanout.settings import FanoutSettings
+from realtime_fanout.signalbus import SignalBus
 from realtime_fanout.unread import UnreadSeed, UnreadTracker
 from realtime_fanout.unreadseed import UnreadSeeder
 from servicekit.auth import Principal, TokenVerifier
@@ -62,9 +64,11 @@ class Connection:
         verifier: TokenVerifier,
         settings: FanoutSettings,
         seeder: UnreadSeeder | None = None,
+        bus: SignalBus | None = None,
     ) -> None:
         self.ws = ws
         self.seeder = seeder
+        self.bus = bus
         self.hub = hub
         self.history = history
         self.verifier = verifier
@@ -78,6 +82,9 @@ class Connection:
         self._close_code = closecodes.NORMAL
         self._close_reason = ""
         self._attached = False
+        self._joined = False
+        self._control_bytes = 0
+        self._held: list[bytes] | None = []  # presence frames wait for the snapshot
 
     @property
     def user_id(self) -> str:
@@ -91,6 +98,30 @@ class Connection:
             return
         session.feed_live(item)
         if session.pending_bytes > self.settings.max_buffer_bytes:
+            self._close(closecodes.SLOW_CONSUMER, "slow-consumer")
+        else:
+            self._wake.set()
+
+    def signal(self, frame: bytes, *, presence: bool) -> None:
+        """Queue an ephemeral frame (typing, presence); never blocks, closes with 4008 on overflow."""
+        if self._closing.is_set():
+            return
+        if presence and self._held is not None:
+            self._held.append(frame)
+            return
+        self._queue_control(frame)
+
+    def presence_ready(self, snapshot: bytes | None) -> None:
+        """Queue the presence snapshot, then the presence frames that arrived while it was read."""
+        held, self._held = self._held or [], None
+        for frame in ([snapshot] if snapshot is not None else []) + held:
+            self._queue_control(frame)
+
+    def _queue_control(self, frame: bytes) -> None:
+        self._control.append(frame)
+        self._control_bytes += len(frame)
+        pending = self._control_bytes + (self.session.pending_bytes if self.session is not None else 0)
+        if pending > self.settings.max_buffer_bytes:
             self._close(closecodes.SLOW_CONSUMER, "slow-consumer")
         else:
             self._wake.set()
@@ -115,6 +146,9 @@ class Connection:
             await self._subscribe(subscribe)
             subscribed = True
             CONNECTIONS.inc()
+            if self.bus is not None and not self._closing.is_set():
+                self._joined = True
+                await self.bus.join(self)
             await self._serve()
         except Closing as closing:
             self._close_code, self._close_reason = closing.code, closing.reason
@@ -129,6 +163,8 @@ class Connection:
             self._detach()
             if subscribed:
                 CONNECTIONS.dec()
+            if self._joined and self.bus is not None:
+                await self.bus.leave(self)
         if self._close_code >= 0:
             CLOSES.labels(str(self._close_code)).inc()
             with contextlib.suppress(Exception):
@@ -142,7 +178,7 @@ class Connection:
                 return proto, proto[len(SUBPROTOCOL_PREFIX) :]
         return None, self.ws.query_params.get("token")
 
-    async def _receive(self, wait_s: float | None) -> Auth | Subscribe:
+    async def _receive(self, wait_s: float | None) -> Auth | Subscribe | Typing:
         try:
             text = await asyncio.wait_for(self.ws.receive_text(), wait_s)
         except TimeoutError:
@@ -175,6 +211,8 @@ class Connection:
                 self._authenticate(message.token)
             elif self.principal is None:
                 raise Closing(closecodes.UNAUTHORIZED, "missing-token", "the first message must be auth")
+            elif isinstance(message, Typing):
+                raise Closing(closecodes.PROTOCOL_ERROR, "protocol-error", "subscribe before typing")
             else:
                 return message
 
@@ -224,6 +262,7 @@ class Connection:
 
     async def _flush(self) -> None:
         control, self._control = self._control, []
+        self._control_bytes = 0
         for frame in control:
             await self._send(frame)
         if self.session is not None:
@@ -259,6 +298,9 @@ class Connection:
             message = await self._receive(None)
             if isinstance(message, Auth):
                 self._authenticate(message.token)
+            elif isinstance(message, Typing):
+                if self.bus is not None:
+                    await self.bus.typing(self, message)
             else:
                 detail = "subscribe once per connection"
                 raise Closing(closecodes.PROTOCOL_ERROR, "already-subscribed", detail)

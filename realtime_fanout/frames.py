@@ -9,7 +9,11 @@ Server → client (`type`):
   error    {"type":"error","reason":R,"detail":D}              sent just before a protocol-error close
   unread   {"type":"unread","conversation_id":C,"unread":N,"read_seq":R,"seq":S}   after the event at S
   read     {"type":"read","conversation_id":C,"user_id":U,"up_to_seq":S,"seq":Q}   a read receipt
-Client → server: {"type":"auth","token":T} and {"type":"subscribe","cursor":C?,"conversations":[...]?}.
+  typing   {"type":"typing","conversation_id":C,"user_id":U,"state":"start"|"stop"}  ephemeral
+  presence {"type":"presence","user_id":U,"online":B,"last_seen":T|null}         ephemeral transition
+  presence_snapshot {"type":"presence_snapshot","users":[{"user_id","online","last_seen"}, ...]}
+Client → server: {"type":"auth","token":T}, {"type":"subscribe","cursor":C?,"conversations":[...]?} and,
+after subscribe, {"type":"typing","conversation_id":C,"state":"start"|"stop"}.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import msgspec
 
 from realtime_fanout.exceptions import ProtocolViolation
+from realtime_fanout.presence import PresenceEntry
+from realtime_fanout.signals import TypingState
 
 MAX_CLIENT_MESSAGE_BYTES = 16_384
 
@@ -34,7 +40,14 @@ class Subscribe(msgspec.Struct, frozen=True, tag="subscribe", tag_field="type"):
     conversations: list[str] | None = None
 
 
-ClientMessage = Auth | Subscribe
+class Typing(msgspec.Struct, frozen=True, tag="typing", tag_field="type"):
+    """The sender started or stopped typing in a conversation (ignored unless a current participant)."""
+
+    conversation_id: str
+    state: TypingState
+
+
+ClientMessage = Auth | Subscribe | Typing
 
 _client_decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)
 
@@ -100,6 +113,28 @@ class ReadFrame(msgspec.Struct, frozen=True, tag="read", tag_field="type"):
     seq: int
 
 
+class TypingFrame(msgspec.Struct, frozen=True, tag="typing", tag_field="type"):
+    """`user_id` started or stopped typing in `conversation_id` (a stop also follows an expired start)."""
+
+    conversation_id: str
+    user_id: str
+    state: TypingState
+
+
+class PresenceFrame(msgspec.Struct, frozen=True, tag="presence", tag_field="type"):
+    """`user_id` went online, or offline (`last_seen` in unix seconds; null while online)."""
+
+    user_id: str
+    online: bool
+    last_seen: float | None
+
+
+class PresenceSnapshotFrame(msgspec.Struct, frozen=True, tag="presence_snapshot", tag_field="type"):
+    """Presence of everyone sharing a conversation with you, sent once after subscribe."""
+
+    users: list[PresenceEntry]
+
+
 ServerFrame = (
     EventFrame
     | EventsFrame
@@ -109,6 +144,9 @@ ServerFrame = (
     | ErrorFrame
     | UnreadFrame
     | ReadFrame
+    | TypingFrame
+    | PresenceFrame
+    | PresenceSnapshotFrame
 )
 
 _encoder = msgspec.json.Encoder()

@@ -15,3 +15,10 @@ HISTORY_READS = Counter(
 HISTORY_COALESCED = Counter(
     "parley_fanout_history_coalesced_total", "History page reads served by a shared read", ["source"]
 )
+TYPING_DROPPED = Counter(
+    "parley_fanout_typing_dropped_total", "Typing signals dropped (rate|not-participant)", ["reason"]
+)
+SIGNALS_DELIVERED = Counter(
+    "parley_fanout_signals_delivered_total", "Ephemeral frames queued to connections", ["kind"]
+)
+SIGNAL_ERRORS = Counter("parley_fanout_signal_errors_total", "Failed presence/pub-sub Redis calls", ["op"])

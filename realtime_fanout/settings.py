@@ -31,6 +31,9 @@ class FanoutSettings:
     history_linger_s: float = 2.0
     history_cache_pages: int = 64
     unread_wait_s: float = 1.0
+    typing_ttl_s: float = 5.0
+    typing_per_s: float = 2.0
+    presence_ttl_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> FanoutSettings:
@@ -54,4 +57,7 @@ class FanoutSettings:
             history_linger_s=env.float("PARLEY_FANOUT_HISTORY_LINGER_S", 2.0, minimum=0.0),
             history_cache_pages=env.int("PARLEY_FANOUT_HISTORY_CACHE_PAGES", 64, minimum=0),
             unread_wait_s=env.float("PARLEY_FANOUT_UNREAD_WAIT_S", 1.0, minimum=0.0),
+            typing_ttl_s=env.float("PARLEY_FANOUT_TYPING_TTL_S", 5.0, minimum=0.1),
+            typing_per_s=env.float("PARLEY_FANOUT_TYPING_PER_S", 2.0, minimum=0.0),
+            presence_ttl_s=env.float("PARLEY_FANOUT_PRESENCE_TTL_S", 30.0, minimum=0.3),
         )

@@ -1,0 +1,216 @@
+"""The ephemeral-signal edge of one process: one pub/sub subscription, presence heartbeats and sweeps,
+typing expiry; signals are routed in memory through the hub's membership index to local connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Protocol
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from realtime_fanout.frames import PresenceFrame, PresenceSnapshotFrame, Typing, TypingFrame, encode_frame
+from realtime_fanout.hub import Hub
+from realtime_fanout.metrics import SIGNAL_ERRORS, SIGNALS_DELIVERED, TYPING_DROPPED
+from realtime_fanout.presence import PresenceStore
+from realtime_fanout.signals import (
+    PresenceSignal,
+    RateLimiter,
+    TypingSignal,
+    TypingState,
+    TypingTracker,
+    decode_signal,
+    encode_signal,
+    presence_recipients,
+    typing_recipients,
+)
+
+log = logging.getLogger(__name__)
+
+TOUCH_CHUNK = 200
+SWEEP_LIMIT = 100
+SWEEP_ROUNDS = 10
+POLL_S = 1.0
+
+
+class SignalTarget(Protocol):
+    """What the bus needs of a connection: identity, filter, and a non-blocking `signal`."""
+
+    @property
+    def user_id(self) -> str: ...
+
+    @property
+    def conversations(self) -> frozenset[str] | None: ...
+
+    def signal(self, frame: bytes, *, presence: bool) -> None:
+        """Queue one ephemeral frame; must not block (presence frames wait for the snapshot)."""
+
+    def presence_ready(self, snapshot: bytes | None) -> None:
+        """Queue the snapshot (if any), then release the presence frames held until now."""
+
+
+class SignalBus:
+    """Typing and presence for the local connections; `start` subscribes once, `stop` ends every task."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        hub: Hub,
+        *,
+        typing_ttl_s: float,
+        typing_per_s: float,
+        presence_ttl_s: float,
+    ) -> None:
+        self.redis = redis
+        self.hub = hub
+        self.store = PresenceStore(redis, hub.layout.namespace, presence_ttl_s)
+        self.presence_ttl_s = presence_ttl_s
+        self.limiter = RateLimiter(typing_per_s)
+        self.tracker = TypingTracker(typing_ttl_s)
+        self._conns: dict[str, dict[SignalTarget, str]] = {}
+        self._typing_wake = asyncio.Event()
+        self._touching = asyncio.Lock()  # a heartbeat must not re-add a record that `leave` removed
+        self._tasks: list[asyncio.Task[None]] = []
+        self.subscribed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="fanout-signals"),
+            asyncio.create_task(self._heartbeat(), name="fanout-presence"),
+            asyncio.create_task(self._expire(), name="fanout-typing-expiry"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def join(self, conn: SignalTarget) -> None:
+        """Register `conn`, record its presence, then queue its presence snapshot (Redis failures: none)."""
+        conn_id = uuid.uuid4().hex
+        self._conns.setdefault(conn.user_id, {})[conn] = conn_id
+        snapshot: bytes | None = None
+        try:
+            await self.store.touch([(conn_id, conn.user_id)])
+            entries = await self.store.snapshot(sorted(presence_recipients(self.hub.index, conn.user_id)))
+            snapshot = encode_frame(PresenceSnapshotFrame(entries))
+        except redis.exceptions.RedisError as exc:
+            SIGNAL_ERRORS.labels("join").inc()
+            log.warning("presence join of %s failed: %s", conn.user_id, exc)
+        conn.presence_ready(snapshot)
+
+    async def leave(self, conn: SignalTarget) -> None:
+        """Unregister `conn` and forget its presence record (if Redis fails, the record expires)."""
+        conns = self._conns.get(conn.user_id, {})
+        conn_id = conns.pop(conn, None)
+        if not conns:
+            self._conns.pop(conn.user_id, None)
+        if conn_id is None:
+            return
+        try:
+            async with self._touching:
+                await self.store.leave(conn_id, conn.user_id)
+        except redis.exceptions.RedisError as exc:
+            SIGNAL_ERRORS.labels("leave").inc()
+            log.warning("presence leave of %s failed (it will expire): %s", conn.user_id, exc)
+
+    async def typing(self, conn: SignalTarget, message: Typing) -> None:
+        """Publish a participant's typing signal, rate-limited per user; others are dropped and counted."""
+        user, cid = conn.user_id, message.conversation_id
+        if user not in self.hub.index.members.get(cid, ()):
+            TYPING_DROPPED.labels("not-participant").inc()
+            return
+        if not self.limiter.allow(user, time.monotonic()):
+            TYPING_DROPPED.labels("rate").inc()
+            return
+        payload = encode_signal(TypingSignal(cid, user, message.state))
+        try:
+            await self.redis.publish(self.store.channel, payload)
+        except redis.exceptions.RedisError as exc:
+            SIGNAL_ERRORS.labels("publish").inc()
+            log.warning("typing publish failed: %s", exc)
+
+    def on_message(self, data: bytes) -> None:
+        """Route one pub/sub payload to the local connections that may receive it."""
+        signal = decode_signal(data)
+        if isinstance(signal, TypingSignal):
+            now = time.monotonic()
+            cid, user = signal.conversation_id, signal.user_id
+            if signal.state == "start":
+                changed = self.tracker.start(cid, user, now)
+                self._typing_wake.set()
+            else:
+                changed = self.tracker.stop(cid, user)
+            if changed:
+                self._deliver_typing(cid, user, signal.state)
+        elif isinstance(signal, PresenceSignal):
+            last_seen = None if signal.last_seen is None else signal.last_seen / 1000
+            frame = encode_frame(PresenceFrame(signal.user_id, signal.online, last_seen))
+            for target in presence_recipients(self.hub.index, signal.user_id):
+                for conn in self._conns.get(target, {}):
+                    conn.signal(frame, presence=True)
+                    SIGNALS_DELIVERED.labels("presence").inc()
+
+    def _deliver_typing(self, cid: str, user: str, state: TypingState) -> None:
+        frame = encode_frame(TypingFrame(cid, user, state))
+        for target in typing_recipients(self.hub.index.members.get(cid, ()), user):
+            for conn in self._conns.get(target, {}):
+                if conn.conversations is None or cid in conn.conversations:
+                    conn.signal(frame, presence=False)
+                    SIGNALS_DELIVERED.labels("typing").inc()
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.store.channel)
+                self.subscribed.set()
+                backoff = 0.1
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=POLL_S)
+                    if message is not None and message.get("type") == "message":
+                        self.on_message(message["data"])
+            except redis.exceptions.RedisError as exc:
+                self.subscribed.clear()
+                SIGNAL_ERRORS.labels("subscribe").inc()
+                log.warning("signal subscription failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.presence_ttl_s / 3)
+            try:
+                async with self._touching:
+                    pairs = [(cid, user) for user, conns in self._conns.items() for cid in conns.values()]
+                    for start in range(0, len(pairs), TOUCH_CHUNK):
+                        await self.store.touch(pairs[start : start + TOUCH_CHUNK])
+                for _ in range(SWEEP_ROUNDS):
+                    seen, _offline = await self.store.sweep(SWEEP_LIMIT)
+                    if seen < SWEEP_LIMIT:
+                        break
+            except redis.exceptions.RedisError as exc:
+                SIGNAL_ERRORS.labels("heartbeat").inc()
+                log.warning("presence heartbeat failed: %s", exc)
+
+    async def _expire(self) -> None:
+        while True:
+            deadline = self.tracker.next_deadline()
+            wait_s = POLL_S if deadline is None else max(0.0, deadline - time.monotonic())
+            self._typing_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._typing_wake.wait(), min(wait_s, POLL_S))
+            for cid, user in self.tracker.expire(time.monotonic()):
+                self._deliver_typing(cid, user, "stop")
