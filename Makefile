@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench bench-commands bench-fanout clean
+.PHONY: run test lint typecheck bench bench-commands bench-projector bench-fanout clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +32,13 @@ $(VENV)/.bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $(VENV)/.bench
 
+bench-projector: $(STAMP)
+	$(BIN)/python -m benchmarks.projector
+
 bench-fanout: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.fanout
 
-bench: bench-commands bench-fanout
+bench: bench-commands bench-projector bench-fanout
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

@@ -37,7 +37,9 @@ async def _subscriber(
 ) -> bool:
     url = f"ws://127.0.0.1:{port}/ws/chat/?user=u{index}&conversations={','.join(conversations)}"
     try:
-        async with websockets.connect(url, compression=None, max_queue=None, open_timeout=30) as ws:
+        async with websockets.connect(
+            url, compression=None, max_queue=None, open_timeout=30, ping_interval=None
+        ) as ws:
             ready.set()
             decoder = msgspec.json.Decoder()
             while not stop.is_set():

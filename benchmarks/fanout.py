@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import msgspec
 import redis.asyncio as aioredis
 import websockets
 
-from benchmarks.fanout_load import FanoutLoad, Tally, paced, wait_quiet
+from benchmarks.fanout_load import FanoutLoad, Tally, wait_quiet
 from benchmarks.machine import describe
 from command_api import commands
 from command_api.append import Appender
@@ -129,16 +130,25 @@ def _message_ids(frame: dict[str, Any]) -> Iterator[tuple[str, float]]:
 async def parley_subscriber(
     port: int, stack: Stack, index: int, tally: Tally, ready: asyncio.Event, stop: asyncio.Event
 ) -> None:
+    try:
+        await _parley_subscriber(port, stack, index, tally, ready, stop)
+    except websockets.ConnectionClosed:
+        tally.disconnects += 1  # reported: a dropped subscriber shows up as lost deliveries
+
+
+async def _parley_subscriber(
+    port: int, stack: Stack, index: int, tally: Tally, ready: asyncio.Event, stop: asyncio.Event
+) -> None:
     async with websockets.connect(
-        f"ws://127.0.0.1:{port}/v1/stream", compression=None, max_queue=None, open_timeout=30
+        f"ws://127.0.0.1:{port}/v1/stream",
+        compression=None,
+        max_queue=None,
+        open_timeout=30,
+        ping_interval=None,  # the server sends the heartbeats; a busy measuring loop must not time out
     ) as ws:
         await ws.send(msgspec.json.encode({"type": "auth", "token": stack.token(f"u{index}")}).decode())
         await ws.send('{"type":"subscribe"}')
-        while not stop.is_set():
-            try:
-                raw = await asyncio.wait_for(ws.recv(), 0.5)
-            except TimeoutError:
-                continue
+        async for raw in ws:
             frame = _decoder.decode(raw)
             if frame["type"] == "live":
                 ready.set()
@@ -182,28 +192,27 @@ async def parley_phase(
                 pending = []
         await asyncio.gather(*pending)
     else:
-        headers = {i: {"Authorization": f"Bearer {stack.token(f'u{i}')}"} for i in range(load.subscribers)}
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=10) as http:
-            inflight: list[asyncio.Task[httpx.Response]] = []
-            n = 0
-            async for c, message_id in paced(load.sends(), load.rate_per_s):
-                message_id = f"{tag}-{message_id}"
-                sender = members[c][n % len(members[c])]
-                n += 1
-                body = {"body": f"{message_id}|{time.time()}", "message_id": message_id}
-                inflight.append(
-                    asyncio.create_task(
-                        http.post(f"/v1/conversations/{c}/messages", json=body, headers=headers[sender])
-                    )
-                )
-            answers = await asyncio.gather(*inflight)
-            refused = [a for a in answers if a.status_code != 202]
-            if refused:
-                raise RuntimeError(f"{len(refused)} sends refused, e.g. {refused[0].text}")
+        sends = []
+        for n, (c, message_id) in enumerate(load.sends()):
+            sender = f"u{members[c][n % len(members[c])]}"
+            sends.append([c, stack.token(sender), f"{tag}-{message_id}"])
+        plan = {"port": api_port, "rate_per_s": load.rate_per_s, "connections": 32, "sends": sends}
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(plan, f)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks.sender", f.name, stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc.communicate()
+        os.unlink(f.name)
+        statuses = json.loads(out)
+        if set(statuses) != {"202"}:
+            raise RuntimeError(f"sender got {statuses}")
     publish_s = time.perf_counter() - started
     expected = load.expected_deliveries()
     await wait_quiet(tally, expected, quiet_s=3.0, deadline=time.perf_counter() + load.max_seconds)
     stop.set()
+    for task in tasks:
+        task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return tally, expected, publish_s
 
@@ -219,14 +228,10 @@ async def ceiling_phase(load: FanoutLoad) -> Tally:
 
         async def subscriber(index: int, ready: asyncio.Event) -> None:
             async with websockets.connect(
-                f"ws://127.0.0.1:{port}/?i={index}", compression=None, max_queue=None
+                f"ws://127.0.0.1:{port}/?i={index}", compression=None, max_queue=None, ping_interval=None
             ) as ws:
                 ready.set()
-                while not stop.is_set():
-                    try:
-                        raw = await asyncio.wait_for(ws.recv(), 0.5)
-                    except TimeoutError:
-                        continue
+                async for raw in ws:
                     message = _decoder.decode(raw)
                     tally.record(index, message["id"], message["sent"])
 
@@ -241,6 +246,8 @@ async def ceiling_phase(load: FanoutLoad) -> Tally:
             )
             await control.recv()
         stop.set()
+        for task in tasks:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         proc.terminate()
@@ -314,7 +321,7 @@ async def resume_phase(stack: Stack, fanout_port: int, missed: int) -> float:
 def line(name: str, tally: Tally, expected: int, extra: str = "") -> str:
     return (
         f"{name:<34} {tally.rate():>10,.0f} deliveries/s   delivered {tally.unique:,}/{expected:,}   "
-        f"lost {expected - tally.unique:,}   dup {tally.duplicates}   "
+        f"lost {expected - tally.unique:,}   dup {tally.duplicates}   disconnects {tally.disconnects}   "
         f"p50 {tally.percentile_ms(0.5):7.2f} ms   p99 {tally.percentile_ms(0.99):7.2f} ms {extra}"
     )
 

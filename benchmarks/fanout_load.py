@@ -60,6 +60,7 @@ class Tally:
     latencies_s: list[float] = field(default_factory=list)
     first_at: float | None = None
     last_at: float | None = None
+    disconnects: int = 0
 
     def record(self, subscriber: int, message_id: str, sent_at: float | None = None) -> None:
         now = time.perf_counter()

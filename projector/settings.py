@@ -1,4 +1,4 @@
-"""The projector's settings, read once from the environment (see README_SECTION.md, Configuration)."""
+"""The projector's settings, read once from the environment (see README.md, its Configuration)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""WebSocket close codes the fanout uses; each is documented in README_SECTION.md."""
+"""WebSocket close codes the fanout uses; each is documented in README.md (Close codes)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fanout's settings, read once from the environment (see README_SECTION.md, Configuration)."""
+"""The fanout's settings, read once from the environment (see README.md, its Configuration)."""
 
 from __future__ import annotations
 
