@@ -418,6 +418,25 @@ async def test_slow_consumer_is_closed_4008_and_others_are_unaffected(
     await alice.close()
 
 
+async def test_a_client_that_misses_pongs_is_closed_and_one_that_answers_stays(
+    appender: Appender, make_fanout: Any
+) -> None:
+    """Server heartbeats: a connection that never answers pings is closed within interval + timeout;
+    a client that answers (the websockets library does by itself) stays connected through many pings."""
+    log = Log(appender)
+    await log.create("room", "alice", "bob")
+    fanout = await make_fanout(PARLEY_FANOUT_PING_INTERVAL_S="0.5", PARLEY_FANOUT_PING_TIMEOUT_S="0.5")
+    alice = await Client.open(fanout.url, "alice")
+    silent = await StuckClient.open(fanout.port, "bob")
+    started = time.monotonic()
+    assert await silent.close_code(wait_s=8) in (None, 1011)  # keepalive ping timeout, or dropped
+    assert time.monotonic() - started < 8
+    await asyncio.sleep(1.5)  # three more ping rounds for alice
+    await log.send("room", "bob", "alice is still connected")
+    await alice.until(lambda c: c.bodies()[-1:] == ["alice is still connected"])
+    await alice.close()
+
+
 async def test_graceful_shutdown_closes_1012_and_a_restart_resumes(
     appender: Appender, make_fanout: Any
 ) -> None:
