@@ -7,8 +7,6 @@ serves health, metrics and the OpenAPI document. Every error is RFC 9457 problem
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -23,6 +21,7 @@ from command_api.openapi import add_command_paths
 from command_api.services import Services
 from command_api.settings import CommandApiSettings
 from servicekit.health import add_health_routes
+from servicekit.lifespan import services_lifespan
 from servicekit.problems import problem_response
 
 log = logging.getLogger(__name__)
@@ -41,21 +40,11 @@ def create_app(settings: CommandApiSettings | None = None) -> CommandApp:
     """Build the command API; Redis is connected in the lifespan, so building has no side effect."""
     settings = settings or CommandApiSettings.from_env()
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = Services(settings)
-        app.state.services = services
-        await services.open()
-        try:
-            yield
-        finally:
-            await services.close()
-
     app = CommandApp(
         title="Parley command API",
         version="1",
         summary="Commands that append events to the Parley log.",
-        lifespan=lifespan,
+        lifespan=services_lifespan(lambda: Services(settings)),
     )
 
     def services() -> Services:

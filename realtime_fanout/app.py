@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
@@ -30,6 +28,7 @@ from realtime_fanout.signalbus import SignalBus
 from realtime_fanout.unreadseed import UnreadSeeder
 from servicekit.auth import TokenVerifier
 from servicekit.health import add_health_routes
+from servicekit.lifespan import services_lifespan
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +114,11 @@ def create_app(settings: FanoutSettings | None = None) -> FastAPI:
     """Build the fanout app; Redis is connected in the lifespan, so building has no side effect."""
     settings = settings or FanoutSettings.from_env()
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = Services(settings)
-        app.state.services = services
-        await services.open()
-        try:
-            yield
-        finally:
-            await services.close()
-
-    app = FastAPI(title="Parley realtime fanout", version="1", lifespan=lifespan)
+    app = FastAPI(
+        title="Parley realtime fanout",
+        version="1",
+        lifespan=services_lifespan(lambda: Services(settings)),
+    )
 
     @app.websocket("/v1/stream")
     async def stream(websocket: WebSocket) -> None:
