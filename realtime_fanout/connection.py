@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 
@@ -85,6 +86,9 @@ class Connection:
         self._joined = False
         self._control_bytes = 0
         self._held: list[bytes] | None = []  # presence frames wait for the snapshot
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._expired = False
 
     @property
     def user_id(self) -> str:
@@ -130,6 +134,8 @@ class Connection:
         if not self._closing.is_set():
             self._close_code, self._close_reason = code, reason
             self._closing.set()
+            if self._done is not None and not self._done.done():
+                self._done.set_result(None)
             self._detach()
 
     def _detach(self) -> None:
@@ -197,8 +203,11 @@ class Connection:
             raise Closing(closecodes.UNAUTHORIZED, exc.reason, exc.detail) from None
         if self.principal is not None and principal.user_id != self.principal.user_id:
             raise Closing(closecodes.FORBIDDEN, "user-mismatch", "a refresh token must name the same user")
-        self.principal = principal
+        # Only the subject and the expiry are used from here on; the claims would be kept per connection.
+        self.principal = dataclasses.replace(principal, claims={})
         self._control.append(encode_frame(AuthenticatedFrame(principal.user_id, principal.expires_at)))
+        if self._expiry_timer is not None:  # serving: a refreshed token moves the deadline
+            self._arm_expiry()
         self._wake.set()
 
     async def _handshake(self, token: str | None) -> Subscribe:
@@ -270,28 +279,50 @@ class Connection:
                 await self._send(frame)
 
     async def _serve(self) -> None:
-        tasks = [
-            asyncio.create_task(self._writer()),
-            asyncio.create_task(self._reader()),
-            asyncio.create_task(self._expiry()),
-            asyncio.create_task(self._closing.wait()),
-        ]
+        """A writer task and a reader task, ended by either or by `_close`; token expiry is a timer.
+
+        Two tasks and a future per connection rather than four tasks: an idle connection's memory is
+        mostly its tasks and the framework's objects.
+        """
+        self._done = asyncio.get_running_loop().create_future()
+        if self._closing.is_set():
+            return
+        writer = asyncio.create_task(self._writer())
+        reader = asyncio.create_task(self._reader())
+        self._arm_expiry()
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait((writer, reader, self._done), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._expiry_timer is not None:
+                self._expiry_timer.cancel()
+            writer.cancel()
+            reader.cancel()
+            await asyncio.gather(writer, reader, return_exceptions=True)
         for task in done:
-            exc = task.exception()
-            if exc is not None:
+            if task is not self._done and (exc := task.exception()) is not None:
                 raise exc
+        if self._expired:
+            raise Closing(closecodes.UNAUTHORIZED, "token-expired", "send a fresh auth before expiry")
 
     async def _writer(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             await self._flush()
+
+    def _arm_expiry(self) -> None:
+        """(Re)start the timer that ends the session when the current token expires."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        assert self.principal is not None
+        self._expired = False
+        delay = max(0.0, self.principal.expires_at - time.time())
+        self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._expired = True
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
 
     async def _reader(self) -> None:
         while True:
@@ -304,11 +335,3 @@ class Connection:
             else:
                 detail = "subscribe once per connection"
                 raise Closing(closecodes.PROTOCOL_ERROR, "already-subscribed", detail)
-
-    async def _expiry(self) -> None:
-        while True:
-            assert self.principal is not None
-            delay = self.principal.expires_at - time.time()
-            if delay <= 0:
-                raise Closing(closecodes.UNAUTHORIZED, "token-expired", "send a fresh auth before expiry")
-            await asyncio.sleep(min(delay, 3600.0))

@@ -242,7 +242,11 @@ def logs(draw: st.DrawFn) -> FakeLog:
     return log
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.large_base_example])
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.large_base_example, HealthCheck.too_slow],
+)
 @given(data=st.data(), log=logs())
 def test_any_splice_delivers_exactly_the_visible_events_after_the_cursor(
     data: st.DataObject, log: FakeLog
