@@ -79,7 +79,7 @@ class Connection:
         self.session: Session | None = None
         self._control: list[bytes] = []
         self._wake = asyncio.Event()
-        self._closing = asyncio.Event()
+        self._closing = False  # a plain flag: `_done` wakes the serving task
         self._close_code = closecodes.NORMAL
         self._close_reason = ""
         self._attached = False
@@ -98,7 +98,7 @@ class Connection:
     def offer(self, item: Item) -> None:
         """Called by the hub for each live item; never blocks, closes with 4008 on overflow."""
         session = self.session
-        if session is None or self._closing.is_set():
+        if session is None or self._closing:
             return
         session.feed_live(item)
         if session.pending_bytes > self.settings.max_buffer_bytes:
@@ -108,7 +108,7 @@ class Connection:
 
     def signal(self, frame: bytes, *, presence: bool) -> None:
         """Queue an ephemeral frame (typing, presence); never blocks, closes with 4008 on overflow."""
-        if self._closing.is_set():
+        if self._closing:
             return
         if presence and self._held is not None:
             self._held.append(frame)
@@ -131,9 +131,9 @@ class Connection:
             self._wake.set()
 
     def _close(self, code: int, reason: str) -> None:
-        if not self._closing.is_set():
+        if not self._closing:
             self._close_code, self._close_reason = code, reason
-            self._closing.set()
+            self._closing = True
             if self._done is not None and not self._done.done():
                 self._done.set_result(None)
             self._detach()
@@ -152,7 +152,7 @@ class Connection:
             await self._subscribe(subscribe)
             subscribed = True
             CONNECTIONS.inc()
-            if self.bus is not None and not self._closing.is_set():
+            if self.bus is not None and not self._closing:
                 self._joined = True
                 await self.bus.join(self)
             await self._serve()
@@ -261,7 +261,7 @@ class Connection:
             async for page in self.history.pages(start.epoch, partition, after, positions[partition]):
                 session.feed_replay(page)
                 await self._flush()
-                if self._closing.is_set():
+                if self._closing:
                     return
         session.replay_done()
         await self._flush()
@@ -285,7 +285,7 @@ class Connection:
         mostly its tasks and the framework's objects.
         """
         self._done = asyncio.get_running_loop().create_future()
-        if self._closing.is_set():
+        if self._closing:
             return
         writer = asyncio.create_task(self._writer())
         reader = asyncio.create_task(self._reader())
