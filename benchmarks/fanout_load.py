@@ -58,18 +58,32 @@ class Tally:
 
     received: Counter[tuple[int, str]] = field(default_factory=Counter)
     latencies_s: list[float] = field(default_factory=list)
+    fanout_latencies_s: list[float] = field(default_factory=list)
     first_at: float | None = None
     last_at: float | None = None
     disconnects: int = 0
 
-    def record(self, subscriber: int, message_id: str, sent_at: float | None = None) -> None:
+    def record(
+        self, subscriber: int, message_id: str, sent_at: float | None = None, logged_at: float | None = None
+    ) -> None:
+        """`sent_at`: when the sender sent it; `logged_at`: when the log accepted it (the event's time)."""
         now = time.perf_counter()
         if self.first_at is None:
             self.first_at = now
         self.last_at = now
         self.received[(subscriber, message_id)] += 1
+        wall = time.time()
         if sent_at is not None:
-            self.latencies_s.append(time.time() - sent_at)
+            self.latencies_s.append(wall - sent_at)
+        if logged_at is not None:
+            self.fanout_latencies_s.append(wall - logged_at)
+
+    def fanout_percentile_ms(self, q: float) -> float:
+        """From the event's `occurred_at` (set by the command API) to receipt: the log and fanout part."""
+        if not self.fanout_latencies_s:
+            return float("nan")
+        ordered = sorted(self.fanout_latencies_s)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
     @property
     def unique(self) -> int:
