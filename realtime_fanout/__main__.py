@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import sys
 
@@ -27,10 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     except ServiceKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    # The cyclic GC's pauses are the end-to-end latency tail (p99 11-18 ms with it disabled, 38-115 ms
-    # with the defaults; BENCHMARKS.md). Reference counting frees almost everything at once, so collect
-    # young objects rarely and older generations almost never.
-    gc.set_threshold(50_000, 1000, 1000)
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False,
         loop="uvloop", http="httptools", ws=protocol_class(settings.close_timeout_s),

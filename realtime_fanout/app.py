@@ -21,6 +21,7 @@ from events.log import EventLog
 from realtime_fanout.archive import Archive
 from realtime_fanout.connection import Connection
 from realtime_fanout.exceptions import HubUnavailable
+from realtime_fanout.gcpacing import GcPacer
 from realtime_fanout.history import History
 from realtime_fanout.hub import Hub
 from realtime_fanout.pageflights import PageFlights
@@ -72,12 +73,15 @@ class Services:
             presence_ttl_s=settings.presence_ttl_s,
         )  # fmt: skip
         self._starter: asyncio.Task[None] | None = None
+        self.gc_pacer = GcPacer(settings.gc_young_every_s, settings.gc_full_every_s)
 
     def _flights(self) -> PageFlights[Any]:
         return PageFlights(self.settings.history_linger_s, self.settings.history_cache_pages)
 
     async def open(self) -> None:
         """Start the hub now if the log exists, else keep trying in the background."""
+        if self.settings.gc_paced:
+            self.gc_pacer.start()
         if self.pool is not None:
             await self.pool.open(wait=False)
         await self.bus.start()
@@ -109,6 +113,7 @@ class Services:
             await self.pool.close()
         await self.reader_redis.aclose()
         await self.redis.aclose()
+        await self.gc_pacer.stop()
 
 
 STREAM_PATH = "/v1/stream"

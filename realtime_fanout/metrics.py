@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("parley_fanout_connections", "Open, subscribed WebSocket connections")
 ENTRIES_READ = Counter("parley_fanout_entries_read_total", "Log entries the hub read (once per process)")
@@ -22,3 +22,10 @@ SIGNALS_DELIVERED = Counter(
     "parley_fanout_signals_delivered_total", "Ephemeral frames queued to connections", ["kind"]
 )
 SIGNAL_ERRORS = Counter("parley_fanout_signal_errors_total", "Failed presence/pub-sub Redis calls", ["op"])
+
+GC_PAUSE_SECONDS = Histogram(
+    "parley_fanout_gc_pause_seconds",
+    "Pauses of the scheduled garbage collections, by kind (young, full).",
+    ["kind"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5),
+)

@@ -19,6 +19,9 @@ class FanoutSettings:
     port: int = 8001
     max_buffer_bytes: int = 1_048_576
     max_batch: int = 100
+    gc_paced: bool = True
+    gc_young_every_s: float = 1.0
+    gc_full_every_s: float = 600.0
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     auth_timeout_s: float = 10.0
@@ -45,6 +48,9 @@ class FanoutSettings:
             port=env.int("PARLEY_FANOUT_PORT", 8001, minimum=0),
             max_buffer_bytes=env.int("PARLEY_FANOUT_MAX_BUFFER_BYTES", 1_048_576, minimum=4096),
             max_batch=env.int("PARLEY_FANOUT_MAX_BATCH", 100, minimum=1),
+            gc_paced=env.bool("PARLEY_FANOUT_GC_PACED", True),
+            gc_young_every_s=env.float("PARLEY_FANOUT_GC_YOUNG_EVERY_S", 1.0, minimum=0.01),
+            gc_full_every_s=env.float("PARLEY_FANOUT_GC_FULL_EVERY_S", 600.0, minimum=1.0),
             ping_interval_s=env.float("PARLEY_FANOUT_PING_INTERVAL_S", 20.0, minimum=0.1),
             ping_timeout_s=env.float("PARLEY_FANOUT_PING_TIMEOUT_S", 20.0, minimum=0.1),
             auth_timeout_s=env.float("PARLEY_FANOUT_AUTH_TIMEOUT_S", 10.0, minimum=0.1),
