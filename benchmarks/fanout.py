@@ -246,6 +246,8 @@ async def ceiling_phase(load: FanoutLoad) -> Tally:
 
         tasks = await connect_all([lambda r, i=i: subscriber(i, r) for i in range(load.subscribers)], 30)
         await asyncio.sleep(0.5)
+        gc.collect()
+        gc.disable()  # as in parley_phase: the measuring client's pauses are not the server's
         async with websockets.connect(f"ws://127.0.0.1:{port}/start") as control:
             await wait_quiet(
                 tally,
@@ -254,6 +256,7 @@ async def ceiling_phase(load: FanoutLoad) -> Tally:
                 deadline=time.perf_counter() + load.max_seconds,
             )
             await control.recv()
+        gc.enable()
         stop.set()
         for task in tasks:
             task.cancel()
