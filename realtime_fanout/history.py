@@ -1,10 +1,11 @@
 """History after a cursor: from the Postgres archive for what the streams trimmed, then from the streams.
 
-Rule (sound on Redis 6.2, which reports no max-deleted-entry-id): a stream holds every entry after cursor C
+Rule (sound on Redis 6.2 and 7): a stream holds every entry after cursor C
 when C is at or after its first entry (or, on an empty stream, its last-generated id). Otherwise entries in
 (C, F) may be trimmed, F being that first/last id; the archive serves them when its head for the partition
 is at or after F (it holds every entry up to its head), else we wait `archive_wait_s` for the projector,
-then raise HistoryGone. Exception: on Redis 6 a cursor of "0-0" with nothing archived is assumed served.
+then raise HistoryGone. On Redis 7, entries-added == length means nothing was ever removed; on Redis 6 a
+cursor of "0-0" with nothing archived is assumed served.
 Trimmers must only trim what is archived (XTRIM MINID <= archive head). Page reads are shared across callers
 (`pageflights`): in flight and for a short linger after.
 """
@@ -70,15 +71,17 @@ class History:
             return None
         first = info.get("first-entry")
         bound = _text(first[0]) if first else _text(info.get("last-generated-id", "0-0"))
-        deleted = info.get("max-deleted-entry-id")
-        if stream_key(bound) <= after or (deleted is not None and stream_key(_text(deleted)) <= after):
+        # Redis 7 counts every entry ever added: equal to the length, nothing was ever trimmed or deleted.
+        # (max-deleted-entry-id does not help: XTRIM leaves it at 0-0 on 7.0.)
+        added = info.get("entries-added")
+        if stream_key(bound) <= after or (added is not None and int(added) == int(info.get("length", -1))):
             return None
         deadline = time.monotonic() + self.archive_wait_s
         while True:
             head = None if self.archive is None else await self.archive.head(epoch, partition)
             if head is not None and head >= stream_key(bound):
                 return bound
-            if head is None and after == (0, 0) and deleted is None:
+            if head is None and after == (0, 0) and added is None:
                 return None  # Redis 6 cannot tell whether "0-0" lost anything: assumed served
             if self.archive is None or time.monotonic() >= deadline:
                 raise HistoryGone(f"partition {partition} no longer holds entries after {after_id}")
