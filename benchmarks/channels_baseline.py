@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +16,8 @@ import msgspec
 import websockets
 
 from benchmarks.fanout_load import FanoutLoad, Tally, paced, wait_quiet
-from devstack.ports import free_port, is_listening
+from benchmarks.processes import server
+from devstack.ports import free_port
 from devstack.servers import RedisServer
 
 
@@ -64,18 +63,16 @@ async def run_channels(load: FanoutLoad, redis_url: str) -> ChannelsResult:
         "REDIS_URL": redis_url,
         "DJANGO_SETTINGS_MODULE": "benchmarks.baselines.django_channels.settings",
     }
-    daphne = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-         "benchmarks.baselines.django_channels.asgi:application"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    daphne = [
+        "daphne",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "benchmarks.baselines.django_channels.asgi:application",
+    ]
     tally, stop = Tally(), asyncio.Event()
-    try:
-        deadline = time.monotonic() + 30
-        while not is_listening(port):
-            if daphne.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("daphne did not start")
-            await asyncio.sleep(0.1)
+    with server(daphne, port, env, ready_path=None):
         tasks, connected = [], 0
         for i, conversations in enumerate(load.memberships()):
             ready = asyncio.Event()
@@ -98,13 +95,6 @@ async def run_channels(load: FanoutLoad, redis_url: str) -> ChannelsResult:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await layer.flush()
-    finally:
-        daphne.terminate()
-        try:
-            daphne.wait(10)
-        except subprocess.TimeoutExpired:
-            daphne.kill()
-            daphne.wait()
     return ChannelsResult(
         deliveries_per_s=tally.rate(), expected=expected, unique=tally.unique, lost=expected - tally.unique,
         duplicates=tally.duplicates, publish_s=publish_s, connected=connected,

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ import redis.asyncio as aioredis
 
 from benchmarks.loadgen import LoadResult, post_request, run_load
 from benchmarks.machine import describe
+from benchmarks.processes import server
 from devstack.binaries import redis_server_binary
 from devstack.ports import free_port
 from devstack.servers import RedisServer
@@ -29,19 +28,6 @@ from events.ids import new_event_id
 from events.schema import Envelope, MessageSent
 
 SECRET = "bench-secret-" + "x" * 32
-
-
-def wait_healthy(port: int, proc: subprocess.Popen[bytes], path: str = "/docs") -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            httpx.get(f"http://127.0.0.1:{port}{path}", timeout=0.5)
-            return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
 
 
 async def raw_ceiling(redis_url: str, seconds: float, payload: bytes) -> float:
@@ -115,20 +101,15 @@ async def main() -> None:
         ceiling = await raw_ceiling(redis.url, args.seconds, encode(sample))
 
         naive_port = free_port()
-        naive = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.baselines.naive_api", str(naive_port), redis.url]
-        )
-        try:
-            wait_healthy(naive_port, naive)
+        with server(
+            ["benchmarks.baselines.naive_api", str(naive_port), redis.url], naive_port, ready_path=None
+        ) as naive:
             naive_requests = [
                 [post_request(f"/v1/conversations/c{i}/messages", body, {})] for i in range(args.connections)
             ]
             naive_result, naive_cpu, naive_client = await measured_load(
                 naive_port, naive.pid, naive_requests, args.seconds
             )
-        finally:
-            naive.terminate()
-            naive.wait()
 
         api_port = free_port()
         env = {
@@ -137,9 +118,7 @@ async def main() -> None:
             "PARLEY_JWT_SECRET": SECRET, "PARLEY_DEV_MODE": "1",
             "PARLEY_RATE_LIMIT_PER_S": "1000000", "PARLEY_RATE_LIMIT_BURST": "1000000",
         }  # fmt: skip
-        api = subprocess.Popen([sys.executable, "-m", "command_api"], env=env, stderr=subprocess.DEVNULL)
-        try:
-            wait_healthy(api_port, api, "/healthz")
+        with server(["command_api"], api_port, env) as api:
             from servicekit.auth_settings import AuthSettings
             from servicekit.settings import Env
             from servicekit.tokens import mint_token
@@ -158,9 +137,6 @@ async def main() -> None:
             api_result, api_cpu, api_client = await measured_load(
                 api_port, api.pid, per_connection, args.seconds
             )
-        finally:
-            api.terminate()
-            api.wait()
 
     print(f"{'raw pipelined XADD ceiling':<28} {ceiling:>9,.0f} appends/s")
     print(report("naive FastAPI + XADD", naive_result, naive_cpu, naive_client))

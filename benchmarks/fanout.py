@@ -22,24 +22,24 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import msgspec
 import redis.asyncio as aioredis
 import websockets
 
 from benchmarks.fanout_load import FanoutLoad, Tally, wait_quiet
 from benchmarks.machine import describe
+from benchmarks.processes import server
 from command_api import commands
 from command_api.append import Appender
 from command_api.bodies import CreateConversation, SendMessage
 from command_api.commands import Context
 from devstack.binaries import redis_server_binary
-from devstack.ports import free_port, is_listening
+from devstack.ports import free_port
 from devstack.servers import PostgresServer, RedisServer
 from events.layout import LogLayout
 from servicekit.auth_settings import AuthSettings
@@ -58,32 +58,8 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-@contextmanager
-def service(module: str, env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not (is_listening(port) and _ready(port)):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{module} did not become ready (exit {proc.poll()})")
-            time.sleep(0.05)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _ready(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
+def service(module: str, env: dict[str, str], port: int) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    return server([module], port, env)
 
 
 class Stack:
@@ -229,11 +205,8 @@ async def parley_phase(
 async def ceiling_phase(load: FanoutLoad) -> Tally:
     port = free_port()
     args = [str(x) for x in (port, load.subscribers, load.conversations, load.per_subscriber, load.messages)]
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.baselines.ws_broadcast", *args])
     tally, stop = Tally(), asyncio.Event()
-    try:
-        while not is_listening(port):
-            await asyncio.sleep(0.05)
+    with server(["benchmarks.baselines.ws_broadcast", *args], port, ready_path=None):
 
         async def subscriber(index: int, ready: asyncio.Event) -> None:
             async with websockets.connect(
@@ -261,9 +234,6 @@ async def ceiling_phase(load: FanoutLoad) -> Tally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    finally:
-        proc.terminate()
-        proc.wait()
     return tally
 
 

@@ -40,22 +40,12 @@ async def _connection(
             started = time.perf_counter()
             writer.write(requests[i % len(requests)])
             i += 1
-            status_line = await reader.readline()
-            length = 0
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b""):
-                    break
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
-            if not status_line:
+            status = await read_response(reader)
+            if status is None:
                 result.errors += 1
                 return
             if started < warmup_until:
                 continue
-            status = int(status_line.split(b" ", 2)[1])
             result.statuses[status] = result.statuses.get(status, 0) + 1
             result.requests += 1
             result.latencies_s.append(time.perf_counter() - started)
@@ -76,6 +66,18 @@ async def run_load(
     )
     result.elapsed_s = time.perf_counter() - max(warmup_until, start)
     return result
+
+
+async def read_response(reader: asyncio.StreamReader) -> int | None:
+    """Read one HTTP/1.1 response (headers and Content-Length body); its status, None if the peer closed."""
+    status_line = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    if length:
+        await reader.readexactly(length)
+    return int(status_line.split(b" ", 2)[1]) if status_line else None
 
 
 def post_request(path: str, body: bytes, headers: dict[str, str]) -> bytes:

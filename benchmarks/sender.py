@@ -13,7 +13,7 @@ import time
 
 import msgspec
 
-from benchmarks.loadgen import post_request
+from benchmarks.loadgen import post_request, read_response
 
 
 async def _connection(
@@ -26,12 +26,9 @@ async def _connection(
             body = msgspec.json.encode({"body": f"{message_id}|{time.time()}", "message_id": message_id})
             path = f"/v1/conversations/{conversation}/messages"
             writer.write(post_request(path, body, {"Authorization": f"Bearer {token}"}))
-            status = int((await reader.readline()).split(b" ", 2)[1])
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
+            status = await read_response(reader)
+            if status is None:
+                raise ConnectionError("the command API closed the connection")
             statuses[status] = statuses.get(status, 0) + 1
     finally:
         writer.close()

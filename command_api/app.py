@@ -10,8 +10,6 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -22,7 +20,7 @@ from command_api.services import Services
 from command_api.settings import CommandApiSettings
 from servicekit.health import add_health_routes
 from servicekit.lifespan import services_lifespan
-from servicekit.problems import problem_response
+from servicekit.problems import add_http_problem_handlers, problem_response
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +60,7 @@ def create_app(settings: CommandApiSettings | None = None) -> CommandApp:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
-        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-        return problem_response(exc.status_code, slug, str(exc.detail), headers=dict(exc.headers or {}))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
-        return problem_response(422, "invalid-request", "Invalid request", str(exc.errors()))
+    add_http_problem_handlers(app)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:

@@ -10,7 +10,7 @@ import msgspec
 from command_api.exceptions import CommandInvalid, CommandRefused, LogUnavailable, RateLimited
 from command_api.refusals import refusal_status
 from servicekit.exceptions import AuthError
-from servicekit.problems import problem_body
+from servicekit.problems import bearer_challenge, problem_body
 
 _encoder = msgspec.json.Encoder()
 _SEQ_DETAIL = ("sequence-mismatch", "read-marker-not-advanced", "read-beyond-end")
@@ -55,7 +55,7 @@ def problem_for(exc: Exception) -> Problem:
             "unavailable", (("retry-after", "1"),),
         )  # fmt: skip
     if isinstance(exc, AuthError):
-        challenge = f'Bearer error="invalid_token", error_description="{exc.reason}"'
+        challenge = bearer_challenge(exc.reason)
         return _problem(
             401, exc.reason, "Authentication required", exc.detail, "unauthorized",
             (("www-authenticate", challenge),),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from datetime import datetime
 from typing import Any
@@ -14,7 +15,6 @@ from typing import Any
 import msgspec
 from fastapi import FastAPI
 from psycopg_pool import AsyncConnectionPool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -25,7 +25,9 @@ from projector.worker import Worker
 from servicekit.auth import TokenVerifier, parse_bearer
 from servicekit.exceptions import AuthError
 from servicekit.health import add_health_routes
-from servicekit.problems import problem_response
+from servicekit.problems import add_http_problem_handlers, bearer_challenge, problem_response
+
+log = logging.getLogger(__name__)
 
 _encoder = msgspec.json.Encoder()
 MAX_LIMIT = 200
@@ -217,16 +219,14 @@ def create_app(settings: ProjectorSettings, worker: Worker) -> FastAPI:
     async def auth_error(_request: Request, exc: AuthError) -> Response:
         return problem_response(
             401, exc.reason, "Authentication required", exc.detail,
-            headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{exc.reason}"'},
+            headers={"WWW-Authenticate": bearer_challenge(exc.reason)},
         )  # fmt: skip
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
-        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-        return problem_response(exc.status_code, slug, str(exc.detail))
+    add_http_problem_handlers(app)
 
     @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception) -> Response:
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("query %s %s failed", request.method, request.url.path)
         return problem_response(503, "unavailable", "The read models are unavailable", type(exc).__name__,
                                 headers={"Retry-After": "1"})  # fmt: skip
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.responses import Response
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -55,3 +59,21 @@ PROBLEM_SCHEMA: dict[str, Any] = {
     },
     "required": ["type", "title", "status"],
 }
+
+
+def bearer_challenge(reason: str) -> str:
+    """The `WWW-Authenticate` value for a refused bearer token (RFC 6750), naming the stable reason."""
+    return f'Bearer error="invalid_token", error_description="{reason}"'
+
+
+def add_http_problem_handlers(app: FastAPI) -> None:
+    """Answer the framework's own errors (unknown route, wrong method, bad parameters) as problems too."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        return problem_response(exc.status_code, slug, str(exc.detail), headers=dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
+        return problem_response(422, "invalid-request", "Invalid request", str(exc.errors()))
