@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import random
 import tempfile
@@ -23,6 +24,7 @@ import redis.asyncio as aioredis
 
 from benchmarks.machine import describe
 from devstack.binaries import redis_server_binary
+from devstack.process import tree_cpu_seconds
 from devstack.servers import PostgresServer, RedisServer
 from events import schema
 from events.codec import encode
@@ -36,6 +38,9 @@ from projector.worker import Worker
 WORDS = ("hello", "lunch", "deploy", "meeting", "coffee", "release", "bug", "friday", "budget", "pizza",
          "tomorrow", "review", "ship", "done", "thanks", "later", "call", "plan", "ok", "see")  # fmt: skip
 PARTITIONS = 4
+# Durable (fsync, synchronous commit and full-page writes stay on), sized as a production server would be
+# for this machine rather than Postgres's defaults (128 MB of shared buffers, 1 GB of WAL between checkpoints).
+PG_SETTINGS = {"shared_buffers": "2GB", "max_wal_size": "8GB", "checkpoint_timeout": "15min"}
 
 
 @dataclass(slots=True)
@@ -129,6 +134,29 @@ async def fill_log(redis_url: str, namespace: str, events: int) -> Generator:
         await client.aclose()
 
 
+@dataclass(slots=True)
+class Cpu:
+    """CPU seconds spent by this process and by each server's process tree, between two readings."""
+
+    servers: dict[str, int]
+    start: dict[str, float] = field(default_factory=dict)
+    end: dict[str, float] = field(default_factory=dict)
+
+    def _now(self) -> dict[str, float]:
+        now = {name: tree_cpu_seconds(pgid) for name, pgid in self.servers.items()}
+        return {"worker": time.process_time(), **now}
+
+    def __enter__(self) -> Cpu:
+        self.start = self._now()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end = self._now()
+
+    def spent(self) -> dict[str, float]:
+        return {k: v - self.start[k] for k, v in self.end.items()}
+
+
 async def project(settings: ProjectorSettings, events: int, limit_s: float) -> float:
     """Seconds for one worker to project the whole log into empty read models."""
     worker = Worker(settings, use_leases=False)
@@ -146,6 +174,26 @@ async def project(settings: ProjectorSettings, events: int, limit_s: float) -> f
         stop.set()
         await task
         await worker.close()
+
+
+def pg_settings(default_memory: bool, statements: bool) -> dict[str, str]:
+    settings = {} if default_memory else dict(PG_SETTINGS)
+    if statements:
+        settings["shared_preload_libraries"] = "pg_stat_statements"
+    return settings
+
+
+async def print_statements(database_url: str, top: int = 12) -> None:
+    """Where Postgres spent its time (pg_stat_statements), biggest first."""
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(
+            "SELECT total_exec_time / 1000, calls, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 90) "
+            "FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT %s",
+            (top,),
+        )
+        print("  Postgres time by statement (pg_stat_statements):")
+        for seconds, calls, rows, query in await cur.fetchall():
+            print(f"    {seconds:7.2f}s {calls:7d} calls {rows:9d} rows  {query}")
 
 
 async def copy_ceiling(database_url: str, gen: Generator) -> float:
@@ -170,27 +218,51 @@ async def main() -> None:
     parser.add_argument("--batch", type=int, default=5000)
     parser.add_argument("--limit-s", type=float, default=600, help="bound on each phase")
     parser.add_argument("--no-rebuild", action="store_true")
+    parser.add_argument(
+        "--pg-statements", action="store_true",
+        help="load pg_stat_statements and print where Postgres spent its time while projecting",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pg-default-memory", action="store_true",
+        help="run Postgres with its default memory and WAL sizes instead of the production-like ones",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(describe(str(redis_server_binary())))
     with tempfile.TemporaryDirectory(prefix="bench-projector-") as tmp:
         with (
             RedisServer(Path(tmp) / "redis", appendfsync="everysec") as redis_server,
-            PostgresServer(Path(tmp) / "pg", fast=False) as pg,
+            PostgresServer(
+                Path(tmp) / "pg", fast=False, settings=pg_settings(args.pg_default_memory, args.pg_statements)
+            ) as pg,
         ):
             database_url = pg.create_database("parley")
+            if args.pg_statements:
+                async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+                    await conn.execute("CREATE EXTENSION pg_stat_statements")
             started = time.perf_counter()
             gen = await asyncio.wait_for(fill_log(redis_server.url, "bench", args.events), args.limit_s)
             seconds = time.perf_counter() - started
             print(f"log filled: {args.events} events, {len(gen.convs)} conversations, "
                   f"{len(gen.messages)} messages, in {seconds:.1f}s ({args.events / seconds:,.0f}/s)")  # fmt: skip
+            # The generator's records (kept for the ceiling) are no part of a worker: keep them out of the
+            # collector's passes over this process, which would otherwise charge them to the worker.
+            gc.freeze()
             settings = ProjectorSettings(
                 log=LogSettings(redis_server.url, "bench", PARTITIONS), database_url=database_url,
                 batch=args.batch, block_ms=100, worker_id="bench",
             )  # fmt: skip
-            seconds = await project(settings, args.events, args.limit_s)
+            assert redis_server.pid is not None and pg.pid is not None
+            with Cpu({"postgres": pg.pid, "redis": redis_server.pid}) as cpu:
+                seconds = await project(settings, args.events, args.limit_s)
+            print(f"Postgres settings: {'defaults' if args.pg_default_memory else PG_SETTINGS}, durable")
             print(f"one worker: {args.events / seconds:,.0f} events/s ({seconds:.1f}s, batch {args.batch}, "
                   f"{PARTITIONS} partitions)")  # fmt: skip
+            print("  CPU seconds while projecting: " + ", ".join(
+                f"{name} {used:.1f} ({used / seconds:.0%} of a core)" for name, used in cpu.spent().items()
+            ))  # fmt: skip
+            if args.pg_statements:
+                await print_statements(database_url)
             seconds = await copy_ceiling(database_url, gen)
             print(f"ceiling, COPY of the {len(gen.messages)} message rows into an unindexed table: "
                   f"{len(gen.messages) / seconds:,.0f} rows/s ({seconds:.1f}s)")  # fmt: skip

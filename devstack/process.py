@@ -36,6 +36,21 @@ def _proc_stats() -> Iterator[tuple[int, list[str]]]:
         yield int(entry.name), stat.rsplit(")", 1)[-1].split()
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by `pid` and its descendants, reaped ones included."""
+    stats = {p: f for p, f in _proc_stats() if len(f) > 14}
+    children: dict[int, list[int]] = {}
+    for p, f in stats.items():
+        children.setdefault(int(f[1]), []).append(p)
+    ticks, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            ticks += sum(int(v) for v in stats[p][11:15])
+        todo.extend(children.get(p, ()))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def group_alive(pgid: int) -> bool:
     """True if any non-zombie process belongs to process group `pgid` (Linux /proc)."""
     return any(f[0] != "Z" and int(f[2]) == pgid for _, f in _proc_stats() if len(f) > 2)

@@ -98,10 +98,13 @@ class PostgresServer(ChildServer):
         port: int | None = None,
         *,
         fast: bool = False,
+        settings: dict[str, str] | None = None,
         die_with_parent: bool = False,
     ) -> None:
+        """`fast` trades durability for speed (tests); `settings` are extra `-c name=value` options."""
         super().__init__(data_dir, port, die_with_parent)
         self.fast = fast
+        self.settings = dict(settings or {})
         self._run_as = RunAs()
         self._socket_dir: Path | None = None
 
@@ -179,6 +182,8 @@ class PostgresServer(ChildServer):
         if self.fast:
             for setting in ("fsync=off", "synchronous_commit=off", "full_page_writes=off"):
                 cmd += ["-c", setting]
+        for name, value in self.settings.items():
+            cmd += ["-c", f"{name}={value}"]
         return cmd
 
     def _probe(self) -> bool:

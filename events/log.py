@@ -6,8 +6,7 @@ Appending is the command API's job (`command_api/append.py`); this module is wha
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 import uuid_utils
@@ -16,9 +15,11 @@ from events.exceptions import EpochChanged, LogNotInitialized, PartitionMismatch
 from events.layout import LogLayout
 
 
-@dataclass(frozen=True, slots=True)
-class LogEntry:
-    """One raw stream entry: still bytes, so a reader can quarantine what it cannot decode."""
+class LogEntry(NamedTuple):
+    """One raw stream entry: still bytes, so a reader can quarantine what it cannot decode.
+
+    A named tuple: readers make one per entry, and a tuple is the cheapest object to make.
+    """
 
     partition: int
     stream_id: str
@@ -132,13 +133,16 @@ _RAW_XRANGE = b"XRANGE"
 
 def _raw_entry(partition: int, item: list[Any]) -> LogEntry:
     stream_id, fields = item
-    data = b""
-    for i in range(0, len(fields) - 1, 2):
-        if fields[i] in (b"e", "e"):
-            data = fields[i + 1]
-            break
+    if len(fields) == 2 and fields[0] == b"e":  # what the appender writes
+        data = fields[1]
+    else:
+        data = b""
+        for i in range(0, len(fields) - 1, 2):
+            if fields[i] in (b"e", "e"):
+                data = fields[i + 1]
+                break
     return LogEntry(
-        partition=partition,
-        stream_id=_text(stream_id),
-        data=data if isinstance(data, bytes) else data.encode(),
+        partition,
+        stream_id.decode() if type(stream_id) is bytes else stream_id,
+        data if type(data) is bytes else data.encode(),
     )

@@ -1,4 +1,4 @@
-"""Fold a run of log entries into one batch: coalesced rows per table, archive rows, dead letters. No I/O."""
+"""Fold a run of log entries into one batch: each changed row once, archive rows, dead letters. No I/O."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from typing import Any
 from events.codec import decode
 from events.exceptions import DecodeError
 from events.log import LogEntry
-from events.position import parse_stream_id
 from events.schema import Envelope
-from projector.fold import ConversationState, absorb, changes
-from projector.rows import ROW_TYPES, Row
+from projector.exceptions import FoldCrashed, FoldError
+from projector.fold import apply
+from projector.state import Changes, ConversationState
 
 ArchiveRow = tuple[str, int, str, int, int, str, str, int, str, str, Any, bytes]
+Tables = dict[str, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +31,7 @@ class DeadLetter:
 
 @dataclass(slots=True)
 class Batch:
-    """What one transaction writes: every table's final rows by key, the archive, the dead letters."""
+    """What one transaction writes: each table's inserts and updates, the archive, the dead letters."""
 
     partition: int
     epoch: str
@@ -38,9 +39,7 @@ class Batch:
     version: int = 0
     last: str = ""
     entries: int = 0
-    rows: dict[type[Row], dict[tuple[Any, ...], Row]] = field(
-        default_factory=lambda: {t: {} for t in ROW_TYPES}
-    )
+    tables: Tables = field(default_factory=dict)
     archive: list[ArchiveRow] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
 
@@ -57,9 +56,9 @@ def decode_entries(entries: Sequence[LogEntry]) -> list[Envelope | DecodeError]:
 
 
 def archive_row(epoch: str, entry: LogEntry, event: Envelope) -> ArchiveRow:
-    ms, seq = parse_stream_id(entry.stream_id)
+    ms, _, seq = entry.stream_id.partition("-")  # Redis wrote it: always `ms-seq`
     return (
-        epoch, entry.partition, entry.stream_id, ms, seq, event.event_id, event.conversation_id,
+        epoch, entry.partition, entry.stream_id, int(ms), int(seq), event.event_id, event.conversation_id,
         event.seq, event.type, event.actor, event.occurred_at, entry.data,
     )  # fmt: skip
 
@@ -74,25 +73,28 @@ def fold_batch(
 ) -> Batch:
     """Fold `entries` into `batch`, moving `states` forward; every conversation's state must be loaded.
 
-    A failing entry becomes a dead letter and changes nothing else; the batch still moves past it.
+    A refused entry (FoldError) becomes a dead letter and changes nothing else; the batch moves past it.
+
+    Raises:
+        FoldCrashed: applying an entry failed otherwise; `states` may be half-changed and must be dropped.
     """
+    changes = Changes()
+    dead = batch.dead
     for entry, event in zip(entries, decoded, strict=True):
-        batch.entries += 1
-        batch.last = entry.stream_id
         if isinstance(event, DecodeError):
-            batch.dead.append(DeadLetter(entry.partition, entry.stream_id, entry.data, str(event), "decode"))
+            dead.append(DeadLetter(entry.partition, entry.stream_id, entry.data, str(event), "decode"))
             continue
         if archive:
             batch.archive.append(archive_row(batch.epoch, entry, event))
-        state = states.get(event.conversation_id)
+        cid = event.conversation_id
         try:
-            rows = changes(state, event, entry.stream_id)
-            new_state = absorb(state, rows)
-        except Exception as exc:  # any failure to apply one event makes it a dead letter
-            error = f"{type(exc).__name__}: {exc}"
-            batch.dead.append(DeadLetter(entry.partition, entry.stream_id, entry.data, error, "fold"))
-            continue
-        states[event.conversation_id] = new_state
-        for row in rows:
-            batch.rows[type(row)][row.key] = row
+            states[cid] = apply(states.get(cid), event, entry.stream_id, changes)
+        except FoldError as exc:
+            dead.append(DeadLetter(entry.partition, entry.stream_id, entry.data, f"FoldError: {exc}", "fold"))
+        except Exception as exc:
+            raise FoldCrashed(entry.partition, entry.stream_id, exc) from exc
+    if entries:
+        batch.entries += len(entries)
+        batch.last = entries[-1].stream_id
+    batch.tables = changes.drain()
     return batch

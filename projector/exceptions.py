@@ -2,10 +2,12 @@
 
 ProjectorError
 ├── FoldError             an event cannot be applied to the current read-model state (poison event)
+├── FoldCrashed           applying an event raised something else (a bug): the batch is retried entry by entry
 ├── MigrationError        a migration file is malformed or the recorded history disagrees with the files
 └── ProjectionStopped     a partition's projection must stop rather than skip events
     ├── EpochMismatch     the log's epoch differs from the checkpoint's: the log was recreated or lost
     ├── CheckpointMoved   the checkpoint is not where this worker's state was built (another writer moved it)
+    ├── LeaseLost         the worker's lease on the partition expired; it stops until it wins the lease back
     └── LogGap            the stream was trimmed past the checkpoint: entries were lost before projection
 RebuildError              a rebuild cannot start or finish (another rebuild runs, the log is unreadable)
 """
@@ -19,6 +21,15 @@ class ProjectorError(Exception):
 
 class FoldError(ProjectorError):
     """Raised by the fold when an event contradicts the state it is applied to."""
+
+
+class FoldCrashed(ProjectorError):
+    """Applying an entry raised something other than FoldError: a bug, and the state may be half-changed,
+    so the batch is dropped and its entries are applied one by one (the culprit becomes a dead letter)."""
+
+    def __init__(self, partition: int, stream_id: str, error: Exception) -> None:
+        super().__init__(f"partition {partition} entry {stream_id}: {type(error).__name__}: {error}")
+        self.error = error
 
 
 class MigrationError(ProjectorError):
@@ -52,6 +63,15 @@ class CheckpointMoved(ProjectionStopped):
         self.partition = partition
         self.expected = expected
         self.actual = actual
+
+
+class LeaseLost(ProjectionStopped):
+    """The worker's lease on the partition expired (it could not renew it in time): another worker may
+    own it now. The partition's task ends; the worker projects it again only if it wins the lease back."""
+
+    def __init__(self, partition: int, owner: str) -> None:
+        super().__init__(f"partition {partition}: lease lost by {owner}")
+        self.partition = partition
 
 
 class LogGap(ProjectionStopped):

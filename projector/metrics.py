@@ -13,11 +13,11 @@ DEAD_LETTERS = Counter(
 BATCH_SIZE = Histogram(
     "parley_projector_batch_size",
     "Entries per committed batch",
-    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000),
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 20000, 50000),
 )
 BATCH_SECONDS = Histogram(
     "parley_projector_batch_seconds", "Time to fold and commit one batch",
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )  # fmt: skip
 LAG_EVENTS = Gauge("parley_projector_lag_events", "Entries in the log not yet applied", ["partition"])
 LAG_SECONDS = Gauge(
@@ -36,3 +36,9 @@ STOPPED = Gauge(
 )
 OWNED = Gauge("parley_projector_partitions_owned", "Partitions this worker holds the lease of")
 DB_ERRORS = Counter("parley_projector_db_errors", "Batches that failed on a Postgres error and were retried")
+GC_PAUSE_SECONDS = Histogram(
+    "parley_projector_gc_pause_seconds",
+    "Pauses of the scheduled garbage collections, by kind (young, full).",
+    ["kind"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)

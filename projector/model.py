@@ -10,20 +10,21 @@ from events.codec import decode
 from events.exceptions import DecodeError
 from events.log import LogEntry
 from projector.exceptions import FoldError
-from projector.fold import ConversationState, absorb, changes
-from projector.rows import TABLE_OF, Row
+from projector.fold import apply
+from projector.state import RECORD_OF_TABLE, TABLE_OF, Changes, ConversationState, Record
 
 
 @dataclass(slots=True)
 class ReadModel:
-    """Tables as {table: {primary key: row}}, plus the positions that became dead letters."""
+    """Tables as {table: {primary key: record}}, plus the positions that became dead letters."""
 
-    tables: dict[str, dict[tuple[Any, ...], Row]] = field(
+    tables: dict[str, dict[tuple[Any, ...], Record]] = field(
         default_factory=lambda: {name: {} for name in TABLE_OF.values()}
     )
     states: dict[str, ConversationState] = field(default_factory=dict)
     dead_letters: dict[tuple[int, str], str] = field(default_factory=dict)
     archived: set[tuple[int, str]] = field(default_factory=set)
+    changes: Changes = field(default_factory=Changes)
 
     def apply(self, entry: LogEntry) -> None:
         """Fold one entry; an undecodable or contradicting one becomes a dead letter, as in Postgres."""
@@ -33,15 +34,16 @@ class ReadModel:
             self.dead_letters[(entry.partition, entry.stream_id)] = str(exc)
             return
         self.archived.add((entry.partition, entry.stream_id))
-        state = self.states.get(event.conversation_id)
+        cid = event.conversation_id
         try:
-            rows = changes(state, event, entry.stream_id)
+            self.states[cid] = apply(self.states.get(cid), event, entry.stream_id, self.changes)
         except FoldError as exc:
             self.dead_letters[(entry.partition, entry.stream_id)] = str(exc)
             return
-        self.states[event.conversation_id] = absorb(state, rows)
-        for row in rows:
-            self.tables[TABLE_OF[type(row)]][row.key] = row
+        for table, (inserts, updates) in self.changes.drain().items():
+            for values in (*inserts, *updates):
+                row = RECORD_OF_TABLE[table].loaded(values)
+                self.tables[table][row.key] = row
 
 
 def fold_entries(entries: Iterable[LogEntry]) -> ReadModel:

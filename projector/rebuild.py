@@ -88,7 +88,8 @@ async def rebuild(settings: ProjectorSettings) -> RebuildReport:
                 await Store().ensure_checkpoints(conn, partitions)
             projectors = {p: PartitionProjector(worker, p) for p in partitions}
             phase = time.perf_counter()
-            report.from_archive = await _archive_phase(settings, name, projectors)
+            async with worker.paced_gc():
+                report.from_archive = await _archive_phase(settings, name, projectors)
             report.archive_s = time.perf_counter() - phase
             report.from_log += sum(await asyncio.gather(*(_from_log(pr) for pr in projectors.values())))
             phase = time.perf_counter()
@@ -165,7 +166,8 @@ async def fold_archive_into(settings: ProjectorSettings, schema: str, partitions
         await worker.pool.open(wait=True)
         worker.epoch = await worker.log.open(create=False)
         projectors = [PartitionProjector(worker, p) for p in partitions]
-        return sum(await asyncio.gather(*(_from_archive(pr) for pr in projectors)))
+        async with worker.paced_gc():
+            return sum(await asyncio.gather(*(_from_archive(pr) for pr in projectors)))
     finally:
         await worker.close()
 

@@ -14,8 +14,8 @@ import psycopg
 from events.codec import decode
 from events.log import LogEntry
 from projector.batch import archive_row
-from projector.fold import absorb, changes
-from projector.rows import Row
+from projector.fold import apply
+from projector.state import Changes
 from projector.store import Store
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,9 @@ async def redrive(conn: psycopg.AsyncConnection[Any], store: Store) -> tuple[int
                 await store.lock_checkpoint(conn, partition)
                 event = decode(bytes(data))
                 states = await store.load_states(conn, [event.conversation_id])
-                state = states.get(event.conversation_id)
-                rows: list[Row] = changes(state, event, stream_id, in_order=False)
-                absorb(state, rows)
-                await store.write_rows(conn, rows)
+                changes = Changes()
+                apply(states.get(event.conversation_id), event, stream_id, changes, in_order=False)
+                await store.write_tables(conn, changes.drain())
                 await store.archive_once(
                     conn, archive_row(epoch, LogEntry(partition, stream_id, bytes(data)), event)
                 )

@@ -30,6 +30,9 @@ class ProjectorSettings:
     retry_max_s: float = 10.0
     max_lag_s: float = 30.0
     rebuild_processes: int = 2
+    gc_paced: bool = True
+    gc_young_every_s: float = 1.0
+    gc_full_every_s: float = 600.0
 
     def child_env(self) -> dict[str, str]:
         """The environment a child process needs to read the same log into the same database."""
@@ -61,4 +64,7 @@ class ProjectorSettings:
             retry_max_s=env.float("PARLEY_PROJECTOR_RETRY_MAX_S", 10.0, minimum=0.1),
             max_lag_s=env.float("PARLEY_PROJECTOR_MAX_LAG_S", 30.0, minimum=0),
             rebuild_processes=env.int("PARLEY_PROJECTOR_REBUILD_PROCESSES", 2, minimum=1),
+            gc_paced=env.bool("PARLEY_PROJECTOR_GC_PACED", True),
+            gc_young_every_s=env.float("PARLEY_PROJECTOR_GC_YOUNG_EVERY_S", 1.0, minimum=0.01),
+            gc_full_every_s=env.float("PARLEY_PROJECTOR_GC_FULL_EVERY_S", 600.0, minimum=1.0),
         )

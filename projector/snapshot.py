@@ -1,4 +1,4 @@
-"""Read a read-model schema back into rows, shaped like `model.ReadModel.tables`, for comparisons."""
+"""Read a read-model schema back into records, shaped like `model.ReadModel.tables`, for comparisons."""
 
 from __future__ import annotations
 
@@ -7,20 +7,20 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from projector.rows import TABLE_OF, Row
+from projector.state import TABLE_OF, Record
 
 
 async def read_tables(
     conn: psycopg.AsyncConnection[Any], schema: str
-) -> dict[str, dict[tuple[Any, ...], Row]]:
+) -> dict[str, dict[tuple[Any, ...], Record]]:
     """Every row of the four read-model tables of `schema`, by primary key."""
-    tables: dict[str, dict[tuple[Any, ...], Row]] = {}
-    for row_type, table in TABLE_OF.items():
-        cols = sql.SQL(", ").join(map(sql.Identifier, row_type.__struct_fields__))
+    tables: dict[str, dict[tuple[Any, ...], Record]] = {}
+    for record_type, table in TABLE_OF.items():
+        cols = sql.SQL(", ").join(map(sql.Identifier, record_type.columns()))
         cur = await conn.execute(
             sql.SQL("SELECT {} FROM {}.{}").format(cols, sql.Identifier(schema), sql.Identifier(table))
         )
-        rows = [row_type(*r) for r in await cur.fetchall()]
+        rows = [record_type.loaded(r) for r in await cur.fetchall()]
         tables[table] = {r.key: r for r in rows}
     return tables
 

@@ -1,8 +1,9 @@
 """The Postgres adapter: load conversation states, and commit a batch with its checkpoint atomically.
 
 One transaction per batch: lock the partition's checkpoint row (FOR UPDATE), refuse unless it is exactly
-where the batch was folded from and in the same epoch, check the lease, COPY the archive and staged rows,
-upsert them, record dead letters, move the checkpoint.
+where the batch was folded from and in the same epoch, check the lease, COPY the archive, write the rows
+(new ones straight into their tables, changed ones upserted from staging), record dead letters, move the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -12,36 +13,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from msgspec.structs import astuple
 from psycopg import sql
 
-from projector.batch import Batch, DeadLetter
-from projector.exceptions import CheckpointMoved, EpochMismatch, ProjectionStopped
-from projector.fold import ConversationState
+from projector.batch import Batch, DeadLetter, Tables
+from projector.exceptions import CheckpointMoved, EpochMismatch, LeaseLost
 from projector.migrate import LIVE_SCHEMA, STORE_SCHEMA
-from projector.rows import ConversationRow, InboxRow, MembershipRow, MessageRow, Row
+from projector.state import Conversation, ConversationState, Inbox, Message, Span
 
 AsyncConn = psycopg.AsyncConnection[Any]
 
-_COLUMNS: dict[type[Row], tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    ConversationRow: ("conversations", ConversationRow.__struct_fields__, ("conversation_id",)),
-    MembershipRow: (
-        "memberships",
-        MembershipRow.__struct_fields__,
-        ("conversation_id", "user_id", "joined_seq"),
-    ),
-    MessageRow: ("messages", (*MessageRow.__struct_fields__, "state"), ("conversation_id", "seq")),
-    InboxRow: ("inbox", InboxRow.__struct_fields__, ("user_id", "conversation_id")),
+_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "conversations": (Conversation.columns(), ("conversation_id",)),
+    "memberships": (Span.columns(), ("conversation_id", "user_id", "joined_seq")),
+    "messages": ((*Message.columns(), "state"), ("conversation_id", "seq")),
+    "inbox": (Inbox.columns(), ("user_id", "conversation_id")),
 }
 _ARCHIVE_COLUMNS = (
     "epoch", "partition", "stream_id", "stream_ms", "stream_seq", "event_id", "conversation_id",
     "seq", "type", "actor", "occurred_at", "data",
 )  # fmt: skip
-
-
-def _values(row: Row) -> tuple[Any, ...]:
-    values = astuple(row)
-    return (*values, row.state) if isinstance(row, MessageRow) else values
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,17 +53,21 @@ class Store:
         self.archive = archive
         self._s = sql.Identifier(schema)
         self._copy_types: dict[str, list[int]] = {}
-        self._statements: dict[type[Row], tuple[sql.Composed, sql.Composed]] = {
-            row_type: self._upsert_statements(row_type) for row_type in _COLUMNS
+        self._statements: dict[str, tuple[sql.Composed, sql.Composed, sql.Composed]] = {
+            table: self._statements_of(table) for table in _COLUMNS
         }
         self._archive_copy = sql.SQL("COPY {}.event_archive ({}) FROM STDIN (FORMAT BINARY)").format(
             sql.Identifier(STORE_SCHEMA), sql.SQL(", ").join(map(sql.Identifier, _ARCHIVE_COLUMNS))
         )
 
-    def _upsert_statements(self, row_type: type[Row]) -> tuple[sql.Composed, sql.Composed]:
-        table, columns, key = _COLUMNS[row_type]
+    def _statements_of(self, table: str) -> tuple[sql.Composed, sql.Composed, sql.Composed]:
+        """(COPY into the table, COPY into its staging table, upsert from staging) for `table`."""
+        columns, key = _COLUMNS[table]
         stage = sql.Identifier(f"stage_{table}")
         cols = sql.SQL(", ").join(map(sql.Identifier, columns))
+        insert = sql.SQL("COPY {}.{} ({}) FROM STDIN (FORMAT BINARY)").format(
+            self._s, sql.Identifier(table), cols
+        )
         copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, cols)
         updates = sql.SQL(", ").join(
             sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in columns if c not in key
@@ -85,7 +79,7 @@ class Store:
             s=self._s, t=sql.Identifier(table), cols=cols, stage=stage, updates=updates,
             key=sql.SQL(", ").join(map(sql.Identifier, key)),
         )  # fmt: skip
-        return copy, upsert
+        return insert, copy, upsert
 
     async def _column_types(
         self, conn: AsyncConn, table: str, qualified: str, columns: tuple[str, ...]
@@ -107,8 +101,7 @@ class Store:
 
     async def prepare_connection(self, conn: AsyncConn) -> None:
         """Create this session's staging tables (temporary, emptied at every commit)."""
-        for row_type, (table, columns, _) in _COLUMNS.items():
-            del row_type
+        for table, (columns, _) in _COLUMNS.items():
             await conn.execute(
                 sql.SQL(
                     "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
@@ -155,12 +148,12 @@ class Store:
         states: dict[str, ConversationState] = {}
         cur = await conn.execute(
             sql.SQL("SELECT {cols} FROM {s}.conversations WHERE conversation_id = ANY(%s)").format(
-                cols=sql.SQL(", ").join(map(sql.Identifier, ConversationRow.__struct_fields__)), s=self._s
+                cols=sql.SQL(", ").join(map(sql.Identifier, Conversation.columns())), s=self._s
             ),
             (wanted,),
         )
         for r in await cur.fetchall():
-            states[r[0]] = ConversationState(ConversationRow(*r))
+            states[r[0]] = ConversationState(Conversation.loaded(r))
         if not states:
             return states
         present = list(states)
@@ -173,7 +166,7 @@ class Store:
             (present,),
         )
         for r in await cur.fetchall():
-            states[r[0]].spans.setdefault(r[1], []).append(MembershipRow(*r))
+            states[r[0]].spans.setdefault(r[1], []).append(Span.loaded(r))
         cur = await conn.execute(
             self._q(
                 "SELECT user_id, conversation_id, read_seq, unread_count, archived, is_member, "
@@ -183,17 +176,17 @@ class Store:
             (present,),
         )
         for r in await cur.fetchall():
-            states[r[1]].inbox[r[0]] = InboxRow(*r)
+            states[r[1]].inbox[r[0]] = Inbox.loaded(r)
         cur = await conn.execute(
             self._q(
                 "SELECT conversation_id, seq, message_id, author, NULL, sent_at, reply_to, edited_at, "
                 "deleted_at "
-                "FROM {s}.messages WHERE conversation_id = ANY(%s)"
+                "FROM {s}.messages WHERE conversation_id = ANY(%s) ORDER BY conversation_id, seq"
             ),
             (present,),
         )
         for r in await cur.fetchall():
-            states[r[0]].messages[r[2]] = MessageRow(*r)
+            states[r[0]].messages[r[2]] = Message.loaded(r)
         return states
 
     async def commit(self, conn: AsyncConn, batch: Batch, lease_owner: str | None = None) -> None:
@@ -203,7 +196,7 @@ class Store:
             EpochMismatch: the checkpoint was taken in another epoch of the log.
             CheckpointMoved: the checkpoint is not `batch.after` (a repeat, an older batch, another
                 writer).
-            ProjectionStopped: `lease_owner` no longer holds the partition's lease.
+            LeaseLost: `lease_owner` no longer holds the partition's lease.
         """
         async with conn.transaction():
             cur = await conn.execute(
@@ -227,7 +220,7 @@ class Store:
                     (batch.partition, lease_owner),
                 )
                 if await cur.fetchone() is None:
-                    raise ProjectionStopped(f"partition {batch.partition}: lease lost by {lease_owner}")
+                    raise LeaseLost(batch.partition, lease_owner)
             if self.archive and batch.archive:
                 types = await self._column_types(
                     conn, "event_archive", f"{STORE_SCHEMA}.event_archive", _ARCHIVE_COLUMNS
@@ -236,9 +229,7 @@ class Store:
                     copy.set_types(types)
                     for a in batch.archive:
                         await copy.write_row(a)
-            for row_type, rows in batch.rows.items():
-                if rows:
-                    await self._upsert(conn, row_type, rows.values())
+            await self.write_tables(conn, batch.tables)
             if batch.dead:
                 await self._dead_letters(conn, batch.epoch, batch.dead)
             await conn.execute(
@@ -261,13 +252,16 @@ class Store:
             self._q("UPDATE {s}.checkpoints SET version = version + 1 WHERE partition = %s"), (partition,)
         )
 
-    async def write_rows(self, conn: AsyncConn, rows: Iterable[Row]) -> None:
-        """Upsert rows (last one per key wins) inside the caller's transaction."""
-        by_type: dict[type[Row], dict[tuple[Any, ...], Row]] = {}
-        for row in rows:
-            by_type.setdefault(type(row), {})[row.key] = row
-        for row_type, keyed in by_type.items():
-            await self._upsert(conn, row_type, keyed.values())
+    async def write_tables(self, conn: AsyncConn, tables: Tables) -> None:
+        """Write each table's (inserts, updates) inside the caller's transaction: inserts straight into
+        the table (a row the fold saw as new cannot exist), updates through staging and an upsert."""
+        for table, (inserts, updates) in tables.items():
+            insert, copy, upsert = self._statements[table]
+            if inserts:
+                await self._copy(conn, table, insert, inserts)
+            if updates:
+                await self._copy(conn, table, copy, updates)
+                await conn.execute(upsert)
 
     async def archive_once(self, conn: AsyncConn, row: tuple[Any, ...]) -> None:
         """Archive one event unless it already is (a re-driven letter that decoded the first time)."""
@@ -279,15 +273,14 @@ class Store:
             row,
         )
 
-    async def _upsert(self, conn: AsyncConn, row_type: type[Row], rows: Iterable[Row]) -> None:
-        table, columns, _ = _COLUMNS[row_type]
-        copy_statement, upsert = self._statements[row_type]
-        types = await self._column_types(conn, table, f"{self.schema}.{table}", columns)
-        async with conn.cursor().copy(copy_statement) as copy:
+    async def _copy(
+        self, conn: AsyncConn, table: str, statement: sql.Composed, rows: list[tuple[Any, ...]]
+    ) -> None:
+        types = await self._column_types(conn, table, f"{self.schema}.{table}", _COLUMNS[table][0])
+        async with conn.cursor().copy(statement) as copy:
             copy.set_types(types)
             for row in rows:
-                await copy.write_row(_values(row))
-        await conn.execute(upsert)
+                await copy.write_row(row)
 
     async def _dead_letters(self, conn: AsyncConn, epoch: str, dead: list[DeadLetter]) -> None:
         async with conn.cursor() as cur:

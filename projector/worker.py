@@ -9,10 +9,11 @@ checkpoint lost entries the read models never saw: that partition stops (`LogGap
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, NamedTuple
 
 import psycopg
@@ -26,11 +27,19 @@ from events.position import parse_stream_id
 from events.schema import Envelope
 from projector import leases, metrics
 from projector.batch import Batch, DeadLetter, decode_entries, fold_batch
-from projector.exceptions import CheckpointMoved, EpochMismatch, LogGap, ProjectionStopped
-from projector.fold import ConversationState
+from projector.exceptions import (
+    CheckpointMoved,
+    EpochMismatch,
+    FoldCrashed,
+    LeaseLost,
+    LogGap,
+    ProjectionStopped,
+)
 from projector.migrate import migrate
 from projector.settings import ProjectorSettings
+from projector.state import ConversationState
 from projector.store import Store
+from servicekit.gcpacing import GcPacer
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +78,7 @@ class PartitionProjector:
         self.cache: OrderedDict[str, ConversationState] = OrderedDict()
         self.stopped: str | None = None
         self.retrying: str | None = None  # the last transient error, until a batch succeeds again
+        self.lease_lost = False
 
     async def load(self) -> None:
         """Reset the cache and read the checkpoint; raise EpochMismatch if it belongs to another log."""
@@ -100,6 +110,10 @@ class PartitionProjector:
             except CheckpointMoved as exc:
                 log.warning("%s; reloading", exc)
                 loaded = False
+            except LeaseLost as exc:
+                log.warning("%s; the next lease round decides who projects it", exc)
+                self.lease_lost = True
+                return
             except ProjectionStopped as exc:
                 if isinstance(exc, LogGap):
                     metrics.LOG_GAP.labels(label).set(1)
@@ -142,7 +156,7 @@ class PartitionProjector:
             batch = await self._commit(entries, isolate=False)
         except psycopg.OperationalError:
             raise
-        except psycopg.DatabaseError as exc:
+        except (psycopg.DatabaseError, FoldCrashed) as exc:
             log.error("partition %d: batch failed (%s); applying one entry at a time", self.partition, exc)
             self.cache.clear()
             for entry in entries:
@@ -172,15 +186,18 @@ class PartitionProjector:
                 self.cache.clear()
                 if (
                     not isolate
-                    or not isinstance(exc, psycopg.DatabaseError)
+                    or not isinstance(exc, psycopg.DatabaseError | FoldCrashed)
                     or isinstance(exc, psycopg.OperationalError)
                 ):
                     raise
-                # This single entry cannot be written: keep it as a dead letter and move past it.
+                # This single entry cannot be applied or written: keep it as a dead letter, move past it.
                 entry = entries[0]
                 batch = Batch(self.partition, w.epoch, self.position, self.version, entry.stream_id, 1)
-                error = f"{type(exc).__name__}: {exc}"
-                batch.dead.append(DeadLetter(self.partition, entry.stream_id, entry.data, error, "db"))
+                if isinstance(exc, FoldCrashed):
+                    error, reason = f"{type(exc.error).__name__}: {exc.error}", "fold"
+                else:
+                    error, reason = f"{type(exc).__name__}: {exc}", "db"
+                batch.dead.append(DeadLetter(self.partition, entry.stream_id, entry.data, error, reason))
                 await w.store.commit(conn, batch, w.settings.worker_id if w.use_leases else None)
         self.position = batch.last
         self.version += 1
@@ -264,6 +281,22 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Hold leases and project owned partitions until `stop` is set."""
+        async with self.paced_gc():
+            await self._run(stop)
+
+    @contextlib.asynccontextmanager
+    async def paced_gc(self) -> AsyncIterator[None]:
+        """Python's cyclic collector on a schedule while inside (`gc_paced`; see servicekit.gcpacing)."""
+        s = self.settings
+        pacer = GcPacer(metrics.GC_PAUSE_SECONDS, s.gc_young_every_s, s.gc_full_every_s)
+        if s.gc_paced:
+            pacer.start()
+        try:
+            yield
+        finally:
+            await pacer.stop()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         ttl = self.settings.lease_ttl_s
         try:
             while not stop.is_set():
@@ -299,6 +332,8 @@ class Worker:
         except _TRANSIENT as exc:
             log.warning("lease round failed: %s", exc)
             return
+        for p in [p for p, pr in self.projectors.items() if pr.lease_lost]:
+            await self._stop(p)  # restarted below if this round won the lease back
         for p in sorted(set(self.tasks) - held):
             log.warning("lease of partition %d lost; stopping it", p)
             await self._stop(p)

@@ -21,14 +21,15 @@ from events.log import EventLog
 from realtime_fanout.archive import Archive
 from realtime_fanout.connection import Connection
 from realtime_fanout.exceptions import HubUnavailable
-from realtime_fanout.gcpacing import GcPacer
 from realtime_fanout.history import History
 from realtime_fanout.hub import Hub
+from realtime_fanout.metrics import GC_PAUSE_SECONDS
 from realtime_fanout.pageflights import PageFlights
 from realtime_fanout.settings import FanoutSettings
 from realtime_fanout.signalbus import SignalBus
 from realtime_fanout.unreadseed import UnreadSeeder
 from servicekit.auth import TokenVerifier
+from servicekit.gcpacing import GcPacer
 from servicekit.health import add_health_routes
 from servicekit.lifespan import services_lifespan
 
@@ -73,7 +74,7 @@ class Services:
             presence_ttl_s=settings.presence_ttl_s,
         )  # fmt: skip
         self._starter: asyncio.Task[None] | None = None
-        self.gc_pacer = GcPacer(settings.gc_young_every_s, settings.gc_full_every_s)
+        self.gc_pacer = GcPacer(GC_PAUSE_SECONDS, settings.gc_young_every_s, settings.gc_full_every_s)
 
     def _flights(self) -> PageFlights[Any]:
         return PageFlights(self.settings.history_linger_s, self.settings.history_cache_pages)

@@ -14,9 +14,9 @@ from events import schema
 from events.codec import encode
 from events.log import LogEntry
 from projector.exceptions import FoldError
-from projector.fold import changes
+from projector.fold import apply, preview
 from projector.model import fold_entries
-from projector.rows import ConversationRow, InboxRow, MembershipRow, MessageRow, preview
+from projector.state import Changes, Conversation, Inbox, Message, Span
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -46,11 +46,11 @@ def test_create_send_read_unread_and_inbox() -> None:
         envelope("c", 4, "bob", schema.MessagesRead(2)),
     )
     conv = model.tables["conversations"][("c",)]
-    assert isinstance(conv, ConversationRow)
+    assert isinstance(conv, Conversation)
     assert (conv.message_count, conv.last_seq, conv.last_message_preview) == (2, 4, "yo")
     assert conv.last_activity_at == T0 + timedelta(seconds=2)
     ann, bob = model.tables["inbox"][("ann", "c")], model.tables["inbox"][("bob", "c")]
-    assert isinstance(ann, InboxRow) and isinstance(bob, InboxRow)
+    assert isinstance(ann, Inbox) and isinstance(bob, Inbox)
     assert (ann.unread_count, bob.unread_count, bob.read_seq) == (1, 0, 2)
     assert not model.dead_letters
 
@@ -62,10 +62,10 @@ def test_delete_removes_body_preview_and_unread() -> None:
         envelope("c", 3, "ann", schema.MessageDeleted("m1")),
     )
     message = model.tables["messages"][("c", 2)]
-    assert isinstance(message, MessageRow)
+    assert isinstance(message, Message)
     assert message.body is None and message.state == "deleted"
     conv = model.tables["conversations"][("c",)]
-    assert isinstance(conv, ConversationRow)
+    assert isinstance(conv, Conversation)
     assert conv.last_message_preview is None and conv.message_count == 0
     assert model.tables["inbox"][("bob", "c")].unread_count == 0  # type: ignore[union-attr]
 
@@ -81,7 +81,7 @@ def test_removed_participant_span_and_rejoin() -> None:
     spans = sorted(r.key for r in model.tables["memberships"].values())
     assert spans == [("c", "ann", 1), ("c", "bob", 1), ("c", "bob", 4)]
     first = model.tables["memberships"][("c", "bob", 1)]
-    assert isinstance(first, MembershipRow) and first.left_seq == 2 and first.left_stream_id == "1001-0"
+    assert isinstance(first, Span) and first.left_seq == 2 and first.left_stream_id == "1001-0"
     assert model.tables["inbox"][("bob", "c")].unread_count == 1  # type: ignore[union-attr]
 
 
@@ -99,7 +99,7 @@ def test_delete_of_message_sent_while_away_does_not_touch_unread() -> None:
 def test_contradicting_events_are_fold_errors() -> None:
     created = envelope("c", 1, "ann", schema.ConversationCreated("hi", ("ann",)))
     with pytest.raises(FoldError):
-        changes(None, envelope("c", 1, "ann", schema.MessageSent("m", "x")), "1-0")
+        apply(None, envelope("c", 1, "ann", schema.MessageSent("m", "x")), "1-0", Changes())
     model = run(created, envelope("c", 2, "ann", schema.MessageEdited("nope", "x")))
     assert list(model.dead_letters) == [(0, "1001-0")]
     assert model.tables["conversations"][("c",)].last_seq == 1  # type: ignore[union-attr]
@@ -190,16 +190,26 @@ def naive_tables(convs: dict[str, Naive]) -> dict[str, dict[Any, Any]]:
         live = [m for m in c.messages.values() if m["deleted"] is None]
         last = max(c.messages.items(), key=lambda kv: kv[1]["seq"], default=None)
         activity = max([c.created_at, *(m["at"] for m in c.messages.values())])
-        tables["conversations"][(cid,)] = ConversationRow(
+        tables["conversations"][(cid,)] = Conversation.loaded((
             cid, c.title, c.creator, c.created_at, c.last_seq, activity, len(live),
             last[0] if last else None, last[1]["seq"] if last else None, last[1]["author"] if last else None,
             preview(last[1]["body"]) if last and last[1]["body"] is not None else None,
-        )  # fmt: skip
+        ))  # fmt: skip
         for user, joined, jsid, left, lsid in c.spans:
-            tables["memberships"][(cid, user, joined)] = MembershipRow(cid, user, joined, jsid, left, lsid)
+            tables["memberships"][(cid, user, joined)] = Span.loaded((cid, user, joined, jsid, left, lsid))
         for mid, m in c.messages.items():
-            tables["messages"][(cid, m["seq"])] = MessageRow(
-                cid, m["seq"], mid, m["author"], m["body"], m["at"], m["reply_to"], m["edited"], m["deleted"]
+            tables["messages"][(cid, m["seq"])] = Message.loaded(
+                (
+                    cid,
+                    m["seq"],
+                    mid,
+                    m["author"],
+                    m["body"],
+                    m["at"],
+                    m["reply_to"],
+                    m["edited"],
+                    m["deleted"],
+                )
             )
         for user, marker in c.markers.items():
             end = max((s[3] or 10**9) for s in c.spans if s[0] == user)
@@ -207,8 +217,8 @@ def naive_tables(convs: dict[str, Naive]) -> dict[str, dict[Any, Any]]:
                 1 for m in live if m["seq"] > marker and m["author"] != user and c.saw(user, m["seq"])
             )
             seen_activity = max([c.created_at, *(m["at"] for m in c.messages.values() if m["seq"] < end)])
-            tables["inbox"][(user, cid)] = InboxRow(
-                user, cid, marker, unread, c.archived[user], c.member(user), seen_activity
+            tables["inbox"][(user, cid)] = Inbox.loaded(
+                (user, cid, marker, unread, c.archived[user], c.member(user), seen_activity)
             )
     return tables
 

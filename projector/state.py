@@ -1,0 +1,225 @@
+"""Read-model rows as records, one type per table, the fold's working state, and what a batch touched.
+
+A record's fields are its table's columns in order, then two bookkeeping flags: `dirty` (touched since
+the last `Changes.drain`) and `stored` (the row exists in Postgres, so writing it is an update, not an
+insert). Records hold only scalars, so they stay out of the cyclic garbage collector (`gc=False`).
+Equality is field-wise, so a whole read model (`loaded` records by `key`) compares as a dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Self
+
+import msgspec
+
+_astuple = msgspec.structs.astuple
+
+
+class _Record(msgspec.Struct, gc=False):
+    @classmethod
+    def columns(cls) -> tuple[str, ...]:
+        return cls.__struct_fields__[:-2]
+
+    @classmethod
+    def loaded(cls, values: Sequence[Any]) -> Self:
+        """The (stored, clean) record of a row's column values; values past the columns are ignored."""
+        record = cls(*values[: len(cls.__struct_fields__) - 2])
+        record.stored = True  # type: ignore[attr-defined]
+        return record
+
+
+class Conversation(_Record, gc=False):
+    """`conversations`: one per conversation; the last message's preview is NULL once it is deleted."""
+
+    conversation_id: str
+    title: str
+    created_by: str
+    created_at: datetime
+    last_seq: int
+    last_activity_at: datetime
+    message_count: int
+    last_message_id: str | None = None
+    last_message_seq: int | None = None
+    last_message_author: str | None = None
+    last_message_preview: str | None = None
+    dirty: bool = False
+    stored: bool = False
+
+    @property
+    def key(self) -> tuple[str]:
+        return (self.conversation_id,)
+
+
+class Span(_Record, gc=False):
+    """`memberships`: one per span of membership; current while `left_seq` is None."""
+
+    conversation_id: str
+    user_id: str
+    joined_seq: int
+    joined_stream_id: str
+    left_seq: int | None = None
+    left_stream_id: str | None = None
+    dirty: bool = False
+    stored: bool = False
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.conversation_id, self.user_id, self.joined_seq)
+
+    def covers(self, seq: int) -> bool:
+        """True when an event at `seq` happened during this span."""
+        return self.joined_seq < seq and (self.left_seq is None or seq < self.left_seq)
+
+
+class Inbox(_Record, gc=False):
+    """`inbox`: a user's read marker, unread count, archived flag and inbox order in one conversation.
+
+    `unread_count` counts messages by others, not deleted, after `read_seq`, sent while the user was in.
+    """
+
+    user_id: str
+    conversation_id: str
+    read_seq: int
+    unread_count: int
+    archived: bool
+    is_member: bool
+    last_activity_at: datetime
+    dirty: bool = False
+    stored: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.user_id, self.conversation_id)
+
+
+class Message(_Record, gc=False):
+    """`messages`: `body` is None for good once the message is deleted. In the fold's state a body is kept
+    only from the event that set it until the batch is drained: no change ever needs a previous body."""
+
+    conversation_id: str
+    seq: int
+    message_id: str
+    author: str
+    body: str | None
+    sent_at: datetime
+    reply_to: str | None = None
+    edited_at: datetime | None = None
+    deleted_at: datetime | None = None
+    dirty: bool = False
+    stored: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.conversation_id, self.seq)
+
+    @property
+    def state(self) -> str:
+        if self.deleted_at is not None:
+            return "deleted"
+        return "sent" if self.edited_at is None else "edited"
+
+
+Record = Conversation | Span | Inbox | Message
+TABLE_OF: dict[type[Record], str] = {
+    Conversation: "conversations",
+    Span: "memberships",
+    Message: "messages",
+    Inbox: "inbox",
+}
+RECORD_OF_TABLE: dict[str, type[Record]] = {table: record for record, table in TABLE_OF.items()}
+
+
+@dataclass(slots=True)
+class ConversationState:
+    """Everything the fold needs to know about one conversation to apply its next event.
+
+    `messages` is in sequence order (the fold appends; the store loads them ordered).
+    """
+
+    conversation: Conversation
+    spans: dict[str, list[Span]] = field(default_factory=dict)
+    inbox: dict[str, Inbox] = field(default_factory=dict)
+    messages: dict[str, Message] = field(default_factory=dict)
+    members: list[str] | None = None  # current participants, cached until membership changes
+
+    def current_members(self) -> list[str]:
+        if self.members is None:
+            self.members = [u for u, spans in self.spans.items() if spans and spans[-1].left_seq is None]
+        return self.members
+
+    def is_member(self, user_id: str) -> bool:
+        spans = self.spans.get(user_id)
+        return bool(spans) and spans[-1].left_seq is None  # type: ignore[index]
+
+    def saw(self, user_id: str, seq: int) -> bool:
+        """True when `user_id` was a participant when the event at `seq` happened."""
+        return any(s.covers(seq) for s in self.spans.get(user_id, ()))
+
+    def counts_for(self, user_id: str, message: Message) -> bool:
+        """True when `message` is one `user_id`'s unread count may include (read marker aside)."""
+        return message.deleted_at is None and message.author != user_id and self.saw(user_id, message.seq)
+
+    def unread_after(self, user_id: str, read_seq: int) -> int:
+        """The unread count from its definition (linear in the conversation's messages)."""
+        return sum(1 for m in self.messages.values() if m.seq > read_seq and self.counts_for(user_id, m))
+
+    def unread_between(self, user_id: str, low: int, high: int) -> int:
+        """How many counted messages have `low < seq <= high` (newest first; stops at `low`)."""
+        n = 0
+        for m in reversed(self.messages.values()):
+            if m.seq <= low:
+                break
+            if m.seq <= high and self.counts_for(user_id, m):
+                n += 1
+        return n
+
+
+@dataclass(slots=True)
+class Changes:
+    """The records a run of events touched, each listed once per table, in first-touch order."""
+
+    conversations: list[Conversation] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
+    inbox: list[Inbox] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
+
+    def touch(self, record: Record) -> None:
+        if not record.dirty:
+            record.dirty = True
+            getattr(self, _LIST_OF[type(record)]).append(record)
+
+    def drain(self) -> dict[str, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
+        """Each table's (inserts, updates) as column tuples; marks every record clean and stored.
+
+        Only valid while the records still describe the database plus this batch: a failed commit must
+        drop the state these records belong to.
+        """
+        out: dict[str, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]] = {}
+        for table, records in (
+            ("conversations", self.conversations), ("memberships", self.spans), ("inbox", self.inbox),
+        ):  # fmt: skip
+            out[table] = (
+                [_astuple(r)[:-2] for r in records if not r.stored],
+                [_astuple(r)[:-2] for r in records if r.stored],
+            )
+            for r in records:
+                r.dirty, r.stored = False, True
+        out["messages"] = (
+            [(*_astuple(m)[:-2], m.state) for m in self.messages if not m.stored],
+            [(*_astuple(m)[:-2], m.state) for m in self.messages if m.stored],
+        )
+        for m in self.messages:
+            m.dirty, m.stored, m.body = False, True, None
+        self.conversations, self.spans, self.inbox, self.messages = [], [], [], []
+        return out
+
+
+_LIST_OF: dict[type[Record], str] = {
+    Conversation: "conversations",
+    Span: "spans",
+    Inbox: "inbox",
+    Message: "messages",
+}
