@@ -215,7 +215,7 @@ async def copy_ceiling(database_url: str, gen: Generator) -> float:
 async def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.projector")
     parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--batch", type=int, default=ProjectorSettings.batch)
     parser.add_argument("--limit-s", type=float, default=600, help="bound on each phase")
     parser.add_argument("--no-rebuild", action="store_true")
     parser.add_argument(

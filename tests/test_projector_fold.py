@@ -280,3 +280,27 @@ def test_fold_equals_definition(ops: list[tuple[int, int, int, int, int]]) -> No
     }
     assert set(model.dead_letters) == refused
     assert model.tables == naive_tables(convs)
+
+
+def test_a_batch_writes_each_changed_row_once_new_rows_as_inserts() -> None:
+    changes = Changes()
+    created = envelope("c", 1, "ann", schema.ConversationCreated("hi", ("bob",)))
+    state = apply(None, created, "1-0", changes)
+    apply(state, envelope("c", 2, "ann", schema.MessageSent("m1", "one")), "2-0", changes)
+    first = changes.drain()
+    assert {t: (len(ins), len(upd)) for t, (ins, upd) in first.items()} == {
+        "conversations": (1, 0), "memberships": (2, 0), "inbox": (2, 0), "messages": (1, 0),
+    }  # fmt: skip
+    assert first["messages"][0][0][4] == "one" and first["messages"][0][0][-1] == "sent"
+    apply(state, envelope("c", 3, "bob", schema.MessageSent("m2", "two")), "3-0", changes)
+    apply(state, envelope("c", 4, "bob", schema.MessageEdited("m2", "2")), "4-0", changes)
+    apply(state, envelope("c", 5, "ann", schema.MessagesRead(4)), "5-0", changes)
+    second = changes.drain()
+    assert {t: (len(ins), len(upd)) for t, (ins, upd) in second.items()} == {
+        "conversations": (0, 1), "memberships": (0, 0), "inbox": (0, 2), "messages": (1, 0),
+    }  # fmt: skip
+    (message,) = second["messages"][0]
+    assert message[4] == "2" and message[-1] == "edited"  # the row as it ends, written once
+    assert state.messages["m2"].body is None  # the state keeps no body once it is written
+    ann = next(row for row in second["inbox"][1] if row[0] == "ann")
+    assert ann[2:4] == (4, 0)  # read up to the last message: nothing unread
