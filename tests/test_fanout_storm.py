@@ -95,13 +95,12 @@ async def test_a_reconnect_storm_reads_each_page_once(
             if e.conversation_id == "room" and isinstance(e.payload, MessageSent)
         ]
 
-    async def late(cursor: str) -> Client:
-        await asyncio.sleep(0.2)  # join the reads the same-cursor clients started (or that linger)
-        return await Client.open(fanout.url, "bob", cursor)
-
-    clients = await asyncio.gather(
-        *(Client.open(fanout.url, "bob", bob.cursor) for _ in range(50)), *(late(c) for c in nearby)
-    )
+    same = [asyncio.create_task(Client.open(fanout.url, "bob", bob.cursor)) for _ in range(50)]
+    # A page serves only callers at or after its start, so a nearby cursor that read before the same-cursor
+    # chain started would read a page of its own. Once one same-cursor client is live, every page of that
+    # chain has been read and lingers: the nearby clients join it (while the other 49 still catch up).
+    await asyncio.wait(same, return_when=asyncio.FIRST_COMPLETED)
+    clients = await asyncio.gather(*same, *(Client.open(fanout.url, "bob", c) for c in nearby))
     for client in clients[:50]:
         assert client.bodies() == bodies and [e["seq"] for e in client.events] == list(range(3, 73))
     for client, want in zip(clients[50:], nearby.values(), strict=True):

@@ -24,6 +24,7 @@ from events import schema
 from events.codec import encode
 from events.config import LogSettings
 from events.log import EventLog
+from events.position import parse_stream_id
 from projector.app import create_app
 from projector.redrive import redrive
 from projector.settings import ProjectorSettings
@@ -137,6 +138,35 @@ async def test_entry_postgres_refuses_is_isolated_and_the_rest_of_the_batch_appl
     assert counts == [(2, 4)]
 
 
+async def test_an_entry_whose_fold_crashes_is_isolated_as_a_dead_letter(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    settings = settings_for(redis_server_url, log_namespace, database_url)
+    await EventLog(redis_client, settings.log.layout()).open(create=True)
+    await xadd_events(
+        redis_client, settings, envelope("bug", 1, "ann", schema.ConversationCreated("t", ("ann", "bob")))
+    )
+    async with running(settings) as (worker, _client):
+        await wait_caught_up(worker)
+    # A state the fold cannot have made (bob is a participant without an inbox row) stands for a bug.
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await conn.execute("DELETE FROM parley.inbox WHERE user_id = 'bob'")
+        await conn.commit()
+    await xadd_events(
+        redis_client, settings,
+        envelope("bug", 2, "ann", schema.MessageSent("m2", "crashes the fold")),
+        envelope("bug", 3, "ann", schema.ConversationArchived()),
+    )  # fmt: skip
+    async with running(settings) as (worker, _client):
+        await wait_caught_up(worker)
+        projector = worker.projectors[settings.log.layout().partition_for("bug")]
+        assert projector.stopped is None and projector.applied == 3
+    assert await fetch(database_url, "SELECT error FROM parley_store.dead_letters") == [("KeyError: 'bob'",)]
+    assert await fetch(database_url, "SELECT count(*) FROM parley.messages") == [(0,)]
+    archived = await fetch(database_url, "SELECT archived, read_seq FROM parley.inbox WHERE user_id = 'ann'")
+    assert archived == [(True, 0)]  # the entry after the culprit applied
+
+
 async def test_epoch_change_under_a_running_worker_stops_the_partition(
     redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
 ) -> None:
@@ -196,23 +226,32 @@ async def test_trimmed_stream_after_the_checkpoint_stops_the_partition_loudly(
     layout = settings.log.layout()
     appender = Appender(redis_client, layout)
     await appender.open()
+    log = EventLog(redis_client, layout)
     workload = Workload(seed=9)
     await workload.append(appender, 100)
     async with running(settings) as (worker, _client):
         await wait_caught_up(worker)
-    (checkpoint,) = await fetch(database_url, "SELECT stream_id FROM parley.checkpoints WHERE partition = 0")
+    checkpoints = dict(await fetch(database_url, "SELECT partition, stream_id FROM parley.checkpoints"))
     await workload.append(appender, 100)
-    head = (await redis_client.xrevrange(layout.stream_key(0), count=1))[0][0]
-    await redis_client.xtrim(layout.stream_key(0), minid=head)  # a trimmer breaking its contract
-    async with running(settings) as (worker, client):
-        await until(lambda: asyncio.sleep(0, worker.projectors[0].stopped is not None))
-        assert "trimmed" in (worker.projectors[0].stopped or "")
-        assert 'parley_projector_log_gap{partition="0"} 1.0' in (await client.get("/metrics")).text
-        assert "partition 0" in (await client.get("/readyz")).json()["detail"]
-        await wait_caught_up_partition(worker, 1)
-    assert await fetch(database_url, "SELECT stream_id FROM parley.checkpoints WHERE partition = 0") == [
-        checkpoint
+    heads = {p: await log.head(p) for p in range(PARTITIONS)}
+    # The workload's conversation ids are random, so which partition got entries both before and after its
+    # checkpoint varies from run to run: trim one that did.
+    grown = [
+        p for p, cp in checkpoints.items() if cp != "0-0" and parse_stream_id(heads[p]) > parse_stream_id(cp)
     ]
+    assert grown, (checkpoints, heads)
+    gap = grown[0]
+    # A trimmer breaking its contract: exactly (`~` keeps whole nodes, maybe the checkpoint's), head only.
+    await redis_client.xtrim(layout.stream_key(gap), minid=heads[gap], approximate=False)
+    async with running(settings) as (worker, client):
+        await until(lambda: asyncio.sleep(0, worker.projectors[gap].stopped is not None))
+        assert "trimmed" in (worker.projectors[gap].stopped or "")
+        assert f'parley_projector_log_gap{{partition="{gap}"}} 1.0' in (await client.get("/metrics")).text
+        assert f"partition {gap}" in (await client.get("/readyz")).json()["detail"]
+        for other in set(range(PARTITIONS)) - {gap}:
+            await wait_caught_up_partition(worker, other)
+    query = "SELECT stream_id FROM parley.checkpoints WHERE partition = %s"
+    assert await fetch(database_url, query, gap) == [(checkpoints[gap],)]
     await appender.close()
 
 
@@ -265,3 +304,44 @@ async def test_postgres_down_then_back_worker_retries_and_resumes(
         await appender.close()
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_a_lost_lease_stops_the_partition_until_the_worker_wins_it_back(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    settings = settings_for(redis_server_url, log_namespace, database_url)
+    appender = Appender(redis_client, settings.log.layout())
+    await appender.open()
+    workload = Workload(seed=17)
+    await workload.append(appender, 100)
+    worker = Worker(settings)
+    await worker.start()
+    try:
+        await worker._manage()  # one lease round by hand: no round runs unless the test says so
+        await wait_caught_up(worker)
+        before = dict(worker.projectors)
+        # Our renewals stalled past the TTL and another worker took every partition (its leases are now over).
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            await conn.execute("UPDATE parley_store.leases SET owner = 'thief', expires_at = now()")
+            await conn.commit()
+        await workload.append(appender, 200)  # a partition that gets entries finds out at its next commit
+
+        async def lost() -> bool:
+            return any(p.lease_lost for p in before.values())
+
+        await until(lost)
+        gone = {p for p, pr in before.items() if pr.lease_lost}
+        assert all(before[p].stopped is None for p in gone)  # not a loud stop: the lease decides who projects
+
+        async def resumed() -> bool:  # each round wins the expired leases back and restarts what stopped
+            await worker._manage()
+            return await worker.caught_up(range(PARTITIONS))
+
+        await until(resumed)
+        assert all(worker.projectors[p] is not before[p] for p in gone)
+        assert not any(p.stopped for p in worker.projectors.values())
+    finally:
+        await worker._stop_all()
+        await worker.close()
+    await assert_equal_to_fold(database_url, EventLog(redis_client, settings.log.layout()))
+    await appender.close()
