@@ -32,12 +32,11 @@ from events.config import LogSettings
 from events.ids import new_event_id, new_object_id
 from events.log import EventLog
 from projector.rebuild import rebuild
-from projector.settings import ProjectorSettings
+from projector.settings import DEFAULT_BATCH, ProjectorSettings
 from projector.worker import Worker
 
 WORDS = ("hello", "lunch", "deploy", "meeting", "coffee", "release", "bug", "friday", "budget", "pizza",
          "tomorrow", "review", "ship", "done", "thanks", "later", "call", "plan", "ok", "see")  # fmt: skip
-PARTITIONS = 4
 # Durable (fsync, synchronous commit and full-page writes stay on), sized as a production server would be
 # for this machine rather than Postgres's defaults (128 MB of shared buffers, 1 GB of WAL between checkpoints).
 PG_SETTINGS = {"shared_buffers": "2GB", "max_wal_size": "8GB", "checkpoint_timeout": "15min"}
@@ -114,11 +113,11 @@ class Generator:
         )  # fmt: skip
 
 
-async def fill_log(redis_url: str, namespace: str, events: int) -> Generator:
+async def fill_log(redis_url: str, namespace: str, events: int, partitions: int) -> Generator:
     """Append `events` encoded envelopes, pipelined, each to its conversation's partition."""
     client = aioredis.Redis.from_url(redis_url)
     try:
-        layout = LogSettings(redis_url, namespace, PARTITIONS).layout()
+        layout = LogSettings(redis_url, namespace, partitions).layout()
         await EventLog(client, layout).open(create=True)
         gen = Generator(random.Random(42), users=max(50, events // 200))
         done = 0
@@ -165,7 +164,15 @@ async def project(settings: ProjectorSettings, events: int, limit_s: float) -> f
     started = time.perf_counter()
     task = asyncio.create_task(worker.run(stop))
     try:
-        while not await worker.caught_up(range(PARTITIONS)):
+        report = started + 10
+        while not await worker.caught_up(range(settings.log.partitions)):
+            if time.perf_counter() > report:
+                report += 10
+                state = {
+                    p: (pr.position, pr.applied, pr.stopped, pr.retrying)
+                    for p, pr in worker.projectors.items()
+                }
+                print(f"  after {time.perf_counter() - started:.0f}s: {state}", flush=True)
             if time.perf_counter() - started > limit_s:
                 raise SystemExit(f"projection not done after {limit_s:.0f}s")
             await asyncio.sleep(0.05)
@@ -215,8 +222,11 @@ async def copy_ceiling(database_url: str, gen: Generator) -> float:
 async def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.projector")
     parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--batch", type=int, default=ProjectorSettings.batch)
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--limit-s", type=float, default=600, help="bound on each phase")
+    parser.add_argument(
+        "--partitions", type=int, default=8, help="log partitions (PARLEY_PARTITIONS' default)"
+    )
     parser.add_argument("--no-rebuild", action="store_true")
     parser.add_argument(
         "--pg-statements", action="store_true",
@@ -241,7 +251,9 @@ async def main() -> None:
                 async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
                     await conn.execute("CREATE EXTENSION pg_stat_statements")
             started = time.perf_counter()
-            gen = await asyncio.wait_for(fill_log(redis_server.url, "bench", args.events), args.limit_s)
+            gen = await asyncio.wait_for(
+                fill_log(redis_server.url, "bench", args.events, args.partitions), args.limit_s
+            )
             seconds = time.perf_counter() - started
             print(f"log filled: {args.events} events, {len(gen.convs)} conversations, "
                   f"{len(gen.messages)} messages, in {seconds:.1f}s ({args.events / seconds:,.0f}/s)")  # fmt: skip
@@ -249,7 +261,7 @@ async def main() -> None:
             # collector's passes over this process, which would otherwise charge them to the worker.
             gc.freeze()
             settings = ProjectorSettings(
-                log=LogSettings(redis_server.url, "bench", PARTITIONS), database_url=database_url,
+                log=LogSettings(redis_server.url, "bench", args.partitions), database_url=database_url,
                 batch=args.batch, block_ms=100, worker_id="bench",
             )  # fmt: skip
             assert redis_server.pid is not None and pg.pid is not None
@@ -257,7 +269,7 @@ async def main() -> None:
                 seconds = await project(settings, args.events, args.limit_s)
             print(f"Postgres settings: {'defaults' if args.pg_default_memory else PG_SETTINGS}, durable")
             print(f"one worker: {args.events / seconds:,.0f} events/s ({seconds:.1f}s, batch {args.batch}, "
-                  f"{PARTITIONS} partitions)")  # fmt: skip
+                  f"{args.partitions} partitions)")  # fmt: skip
             print("  CPU seconds while projecting: " + ", ".join(
                 f"{name} {used:.1f} ({used / seconds:.0%} of a core)" for name, used in cpu.spent().items()
             ))  # fmt: skip

@@ -11,6 +11,8 @@ from events.config import LogSettings
 from servicekit.auth_settings import AuthSettings
 from servicekit.settings import Env
 
+DEFAULT_BATCH = 20_000
+
 
 @dataclass(frozen=True, slots=True)
 class ProjectorSettings:
@@ -19,7 +21,7 @@ class ProjectorSettings:
     log: LogSettings
     database_url: str
     auth: AuthSettings | None = None
-    batch: int = 20_000
+    batch: int = DEFAULT_BATCH
     block_ms: int = 1000
     http_host: str = "127.0.0.1"
     http_port: int = 8002
@@ -53,7 +55,7 @@ class ProjectorSettings:
             log=LogSettings.from_env(env),
             database_url=env.str("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/parley"),
             auth=AuthSettings.from_env(env) if auth else None,
-            batch=env.int("PARLEY_PROJECTOR_BATCH", 20_000, minimum=1),
+            batch=env.int("PARLEY_PROJECTOR_BATCH", DEFAULT_BATCH, minimum=1),
             block_ms=env.int("PARLEY_PROJECTOR_BLOCK_MS", 1000, minimum=1),
             http_host=env.str("PARLEY_PROJECTOR_HTTP_HOST", "127.0.0.1"),
             http_port=env.int("PARLEY_PROJECTOR_HTTP_PORT", 8002, minimum=0),

@@ -128,6 +128,11 @@ class PartitionProjector:
                 loaded = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.worker.settings.retry_max_s)
+            except Exception as exc:  # a bug: stop loudly rather than end the task unseen
+                metrics.STOPPED.labels(label).set(1)
+                self.stopped = f"crashed: {type(exc).__name__}: {exc}"
+                log.critical("PROJECTION STOPPED: partition %d crashed", self.partition, exc_info=exc)
+                return
 
     async def step(self) -> int:
         """Read, fold and commit one batch; returns how many entries it moved past.

@@ -345,3 +345,36 @@ async def test_a_lost_lease_stops_the_partition_until_the_worker_wins_it_back(
         await worker.close()
     await assert_equal_to_fold(database_url, EventLog(redis_client, settings.log.layout()))
     await appender.close()
+
+
+async def test_a_partition_that_crashes_stops_loudly_instead_of_vanishing(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    settings = settings_for(redis_server_url, log_namespace, database_url)
+    await EventLog(redis_client, settings.log.layout()).open(create=True)
+    worker = Worker(settings)
+    await worker.start()
+
+    async def bug(*_: Any) -> list[Any]:
+        raise RuntimeError("a bug in the read path")
+
+    worker.log.read_after = bug  # type: ignore[method-assign]  # stands for any unforeseen exception
+    try:
+        await worker._manage()
+
+        async def stopped() -> bool:
+            return all(p.stopped for p in worker.projectors.values())
+
+        await until(stopped)
+        assert all(
+            p.stopped == "crashed: RuntimeError: a bug in the read path" for p in worker.projectors.values()
+        )
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(settings, worker)), base_url="http://p"
+        )
+        async with client:
+            r = await client.get("/readyz")
+        assert r.status_code == 503 and "crashed" in r.json()["detail"]
+    finally:
+        await worker._stop_all()
+        await worker.close()
