@@ -164,15 +164,15 @@ async def project(settings: ProjectorSettings, events: int, limit_s: float) -> f
     started = time.perf_counter()
     task = asyncio.create_task(worker.run(stop))
     try:
-        report = started + 10
+        check, applied = started + 10, -1
         while not await worker.caught_up(range(settings.log.partitions)):
-            if time.perf_counter() > report:
-                report += 10
-                state = {
-                    p: (pr.position, pr.applied, pr.stopped, pr.retrying)
-                    for p, pr in worker.projectors.items()
-                }
-                print(f"  after {time.perf_counter() - started:.0f}s: {state}", flush=True)
+            if time.perf_counter() > check:  # no progress for 10 s: say where each partition is
+                check += 10
+                now = sum(pr.applied for pr in worker.projectors.values())
+                if now == applied:
+                    state = {p: (pr.position, pr.stopped, pr.retrying) for p, pr in worker.projectors.items()}
+                    print(f"  stalled after {time.perf_counter() - started:.0f}s: {state}", flush=True)
+                applied = now
             if time.perf_counter() - started > limit_s:
                 raise SystemExit(f"projection not done after {limit_s:.0f}s")
             await asyncio.sleep(0.05)
