@@ -9,13 +9,13 @@ from typing import Any
 from events.codec import decode
 from events.exceptions import DecodeError
 from events.log import LogEntry
+from events.position import parse_stream_id
 from events.schema import Envelope
 from projector.exceptions import FoldCrashed, FoldError
 from projector.fold import apply
-from projector.state import Changes, ConversationState
+from projector.state import Changes, ConversationState, Tables
 
 ArchiveRow = tuple[str, int, str, int, int, str, str, int, str, str, Any, bytes]
-Tables = dict[str, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +56,9 @@ def decode_entries(entries: Sequence[LogEntry]) -> list[Envelope | DecodeError]:
 
 
 def archive_row(epoch: str, entry: LogEntry, event: Envelope) -> ArchiveRow:
-    ms, _, seq = entry.stream_id.partition("-")  # Redis wrote it: always `ms-seq`
+    ms, seq = parse_stream_id(entry.stream_id)
     return (
-        epoch, entry.partition, entry.stream_id, int(ms), int(seq), event.event_id, event.conversation_id,
+        epoch, entry.partition, entry.stream_id, ms, seq, event.event_id, event.conversation_id,
         event.seq, event.type, event.actor, event.occurred_at, entry.data,
     )  # fmt: skip
 

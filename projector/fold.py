@@ -111,7 +111,7 @@ def _sent(
     )  # fmt: skip
     state.messages[payload.message_id] = message
     changes.touch(message)
-    inbox, touched = state.inbox, changes.inbox
+    inbox, touched = state.inbox, changes.touched[Inbox]
     for user in state.current_members():  # the hot loop: `touch` inlined
         row = inbox[user]
         if user != actor:

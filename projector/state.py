@@ -23,6 +23,10 @@ class _Record(msgspec.Struct, gc=False):
     def columns(cls) -> tuple[str, ...]:
         return cls.__struct_fields__[:-2]
 
+    def row(self) -> tuple[Any, ...]:
+        """The record's column values, as written."""
+        return _astuple(self)[:-2]
+
     @classmethod
     def loaded(cls, values: Sequence[Any]) -> Self:
         """The (stored, clean) record of a row's column values; values past the columns are ignored."""
@@ -121,6 +125,10 @@ class Message(_Record, gc=False):
             return "deleted"
         return "sent" if self.edited_at is None else "edited"
 
+    def row(self) -> tuple[Any, ...]:
+        """The column values, then the derived `state` column."""
+        return (*_astuple(self)[:-2], self.state)
+
 
 Record = Conversation | Span | Inbox | Message
 TABLE_OF: dict[type[Record], str] = {
@@ -130,6 +138,7 @@ TABLE_OF: dict[type[Record], str] = {
     Inbox: "inbox",
 }
 RECORD_OF_TABLE: dict[str, type[Record]] = {table: record for record, table in TABLE_OF.items()}
+Tables = dict[str, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]
 
 
 @dataclass(slots=True)
@@ -179,47 +188,32 @@ class ConversationState:
 
 @dataclass(slots=True)
 class Changes:
-    """The records a run of events touched, each listed once per table, in first-touch order."""
+    """The records a run of events touched, each listed once per type, in first-touch order."""
 
-    conversations: list[Conversation] = field(default_factory=list)
-    spans: list[Span] = field(default_factory=list)
-    inbox: list[Inbox] = field(default_factory=list)
-    messages: list[Message] = field(default_factory=list)
+    touched: dict[type[Record], list[Any]] = field(default_factory=lambda: {t: [] for t in TABLE_OF})
 
     def touch(self, record: Record) -> None:
         if not record.dirty:
             record.dirty = True
-            getattr(self, _LIST_OF[type(record)]).append(record)
+            self.touched[type(record)].append(record)
 
-    def drain(self) -> dict[str, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
+    def drain(self) -> Tables:
         """Each table's (inserts, updates) as column tuples; marks every record clean and stored.
 
         Only valid while the records still describe the database plus this batch: a failed commit must
         drop the state these records belong to.
         """
-        out: dict[str, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]] = {}
-        for table, records in (
-            ("conversations", self.conversations), ("memberships", self.spans), ("inbox", self.inbox),
-        ):  # fmt: skip
-            out[table] = (
-                [_astuple(r)[:-2] for r in records if not r.stored],
-                [_astuple(r)[:-2] for r in records if r.stored],
+        out: Tables = {}
+        for record_type, records in self.touched.items():
+            row = record_type.row
+            out[TABLE_OF[record_type]] = (
+                [row(r) for r in records if not r.stored],
+                [row(r) for r in records if r.stored],
             )
             for r in records:
                 r.dirty, r.stored = False, True
-        out["messages"] = (
-            [(*_astuple(m)[:-2], m.state) for m in self.messages if not m.stored],
-            [(*_astuple(m)[:-2], m.state) for m in self.messages if m.stored],
-        )
-        for m in self.messages:
-            m.dirty, m.stored, m.body = False, True, None
-        self.conversations, self.spans, self.inbox, self.messages = [], [], [], []
+            if record_type is Message:
+                for m in records:
+                    m.body = None
+            records.clear()
         return out
-
-
-_LIST_OF: dict[type[Record], str] = {
-    Conversation: "conversations",
-    Span: "spans",
-    Inbox: "inbox",
-    Message: "messages",
-}

@@ -15,10 +15,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from projector.batch import Batch, DeadLetter, Tables
+from projector.batch import Batch, DeadLetter
 from projector.exceptions import CheckpointMoved, EpochMismatch, LeaseLost
 from projector.migrate import LIVE_SCHEMA, STORE_SCHEMA
-from projector.state import Conversation, ConversationState, Inbox, Message, Span
+from projector.state import Conversation, ConversationState, Inbox, Message, Span, Tables
 
 AsyncConn = psycopg.AsyncConnection[Any]
 

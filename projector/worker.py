@@ -55,6 +55,14 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _entry_fault(exc: BaseException) -> bool:
+    """An error some entry of the batch may cause (a fold bug, a row Postgres refuses), not the
+    connection's: worth retrying the batch one entry at a time to find the culprit."""
+    if isinstance(exc, psycopg.OperationalError):
+        return False
+    return isinstance(exc, psycopg.DatabaseError | FoldCrashed)
+
+
 def _after(a: str, b: str) -> bool:
     return parse_stream_id(a) > parse_stream_id(b)
 
@@ -159,9 +167,9 @@ class PartitionProjector:
         started = time.perf_counter()
         try:
             batch = await self._commit(entries, isolate=False)
-        except psycopg.OperationalError:
-            raise
-        except (psycopg.DatabaseError, FoldCrashed) as exc:
+        except Exception as exc:
+            if not _entry_fault(exc):
+                raise
             log.error("partition %d: batch failed (%s); applying one entry at a time", self.partition, exc)
             self.cache.clear()
             for entry in entries:
@@ -189,11 +197,7 @@ class PartitionProjector:
                 await w.store.commit(conn, batch, w.settings.worker_id if w.use_leases else None)
             except BaseException as exc:
                 self.cache.clear()
-                if (
-                    not isolate
-                    or not isinstance(exc, psycopg.DatabaseError | FoldCrashed)
-                    or isinstance(exc, psycopg.OperationalError)
-                ):
+                if not isolate or not _entry_fault(exc):
                     raise
                 # This single entry cannot be applied or written: keep it as a dead letter, move past it.
                 entry = entries[0]
