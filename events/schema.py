@@ -12,8 +12,11 @@ from typing import Annotated, ClassVar
 import msgspec
 
 
-class Payload(msgspec.Struct, frozen=True, tag_field="type"):
+class Payload(msgspec.Struct, frozen=True, gc=False, tag_field="type"):
     """Base of every event payload; `type` on the wire is the subclass's tag.
+
+    Events are immutable trees of scalars and tuples, never part of a cycle, so they stay out of the
+    cyclic garbage collector (`gc=False`): a worker holds tens of thousands in flight.
 
     Unknown fields are ignored, so a reader keeps working when a writer adds a defaulted field.
     """
@@ -115,7 +118,7 @@ CURRENT_VERSIONS: dict[str, int] = {tag_of(t): t.VERSION for t in PAYLOAD_TYPES}
 _TAGS: dict[type[Payload], str] = {t: tag_of(t) for t in PAYLOAD_TYPES}
 
 
-class _EnvelopeFields(msgspec.Struct, frozen=True):
+class _EnvelopeFields(msgspec.Struct, frozen=True, gc=False):  # untracked, as Payload
     event_id: str
     schema_version: int
     occurred_at: UtcDatetime

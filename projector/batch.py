@@ -6,6 +6,8 @@ from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from events.codec import decode
 from events.exceptions import DecodeError
 from events.log import LogEntry
@@ -29,6 +31,14 @@ class DeadLetter:
     reason: str  # decode | fold | db
 
 
+class Archived(msgspec.Struct, frozen=True, gc=False):
+    """An event to archive; its row is made while it is copied, so no row tuple waits in the batch
+    (untracked, like the entry and event it holds: see `events.schema.Payload`)."""
+
+    entry: LogEntry
+    event: Envelope
+
+
 @dataclass(slots=True)
 class Batch:
     """What one transaction writes: each table's inserts and updates, the archive, the dead letters."""
@@ -40,7 +50,7 @@ class Batch:
     last: str = ""
     entries: int = 0
     tables: Tables = field(default_factory=dict)
-    archive: list[ArchiveRow] = field(default_factory=list)
+    archive: list[Archived] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
 
 
@@ -85,7 +95,7 @@ def fold_batch(
             dead.append(DeadLetter(entry.partition, entry.stream_id, entry.data, str(event), "decode"))
             continue
         if archive:
-            batch.archive.append(archive_row(batch.epoch, entry, event))
+            batch.archive.append(Archived(entry, event))
         cid = event.conversation_id
         try:
             states[cid] = apply(states.get(cid), event, entry.stream_id, changes)

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from projector.batch import Batch, DeadLetter
+from projector.batch import Batch, DeadLetter, archive_row
 from projector.exceptions import CheckpointMoved, EpochMismatch, LeaseLost
 from projector.migrate import LIVE_SCHEMA, STORE_SCHEMA
 from projector.state import Conversation, ConversationState, Inbox, Message, Span, Tables
@@ -228,7 +228,7 @@ class Store:
                 async with conn.cursor().copy(self._archive_copy) as copy:
                     copy.set_types(types)
                     for a in batch.archive:
-                        await copy.write_row(a)
+                        await copy.write_row(archive_row(batch.epoch, a.entry, a.event))
             await self.write_tables(conn, batch.tables)
             if batch.dead:
                 await self._dead_letters(conn, batch.epoch, batch.dead)
