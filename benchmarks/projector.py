@@ -271,13 +271,16 @@ async def main() -> None:
             print(f"one worker: {args.events / seconds:,.0f} events/s ({seconds:.1f}s, batch {args.batch}, "
                   f"{args.partitions} partitions)")  # fmt: skip
             print("  CPU seconds while projecting: " + ", ".join(
-                f"{name} {used:.1f} ({used / seconds:.0%} of a core)" for name, used in cpu.spent().items()
+                f"{name} {used:.1f} ({used / seconds:.0%} of a core, {used / args.events * 1e6:.1f} µs/event)"
+                for name, used in cpu.spent().items()
             ))  # fmt: skip
             if args.pg_statements:
                 await print_statements(database_url)
-            seconds = await copy_ceiling(database_url, gen)
+            ceiling_s = await copy_ceiling(database_url, gen)
+            ceiling = len(gen.messages) / ceiling_s
             print(f"ceiling, COPY of the {len(gen.messages)} message rows into an unindexed table: "
-                  f"{len(gen.messages) / seconds:,.0f} rows/s ({seconds:.1f}s)")  # fmt: skip
+                  f"{ceiling:,.0f} rows/s ({ceiling_s:.1f}s)")  # fmt: skip
+            print(f"one worker / ceiling: {args.events / seconds / ceiling:.0%} (events/s against rows/s)")
             if not args.no_rebuild:
                 report = await asyncio.wait_for(rebuild(settings), args.limit_s)
                 print(f"rebuild of {args.events} events: {report.seconds:.1f}s "
