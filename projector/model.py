@@ -11,7 +11,7 @@ from events.exceptions import DecodeError
 from events.log import LogEntry
 from projector.exceptions import FoldError
 from projector.fold import apply
-from projector.state import RECORD_OF_TABLE, TABLE_OF, Changes, ConversationState, Record
+from projector.state import RECORD_OF_TABLE, TABLE_OF, Changes, ConversationState, Record, forget_bodies
 
 
 @dataclass(slots=True)
@@ -40,10 +40,12 @@ class ReadModel:
         except FoldError as exc:
             self.dead_letters[(entry.partition, entry.stream_id)] = str(exc)
             return
-        for table, (inserts, updates) in self.changes.drain().items():
-            for values in (*inserts, *updates):
-                row = RECORD_OF_TABLE[table].loaded(values)
+        drained = self.changes.drain()
+        for table, (inserts, updates) in drained.items():
+            for record in (*inserts, *updates):
+                row = RECORD_OF_TABLE[table].loaded(record.row())
                 self.tables[table][row.key] = row
+        forget_bodies(drained)
 
 
 def fold_entries(entries: Iterable[LogEntry]) -> ReadModel:

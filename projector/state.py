@@ -138,7 +138,7 @@ TABLE_OF: dict[type[Record], str] = {
     Inbox: "inbox",
 }
 RECORD_OF_TABLE: dict[str, type[Record]] = {table: record for record, table in TABLE_OF.items()}
-Tables = dict[str, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]
+Tables = dict[str, tuple[list[Any], list[Any]]]  # {table: (new records, changed records)}
 
 
 @dataclass(slots=True)
@@ -198,22 +198,26 @@ class Changes:
             self.touched[type(record)].append(record)
 
     def drain(self) -> Tables:
-        """Each table's (inserts, updates) as column tuples; marks every record clean and stored.
+        """Each table's (inserts, updates): the touched records, now marked clean and stored.
 
-        Only valid while the records still describe the database plus this batch: a failed commit must
-        drop the state these records belong to.
+        They are the fold's own records, written with `row()` while they still describe the database plus
+        this batch: write them before folding further, then `forget_bodies`; a failed write must drop the
+        state they belong to. No row tuple is made here, so none waits in a batch for the collector to walk.
         """
         out: Tables = {}
         for record_type, records in self.touched.items():
-            row = record_type.row
             out[TABLE_OF[record_type]] = (
-                [row(r) for r in records if not r.stored],
-                [row(r) for r in records if r.stored],
+                [r for r in records if not r.stored],
+                [r for r in records if r.stored],
             )
             for r in records:
                 r.dirty, r.stored = False, True
-            if record_type is Message:
-                for m in records:
-                    m.body = None
             records.clear()
         return out
+
+
+def forget_bodies(tables: Tables) -> None:
+    """Drop the bodies of written messages from the fold's state: no later change needs a previous body."""
+    inserts, updates = tables.get("messages", ((), ()))
+    for m in (*inserts, *updates):
+        m.body = None

@@ -273,14 +273,12 @@ class Store:
             row,
         )
 
-    async def _copy(
-        self, conn: AsyncConn, table: str, statement: sql.Composed, rows: list[tuple[Any, ...]]
-    ) -> None:
+    async def _copy(self, conn: AsyncConn, table: str, statement: sql.Composed, records: list[Any]) -> None:
         types = await self._column_types(conn, table, f"{self.schema}.{table}", _COLUMNS[table][0])
         async with conn.cursor().copy(statement) as copy:
             copy.set_types(types)
-            for row in rows:
-                await copy.write_row(row)
+            for record in records:
+                await copy.write_row(record.row())
 
     async def _dead_letters(self, conn: AsyncConn, epoch: str, dead: list[DeadLetter]) -> None:
         async with conn.cursor() as cur:

@@ -37,7 +37,7 @@ from projector.exceptions import (
 )
 from projector.migrate import migrate
 from projector.settings import ProjectorSettings
-from projector.state import ConversationState
+from projector.state import ConversationState, forget_bodies
 from projector.store import Store
 from servicekit.gcpacing import GcPacer
 
@@ -195,6 +195,7 @@ class PartitionProjector:
                     archive=w.store.archive,
                 )  # fmt: skip
                 await w.store.commit(conn, batch, w.settings.worker_id if w.use_leases else None)
+                forget_bodies(batch.tables)
             except BaseException as exc:
                 self.cache.clear()
                 if not isolate or not _entry_fault(exc):
