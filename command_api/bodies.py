@@ -94,6 +94,23 @@ def clean_text(value: str, field: str, max_chars: int) -> str:
     return text
 
 
+def is_json_media_type(value: str) -> bool:
+    """Whether a Content-Type names JSON: `application/json`, any case (RFC 9110 8.3.1), parameters
+    allowed but a charset other than UTF-8 (RFC 8259 8.1). `+json` types are not: their documents mean
+    something else (a JSON Patch is not a message body), so they are refused rather than misread.
+    """
+    if value == "application/json":
+        return True
+    media_type, _, parameters = value.partition(";")
+    if media_type.strip().lower() != "application/json":
+        return False
+    for parameter in parameters.split(";"):
+        name, _, setting = parameter.partition("=")
+        if name.strip().lower() == "charset" and setting.strip().strip('"').lower() != "utf-8":
+            return False
+    return True
+
+
 def check_idempotency_key(value: str | None) -> str:
     """The Idempotency-Key header, or "" when absent; printable ASCII, at most 255 characters."""
     if value is None:

@@ -153,6 +153,51 @@ async def test_body_limits_and_transport_errors(api: ApiClient) -> None:
     assert len(await log_of(api, cid)) == 2
 
 
+@pytest.mark.parametrize(
+    "raw",
+    ["%C2%B2", "%D9%A1", "%EF%BC%91", "1%C2%B2", "+1", "-0", " 1", "1 ", "0x1", "1e3", "1.0", "", "%00",
+     "1" * 16, "9" * 5000],
+)  # fmt: skip
+async def test_expected_seq_is_ascii_digits_or_400(api: ApiClient, raw: str) -> None:
+    """Unicode digits (`²`, `١`, `１`) pass `str.isdigit` but not `int`: they were a 500."""
+    cid = await api.create_conversation("alice")
+    answer = await api.post("alice", f"/v1/conversations/{cid}/messages?expected_seq={raw}", {"body": "x"})
+    assert_problem(answer, 400, "invalid-expected-seq")
+    assert len(await log_of(api, cid)) == 1
+
+
+async def test_a_huge_declared_content_length_is_413_not_500(api: ApiClient) -> None:
+    cid = await api.create_conversation("alice")
+    headers = {**api.headers("alice"), "content-type": "application/json", "content-length": "9" * 5000}
+    answer = await api.http.post(f"/v1/conversations/{cid}/messages", content=b'{"body":"x"}', headers=headers)
+    assert_problem(answer, 413, "request-too-large")
+
+
+@pytest.mark.parametrize(
+    "media_type",
+    ["application/json", "Application/JSON", "APPLICATION/json; charset=UTF-8", "application/json;charset=utf-8",
+     'application/json ; charset="utf-8"', "application/json; foo=bar"],
+)  # fmt: skip
+async def test_json_media_types_are_case_insensitive_with_parameters(api: ApiClient, media_type: str) -> None:
+    cid = await api.create_conversation("alice")
+    headers = {**api.headers("alice"), "content-type": media_type}
+    answer = await api.http.post(f"/v1/conversations/{cid}/messages", content=b'{"body":"x"}', headers=headers)
+    assert answer.status_code == 202, answer.text
+
+
+@pytest.mark.parametrize(
+    "media_type",
+    ["application/jsonp", "application/json-patch+json", "application/merge-patch+json", "application/jsonx",
+     "application/vnd.api+json", "text/json", "text/plain", "application/json; charset=latin-1", "json", ""],
+)  # fmt: skip
+async def test_other_media_types_are_415(api: ApiClient, media_type: str) -> None:
+    cid = await api.create_conversation("alice")
+    headers = {**api.headers("alice"), "content-type": media_type}
+    answer = await api.http.post(f"/v1/conversations/{cid}/messages", content=b'{"body":"x"}', headers=headers)
+    assert_problem(answer, 415, "unsupported-media-type")
+    assert len(await log_of(api, cid)) == 1
+
+
 async def test_participants(api: ApiClient) -> None:
     cid = await api.create_conversation("alice", "bob")
     participants = f"/v1/conversations/{cid}/participants"
