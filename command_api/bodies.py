@@ -12,7 +12,7 @@ from typing import TypeVar
 import msgspec
 
 from command_api.exceptions import CommandInvalid
-from events.ids import is_valid_id
+from events.ids import is_valid_conversation_id, is_valid_id
 
 # C0 controls but tab and newline, DEL, C1 controls.
 _FORBIDDEN_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -77,6 +77,15 @@ def check_id(value: str, field: str) -> str:
     """Return `value` if it is a valid id, else raise `CommandInvalid` naming `field`."""
     if not is_valid_id(value):
         raise CommandInvalid("invalid-id", f"{field}: ids are 1-64 characters of A-Z a-z 0-9 _ . @ -")
+    return value
+
+
+def check_conversation_id(value: str) -> str:
+    """Return `value` if it is a conversation id (`<creator>:<id>` or an id), else raise `CommandInvalid`."""
+    if not is_valid_conversation_id(value):
+        raise CommandInvalid(
+            "invalid-id", "conversation_id: an id, or <creator>:<id> for one its creator chose"
+        )
     return value
 
 

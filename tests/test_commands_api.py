@@ -59,11 +59,77 @@ async def test_create_conversation_answers_position_and_appends_one_event(api: A
     assert event.occurred_at.utcoffset() is not None
 
 
-async def test_client_chosen_conversation_id_and_duplicate(api: ApiClient) -> None:
+def stranger_requests(cid: str, mid: str) -> list[tuple[str, str, dict | None]]:  # type: ignore[type-arg]
+    """One request per conversation route, addressed to `cid` (every route of ROUTES but create)."""
+    base = f"/v1/conversations/{cid}"
+    return [
+        ("POST", f"{base}/participants", {"user_id": "mallory"}),
+        ("DELETE", f"{base}/participants/alice", None),
+        ("DELETE", f"{base}/participants/mallory", None),
+        ("POST", f"{base}/messages", {"body": "x"}),
+        ("POST", f"{base}/messages", {"body": "x", "message_id": mid, "reply_to": mid}),
+        ("PATCH", f"{base}/messages/{mid}", {"body": "x"}),
+        ("DELETE", f"{base}/messages/{mid}", None),
+        ("POST", f"{base}/read", {"up_to_seq": 1}),
+        ("POST", f"{base}/read", {"up_to_seq": 99}),
+        ("PUT", f"{base}/archive", None),
+        ("DELETE", f"{base}/archive", None),
+    ]
+
+
+async def answers_to(api: ApiClient, user: str, cid: str, mid: str, query: str, key: str) -> list[tuple]:  # type: ignore[type-arg]
+    out = []
+    for n, (method, path, body) in enumerate(stranger_requests(cid, mid)):
+        headers = api.headers(user, {"Idempotency-Key": f"{key}-{n}"} if key else None)
+        answer = await api.http.request(method, path + query, json=body, headers=headers)
+        out.append((method, path.replace(cid, "C"), answer.status_code, answer.content, dict(answer.headers)))
+    return out
+
+
+@pytest.mark.parametrize("query", ["", "?expected_seq=0", "?expected_seq=3", "?expected_seq=%C2%B2"])
+@pytest.mark.parametrize("key", ["", "k"])
+async def test_a_stranger_cannot_tell_a_conversation_from_a_missing_one(
+    api: ApiClient, query: str, key: str
+) -> None:
+    """Every route, with or without expected_seq (the current one too) and Idempotency-Key, answers a
+    non-participant (never in it, or removed) byte for byte as it answers for a missing conversation."""
+    cid = await api.create_conversation("alice", "bob", "carol")
+    mid = (await api.send("alice", cid)).json()["message_id"]
+    assert (await api.post("alice", f"/v1/conversations/{cid}/read", {"up_to_seq": 2})).status_code == 202
+    assert (await api.put("alice", f"/v1/conversations/{cid}/archive")).status_code == 202
+    assert (await api.delete("alice", f"/v1/conversations/{cid}/participants/carol")).status_code == 202
+    missing = await answers_to(api, "mallory", "no-such-conversation", mid, query, key)
+    if "%" not in query:
+        assert {a[2] for a in missing} == {404}
+        assert {a[3] for a in missing} == {
+            b'{"type":"/problems/conversation-not-found","title":"No such conversation among yours","status":404}'
+        }
+    assert await answers_to(api, "mallory", cid, mid, query, key) == missing
+    assert await answers_to(api, "carol", cid, mid, query, key + "c") == await answers_to(
+        api, "carol", "no-such-conversation", mid, query, key + "c"
+    )
+    assert len(await log_of(api, cid)) == 5
+
+
+async def test_chosen_conversation_ids_live_in_their_creators_namespace(api: ApiClient) -> None:
+    """A taken id only ever collides with one's own conversation: nobody learns another's ids exist."""
     body = {"title": "x", "conversation_id": "team-42"}
     first = await api.post("alice", "/v1/conversations", body)
-    assert first.status_code == 202 and first.json()["conversation_id"] == "team-42"
-    assert_problem(await api.post("bob", "/v1/conversations", body), 409, "conversation-exists")
+    assert first.status_code == 202 and first.json()["conversation_id"] == "alice:team-42"
+    theirs = await api.post("bob", "/v1/conversations", body)
+    assert theirs.status_code == 202 and theirs.json()["conversation_id"] == "bob:team-42"
+    assert_problem(await api.post("alice", "/v1/conversations", body), 409, "conversation-exists")
+    sent = await api.send("alice", "alice:team-42")
+    assert sent.status_code == 202 and sent.json()["conversation_id"] == "alice:team-42"
+    assert (await api.send("alice", "alice%3Ateam-42")).json()["seq"] == 3
+    assert_problem(await api.send("alice", "bob:team-42"), 404, "conversation-not-found")
+    assert_problem(await api.send("alice", "team-42"), 404, "conversation-not-found")
+    for taken in ("bob:team-42", "alice:team-42", ":x", "a:b:c"):
+        chosen = {"title": "x", "conversation_id": taken}
+        assert_problem(await api.post("alice", "/v1/conversations", chosen), 422, "invalid-id")
+    for bad in ("a:b:c", ":x", "x:", f"{'a' * 65}:x"):
+        assert_problem(await api.send("alice", bad), 422, "invalid-id")
+    assert [e.seq for e in await log_of(api, "alice:team-42")] == [1, 2, 3]
 
 
 async def test_message_lifecycle(api: ApiClient) -> None:
@@ -99,7 +165,7 @@ async def test_message_refusals(api: ApiClient) -> None:
     assert (await api.delete("alice", f"{path}/{mid}")).status_code == 202
     assert_problem(await api.delete("alice", f"{path}/{mid}"), 410, "message-deleted")
     assert_problem(await api.patch("alice", f"{path}/{mid}", {"body": "x"}), 410, "message-deleted")
-    assert_problem(await api.send("mallory", cid), 403, "not-a-participant")
+    assert_problem(await api.send("mallory", cid), 404, "conversation-not-found")
     assert_problem(await api.send("alice", "no-such-conversation"), 404, "conversation-not-found")
     assert len(await log_of(api, cid)) == 3  # created, sent, deleted: refusals appended nothing
 
@@ -159,7 +225,8 @@ async def test_body_limits_and_transport_errors(api: ApiClient) -> None:
      "1" * 16, "9" * 5000],
 )  # fmt: skip
 async def test_expected_seq_is_ascii_digits_or_400(api: ApiClient, raw: str) -> None:
-    """Unicode digits (`²`, `١`, `１`) pass `str.isdigit` but not `int`: they were a 500."""
+    """Non-ASCII digits pass `str.isdigit`: a superscript two then failed `int` (a 500), and Arabic-Indic
+    or fullwidth digits were read as numbers; only ASCII digits are."""
     cid = await api.create_conversation("alice")
     answer = await api.post("alice", f"/v1/conversations/{cid}/messages?expected_seq={raw}", {"body": "x"})
     assert_problem(answer, 400, "invalid-expected-seq")
@@ -169,7 +236,9 @@ async def test_expected_seq_is_ascii_digits_or_400(api: ApiClient, raw: str) -> 
 async def test_a_huge_declared_content_length_is_413_not_500(api: ApiClient) -> None:
     cid = await api.create_conversation("alice")
     headers = {**api.headers("alice"), "content-type": "application/json", "content-length": "9" * 5000}
-    answer = await api.http.post(f"/v1/conversations/{cid}/messages", content=b'{"body":"x"}', headers=headers)
+    answer = await api.http.post(
+        f"/v1/conversations/{cid}/messages", content=b'{"body":"x"}', headers=headers
+    )
     assert_problem(answer, 413, "request-too-large")
 
 
@@ -181,7 +250,9 @@ async def test_a_huge_declared_content_length_is_413_not_500(api: ApiClient) -> 
 async def test_json_media_types_are_case_insensitive_with_parameters(api: ApiClient, media_type: str) -> None:
     cid = await api.create_conversation("alice")
     headers = {**api.headers("alice"), "content-type": media_type}
-    answer = await api.http.post(f"/v1/conversations/{cid}/messages", content=b'{"body":"x"}', headers=headers)
+    answer = await api.http.post(
+        f"/v1/conversations/{cid}/messages", content=b'{"body":"x"}', headers=headers
+    )
     assert answer.status_code == 202, answer.text
 
 
@@ -193,7 +264,9 @@ async def test_json_media_types_are_case_insensitive_with_parameters(api: ApiCli
 async def test_other_media_types_are_415(api: ApiClient, media_type: str) -> None:
     cid = await api.create_conversation("alice")
     headers = {**api.headers("alice"), "content-type": media_type}
-    answer = await api.http.post(f"/v1/conversations/{cid}/messages", content=b'{"body":"x"}', headers=headers)
+    answer = await api.http.post(
+        f"/v1/conversations/{cid}/messages", content=b'{"body":"x"}', headers=headers
+    )
     assert_problem(answer, 415, "unsupported-media-type")
     assert len(await log_of(api, cid)) == 1
 
@@ -203,7 +276,7 @@ async def test_participants(api: ApiClient) -> None:
     participants = f"/v1/conversations/{cid}/participants"
     assert (await api.post("bob", participants, {"user_id": "carol"})).status_code == 202
     assert_problem(await api.post("bob", participants, {"user_id": "carol"}), 409, "already-a-participant")
-    assert_problem(await api.post("mallory", participants, {"user_id": "eve"}), 403, "not-a-participant")
+    assert_problem(await api.post("mallory", participants, {"user_id": "eve"}), 404, "conversation-not-found")
     assert_problem(await api.delete("bob", f"{participants}/carol"), 403, "removal-forbidden")
     assert_problem(await api.delete("bob", f"{participants}/alice"), 409, "creator-cannot-leave")
     assert_problem(await api.delete("alice", f"{participants}/alice"), 409, "creator-cannot-leave")
@@ -211,10 +284,12 @@ async def test_participants(api: ApiClient) -> None:
     assert (await api.delete("alice", f"{participants}/carol")).status_code == 202  # creator removes
     assert (await api.delete("bob", f"{participants}/bob")).status_code == 202  # bob leaves
     # a removed participant is refused from the removal on
-    assert_problem(await api.send("bob", cid), 403, "not-a-participant")
-    assert_problem(await api.send("carol", cid), 403, "not-a-participant")
+    assert_problem(await api.send("bob", cid), 404, "conversation-not-found")
+    assert_problem(await api.send("carol", cid), 404, "conversation-not-found")
     assert_problem(
-        await api.post("carol", f"/v1/conversations/{cid}/read", {"up_to_seq": 1}), 403, "not-a-participant"
+        await api.post("carol", f"/v1/conversations/{cid}/read", {"up_to_seq": 1}),
+        404,
+        "conversation-not-found",
     )
     assert (await api.post("alice", participants, {"user_id": "bob"})).status_code == 202  # re-added
     assert (await api.send("bob", cid)).status_code == 202
@@ -346,7 +421,8 @@ async def test_health_ready_metrics_and_openapi(api: ApiClient) -> None:
     metrics = (await api.http.get("/metrics")).text
     assert 'parley_commands_total{outcome="accepted",reason="",type="create_conversation"}' in metrics
     assert (
-        'parley_commands_total{outcome="refused",reason="not-a-participant",type="send_message"}' in metrics
+        'parley_commands_total{outcome="refused",reason="conversation-not-found",type="send_message"}'
+        in metrics
     )
     assert "parley_append_seconds_bucket" in metrics
     spec = (await api.http.get("/openapi.json")).json()

@@ -57,7 +57,15 @@ def api_process(env: dict[str, str]) -> Iterator[str]:
 
 def bearer(user: str, **claims: object) -> dict[str, str]:
     now = int(time.time())
-    payload = {"sub": user, "iss": "parley", "aud": "parley", "iat": now, "nbf": now, "exp": now + 600, **claims}
+    payload = {
+        "sub": user,
+        "iss": "parley",
+        "aud": "parley",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        **claims,
+    }
     return {"Authorization": "Bearer " + jwt.encode(payload, DEV_SECRET, algorithm="HS256")}
 
 

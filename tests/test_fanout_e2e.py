@@ -32,6 +32,7 @@ from command_api.commands import Context
 from devstack.ports import free_port
 from events.codec import decode
 from events.config import LogSettings
+from events.ids import chosen_conversation_id
 from events.log import EventLog
 from projector.migrate import migrate
 from realtime_fanout.client import Event, FanoutClient, Live
@@ -138,23 +139,33 @@ def make_fanout(redis_server_url: str, log_namespace: str, tmp_path: Path) -> It
 
 
 class Log:
-    """Puts real events in the log through the command side's appender."""
+    """Puts real events in the log through the command side's appender. Conversations are named by
+    the id their creator chose; `id(name)` is the real one (`<creator>:<name>`)."""
 
     def __init__(self, appender: Appender) -> None:
         self.appender = appender
+        self.ids: dict[str, str] = {}
 
-    async def create(self, cid: str, creator: str, *others: str) -> None:
-        body = CreateConversation(title="t", participants=list(others), conversation_id=cid)
-        await self.appender.append(commands.create_conversation(Context(actor=creator), body))
+    def id(self, name: str) -> str:
+        return self.ids.get(name, name)
+
+    async def create(self, name: str, creator: str, *others: str) -> str:
+        body = CreateConversation(title="t", participants=list(others), conversation_id=name)
+        command = commands.create_conversation(Context(actor=creator), body)
+        self.ids[name] = command.conversation_id
+        await self.appender.append(command)
+        return command.conversation_id
 
     async def add(self, cid: str, actor: str, user: str) -> None:
-        await self.appender.append(commands.add_participant(Context(actor=actor), cid, AddParticipant(user)))
+        body = AddParticipant(user)
+        await self.appender.append(commands.add_participant(Context(actor=actor), self.id(cid), body))
 
     async def remove(self, cid: str, actor: str, user: str) -> None:
-        await self.appender.append(commands.remove_participant(Context(actor=actor), cid, user))
+        await self.appender.append(commands.remove_participant(Context(actor=actor), self.id(cid), user))
 
     async def send(self, cid: str, actor: str, body: str) -> None:
-        await self.appender.append(commands.send_message(Context(actor=actor), cid, SendMessage(body=body)))
+        message = SendMessage(body=body)
+        await self.appender.append(commands.send_message(Context(actor=actor), self.id(cid), message))
 
 
 class Client:
@@ -238,15 +249,17 @@ async def test_membership_boundaries_live(appender: Appender, make_fanout: Any) 
     await log.remove("room", "alice", "bob")
     await log.send("room", "alice", "after")
     # Order holds only within a partition, so the marker that shows "after" was skipped shares room's.
-    marker = next(
-        cid for n in range(1000)
-        if appender.layout.partition_for(cid := f"marker{n}") == appender.layout.partition_for("room")
+    room = log.id("room")
+    name = next(
+        name for n in range(1000)
+        if appender.layout.partition_for(chosen_conversation_id("bob", name := f"marker{n}"))
+        == appender.layout.partition_for(room)
     )  # fmt: skip
-    await log.create(marker, "bob")
+    marker = await log.create(name, "bob")
     await bob.until(lambda c: c.events and c.events[-1]["conversation_id"] == marker)
     types = [(e["conversation_id"], e["payload"]["type"]) for e in bob.events]
     assert types == [
-        ("room", "participant_added"), ("room", "message_sent"), ("room", "participant_removed"),
+        (room, "participant_added"), (room, "message_sent"), (room, "participant_removed"),
         (marker, "conversation_created"),
     ]  # fmt: skip
     await bob.close()
@@ -589,7 +602,7 @@ async def test_random_connection_kills_under_load_lose_and_double_nothing(
     assert appender.epoch is not None
     start = origin(appender.epoch)
     collectors = [Collector(fanout.url, user, start) for user in users]
-    collectors.append(Collector(fanout.url, "u1", start, conversations=["c0", "c3"]))
+    collectors.append(Collector(fanout.url, "u1", start, conversations=[log.id("c0"), log.id("c3")]))
     stop_chaos = asyncio.Event()
 
     async def chaos() -> int:
