@@ -353,6 +353,48 @@ async def test_idempotent_retry_returns_the_original_answer(api: ApiClient) -> N
     assert [e.seq for e in await log_of(api, cid)] == [1, 2]
 
 
+async def conversations_on_two_partitions(api: ApiClient, user: str) -> tuple[str, str]:
+    layout = api.services.appender.layout
+    first = await api.create_conversation(user)
+    while layout.partition_for(second := await api.create_conversation(user)) == layout.partition_for(first):
+        pass
+    return first, second
+
+
+async def test_an_idempotency_key_is_the_users_across_partitions(api: ApiClient) -> None:
+    """The same user and key on conversations of two partitions: the second request is 422, not a
+    second event (each partition's script sees only its own records)."""
+    first, second = await conversations_on_two_partitions(api, "alice")
+    key = {"Idempotency-Key": "across"}
+    assert (await api.send("alice", first, "once", headers=key)).status_code == 202
+    assert_problem(await api.send("alice", second, "once", headers=key), 422, "idempotency-key-reused")
+    again = await api.send("alice", first, "once", headers=key)
+    assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
+    racing = {"Idempotency-Key": "racing"}
+    answers = await asyncio.gather(
+        *(api.send("alice", c, "race", headers=racing) for c in (first, second) * 5)
+    )
+    accepted = {a.json()["conversation_id"] for a in answers if a.status_code == 202}
+    assert len(accepted) == 1
+    assert all(
+        a.json()["type"] == "/problems/idempotency-key-reused" for a in answers if a.status_code != 202
+    )
+    assert [len(await log_of(api, c)) for c in (first, second)] == ([3, 1] if accepted == {first} else [2, 2])
+    assert (await api.send("bob", second, "once", headers=key)).status_code == 404  # bob's key is his own
+
+
+async def test_a_refused_command_binds_its_key_and_may_be_retried(api: ApiClient) -> None:
+    first, second = await conversations_on_two_partitions(api, "alice")
+    key = {"Idempotency-Key": "refused"}
+    assert_problem(await api.send("bob", first, "hi", headers=key), 404, "conversation-not-found")
+    assert_problem(await api.send("bob", second, "hi", headers=key), 422, "idempotency-key-reused")
+    assert (
+        await api.post("alice", f"/v1/conversations/{first}/participants", {"user_id": "bob"})
+    ).status_code == 202
+    retried = await api.send("bob", first, "hi", headers=key)
+    assert retried.status_code == 202 and "idempotent-replayed" not in retried.headers
+
+
 async def test_idempotency_keys_expire(api_env: dict[str, str]) -> None:
     async with ApiClient.running({**api_env, "PARLEY_IDEMPOTENCY_TTL_S": "1"}) as api:
         cid = await api.create_conversation("alice")
@@ -454,6 +496,8 @@ async def test_redis_down_gives_503_and_no_partial_state(api_env: dict[str, str]
         body = assert_problem(down, 503, "log-unavailable")
         assert "Idempotency-Key" in body["detail"]
         assert down.headers["retry-after"] == "1"
+        keyed = await api.send("alice", cid, headers={"Idempotency-Key": "while-down"})
+        assert_problem(keyed, 503, "log-unavailable")  # its claim could not be made either
         ready = await api.http.get("/readyz")
         assert_problem(ready, 503, "not-ready")
         redis_proc.start()
