@@ -76,8 +76,6 @@ class Stack:
         self.auth = AuthSettings.from_env(Env(self.env))
         self.redis = aioredis.Redis.from_url(redis_url)
         self.appender = Appender(self.redis, LogLayout(namespace, PARTITIONS))
-        self.ids: dict[str, str] = {}
-        """The load's conversation names -> their ids (the creator's namespace holds a chosen id)."""
 
     def token(self, user: str) -> str:
         return mint_token(self.auth, user, ttl_s=3600)
@@ -85,15 +83,12 @@ class Stack:
     async def create_conversations(self, load: FanoutLoad) -> None:
         await self.appender.open()
         members = load.members_of()
-        creates = {
-            c: commands.create_conversation(
-                Context(actor=f"u{ids[0]}"),
-                CreateConversation(title=c, participants=[f"u{i}" for i in ids], conversation_id=c),
-            )
+        await asyncio.gather(*(
+            self.appender.append(commands.create_conversation_with_id(
+                Context(actor=f"u{ids[0]}"), CreateConversation(title=c, participants=[f"u{i}" for i in ids]), c,
+            ))
             for c, ids in members.items()
-        }
-        self.ids.update({c: command.conversation_id for c, command in creates.items()})
-        await asyncio.gather(*(self.appender.append(command) for command in creates.values()))
+        ))  # fmt: skip
 
     async def close(self) -> None:
         await self.appender.close()
@@ -174,8 +169,7 @@ async def parley_phase(
             message_id = f"{tag}-{message_id}"
             actor = f"u{members[c][n % len(members[c])]}"
             body = SendMessage(body=f"{message_id}|{time.time()}", message_id=message_id)
-            command = commands.send_message(Context(actor=actor), stack.ids[c], body)
-            pending.append(stack.appender.append(command))
+            pending.append(stack.appender.append(commands.send_message(Context(actor=actor), c, body)))
             if len(pending) >= 512:
                 await asyncio.gather(*pending)
                 pending = []
@@ -184,7 +178,7 @@ async def parley_phase(
         sends = []
         for n, (c, message_id) in enumerate(load.sends()):
             sender = f"u{members[c][n % len(members[c])]}"
-            sends.append([stack.ids[c], stack.token(sender), f"{tag}-{message_id}"])
+            sends.append([c, stack.token(sender), f"{tag}-{message_id}"])
         plan = {"port": api_port, "rate_per_s": load.rate_per_s, "connections": 32, "sends": sends}
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(plan, f)
@@ -271,10 +265,9 @@ async def idle_memory_phase(stack: Stack, connections: int) -> float:
 
 async def resume_phase(stack: Stack, fanout_port: int, missed: int) -> float:
     """Seconds from a reconnect with a cursor until all `missed` events arrived."""
-    create = commands.create_conversation(
-        Context(actor="resumer"), CreateConversation(title="r", conversation_id="resume-conv")
-    )
-    await stack.appender.append(create)
+    await stack.appender.append(commands.create_conversation_with_id(
+        Context(actor="resumer"), CreateConversation(title="r"), "resume-conv"
+    ))  # fmt: skip
     url = f"ws://127.0.0.1:{fanout_port}/v1/stream"
     auth = msgspec.json.encode({"type": "auth", "token": stack.token("resumer")}).decode()
     async with websockets.connect(url, compression=None) as ws:
@@ -286,7 +279,7 @@ async def resume_phase(stack: Stack, fanout_port: int, missed: int) -> float:
     for start in range(0, missed, 512):
         await asyncio.gather(*(
             stack.appender.append(commands.send_message(
-                Context(actor="resumer"), create.conversation_id, SendMessage(body=f"r{n}|0")
+                Context(actor="resumer"), "resume-conv", SendMessage(body=f"r{n}|0")
             ))
             for n in range(start, min(missed, start + 512))
         ))  # fmt: skip

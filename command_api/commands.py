@@ -110,17 +110,23 @@ def create_conversation(ctx: Context, body: CreateConversation) -> Command:
     """The conversation id is the client's in the creator's namespace (so a taken id only ever
     reveals one's own conversation), else derived from the idempotency key (so a retry lands on the
     same partition and finds its record), else fresh."""
-    title = clean_text(body.title, "title", MAX_TITLE_CHARS)
-    if len(body.participants) > MAX_PARTICIPANTS:
-        raise CommandInvalid("too-many-participants", f"at most {MAX_PARTICIPANTS} participants")
-    others = [check_id(p, "participants[]") for p in body.participants]
-    participants = tuple(dict.fromkeys([ctx.actor, *others]))
     if body.conversation_id is not None:
         conversation_id = chosen_conversation_id(ctx.actor, check_id(body.conversation_id, "conversation_id"))
     elif ctx.idempotency_key:
         conversation_id = str(uuid.uuid5(_CONVERSATION_NAMESPACE, f"{ctx.actor}\n{ctx.idempotency_key}"))
     else:
         conversation_id = new_object_id()
+    return create_conversation_with_id(ctx, body, conversation_id)
+
+
+def create_conversation_with_id(ctx: Context, body: CreateConversation, conversation_id: str) -> Command:
+    """Create under exactly `conversation_id`, for trusted in-process writers (tests, benchmarks):
+    clients only reach `create_conversation`, which puts the id they chose in their namespace."""
+    title = clean_text(body.title, "title", MAX_TITLE_CHARS)
+    if len(body.participants) > MAX_PARTICIPANTS:
+        raise CommandInvalid("too-many-participants", f"at most {MAX_PARTICIPANTS} participants")
+    others = [check_id(p, "participants[]") for p in body.participants]
+    participants = tuple(dict.fromkeys([ctx.actor, *others]))
     payload = schema.ConversationCreated(title=title, participants=participants)
     return _command(
         ctx, "create", conversation_id, payload, (title, participants, body.conversation_id),

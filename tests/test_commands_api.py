@@ -80,19 +80,20 @@ def stranger_requests(cid: str, mid: str) -> list[tuple[str, str, dict | None]]:
 async def answers_to(api: ApiClient, user: str, cid: str, mid: str, query: str, key: str) -> list[tuple]:  # type: ignore[type-arg]
     out = []
     for n, (method, path, body) in enumerate(stranger_requests(cid, mid)):
-        headers = api.headers(user, {"Idempotency-Key": f"{key}-{n}"} if key else None)
+        headers = api.headers(user, {"Idempotency-Key": f"{key}-{cid}-{n}"} if key else None)
         answer = await api.http.request(method, path + query, json=body, headers=headers)
         out.append((method, path.replace(cid, "C"), answer.status_code, answer.content, dict(answer.headers)))
     return out
 
 
-@pytest.mark.parametrize("query", ["", "?expected_seq=0", "?expected_seq=3", "?expected_seq=%C2%B2"])
+@pytest.mark.parametrize("query", ["", "?expected_seq=0", "?expected_seq=5", "?expected_seq=%C2%B2"])
 @pytest.mark.parametrize("key", ["", "k"])
 async def test_a_stranger_cannot_tell_a_conversation_from_a_missing_one(
     api: ApiClient, query: str, key: str
 ) -> None:
     """Every route, with or without expected_seq (the current one too) and Idempotency-Key, answers a
-    non-participant (never in it, or removed) byte for byte as it answers for a missing conversation."""
+    non-participant (never in it, or removed) byte for byte as it answers for a missing conversation
+    (seq 5 is the conversation's current one)."""
     cid = await api.create_conversation("alice", "bob", "carol")
     mid = (await api.send("alice", cid)).json()["message_id"]
     assert (await api.post("alice", f"/v1/conversations/{cid}/read", {"up_to_seq": 2})).status_code == 202

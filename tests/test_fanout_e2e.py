@@ -32,7 +32,6 @@ from command_api.commands import Context
 from devstack.ports import free_port
 from events.codec import decode
 from events.config import LogSettings
-from events.ids import chosen_conversation_id
 from events.log import EventLog
 from projector.migrate import migrate
 from realtime_fanout.client import Event, FanoutClient, Live
@@ -139,33 +138,23 @@ def make_fanout(redis_server_url: str, log_namespace: str, tmp_path: Path) -> It
 
 
 class Log:
-    """Puts real events in the log through the command side's appender. Conversations are named by
-    the id their creator chose; `id(name)` is the real one (`<creator>:<name>`)."""
+    """Puts real events in the log through the command side's appender."""
 
     def __init__(self, appender: Appender) -> None:
         self.appender = appender
-        self.ids: dict[str, str] = {}
 
-    def id(self, name: str) -> str:
-        return self.ids.get(name, name)
-
-    async def create(self, name: str, creator: str, *others: str) -> str:
-        body = CreateConversation(title="t", participants=list(others), conversation_id=name)
-        command = commands.create_conversation(Context(actor=creator), body)
-        self.ids[name] = command.conversation_id
-        await self.appender.append(command)
-        return command.conversation_id
+    async def create(self, cid: str, creator: str, *others: str) -> None:
+        body = CreateConversation(title="t", participants=list(others))
+        await self.appender.append(commands.create_conversation_with_id(Context(actor=creator), body, cid))
 
     async def add(self, cid: str, actor: str, user: str) -> None:
-        body = AddParticipant(user)
-        await self.appender.append(commands.add_participant(Context(actor=actor), self.id(cid), body))
+        await self.appender.append(commands.add_participant(Context(actor=actor), cid, AddParticipant(user)))
 
     async def remove(self, cid: str, actor: str, user: str) -> None:
-        await self.appender.append(commands.remove_participant(Context(actor=actor), self.id(cid), user))
+        await self.appender.append(commands.remove_participant(Context(actor=actor), cid, user))
 
     async def send(self, cid: str, actor: str, body: str) -> None:
-        message = SendMessage(body=body)
-        await self.appender.append(commands.send_message(Context(actor=actor), self.id(cid), message))
+        await self.appender.append(commands.send_message(Context(actor=actor), cid, SendMessage(body=body)))
 
 
 class Client:
@@ -249,17 +238,15 @@ async def test_membership_boundaries_live(appender: Appender, make_fanout: Any) 
     await log.remove("room", "alice", "bob")
     await log.send("room", "alice", "after")
     # Order holds only within a partition, so the marker that shows "after" was skipped shares room's.
-    room = log.id("room")
-    name = next(
-        name for n in range(1000)
-        if appender.layout.partition_for(chosen_conversation_id("bob", name := f"marker{n}"))
-        == appender.layout.partition_for(room)
+    marker = next(
+        cid for n in range(1000)
+        if appender.layout.partition_for(cid := f"marker{n}") == appender.layout.partition_for("room")
     )  # fmt: skip
-    marker = await log.create(name, "bob")
+    await log.create(marker, "bob")
     await bob.until(lambda c: c.events and c.events[-1]["conversation_id"] == marker)
     types = [(e["conversation_id"], e["payload"]["type"]) for e in bob.events]
     assert types == [
-        (room, "participant_added"), (room, "message_sent"), (room, "participant_removed"),
+        ("room", "participant_added"), ("room", "message_sent"), ("room", "participant_removed"),
         (marker, "conversation_created"),
     ]  # fmt: skip
     await bob.close()
@@ -602,7 +589,7 @@ async def test_random_connection_kills_under_load_lose_and_double_nothing(
     assert appender.epoch is not None
     start = origin(appender.epoch)
     collectors = [Collector(fanout.url, user, start) for user in users]
-    collectors.append(Collector(fanout.url, "u1", start, conversations=[log.id("c0"), log.id("c3")]))
+    collectors.append(Collector(fanout.url, "u1", start, conversations=["c0", "c3"]))
     stop_chaos = asyncio.Event()
 
     async def chaos() -> int:
@@ -722,3 +709,20 @@ async def test_a_cursor_older_than_the_streams_is_served_from_the_archive(
     gone = await Client.open(no_archive.url, "bob", cursor)
     assert [f["reason"] for f in gone.control if f["type"] == "resync"] == ["history-gone"]
     await gone.close()
+
+
+async def test_an_id_chosen_by_its_creator_streams_and_filters(appender: Appender, make_fanout: Any) -> None:
+    """The command API's form of a chosen id (`alice:room`) is delivered and accepted in a subscribe filter."""
+    body = CreateConversation(title="t", participants=["bob"], conversation_id="room")
+    command = commands.create_conversation(Context(actor="alice"), body)
+    assert command.conversation_id == "alice:room"
+    await appender.append(command)
+    log = Log(appender)
+    await log.create("plain", "alice", "bob")
+    fanout = await make_fanout()
+    bob = await Client.open(fanout.url, "bob", conversations=["alice:room"])
+    await log.send("plain", "alice", "not in the filter")
+    await log.send("alice:room", "alice", "hello")
+    await bob.until(lambda c: c.bodies() == ["hello"])
+    assert {e["conversation_id"] for e in bob.events} == {"alice:room"}
+    await bob.close()
