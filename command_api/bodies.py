@@ -19,6 +19,9 @@ _FORBIDDEN_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_TITLE_CHARS = 200
 MAX_PARTICIPANTS = 1_000
+MAX_EXPECTED_SEQ = 10**15 - 1
+"""15 digits at most: every such integer is exact in the append script's Lua numbers (doubles)."""
+_EXPECTED_SEQ = re.compile(r"[0-9]{1,15}")
 
 
 class Body(msgspec.Struct, forbid_unknown_fields=True):
@@ -118,6 +121,17 @@ def is_json_media_type(value: str) -> bool:
         if name.strip().lower() == "charset" and setting.strip().strip('"').lower() != "utf-8":
             return False
     return True
+
+
+def check_expected_seq(value: str) -> int:
+    """The `expected_seq` query parameter: ASCII digits only (`str.isdigit` and `int` take others)."""
+    if _EXPECTED_SEQ.fullmatch(value) is None:
+        raise CommandInvalid(
+            "invalid-expected-seq",
+            f"expected_seq must be an integer from 0 to {MAX_EXPECTED_SEQ}",
+            status=400,
+        )
+    return int(value)
 
 
 def check_idempotency_key(value: str | None) -> str:

@@ -17,7 +17,13 @@ from urllib.parse import parse_qsl
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from command_api import routes
-from command_api.bodies import check_id, check_idempotency_key, decode_body, is_json_media_type
+from command_api.bodies import (
+    check_expected_seq,
+    check_id,
+    check_idempotency_key,
+    decode_body,
+    is_json_media_type,
+)
 from command_api.commands import Context, decode_memo
 from command_api.exceptions import CommandInvalid, CommandRefused, LogUnavailable, RateLimited
 from command_api.metrics import APPEND_SECONDS, COMMANDS
@@ -32,8 +38,6 @@ log = logging.getLogger(__name__)
 
 _HANDLED = (CommandInvalid, CommandRefused, RateLimited, LogUnavailable, AuthError)
 _ASCII_DIGITS = re.compile(r"[0-9]+")
-_MAX_SEQ_DIGITS = 15
-"""At most 15 digits: every such integer is exact in the append script's Lua numbers (doubles)."""
 Headers = dict[bytes, bytes]
 
 
@@ -123,15 +127,7 @@ def _expected_seq(scope: Scope) -> int | None:
     if not query:
         return None
     raw = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True)).get("expected_seq")
-    if raw is None:
-        return None
-    if len(raw) > _MAX_SEQ_DIGITS or _ASCII_DIGITS.fullmatch(raw) is None:
-        raise CommandInvalid(
-            "invalid-expected-seq",
-            f"expected_seq must be a non-negative integer of at most {_MAX_SEQ_DIGITS} ASCII digits",
-            400,
-        )
-    return int(raw)
+    return None if raw is None else check_expected_seq(raw)
 
 
 async def _read_body(headers: Headers, receive: Receive, limit: int) -> bytes:

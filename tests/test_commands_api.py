@@ -128,7 +128,7 @@ async def test_chosen_conversation_ids_live_in_their_creators_namespace(api: Api
     for taken in ("bob:team-42", "alice:team-42", ":x", "a:b:c"):
         chosen = {"title": "x", "conversation_id": taken}
         assert_problem(await api.post("alice", "/v1/conversations", chosen), 422, "invalid-id")
-    for bad in ("a:b:c", ":x", "x:", f"{'a' * 65}:x"):
+    for bad in ("a:b:c", ":x", "x:", f"{'a' * 65}:x", "a%00b", "a%C2%B2"):
         assert_problem(await api.send("alice", bad), 422, "invalid-id")
     assert [e.seq for e in await log_of(api, "alice:team-42")] == [1, 2, 3]
 
