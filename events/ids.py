@@ -7,10 +7,12 @@ import re
 import uuid_utils
 
 ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"
-"""User, conversation and message ids: 1-64 URL-safe characters; never a separator used in log keys."""
+"""User and message ids, and conversation ids as clients choose them: 1-64 URL-safe characters,
+never a separator used in log keys."""
 
 CONVERSATION_ID_PATTERN = r"^(?:[A-Za-z0-9_.@-]{1,64}:)?[A-Za-z0-9_.@-]{1,64}$"
-"""A conversation id: an id the server chose, or `<creator>:<id>` for an id the creator chose."""
+"""A conversation id: an id the server chose, or `<creator>:<id>` for an id the creator chose (as the
+last part of a log key, its ':' is no ambiguity)."""
 
 _ID_RE = re.compile(ID_PATTERN)
 _CONVERSATION_ID_RE = re.compile(CONVERSATION_ID_PATTERN)
@@ -27,7 +29,7 @@ def new_object_id() -> str:
 
 
 def is_valid_id(value: str) -> bool:
-    """Whether `value` is acceptable as a user, conversation or message id."""
+    """Whether `value` is acceptable as a user or message id, or as the id a creator chooses."""
     return _ID_RE.fullmatch(value) is not None
 
 
