@@ -2,7 +2,7 @@
 
 All three hit the same embedded Redis (appendfsync always) on this machine; the load generator is
 a separate process from the servers. Bounded: `--seconds` per phase (default 10) after a warm-up.
-Run: make bench-commands   (or python -m benchmarks.commands --seconds 10 --connections 64)
+Run: make bench-commands   (or python -m benchmarks.commands --seconds 10 --connections 64 [--keyed N])
 """
 
 from __future__ import annotations
@@ -82,6 +82,10 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument(
+        "--keyed", type=int, default=0, metavar="N",
+        help="also measure commands that carry an Idempotency-Key: N distinct keys per connection",
+    )  # fmt: skip
     args = parser.parse_args()
 
     body = b'{"body":"hello from the benchmark, a message of ordinary length"}'
@@ -124,7 +128,7 @@ async def main() -> None:
             from servicekit.tokens import mint_token
 
             auth = AuthSettings.from_env(Env(env))
-            per_connection = []
+            targets: list[tuple[str, dict[str, str]]] = []
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}") as http:
                 for i in range(args.connections):
                     user = f"user-{i}"
@@ -133,14 +137,22 @@ async def main() -> None:
                         "/v1/conversations", json={"title": f"bench {i}"}, headers=headers
                     )
                     cid = created.json()["conversation_id"]
-                    per_connection.append([post_request(f"/v1/conversations/{cid}/messages", body, headers)])
+                    targets.append((f"/v1/conversations/{cid}/messages", headers))
+            per_connection = [[post_request(path, body, headers)] for path, headers in targets]
             api_result, api_cpu, api_client = await measured_load(
                 api_port, api.pid, per_connection, args.seconds
             )
+            keyed = [
+                [post_request(path, body, {**headers, "Idempotency-Key": f"k{n}"}) for n in range(args.keyed)]
+                for path, headers in targets
+            ]
+            keyed_result = await measured_load(api_port, api.pid, keyed, args.seconds) if args.keyed else None
 
     print(f"{'raw pipelined XADD ceiling':<28} {ceiling:>9,.0f} appends/s")
     print(report("naive FastAPI + XADD", naive_result, naive_cpu, naive_client))
     print(report("Parley command API", api_result, api_cpu, api_client))
+    if keyed_result is not None:
+        print(report("  with Idempotency-Keys", *keyed_result))
     print(
         f"\nParley / ceiling = {api_result.rate / ceiling:.1%}   "
         f"Parley / naive = {api_result.rate / naive_result.rate:.2f}x"

@@ -84,9 +84,8 @@ class Stack:
         await self.appender.open()
         members = load.members_of()
         await asyncio.gather(*(
-            self.appender.append(commands.create_conversation(
-                Context(actor=f"u{ids[0]}"),
-                CreateConversation(title=c, participants=[f"u{i}" for i in ids], conversation_id=c),
+            self.appender.append(commands.create_conversation_with_id(
+                Context(actor=f"u{ids[0]}"), CreateConversation(title=c, participants=[f"u{i}" for i in ids]), c,
             ))
             for c, ids in members.items()
         ))  # fmt: skip
@@ -266,8 +265,8 @@ async def idle_memory_phase(stack: Stack, connections: int) -> float:
 
 async def resume_phase(stack: Stack, fanout_port: int, missed: int) -> float:
     """Seconds from a reconnect with a cursor until all `missed` events arrived."""
-    await stack.appender.append(commands.create_conversation(
-        Context(actor="resumer"), CreateConversation(title="r", conversation_id="resume-conv")
+    await stack.appender.append(commands.create_conversation_with_id(
+        Context(actor="resumer"), CreateConversation(title="r"), "resume-conv"
     ))  # fmt: skip
     url = f"ws://127.0.0.1:{fanout_port}/v1/stream"
     auth = msgspec.json.encode({"type": "auth", "token": stack.token("resumer")}).decode()

@@ -27,14 +27,11 @@ local function refuse(reason, detail)
   return {0, reason, detail or ''}
 end
 
+-- Refusals a participant may get, once the conversation is known to exist and have `actor` in it.
 local function decide(ck, op, actor, target, aux, seq)
   if op == 'create' then
-    if seq then return refuse('conversation-exists') end
     return nil
-  end
-  if not seq then return refuse('conversation-not-found') end
-  if redis.call('HEXISTS', ck, 'm:' .. actor) == 0 then return refuse('not-a-participant') end
-  if op == 'send' then
+  elseif op == 'send' then
     if redis.call('HEXISTS', ck, 'g:' .. target) == 1 then return refuse('message-id-taken') end
     if aux ~= '' and redis.call('HEXISTS', ck, 'g:' .. aux) == 0 then
       return refuse('reply-target-not-found')
@@ -109,6 +106,13 @@ local function run(i)
   end
 
   local seq = redis.call('HGET', ck, 'seq')
+  if op == 'create' then
+    -- Only the creator's own ids can collide: chosen ids live in the creator's namespace.
+    if seq then return refuse('conversation-exists') end
+  elseif not seq or redis.call('HEXISTS', ck, 'm:' .. actor) == 0 then
+    -- One answer, before any other check, so a stranger cannot tell this from a missing conversation.
+    return refuse('conversation-not-found')
+  end
   if expected ~= '' and tonumber(expected) ~= tonumber(seq or '0') then
     return refuse('sequence-mismatch', seq or '0')
   end

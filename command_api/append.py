@@ -20,6 +20,9 @@ from events.position import LogPosition
 log = logging.getLogger(__name__)
 
 APPEND_SCRIPT = files("command_api").joinpath("append.lua").read_text()
+CLAIM_SCRIPT = files("command_api").joinpath("claim.lua").read_text()
+CLAIM_MARGIN_S = 60
+"""A claim outlives the partition's idempotency record, written after it, by this much."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +70,12 @@ class Appender:
         self.settings = settings or AppendSettings()
         self.log = EventLog(redis, layout)
         self._script = redis.register_script(APPEND_SCRIPT)
+        self._claim_script = redis.register_script(CLAIM_SCRIPT)
         self._batcher: MicroBatcher[int, Command, Appended] = MicroBatcher(
             self._flush, self.settings.max_batch
+        )
+        self._claims: MicroBatcher[None, Command, bool] = MicroBatcher(
+            self._flush_claims, self.settings.max_batch
         )
 
     @property
@@ -90,14 +97,38 @@ class Appender:
         """Decide and append one command.
 
         Raises:
-            CommandRefused: the write-side state forbids the command; nothing was appended.
+            CommandRefused: the write-side state forbids the command, or its Idempotency-Key is bound
+                to another request; nothing was appended.
             LogUnavailable: the outcome is unknown (Redis failed mid-call) or nothing was appended.
         """
+        if command.idempotency_key:
+            await self._claim(command)
         partition = self.layout.partition_for(command.conversation_id)
         return await self._batcher.submit(partition, command)
 
+    async def _claim(self, command: Command) -> None:
+        """Bind the user's key to this request on every partition at once (a partition's script sees
+        only its own records): one more round trip, for keyed commands only."""
+        if not await self._claims.submit(None, command):
+            raise CommandRefused("idempotency-key-reused")
+
     async def close(self) -> None:
         await self._batcher.close()
+        await self._claims.close()
+
+    async def _flush_claims(self, _: None, commands: Sequence[Command]) -> list[bool | BaseException]:
+        """Concurrent claims ride in one pipeline (one round trip, one fsync), one one-key script each."""
+        ttl_ms = int((self.settings.idempotency_ttl_s + CLAIM_MARGIN_S) * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        for c in commands:
+            key = self.layout.idempotency_claim_key(c.actor, c.idempotency_key)
+            await self._claim_script(keys=[key], args=[c.fingerprint, ttl_ms], client=pipe)
+        try:
+            replies = await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            log.error("claiming %d idempotency keys failed: %s", len(commands), exc)
+            raise LogUnavailable(f"redis: {exc}") from exc
+        return [bool(reply) for reply in replies]
 
     async def _flush(self, partition: int, commands: Sequence[Command]) -> list[Appended | BaseException]:
         epoch = self.log.epoch

@@ -12,13 +12,16 @@ from typing import TypeVar
 import msgspec
 
 from command_api.exceptions import CommandInvalid
-from events.ids import is_valid_id
+from events.ids import is_valid_conversation_id, is_valid_id
 
 # C0 controls but tab and newline, DEL, C1 controls.
 _FORBIDDEN_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_TITLE_CHARS = 200
 MAX_PARTICIPANTS = 1_000
+MAX_EXPECTED_SEQ = 10**15 - 1
+"""15 digits at most: every such integer is exact in the append script's Lua numbers (doubles)."""
+_EXPECTED_SEQ = re.compile(r"[0-9]{1,15}")
 
 
 class Body(msgspec.Struct, forbid_unknown_fields=True):
@@ -80,6 +83,15 @@ def check_id(value: str, field: str) -> str:
     return value
 
 
+def check_conversation_id(value: str) -> str:
+    """Return `value` if it is a conversation id (`<creator>:<id>` or an id), else raise `CommandInvalid`."""
+    if not is_valid_conversation_id(value):
+        raise CommandInvalid(
+            "invalid-id", "conversation_id: an id, or <creator>:<id> for one its creator chose"
+        )
+    return value
+
+
 def clean_text(value: str, field: str, max_chars: int) -> str:
     """NFC-normalize `value` and check it: 1..max_chars characters, not blank, no control characters
     other than newline and tab.
@@ -92,6 +104,34 @@ def clean_text(value: str, field: str, max_chars: int) -> str:
     if len(text) > max_chars:
         raise CommandInvalid("text-too-long", f"{field}: {len(text)} characters, at most {max_chars} allowed")
     return text
+
+
+def is_json_media_type(value: str) -> bool:
+    """Whether a Content-Type names JSON: `application/json`, any case (RFC 9110 8.3.1), parameters
+    allowed but a charset other than UTF-8 (RFC 8259 8.1). `+json` types are not: their documents mean
+    something else (a JSON Patch is not a message body), so they are refused rather than misread.
+    """
+    if value == "application/json":
+        return True
+    media_type, _, parameters = value.partition(";")
+    if media_type.strip().lower() != "application/json":
+        return False
+    for parameter in parameters.split(";"):
+        name, _, setting = parameter.partition("=")
+        if name.strip().lower() == "charset" and setting.strip().strip('"').lower() != "utf-8":
+            return False
+    return True
+
+
+def check_expected_seq(value: str) -> int:
+    """The `expected_seq` query parameter: ASCII digits only (`str.isdigit` and `int` take others)."""
+    if _EXPECTED_SEQ.fullmatch(value) is None:
+        raise CommandInvalid(
+            "invalid-expected-seq",
+            f"expected_seq must be an integer from 0 to {MAX_EXPECTED_SEQ}",
+            status=400,
+        )
+    return int(value)
 
 
 def check_idempotency_key(value: str | None) -> str:

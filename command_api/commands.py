@@ -22,13 +22,14 @@ from command_api.bodies import (
     EditMessage,
     MarkRead,
     SendMessage,
+    check_conversation_id,
     check_id,
     clean_text,
 )
 from command_api.exceptions import CommandInvalid
 from events import schema
 from events.codec import encode_unsequenced_tail
-from events.ids import new_event_id, new_object_id
+from events.ids import chosen_conversation_id, new_event_id, new_object_id
 
 _CONVERSATION_NAMESPACE = uuid.UUID("5b0c4b8e-2f4e-4c55-9a53-7c1b0b6d8f21")
 
@@ -76,7 +77,7 @@ def _command(
     aux: str = "",
     message_id: str | None = None,
 ) -> Command:
-    check_id(conversation_id, "conversation_id")
+    check_conversation_id(conversation_id)
     event_id = new_event_id()
     envelope = schema.UnsequencedEnvelope(
         event_id=event_id,
@@ -106,19 +107,26 @@ def _command(
 
 
 def create_conversation(ctx: Context, body: CreateConversation) -> Command:
-    """The conversation id is the client's, else derived from the idempotency key (so a retry
-    lands on the same partition and finds its record), else fresh."""
+    """The conversation id is the client's in the creator's namespace (so a taken id only ever
+    reveals one's own conversation), else derived from the idempotency key (so a retry lands on the
+    same partition and finds its record), else fresh."""
+    if body.conversation_id is not None:
+        conversation_id = chosen_conversation_id(ctx.actor, check_id(body.conversation_id, "conversation_id"))
+    elif ctx.idempotency_key:
+        conversation_id = str(uuid.uuid5(_CONVERSATION_NAMESPACE, f"{ctx.actor}\n{ctx.idempotency_key}"))
+    else:
+        conversation_id = new_object_id()
+    return create_conversation_with_id(ctx, body, conversation_id)
+
+
+def create_conversation_with_id(ctx: Context, body: CreateConversation, conversation_id: str) -> Command:
+    """Create under exactly `conversation_id`, for trusted in-process writers (tests, benchmarks):
+    clients only reach `create_conversation`, which puts the id they chose in their namespace."""
     title = clean_text(body.title, "title", MAX_TITLE_CHARS)
     if len(body.participants) > MAX_PARTICIPANTS:
         raise CommandInvalid("too-many-participants", f"at most {MAX_PARTICIPANTS} participants")
     others = [check_id(p, "participants[]") for p in body.participants]
     participants = tuple(dict.fromkeys([ctx.actor, *others]))
-    if body.conversation_id is not None:
-        conversation_id = check_id(body.conversation_id, "conversation_id")
-    elif ctx.idempotency_key:
-        conversation_id = str(uuid.uuid5(_CONVERSATION_NAMESPACE, f"{ctx.actor}\n{ctx.idempotency_key}"))
-    else:
-        conversation_id = new_object_id()
     payload = schema.ConversationCreated(title=title, participants=participants)
     return _command(
         ctx, "create", conversation_id, payload, (title, participants, body.conversation_id),

@@ -8,6 +8,7 @@ routes skip it; everything else (health, metrics, OpenAPI, errors) is served by 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,13 @@ from urllib.parse import parse_qsl
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from command_api import routes
-from command_api.bodies import check_id, check_idempotency_key, decode_body
+from command_api.bodies import (
+    check_expected_seq,
+    check_id,
+    check_idempotency_key,
+    decode_body,
+    is_json_media_type,
+)
 from command_api.commands import Context, decode_memo
 from command_api.exceptions import CommandInvalid, CommandRefused, LogUnavailable, RateLimited
 from command_api.metrics import APPEND_SECONDS, COMMANDS
@@ -30,7 +37,7 @@ from servicekit.problems import PROBLEM_MEDIA_TYPE, problem_response
 log = logging.getLogger(__name__)
 
 _HANDLED = (CommandInvalid, CommandRefused, RateLimited, LogUnavailable, AuthError)
-_JSON = b"application/json"
+_ASCII_DIGITS = re.compile(r"[0-9]+")
 Headers = dict[bytes, bytes]
 
 
@@ -119,20 +126,15 @@ def _expected_seq(scope: Scope) -> int | None:
     query = scope.get("query_string", b"")
     if not query:
         return None
-    raw = dict(parse_qsl(query.decode("latin-1"))).get("expected_seq")
-    if raw is None:
-        return None
-    if not raw.isdigit():
-        raise CommandInvalid("invalid-expected-seq", "expected_seq must be a non-negative integer", 400)
-    return int(raw)
+    raw = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True)).get("expected_seq")
+    return None if raw is None else check_expected_seq(raw)
 
 
 async def _read_body(headers: Headers, receive: Receive, limit: int) -> bytes:
-    content_type = headers.get(b"content-type", b"")
-    if not content_type.startswith(_JSON):
-        raise CommandInvalid("unsupported-media-type", "send application/json", status=415)
-    declared = headers.get(b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if not is_json_media_type(headers.get(b"content-type", b"").decode("latin-1")):
+        raise CommandInvalid("unsupported-media-type", "send application/json (UTF-8)", status=415)
+    declared = headers.get(b"content-length", b"").decode("latin-1")
+    if _ASCII_DIGITS.fullmatch(declared) and (len(declared) > 18 or int(declared) > limit):
         raise CommandInvalid("request-too-large", f"at most {limit} bytes", 413)
     chunks = bytearray()
     while True:

@@ -21,7 +21,7 @@ _ERRORS = (
 _PARAMETERS: list[dict[str, Any]] = [
     {"name": "expected_seq", "in": "query", "required": False,
      "description": "Refuse (409 sequence-mismatch) unless the conversation's last sequence is this.",
-     "schema": {"type": "integer", "minimum": 0}},
+     "schema": {"type": "integer", "minimum": 0, "maximum": bodies.MAX_EXPECTED_SEQ}},
     {"name": "Idempotency-Key", "in": "header", "required": False,
      "description": "A retry with the same key and body returns the original answer (24 h by default).",
      "schema": {"type": "string", "minLength": 1, "maxLength": 255}},

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 REFUSALS: dict[str, tuple[int, str]] = {
-    "conversation-not-found": (404, "No such conversation"),
-    "not-a-participant": (403, "You are not a participant of this conversation"),
+    "conversation-not-found": (404, "No such conversation among yours"),
     "conversation-exists": (409, "A conversation with this id already exists"),
     "already-a-participant": (409, "That user is already a participant"),
     "participant-not-found": (404, "That user is not a participant"),

@@ -21,7 +21,7 @@ FIRST_MESSAGE_HINT = (
     '  curl -s -X POST localhost:8000/v1/conversations -H "Authorization: Bearer $TOKEN" '
     "-H 'Content-Type: application/json' "
     '-d \'{"conversation_id":"welcome","title":"Welcome","participants":["bob"]}\'; echo\n'
-    "  curl -s -X POST localhost:8000/v1/conversations/welcome/messages "
+    "  curl -s -X POST localhost:8000/v1/conversations/alice:welcome/messages "
     "-H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' "
     '-d \'{"body":"Hello, Bob!"}\'; echo'
 )

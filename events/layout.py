@@ -49,6 +49,10 @@ class LogLayout:
     def idempotency_key(self, partition: int, user_id: str, key: str) -> str:
         return f"{self._tag(partition)}:idem:{user_id}:{key}"
 
+    def idempotency_claim_key(self, user_id: str, key: str) -> str:
+        """Which request a user's key is bound to, whatever the partition: tagged by user, not partition."""
+        return f"{self.namespace}:{{u:{user_id}}}:idem:{key}"
+
     def rate_limit_key(self, user_id: str) -> str:
         return f"{self.namespace}:rl:{user_id}"
 

@@ -37,7 +37,7 @@ CACHE_SIZE = 4096
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-_REQUIRED = ["exp", "sub", "iss", "aud"]
+_REQUIRED = ["exp", "nbf", "sub", "iss", "aud"]
 _RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _REASONS: tuple[tuple[type[PyJWTError], str], ...] = (
@@ -166,6 +166,8 @@ class TokenVerifier:
         if expires_at is None:
             raise InvalidToken("exp is missing", "missing-claim")
         not_before = _number(claims, "nbf")
+        if not_before is None:
+            raise InvalidToken("nbf is missing", "missing-claim")
         _number(claims, "iat")
         return Principal(subject, expires_at, MappingProxyType(claims)), not_before
 

@@ -169,7 +169,7 @@ def test_wrong_audience_and_issuer_are_refused() -> None:
     assert verifier.verify(hs_token(aud=["billing", "parley"])).user_id == "alice"
 
 
-@pytest.mark.parametrize("claim", ["exp", "sub", "iss", "aud"])
+@pytest.mark.parametrize("claim", ["exp", "nbf", "sub", "iss", "aud"])
 def test_missing_required_claim_is_refused(claim: str) -> None:
     assert refused(hs_verifier(), jwt.encode(claims(**{claim: None}), SECRET)) == "missing-claim"
 

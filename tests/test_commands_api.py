@@ -59,11 +59,78 @@ async def test_create_conversation_answers_position_and_appends_one_event(api: A
     assert event.occurred_at.utcoffset() is not None
 
 
-async def test_client_chosen_conversation_id_and_duplicate(api: ApiClient) -> None:
+def stranger_requests(cid: str, mid: str) -> list[tuple[str, str, dict | None]]:  # type: ignore[type-arg]
+    """One request per conversation route, addressed to `cid` (every route of ROUTES but create)."""
+    base = f"/v1/conversations/{cid}"
+    return [
+        ("POST", f"{base}/participants", {"user_id": "mallory"}),
+        ("DELETE", f"{base}/participants/alice", None),
+        ("DELETE", f"{base}/participants/mallory", None),
+        ("POST", f"{base}/messages", {"body": "x"}),
+        ("POST", f"{base}/messages", {"body": "x", "message_id": mid, "reply_to": mid}),
+        ("PATCH", f"{base}/messages/{mid}", {"body": "x"}),
+        ("DELETE", f"{base}/messages/{mid}", None),
+        ("POST", f"{base}/read", {"up_to_seq": 1}),
+        ("POST", f"{base}/read", {"up_to_seq": 99}),
+        ("PUT", f"{base}/archive", None),
+        ("DELETE", f"{base}/archive", None),
+    ]
+
+
+async def answers_to(api: ApiClient, user: str, cid: str, mid: str, query: str, key: str) -> list[tuple]:  # type: ignore[type-arg]
+    out = []
+    for n, (method, path, body) in enumerate(stranger_requests(cid, mid)):
+        headers = api.headers(user, {"Idempotency-Key": f"{key}-{cid}-{n}"} if key else None)
+        answer = await api.http.request(method, path + query, json=body, headers=headers)
+        out.append((method, path.replace(cid, "C"), answer.status_code, answer.content, dict(answer.headers)))
+    return out
+
+
+@pytest.mark.parametrize("query", ["", "?expected_seq=0", "?expected_seq=5", "?expected_seq=%C2%B2"])
+@pytest.mark.parametrize("key", ["", "k"])
+async def test_a_stranger_cannot_tell_a_conversation_from_a_missing_one(
+    api: ApiClient, query: str, key: str
+) -> None:
+    """Every route, with or without expected_seq (the current one too) and Idempotency-Key, answers a
+    non-participant (never in it, or removed) byte for byte as it answers for a missing conversation
+    (seq 5 is the conversation's current one)."""
+    cid = await api.create_conversation("alice", "bob", "carol")
+    mid = (await api.send("alice", cid)).json()["message_id"]
+    assert (await api.post("alice", f"/v1/conversations/{cid}/read", {"up_to_seq": 2})).status_code == 202
+    assert (await api.put("alice", f"/v1/conversations/{cid}/archive")).status_code == 202
+    assert (await api.delete("alice", f"/v1/conversations/{cid}/participants/carol")).status_code == 202
+    missing = await answers_to(api, "mallory", "no-such-conversation", mid, query, key)
+    if "%" not in query:
+        assert {a[2] for a in missing} == {404}
+        assert {a[3] for a in missing} == {
+            b'{"type":"/problems/conversation-not-found","title":"No such conversation among yours","status":404}'
+        }
+    assert await answers_to(api, "mallory", cid, mid, query, key) == missing
+    assert await answers_to(api, "carol", cid, mid, query, key + "c") == await answers_to(
+        api, "carol", "no-such-conversation", mid, query, key + "c"
+    )
+    assert len(await log_of(api, cid)) == 5
+
+
+async def test_chosen_conversation_ids_live_in_their_creators_namespace(api: ApiClient) -> None:
+    """A taken id only ever collides with one's own conversation: nobody learns another's ids exist."""
     body = {"title": "x", "conversation_id": "team-42"}
     first = await api.post("alice", "/v1/conversations", body)
-    assert first.status_code == 202 and first.json()["conversation_id"] == "team-42"
-    assert_problem(await api.post("bob", "/v1/conversations", body), 409, "conversation-exists")
+    assert first.status_code == 202 and first.json()["conversation_id"] == "alice:team-42"
+    theirs = await api.post("bob", "/v1/conversations", body)
+    assert theirs.status_code == 202 and theirs.json()["conversation_id"] == "bob:team-42"
+    assert_problem(await api.post("alice", "/v1/conversations", body), 409, "conversation-exists")
+    sent = await api.send("alice", "alice:team-42")
+    assert sent.status_code == 202 and sent.json()["conversation_id"] == "alice:team-42"
+    assert (await api.send("alice", "alice%3Ateam-42")).json()["seq"] == 3
+    assert_problem(await api.send("alice", "bob:team-42"), 404, "conversation-not-found")
+    assert_problem(await api.send("alice", "team-42"), 404, "conversation-not-found")
+    for taken in ("bob:team-42", "alice:team-42", ":x", "a:b:c"):
+        chosen = {"title": "x", "conversation_id": taken}
+        assert_problem(await api.post("alice", "/v1/conversations", chosen), 422, "invalid-id")
+    for bad in ("a:b:c", ":x", "x:", f"{'a' * 65}:x", "a%00b", "a%C2%B2"):
+        assert_problem(await api.send("alice", bad), 422, "invalid-id")
+    assert [e.seq for e in await log_of(api, "alice:team-42")] == [1, 2, 3]
 
 
 async def test_message_lifecycle(api: ApiClient) -> None:
@@ -99,7 +166,7 @@ async def test_message_refusals(api: ApiClient) -> None:
     assert (await api.delete("alice", f"{path}/{mid}")).status_code == 202
     assert_problem(await api.delete("alice", f"{path}/{mid}"), 410, "message-deleted")
     assert_problem(await api.patch("alice", f"{path}/{mid}", {"body": "x"}), 410, "message-deleted")
-    assert_problem(await api.send("mallory", cid), 403, "not-a-participant")
+    assert_problem(await api.send("mallory", cid), 404, "conversation-not-found")
     assert_problem(await api.send("alice", "no-such-conversation"), 404, "conversation-not-found")
     assert len(await log_of(api, cid)) == 3  # created, sent, deleted: refusals appended nothing
 
@@ -153,12 +220,64 @@ async def test_body_limits_and_transport_errors(api: ApiClient) -> None:
     assert len(await log_of(api, cid)) == 2
 
 
+@pytest.mark.parametrize(
+    "raw",
+    ["%C2%B2", "%D9%A1", "%EF%BC%91", "1%C2%B2", "+1", "-0", " 1", "1 ", "0x1", "1e3", "1.0", "", "%00",
+     "1" * 16, "9" * 5000],
+)  # fmt: skip
+async def test_expected_seq_is_ascii_digits_or_400(api: ApiClient, raw: str) -> None:
+    """Non-ASCII digits pass `str.isdigit`: a superscript two then failed `int` (a 500), and Arabic-Indic
+    or fullwidth digits were read as numbers; only ASCII digits are."""
+    cid = await api.create_conversation("alice")
+    answer = await api.post("alice", f"/v1/conversations/{cid}/messages?expected_seq={raw}", {"body": "x"})
+    assert_problem(answer, 400, "invalid-expected-seq")
+    assert len(await log_of(api, cid)) == 1
+
+
+async def test_a_huge_declared_content_length_is_413_not_500(api: ApiClient) -> None:
+    cid = await api.create_conversation("alice")
+    headers = {**api.headers("alice"), "content-type": "application/json", "content-length": "9" * 5000}
+    answer = await api.http.post(
+        f"/v1/conversations/{cid}/messages", content=b'{"body":"x"}', headers=headers
+    )
+    assert_problem(answer, 413, "request-too-large")
+
+
+@pytest.mark.parametrize(
+    "media_type",
+    ["application/json", "Application/JSON", "APPLICATION/json; charset=UTF-8", "application/json;charset=utf-8",
+     'application/json ; charset="utf-8"', "application/json; foo=bar"],
+)  # fmt: skip
+async def test_json_media_types_are_case_insensitive_with_parameters(api: ApiClient, media_type: str) -> None:
+    cid = await api.create_conversation("alice")
+    headers = {**api.headers("alice"), "content-type": media_type}
+    answer = await api.http.post(
+        f"/v1/conversations/{cid}/messages", content=b'{"body":"x"}', headers=headers
+    )
+    assert answer.status_code == 202, answer.text
+
+
+@pytest.mark.parametrize(
+    "media_type",
+    ["application/jsonp", "application/json-patch+json", "application/merge-patch+json", "application/jsonx",
+     "application/vnd.api+json", "text/json", "text/plain", "application/json; charset=latin-1", "json", ""],
+)  # fmt: skip
+async def test_other_media_types_are_415(api: ApiClient, media_type: str) -> None:
+    cid = await api.create_conversation("alice")
+    headers = {**api.headers("alice"), "content-type": media_type}
+    answer = await api.http.post(
+        f"/v1/conversations/{cid}/messages", content=b'{"body":"x"}', headers=headers
+    )
+    assert_problem(answer, 415, "unsupported-media-type")
+    assert len(await log_of(api, cid)) == 1
+
+
 async def test_participants(api: ApiClient) -> None:
     cid = await api.create_conversation("alice", "bob")
     participants = f"/v1/conversations/{cid}/participants"
     assert (await api.post("bob", participants, {"user_id": "carol"})).status_code == 202
     assert_problem(await api.post("bob", participants, {"user_id": "carol"}), 409, "already-a-participant")
-    assert_problem(await api.post("mallory", participants, {"user_id": "eve"}), 403, "not-a-participant")
+    assert_problem(await api.post("mallory", participants, {"user_id": "eve"}), 404, "conversation-not-found")
     assert_problem(await api.delete("bob", f"{participants}/carol"), 403, "removal-forbidden")
     assert_problem(await api.delete("bob", f"{participants}/alice"), 409, "creator-cannot-leave")
     assert_problem(await api.delete("alice", f"{participants}/alice"), 409, "creator-cannot-leave")
@@ -166,10 +285,12 @@ async def test_participants(api: ApiClient) -> None:
     assert (await api.delete("alice", f"{participants}/carol")).status_code == 202  # creator removes
     assert (await api.delete("bob", f"{participants}/bob")).status_code == 202  # bob leaves
     # a removed participant is refused from the removal on
-    assert_problem(await api.send("bob", cid), 403, "not-a-participant")
-    assert_problem(await api.send("carol", cid), 403, "not-a-participant")
+    assert_problem(await api.send("bob", cid), 404, "conversation-not-found")
+    assert_problem(await api.send("carol", cid), 404, "conversation-not-found")
     assert_problem(
-        await api.post("carol", f"/v1/conversations/{cid}/read", {"up_to_seq": 1}), 403, "not-a-participant"
+        await api.post("carol", f"/v1/conversations/{cid}/read", {"up_to_seq": 1}),
+        404,
+        "conversation-not-found",
     )
     assert (await api.post("alice", participants, {"user_id": "bob"})).status_code == 202  # re-added
     assert (await api.send("bob", cid)).status_code == 202
@@ -231,6 +352,48 @@ async def test_idempotent_retry_returns_the_original_answer(api: ApiClient) -> N
     assert a.json()["conversation_id"] != b.json()["conversation_id"]
     assert a2.json() == a.json()
     assert [e.seq for e in await log_of(api, cid)] == [1, 2]
+
+
+async def conversations_on_two_partitions(api: ApiClient, user: str) -> tuple[str, str]:
+    layout = api.services.appender.layout
+    first = await api.create_conversation(user)
+    while layout.partition_for(second := await api.create_conversation(user)) == layout.partition_for(first):
+        pass
+    return first, second
+
+
+async def test_an_idempotency_key_is_the_users_across_partitions(api: ApiClient) -> None:
+    """The same user and key on conversations of two partitions: the second request is 422, not a
+    second event (each partition's script sees only its own records)."""
+    first, second = await conversations_on_two_partitions(api, "alice")
+    key = {"Idempotency-Key": "across"}
+    assert (await api.send("alice", first, "once", headers=key)).status_code == 202
+    assert_problem(await api.send("alice", second, "once", headers=key), 422, "idempotency-key-reused")
+    again = await api.send("alice", first, "once", headers=key)
+    assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
+    racing = {"Idempotency-Key": "racing"}
+    answers = await asyncio.gather(
+        *(api.send("alice", c, "race", headers=racing) for c in (first, second) * 5)
+    )
+    accepted = {a.json()["conversation_id"] for a in answers if a.status_code == 202}
+    assert len(accepted) == 1
+    assert all(
+        a.json()["type"] == "/problems/idempotency-key-reused" for a in answers if a.status_code != 202
+    )
+    assert [len(await log_of(api, c)) for c in (first, second)] == ([3, 1] if accepted == {first} else [2, 2])
+    assert (await api.send("bob", second, "once", headers=key)).status_code == 404  # bob's key is his own
+
+
+async def test_a_refused_command_binds_its_key_and_may_be_retried(api: ApiClient) -> None:
+    first, second = await conversations_on_two_partitions(api, "alice")
+    key = {"Idempotency-Key": "refused"}
+    assert_problem(await api.send("bob", first, "hi", headers=key), 404, "conversation-not-found")
+    assert_problem(await api.send("bob", second, "hi", headers=key), 422, "idempotency-key-reused")
+    assert (
+        await api.post("alice", f"/v1/conversations/{first}/participants", {"user_id": "bob"})
+    ).status_code == 202
+    retried = await api.send("bob", first, "hi", headers=key)
+    assert retried.status_code == 202 and "idempotent-replayed" not in retried.headers
 
 
 async def test_idempotency_keys_expire(api_env: dict[str, str]) -> None:
@@ -301,7 +464,8 @@ async def test_health_ready_metrics_and_openapi(api: ApiClient) -> None:
     metrics = (await api.http.get("/metrics")).text
     assert 'parley_commands_total{outcome="accepted",reason="",type="create_conversation"}' in metrics
     assert (
-        'parley_commands_total{outcome="refused",reason="not-a-participant",type="send_message"}' in metrics
+        'parley_commands_total{outcome="refused",reason="conversation-not-found",type="send_message"}'
+        in metrics
     )
     assert "parley_append_seconds_bucket" in metrics
     spec = (await api.http.get("/openapi.json")).json()
@@ -333,6 +497,8 @@ async def test_redis_down_gives_503_and_no_partial_state(api_env: dict[str, str]
         body = assert_problem(down, 503, "log-unavailable")
         assert "Idempotency-Key" in body["detail"]
         assert down.headers["retry-after"] == "1"
+        keyed = await api.send("alice", cid, headers={"Idempotency-Key": "while-down"})
+        assert_problem(keyed, 503, "log-unavailable")  # its claim could not be made either
         ready = await api.http.get("/readyz")
         assert_problem(ready, 503, "not-ready")
         redis_proc.start()

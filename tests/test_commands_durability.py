@@ -57,7 +57,15 @@ def api_process(env: dict[str, str]) -> Iterator[str]:
 
 def bearer(user: str, **claims: object) -> dict[str, str]:
     now = int(time.time())
-    payload = {"sub": user, "iss": "parley", "aud": "parley", "iat": now, "exp": now + 600, **claims}
+    payload = {
+        "sub": user,
+        "iss": "parley",
+        "aud": "parley",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        **claims,
+    }
     return {"Authorization": "Bearer " + jwt.encode(payload, DEV_SECRET, algorithm="HS256")}
 
 
@@ -163,7 +171,7 @@ def _hs256_with_key(payload: dict[str, object], key: bytes) -> str:
 
 def test_auth_failures_get_401_problems(api_env: dict[str, str], tmp_path: pytest.TempPathFactory) -> None:
     now = int(time.time())
-    claims = {"sub": "alice", "iss": "parley", "aud": "parley", "iat": now, "exp": now + 600}
+    claims = {"sub": "alice", "iss": "parley", "aud": "parley", "iat": now, "nbf": now, "exp": now + 600}
     cases = {
         "missing-token": {},
         "malformed-authorization": {"Authorization": "Basic abc"},

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +20,7 @@ import redis
 import redis.asyncio as aioredis
 
 from devstack import pgadmin
+from devstack.apiclient import ApiClient
 from devstack.ports import LOOPBACK, free_port, is_listening, port_is_free, preferred_or_free_port
 from devstack.process import child_pids, group_alive
 from devstack.servers import PostgresServer, RedisServer
@@ -173,3 +176,14 @@ def test_devstack_starts_and_stops_its_own_servers(tmp_path: Path) -> None:
     postgres_url = next(line.split()[-1] for line in output.splitlines() if "postgres " in line)
     assert postgres_url.endswith("/parley")
     assert pgadmin.with_database(postgres_url, "x").endswith("/x")
+
+
+async def test_the_first_message_hint_is_accepted_and_matches_the_readme(api: ApiClient) -> None:
+    """The two curls `make run` prints (and the README's quick start shows) work as printed."""
+    requests = re.findall(r"POST localhost:8000(\S+) .*?-d '(\{.*?\})'", FIRST_MESSAGE_HINT)
+    assert len(requests) == 2
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for path, body in requests:
+        assert f"localhost:8000{path} " in readme and f"-d '{body}'" in readme
+        answer = await api.post("alice", path, json.loads(body))
+        assert answer.status_code == 202, answer.text

@@ -144,8 +144,8 @@ class Log:
         self.appender = appender
 
     async def create(self, cid: str, creator: str, *others: str) -> None:
-        body = CreateConversation(title="t", participants=list(others), conversation_id=cid)
-        await self.appender.append(commands.create_conversation(Context(actor=creator), body))
+        body = CreateConversation(title="t", participants=list(others))
+        await self.appender.append(commands.create_conversation_with_id(Context(actor=creator), body, cid))
 
     async def add(self, cid: str, actor: str, user: str) -> None:
         await self.appender.append(commands.add_participant(Context(actor=actor), cid, AddParticipant(user)))
@@ -709,3 +709,20 @@ async def test_a_cursor_older_than_the_streams_is_served_from_the_archive(
     gone = await Client.open(no_archive.url, "bob", cursor)
     assert [f["reason"] for f in gone.control if f["type"] == "resync"] == ["history-gone"]
     await gone.close()
+
+
+async def test_an_id_chosen_by_its_creator_streams_and_filters(appender: Appender, make_fanout: Any) -> None:
+    """The command API's form of a chosen id (`alice:room`) is delivered and accepted in a subscribe filter."""
+    body = CreateConversation(title="t", participants=["bob"], conversation_id="room")
+    command = commands.create_conversation(Context(actor="alice"), body)
+    assert command.conversation_id == "alice:room"
+    await appender.append(command)
+    log = Log(appender)
+    await log.create("plain", "alice", "bob")
+    fanout = await make_fanout()
+    bob = await Client.open(fanout.url, "bob", conversations=["alice:room"])
+    await log.send("plain", "alice", "not in the filter")
+    await log.send("alice:room", "alice", "hello")
+    await bob.until(lambda c: c.bodies() == ["hello"])
+    assert {e["conversation_id"] for e in bob.events} == {"alice:room"}
+    await bob.close()

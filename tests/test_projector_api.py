@@ -57,27 +57,30 @@ async def test_queries_with_read_your_writes(served: tuple[httpx.AsyncClient, Ap
         commands.create_conversation(ann, bodies.CreateConversation("plans", ["bob"], "conv1"))
     )
     for i in range(5):
-        await appender.append(commands.send_message(ann, "conv1", bodies.SendMessage(f"lunch idea {i}")))
-    await appender.append(commands.remove_participant(commands.Context("bob"), "conv1", "bob"))
-    last = await appender.append(commands.send_message(ann, "conv1", bodies.SendMessage("secret pizza")))
+        await appender.append(commands.send_message(ann, "ann:conv1", bodies.SendMessage(f"lunch idea {i}")))
+    await appender.append(commands.remove_participant(commands.Context("bob"), "ann:conv1", "bob"))
+    last = await appender.append(commands.send_message(ann, "ann:conv1", bodies.SendMessage("secret pizza")))
     position = last.position.token()
 
-    r = await client.get("/v1/conversations/conv1/messages", params={"position": position},
+    r = await client.get("/v1/conversations/ann:conv1/messages", params={"position": position},
                          headers=headers("ann"))  # fmt: skip
     assert r.status_code == 200, r.text
     assert [m["seq"] for m in r.json()["messages"]] == [8, 6, 5, 4, 3, 2]
-    r = await client.get("/v1/conversations/conv1/messages", params={"after_seq": 0, "limit": 2},
+    r = await client.get("/v1/conversations/ann:conv1/messages", params={"after_seq": 0, "limit": 2},
                          headers={**headers("bob"), "X-Parley-Position": position})  # fmt: skip
     page: dict[str, Any] = r.json()
     assert [m["seq"] for m in page["messages"]] == [2, 3] and page["next_after_seq"] == 3
-    r = await client.get("/v1/conversations/conv1/messages", params={"after_seq": 3}, headers=headers("bob"))
+    r = await client.get(
+        "/v1/conversations/ann:conv1/messages", params={"after_seq": 3}, headers=headers("bob")
+    )
     assert [m["seq"] for m in r.json()["messages"]] == [4, 5, 6]  # nothing after bob left
-    r = await client.get("/v1/conversations/conv1/messages", headers=headers("eve"))
+    r = await client.get("/v1/conversations/ann:conv1/messages", headers=headers("eve"))
     assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
 
     r = await client.get("/v1/conversations", headers=headers("ann"))
     (conv,) = r.json()["conversations"]
     assert conv["last_message_preview"] == "secret pizza" and conv["unread_count"] == 0
+    assert conv["conversation_id"] == "ann:conv1"  # an id its creator chose, in the creator's namespace
     assert (await client.get("/v1/unread", headers=headers("bob"))).json() == {"unread": 0}
     r = await client.get("/v1/search", params={"q": "pizza"}, headers=headers("bob"))
     assert r.json()["messages"] == []
