@@ -12,7 +12,7 @@ from typing import Any
 from events import schema
 from events.schema import Envelope
 from projector.exceptions import FoldError
-from projector.state import Changes, Conversation, ConversationState, Inbox, Message, Span
+from projector.state import Changes, Conversation, ConversationState, Inbox, Message, Span, Version
 
 PREVIEW_CHARS = 140
 
@@ -129,6 +129,8 @@ def _edited(
     conv = state.conversation
     if conv.last_message_id == message.message_id:
         conv.last_message_preview = preview(payload.body)
+    # The replaced body, for whoever saw it and not this edit (None: already written, the store copies it).
+    changes.touch(Version(conv.conversation_id, message.seq, event.seq, message.body, message.edited_at))
     message.body, message.edited_at = payload.body, event.occurred_at
     changes.touch(message)
 
@@ -145,6 +147,8 @@ def _deleted(
         if message.seq > row.read_seq and state.counts_for(user, message):
             row.unread_count -= 1
             changes.touch(row)
+    if message.edited_at is not None:  # its versions lose their bodies too: a deletion is for everyone
+        changes.purged.append(message)
     message.body, message.deleted_at = None, event.occurred_at
     changes.touch(message)
 

@@ -11,7 +11,17 @@ from events.exceptions import DecodeError
 from events.log import LogEntry
 from projector.exceptions import FoldError
 from projector.fold import apply
-from projector.state import RECORD_OF_TABLE, TABLE_OF, Changes, ConversationState, Record, forget_bodies
+from projector.state import (
+    RECORD_OF_TABLE,
+    TABLE_OF,
+    VERSIONS,
+    Changes,
+    ConversationState,
+    Message,
+    Record,
+    Version,
+    forget_bodies,
+)
 
 
 @dataclass(slots=True)
@@ -42,10 +52,27 @@ class ReadModel:
             return
         drained = self.changes.drain()
         for table, (inserts, updates) in drained.items():
+            if table == VERSIONS:
+                self._versions(inserts, updates)
+                continue
             for record in (*inserts, *updates):
                 row = RECORD_OF_TABLE[table].loaded(record.row())
                 self.tables[table][row.key] = row
         forget_bodies(drained)
+
+    def _versions(self, versions: list[Version], purged: list[Message]) -> None:
+        """As the store writes them: a missing body copied from the message row, then the purges."""
+        rows, messages = self.tables[VERSIONS], self.tables["messages"]
+        for v in versions:
+            body = v.body
+            if body is None:
+                body = messages[(v.conversation_id, v.seq)].body  # type: ignore[union-attr]
+            row = Version.loaded((v.conversation_id, v.seq, v.until_seq, body, v.edited_at))
+            rows[row.key] = row
+        for m in purged:
+            for key, stored in rows.items():
+                if key[:2] == m.key:
+                    stored.body = None  # type: ignore[union-attr]
 
 
 def fold_entries(entries: Iterable[LogEntry]) -> ReadModel:

@@ -14,8 +14,31 @@ _VISIBLE = (
     "EXISTS (SELECT 1 FROM parley.memberships s WHERE s.conversation_id = m.conversation_id "
     "AND s.user_id = %(user)s AND s.joined_seq < m.seq AND (s.left_seq IS NULL OR m.seq < s.left_seq))"
 )
-_MESSAGE_COLUMNS = "m.conversation_id, m.seq, m.message_id, m.author, m.body, m.state, m.reply_to, " \
-    "m.sent_at, m.edited_at, m.deleted_at"  # fmt: skip
+# The rule is projector/views.py `seen`. The seq of the last of the message's body-setting events the
+# user saw (its send, or an edit made while they were in); the body they see is the one the next edit
+# replaced (the version row with the least `until_seq` after it), or the current one if there is none.
+_LAST_SEEN = (
+    "coalesce((SELECT max(w.until_seq) FROM parley.message_versions w JOIN parley.memberships s "
+    "ON s.conversation_id = w.conversation_id AND s.user_id = %(user)s AND s.joined_seq < w.until_seq "
+    "AND (s.left_seq IS NULL OR w.until_seq < s.left_seq) "
+    "WHERE w.conversation_id = m.conversation_id AND w.seq = m.seq), m.seq)"
+)
+_LATER = (
+    "FROM parley.message_versions v WHERE v.conversation_id = m.conversation_id AND v.seq = m.seq "
+    f"AND v.until_seq > {_LAST_SEEN}"
+)
+_MESSAGE_COLUMNS = (
+    "m.conversation_id, m.seq, m.message_id, m.author, "
+    "CASE WHEN o.until_seq IS NULL THEN m.body ELSE o.body END, "
+    "CASE WHEN o.until_seq IS NULL OR m.deleted_at IS NOT NULL THEN m.state "
+    "WHEN o.edited_at IS NULL THEN 'sent' ELSE 'edited' END, "
+    "m.reply_to, m.sent_at, CASE WHEN o.until_seq IS NULL THEN m.edited_at ELSE o.edited_at END, m.deleted_at"
+)
+# Only an edited message has versions, so an unedited one costs no probe.
+_SEEN_VERSION = (
+    "LEFT JOIN LATERAL (SELECT v.until_seq, v.body, v.edited_at "
+    f"{_LATER} AND m.edited_at IS NOT NULL ORDER BY v.until_seq LIMIT 1) o ON true"
+)
 
 
 class ConversationItem(msgspec.Struct):
@@ -91,8 +114,9 @@ async def messages(
             before_seq if before_seq is not None else 2**62,
         )
     cur = await conn.execute(
-        f"SELECT {_MESSAGE_COLUMNS} FROM parley.messages m WHERE m.conversation_id = %(conv)s "
-        f"AND {where} AND {_VISIBLE} ORDER BY m.seq {order} LIMIT %(limit)s",
+        f"SELECT {_MESSAGE_COLUMNS} FROM parley.messages m {_SEEN_VERSION} "
+        f"WHERE m.conversation_id = %(conv)s AND {where} AND {_VISIBLE} "
+        f"ORDER BY m.seq {order} LIMIT %(limit)s",
         params,
     )
     return [MessageItem(*r) for r in await cur.fetchall()]
@@ -107,11 +131,21 @@ async def total_unread(conn: AsyncConn, user: str) -> int:
 
 
 async def search(conn: AsyncConn, user: str, text: str, limit: int) -> list[MessageItem]:
-    """Messages the user saw whose current body matches `text` (web-search syntax); deleted never match."""
+    """Messages the user saw whose body as they see it matches `text` (web-search syntax): the current
+    body, or the one an edit after they left replaced (see `messages`); deleted ones never match."""
     cur = await conn.execute(
-        f"SELECT {_MESSAGE_COLUMNS} FROM parley.messages m "
+        "SELECT * FROM ("
+        "SELECT m.conversation_id, m.seq, m.message_id, m.author, m.body, m.state, m.reply_to, m.sent_at, "
+        "m.edited_at, m.deleted_at FROM parley.messages m "
         f"WHERE m.search @@ websearch_to_tsquery('simple', %(q)s) AND {_VISIBLE} "
-        "ORDER BY m.sent_at DESC, m.conversation_id, m.seq LIMIT %(limit)s",
+        f"AND (m.edited_at IS NULL OR NOT EXISTS (SELECT 1 {_LATER})) "
+        "UNION ALL "
+        "SELECT m.conversation_id, m.seq, m.message_id, m.author, o.body, "
+        "CASE WHEN o.edited_at IS NULL THEN 'sent' ELSE 'edited' END, m.reply_to, m.sent_at, o.edited_at, "
+        "m.deleted_at FROM parley.message_versions o JOIN parley.messages m USING (conversation_id, seq) "
+        f"WHERE o.search @@ websearch_to_tsquery('simple', %(q)s) AND {_VISIBLE} "
+        f"AND o.until_seq = (SELECT min(v.until_seq) {_LATER})"
+        ") m ORDER BY m.sent_at DESC, m.conversation_id, m.seq LIMIT %(limit)s",
         {"user": user, "q": text, "limit": limit},
     )
     return [MessageItem(*r) for r in await cur.fetchall()]

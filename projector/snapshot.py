@@ -13,7 +13,7 @@ from projector.state import TABLE_OF, Record
 async def read_tables(
     conn: psycopg.AsyncConnection[Any], schema: str
 ) -> dict[str, dict[tuple[Any, ...], Record]]:
-    """Every row of the four read-model tables of `schema`, by primary key."""
+    """Every row of the read-model tables of `schema` (`TABLE_OF`), by primary key."""
     tables: dict[str, dict[tuple[Any, ...], Record]] = {}
     for record_type, table in TABLE_OF.items():
         cols = sql.SQL(", ").join(map(sql.Identifier, record_type.columns()))

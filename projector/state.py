@@ -99,9 +99,30 @@ class Inbox(_Record, gc=False):
         return (self.user_id, self.conversation_id)
 
 
+class Version(_Record, gc=False):
+    """`message_versions`: a body an edit replaced, kept so that whoever saw it (and not the edit) still
+    sees it (see `views.seen`). `body` is what the message said before the edit at `until_seq`; it is None
+    in the fold's record when the store must copy it from the message row (set in an earlier batch), and
+    None in the table once the message is deleted. `edited_at` is when that body was set (None: the
+    original). Only edits write these rows: a send costs nothing extra."""
+
+    conversation_id: str
+    seq: int
+    until_seq: int
+    body: str | None
+    edited_at: datetime | None = None
+    dirty: bool = False
+    stored: bool = False
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.conversation_id, self.seq, self.until_seq)
+
+
 class Message(_Record, gc=False):
     """`messages`: `body` is None for good once the message is deleted. In the fold's state a body is kept
-    only from the event that set it until the batch is drained: no change ever needs a previous body."""
+    only from the event that set it until the batch is drained; an edit of a message whose body was
+    already written leaves it to the store to copy that body into the `Version` it records."""
 
     conversation_id: str
     seq: int
@@ -130,15 +151,19 @@ class Message(_Record, gc=False):
         return (*_astuple(self)[:-2], self.state)
 
 
-Record = Conversation | Span | Inbox | Message
+Record = Conversation | Span | Inbox | Version | Message
 TABLE_OF: dict[type[Record], str] = {
     Conversation: "conversations",
     Span: "memberships",
+    Version: "message_versions",  # before `messages`: a version may copy the body the message row had
     Message: "messages",
     Inbox: "inbox",
 }
 RECORD_OF_TABLE: dict[str, type[Record]] = {table: record for record, table in TABLE_OF.items()}
-Tables = dict[str, tuple[list[Any], list[Any]]]  # {table: (new records, changed records)}
+# {table: (new records, changed records)}; for "message_versions": (new versions, messages deleted in the
+# batch whose versions lose their bodies)
+Tables = dict[str, tuple[list[Any], list[Any]]]
+VERSIONS = TABLE_OF[Version]
 
 
 @dataclass(slots=True)
@@ -191,6 +216,7 @@ class Changes:
     """The records a run of events touched, each listed once per type, in first-touch order."""
 
     touched: dict[type[Record], list[Any]] = field(default_factory=lambda: {t: [] for t in TABLE_OF})
+    purged: list[Message] = field(default_factory=list)  # deleted messages that had versions
 
     def touch(self, record: Record) -> None:
         if not record.dirty:
@@ -213,6 +239,8 @@ class Changes:
             for r in records:
                 r.dirty, r.stored = False, True
             records.clear()
+        out[VERSIONS] = (out[VERSIONS][0], self.purged)
+        self.purged = []
         return out
 
 

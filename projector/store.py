@@ -18,13 +18,14 @@ from psycopg import sql
 from projector.batch import Batch, DeadLetter, archive_row
 from projector.exceptions import CheckpointMoved, EpochMismatch, LeaseLost
 from projector.migrate import LIVE_SCHEMA, STORE_SCHEMA
-from projector.state import Conversation, ConversationState, Inbox, Message, Span, Tables
+from projector.state import VERSIONS, Conversation, ConversationState, Inbox, Message, Span, Tables, Version
 
 AsyncConn = psycopg.AsyncConnection[Any]
 
 _COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "conversations": (Conversation.columns(), ("conversation_id",)),
     "memberships": (Span.columns(), ("conversation_id", "user_id", "joined_seq")),
+    VERSIONS: (Version.columns(), ("conversation_id", "seq", "until_seq")),
     "messages": ((*Message.columns(), "state"), ("conversation_id", "seq")),
     "inbox": (Inbox.columns(), ("user_id", "conversation_id")),
 }
@@ -56,6 +57,7 @@ class Store:
         self._statements: dict[str, tuple[sql.Composed, sql.Composed, sql.Composed]] = {
             table: self._statements_of(table) for table in _COLUMNS
         }
+        self._versions_insert, self._versions_purge = self._versions_statements()
         self._archive_copy = sql.SQL("COPY {}.event_archive ({}) FROM STDIN (FORMAT BINARY)").format(
             sql.Identifier(STORE_SCHEMA), sql.SQL(", ").join(map(sql.Identifier, _ARCHIVE_COLUMNS))
         )
@@ -80,6 +82,20 @@ class Store:
             key=sql.SQL(", ").join(map(sql.Identifier, key)),
         )  # fmt: skip
         return insert, copy, upsert
+
+    def _versions_statements(self) -> tuple[sql.Composed, sql.Composed]:
+        """(insert the staged versions, copying a body the fold did not have from the message row as it
+        is before this batch's update; clear the bodies of the versions of the deleted messages given)."""
+        insert = sql.SQL(
+            "INSERT INTO {s}.message_versions (conversation_id, seq, until_seq, body, edited_at) "
+            "SELECT v.conversation_id, v.seq, v.until_seq, coalesce(v.body, m.body), v.edited_at "
+            "FROM stage_message_versions v LEFT JOIN {s}.messages m USING (conversation_id, seq)"
+        ).format(s=self._s)
+        purge = sql.SQL(
+            "UPDATE {s}.message_versions v SET body = NULL FROM unnest(%s::text[], %s::bigint[]) d (c, q) "
+            "WHERE v.conversation_id = d.c AND v.seq = d.q AND v.body IS NOT NULL"
+        ).format(s=self._s)
+        return insert, purge
 
     async def _column_types(
         self, conn: AsyncConn, table: str, qualified: str, columns: tuple[str, ...]
@@ -257,6 +273,14 @@ class Store:
         the table (a row the fold saw as new cannot exist), updates through staging and an upsert."""
         for table, (inserts, updates) in tables.items():
             insert, copy, upsert = self._statements[table]
+            if table == VERSIONS:  # written before `messages` (the order of `Tables`): see Version
+                if inserts:
+                    await self._copy(conn, table, copy, inserts)
+                    await conn.execute(self._versions_insert)
+                if updates:
+                    keys = ([m.conversation_id for m in updates], [m.seq for m in updates])
+                    await conn.execute(self._versions_purge, keys)
+                continue
             if inserts:
                 await self._copy(conn, table, insert, inserts)
             if updates:

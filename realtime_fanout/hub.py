@@ -2,7 +2,9 @@
 
 It reads every partition stream once (XREAD BLOCK), decodes each entry once, keeps the membership
 index, and offers each item only to the subscribers of its conversation (plus users it names), so
-the cost grows with recipients, not with connections.
+the cost grows with recipients, not with connections. A conversation's deletions also reach the
+connections of users who left it: they see no event, but their unread state (frozen while they are out,
+as in the read model) must lose a deleted message before a re-add reports it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import redis.exceptions
 
 from events.layout import LogLayout
 from events.log import EventLog
+from events.schema import MessageDeleted
 from realtime_fanout.archive import Archive
 from realtime_fanout.cursor import stream_key
 from realtime_fanout.exceptions import HubUnavailable
@@ -64,6 +67,7 @@ class Hub:
         self.index = MembershipIndex()
         self._by_user: dict[str, set[Subscriber]] = {}
         self._by_conversation: dict[str, set[Subscriber]] = {}
+        self._left: dict[str, set[Subscriber]] = {}  # subscribers of users who left the conversation
         self._task: asyncio.Task[None] | None = None
         self._keys = layout.stream_keys()
 
@@ -129,8 +133,9 @@ class Hub:
         user = subscriber.user_id
         self._by_user.setdefault(user, set()).add(subscriber)
         for cid in self.index.conversations_of(user):
-            if subscriber.conversations is None or cid in subscriber.conversations:
-                self._by_conversation.setdefault(cid, set()).add(subscriber)
+            self._route(subscriber, cid, member=True, left=False)
+        for cid in self.index.left_conversations_of(user):
+            self._route(subscriber, cid, member=False, left=True)
         return list(self.positions), self.index.seed_for(user)
 
     def detach(self, subscriber: Subscriber) -> None:
@@ -140,12 +145,8 @@ class Hub:
             subs.discard(subscriber)
             if not subs:
                 del self._by_user[user]
-        for cid in self.index.conversations_of(user):
-            members = self._by_conversation.get(cid)
-            if members is not None:
-                members.discard(subscriber)
-                if not members:
-                    del self._by_conversation[cid]
+        for cid in (*self.index.conversations_of(user), *self.index.left_conversations_of(user)):
+            self._route(subscriber, cid, member=False, left=False)
 
     def subscribers(self) -> list[Subscriber]:
         return [s for subs in self._by_user.values() for s in subs]
@@ -159,24 +160,29 @@ class Hub:
             self.index.apply(item.envelope)
             targets = set(self._by_conversation.get(cid, ()))
             for user in named:
+                member, left = user in self.index.members.get(cid, ()), self.index.has_left(user, cid)
                 for sub in self._by_user.get(user, ()):
                     targets.add(sub)
-                    self._route(sub, cid, member=user in self.index.members.get(cid, ()))
+                    self._route(sub, cid, member=member, left=left)
         else:
             targets = tuple(self._by_conversation.get(cid, ()))
+            out = self._left.get(cid)
+            if out and type(item.envelope.payload) is MessageDeleted:
+                targets += tuple(out)
         for sub in targets:
             sub.offer(item)
         DELIVERIES.inc(len(targets))
 
-    def _route(self, sub: Subscriber, cid: str, *, member: bool) -> None:
-        if member and (sub.conversations is None or cid in sub.conversations):
-            self._by_conversation.setdefault(cid, set()).add(sub)
-        else:
-            members = self._by_conversation.get(cid)
-            if members is not None:
-                members.discard(sub)
-                if not members:
-                    del self._by_conversation[cid]
+    def _route(self, sub: Subscriber, cid: str, *, member: bool, left: bool) -> None:
+        """File `sub` under `cid` as a member's connection, a connection of one who left, or neither."""
+        wanted = sub.conversations is None or cid in sub.conversations
+        for table, present in ((self._by_conversation, member and wanted), (self._left, left and wanted)):
+            if present:
+                table.setdefault(cid, set()).add(sub)
+            elif (subs := table.get(cid)) is not None:
+                subs.discard(sub)
+                if not subs:
+                    del table[cid]
 
     async def _run(self) -> None:
         backoff = 0.1

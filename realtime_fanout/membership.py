@@ -121,6 +121,21 @@ class MembershipIndex:
         memberships = self._users.get(user_id)
         return [] if memberships is None else list(memberships.export())
 
+    def left_conversations_of(self, user_id: str) -> list[str]:
+        """Conversations the user was a participant of and is not now (every span closed)."""
+        memberships = self._users.get(user_id)
+        if memberships is None:
+            return []
+        return [cid for cid in memberships.spans if not memberships.is_member(cid)]
+
+    def has_left(self, user_id: str, conversation_id: str) -> bool:
+        memberships = self._users.get(user_id)
+        return (
+            memberships is not None
+            and bool(memberships.spans.get(conversation_id))
+            and not (memberships.is_member(conversation_id))
+        )
+
     def conversations_of(self, user_id: str) -> list[str]:
         """Conversations the user is a participant of right now (open span)."""
         memberships = self._users.get(user_id)

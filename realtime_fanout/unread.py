@@ -4,8 +4,10 @@ unread(u, c) is the read model's: messages of c by someone else, not deleted, wi
 sent while u was a participant. The tracker keeps, per conversation, u's read marker and the unread
 messages (id -> seq), so deletes and reads stay exact. It is seeded from a read-model snapshot taken at
 known log positions (one per partition) and folds only events after them; a partition without a seed
-position gets no unread frames, nor does a conversation the user left during the connection (its events
-stop arriving). Read receipts need no state and are always produced.
+position gets no unread frames. While the user is out of a conversation its state is frozen, as the read
+model's row, except that deletions still reach the connection (the hub routes them) and drop their
+messages silently; being added back reports the count. Read receipts need no state and are always
+produced.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from events.schema import (
     MessageSent,
     MessagesRead,
     ParticipantAdded,
-    ParticipantRemoved,
 )
 from realtime_fanout.cursor import StreamKey
 from realtime_fanout.frames import ReadFrame, UnreadFrame, encode_frame
@@ -57,7 +58,6 @@ class UnreadTracker:
         self.user_id = user_id
         self.positions = list(seed.positions)
         self.states = dict(seed.conversations)
-        self.forgotten: set[str] = set()
 
     def count(self, conversation_id: str) -> int | None:
         """The current unread count, or None when the conversation is not tracked."""
@@ -75,14 +75,9 @@ class UnreadTracker:
         state = self.states.get(cid)
         joined = isinstance(payload, ConversationCreated) and self.user_id in payload.participants
         joined = joined or (isinstance(payload, ParticipantAdded) and payload.user_id == self.user_id)
-        if isinstance(payload, ParticipantRemoved) and payload.user_id == self.user_id:
-            # Its events stop reaching this connection (a delete meanwhile would be missed): stop tracking.
-            self.states.pop(cid, None)
-            self.forgotten.add(cid)
-            return []
-        if joined and cid not in self.forgotten:
+        if joined:
             state = self.states.setdefault(cid, ConversationUnread())  # a re-add keeps the frozen state
-        elif state is None or joined:
+        elif state is None:
             return []
         elif isinstance(payload, MessageSent):
             if (
@@ -93,8 +88,8 @@ class UnreadTracker:
                 return []
             state.messages[payload.message_id] = env.seq
         elif isinstance(payload, MessageDeleted):
-            if state.messages.pop(payload.message_id, None) is None:
-                return []
+            if state.messages.pop(payload.message_id, None) is None or not memberships.can_see(cid, env.seq):
+                return []  # nothing changed, or the user is out: their re-add will report the count
         elif isinstance(payload, MessagesRead) and env.actor == self.user_id:
             state.read_seq = max(state.read_seq, payload.up_to_seq)
             state.messages = {m: s for m, s in state.messages.items() if s > state.read_seq}

@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from command_api import commands
 from command_api.append import Appender
-from command_api.bodies import AddParticipant, CreateConversation, SendMessage
+from command_api.bodies import AddParticipant, CreateConversation, EditMessage, SendMessage
 from command_api.commands import Context
 from devstack.ports import free_port
 from events.codec import decode
@@ -726,3 +726,39 @@ async def test_an_id_chosen_by_its_creator_streams_and_filters(appender: Appende
     await bob.until(lambda c: c.bodies() == ["hello"])
     assert {e["conversation_id"] for e in bob.events} == {"alice:room"}
     await bob.close()
+
+
+@pytest.mark.slow
+async def test_a_removed_participant_resuming_from_an_old_cursor_never_gets_a_later_edit(
+    appender: Appender, make_fanout: Any, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    log = Log(appender)
+    await log.create("room", "alice", "dan")
+    fanout = await make_fanout(DATABASE_URL=database_url)
+    dan = await Client.open(fanout.url, "dan")
+    alice = Context(actor="alice")
+    await appender.append(commands.send_message(alice, "room", SendMessage(body="noon", message_id="m1")))
+    await dan.until(lambda c: c.bodies() == ["noon"])
+    cursor = dan.cursor
+    await dan.close()
+    await log.remove("room", "alice", "dan")
+    await appender.append(commands.edit_message(alice, "room", "m1", EditMessage(body="5pm")))
+    marker = next(
+        cid for n in range(1000)
+        if appender.layout.partition_for(cid := f"marker{n}") == appender.layout.partition_for("room")
+    )  # fmt: skip
+    await log.create(marker, "dan")  # after the edit in room's partition: replay reaches past it
+    expected = [("room", "participant_removed"), (marker, "conversation_created")]
+    again = await Client.open(fanout.url, "dan", cursor)  # history from the streams
+    assert [(e["conversation_id"], e["payload"]["type"]) for e in again.events] == expected
+    await again.close()
+    assert appender.epoch is not None
+    await archive_everything(database_url, redis_client, log_namespace, appender.epoch)
+    layout = LogSettings("", log_namespace, PARTITIONS).layout()
+    for partition in range(PARTITIONS):
+        await redis_client.xtrim(layout.stream_key(partition), maxlen=1, approximate=False)
+    fresh = await make_fanout(DATABASE_URL=database_url)
+    again = await Client.open(fresh.url, "dan", cursor)  # history from the archive
+    assert not [f for f in again.control if f["type"] == "resync"]
+    assert [(e["conversation_id"], e["payload"]["type"]) for e in again.events] == expected
+    await again.close()

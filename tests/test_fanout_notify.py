@@ -16,7 +16,7 @@ from test_fanout_e2e import ROOT, Client, Log, appender, fanout_env, make_fanout
 
 from command_api import commands
 from command_api.append import Appender
-from command_api.bodies import MarkRead
+from command_api.bodies import MarkRead, SendMessage
 from command_api.commands import Context
 from devstack.ports import free_port
 
@@ -110,3 +110,36 @@ async def test_unread_counts_read_receipts_and_own_archive_reach_the_right_conne
     assert "conversation_archived" not in [e["payload"]["type"] for e in alice.events]  # nobody else's
     for client in (bob, bob_other, alice):
         await client.close()
+
+
+@pytest.mark.slow
+async def test_after_remove_delete_re_add_the_unread_frame_equals_the_read_model(
+    appender: Appender, make_fanout: Any, projector: str
+) -> None:
+    log = Log(appender)
+    alice = Context(actor="alice")
+    await log.create("room", "alice", "bob")
+    for mid in ("m1", "m2"):
+        await appender.append(commands.send_message(alice, "room", SendMessage(body=mid, message_id=mid)))
+    await until_projected(projector, "bob", "room", (2, 0))
+    fanout = await make_fanout(DATABASE_URL=projector, PARLEY_FANOUT_UNREAD_WAIT_S="10")
+    connected_while_in = await Client.open(fanout.url, "bob")
+    await log.remove("room", "alice", "bob")
+    await connected_while_in.until(
+        lambda c: any(e["payload"]["type"] == "participant_removed" for e in c.events)
+    )
+    connected_while_out = await Client.open(fanout.url, "bob")  # seeded with the frozen row
+    await appender.append(commands.delete_message(alice, "room", "m1"))
+    await log.add("room", "alice", "bob")
+    for bob in (connected_while_in, connected_while_out):
+        await bob.until(lambda c: kinds(c, "unread"))
+        assert kinds(bob, "unread") == [
+            {"type": "unread", "conversation_id": "room", "unread": 1, "read_seq": 0, "seq": 6}
+        ]
+        assert 5 not in [e["seq"] for e in bob.events]  # the deletion itself is not shown while out
+    await until_projected(projector, "bob", "room", (1, 0))  # the read model agrees
+    await appender.append(commands.delete_message(alice, "room", "m2"))
+    for bob in (connected_while_in, connected_while_out):
+        await bob.until(lambda c: len(kinds(c, "unread")) == 2)
+        assert kinds(bob, "unread")[-1]["unread"] == 0
+        await bob.close()

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import msgspec
+import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from events.codec import encode
+from events.config import LogSettings
 from events.log import LogEntry
 from events.schema import (
     AnyPayload,
@@ -23,8 +27,9 @@ from events.schema import (
     ParticipantRemoved,
 )
 from realtime_fanout.cursor import Cursor
+from realtime_fanout.hub import Hub
 from realtime_fanout.item import Item, decode_entry
-from realtime_fanout.membership import MembershipIndex, UserMemberships
+from realtime_fanout.membership import MembershipIndex
 from realtime_fanout.session import Session
 from realtime_fanout.unread import UnreadSeed, UnreadTracker, seed_of
 from realtime_fanout.unreadseed import usable_positions
@@ -52,38 +57,61 @@ class Log:
         return item
 
 
-def reference(items: list[Item], user: str) -> tuple[int, int] | None:
-    """(unread, read marker) of `user` in `c` after `items`, straight from the definition; None if never in."""
-    spans = UserMemberships(user)
+class Definition(NamedTuple):
+    """The read model's unread(u, c) straight from the event list: the unread message ids, the read
+    marker, and whether u is a participant now."""
+
+    unread: frozenset[str]
+    read_seq: int
+    member: bool
+
+
+def definition(items: list[Item], user: str, cid: str = "c") -> Definition | None:
+    """unread(user, cid) after `items` per the projector's Definitions (messages of cid by someone else,
+    not deleted, seq after the read marker, sent while user was a participant); None if never in."""
+    spans: list[list[int | None]] = []  # [joined seq, left seq or None]
     read_seq, sent, deleted = 0, {}, set()
     for item in items:
         env, p = item.envelope, item.envelope.payload
-        spans.apply(env)
-        if isinstance(p, MessageSent):
+        if env.conversation_id != cid:
+            continue
+        if (isinstance(p, ConversationCreated) and user in p.participants) or (
+            isinstance(p, ParticipantAdded) and p.user_id == user
+        ):
+            spans.append([env.seq, None])
+        elif isinstance(p, ParticipantRemoved) and p.user_id == user:
+            spans[-1][1] = env.seq
+        elif isinstance(p, MessageSent):
             sent[p.message_id] = (env.seq, env.actor)
         elif isinstance(p, MessageDeleted):
             deleted.add(p.message_id)
         elif isinstance(p, MessagesRead) and env.actor == user:
             read_seq = max(read_seq, p.up_to_seq)
-    if not spans.spans.get("c"):
+    if not spans:
         return None
-    unread = sum(
-        1
+    unread = frozenset(
+        mid
         for mid, (seq, author) in sent.items()
-        if author != user and mid not in deleted and seq > read_seq and spans.can_see("c", seq)
+        if author != user
+        and mid not in deleted
+        and seq > read_seq
+        and any(j < seq and (left is None or seq < left) for j, left in spans)  # type: ignore[operator]
     )
-    return unread, read_seq
+    return Definition(unread, read_seq, spans[-1][1] is None)
 
 
 @st.composite
 def logs(draw: st.DrawFn) -> Log:
+    """Valid histories of `c` with membership churn, and deletes of messages whoever is out."""
     log = Log()
     members = set(draw(st.lists(st.sampled_from(USERS), unique=True)))
     log.append("owner", ConversationCreated(title="t", participants=("owner", *sorted(members))))
     members.add("owner")
     live: dict[str, str] = {}  # message id -> author
     for _ in range(draw(st.integers(0, 40))):
-        action = draw(st.sampled_from(("send", "send", "send", "delete", "read", "toggle")))
+        action = draw(
+            st.sampled_from(("send", "send", "send", "delete", "delete", "read", "toggle", "toggle"))
+        )
         user = draw(st.sampled_from(sorted(members)))
         if action == "send":
             mid = uuid.uuid4().hex[:8]
@@ -107,51 +135,101 @@ def logs(draw: st.DrawFn) -> Log:
 
 def seed_at(log: Log, user: str, k: int) -> UnreadSeed:
     """What the read model holds after the first k items: the user's marker and unread message ids."""
-    ref = reference(log.items[:k], user)
+    ref = definition(log.items[:k], user)
     position = log.items[k - 1].key if k else (0, 0)
     if ref is None:
         return UnreadSeed([position])
-    spans = UserMemberships(user)
-    for item in log.items[:k]:
-        spans.apply(item.envelope)
-    deleted = {
-        i.envelope.payload.message_id for i in log.items[:k] if isinstance(i.envelope.payload, MessageDeleted)
-    }
-    unread = [
-        ("c", p.message_id, i.envelope.seq)
+    seqs = {
+        i.envelope.payload.message_id: i.envelope.seq
         for i in log.items[:k]
-        if isinstance(p := i.envelope.payload, MessageSent)
-        and i.envelope.actor != user
-        and p.message_id not in deleted
-        and spans.can_see("c", i.envelope.seq)
-    ]
-    return seed_of([position], {"c": ref[1]}, unread)
+        if isinstance(i.envelope.payload, MessageSent)
+    }
+    return seed_of([position], {"c": ref.read_seq}, [("c", m, seqs[m]) for m in ref.unread])
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """A hub subscriber feeding a Session, as `realtime_fanout.connection.Connection` does."""
+
+    user_id: str
+    session: Session | None = None
+    conversations: frozenset[str] | None = None
+
+    def offer(self, item: Item) -> None:
+        assert self.session is not None
+        self.session.feed_live(item)
+
+
+def connect(hub: Hub, log: Log, user: str, k: int) -> Session:
+    """A connection of `user` attached to `hub` after the first k items, its unread seeded at k."""
+    sub = Subscriber(user)
+    _, spans = hub.attach(sub)
+    cursor = Cursor("e", [log.items[k - 1].stream_id if k else "0-0"])
+    sub.session = Session(user, cursor, seed=spans, unread=UnreadTracker(user, seed_at(log, user, k)))
+    sub.session.replay_done()
+    sub.session.frames()
+    return sub.session
+
+
+def new_hub() -> Hub:
+    hub = Hub(aioredis.Redis(), LogSettings("", "unread-test", 1).layout())  # never reads: fed by hand
+    hub.epoch = "e"
+    return hub
 
 
 @settings(max_examples=300, deadline=None)
 @given(log=logs(), data=st.data())
-def test_the_tracker_follows_the_definition_from_any_seed_point(log: Log, data: st.DataObject) -> None:
+def test_unread_frames_follow_the_definition_through_membership_churn(log: Log, data: st.DataObject) -> None:
     user = data.draw(st.sampled_from(USERS), label="user")
-    k = data.draw(st.integers(0, len(log.items)), label="seed point")
-    tracker = UnreadTracker(user, seed_at(log, user, k))
-    spans = UserMemberships(user)
-    for n, item in enumerate(log.items):
-        spans.apply(item.envelope)
-        before = tracker.count("c")
-        frames = [msgspec.json.decode(f) for f in tracker.observe(item, spans)]
-        assert tracker.observe(item, spans) == []  # a second delivery changes nothing
-        if n < k:
-            assert frames == []
+    k = data.draw(st.integers(0, len(log.items)), label="connects after")
+    hub = new_hub()
+    for item in log.items[:k]:
+        hub.dispatch(item)
+    session = connect(hub, log, user, k)
+    for n in range(k, len(log.items)):
+        item = log.items[n]
+        hub.dispatch(item)
+        frames = [f for f in map(msgspec.json.decode, session.frames()) if f["type"] == "unread"]
+        session.feed_live(item)
+        assert session.frames() == []  # a second delivery changes nothing
+        before, ref = definition(log.items[:n], user), definition(log.items[: n + 1], user)
+        if ref is None or not ref.member:
+            assert frames == []  # no frames while out (the read model's row is frozen meanwhile)
             continue
-        ref = reference(log.items[: n + 1], user)
-        if tracker.count("c") is None:
-            continue  # untracked: never joined, or left during the connection
-        assert ref is not None and tracker.count("c") == ref[0]
-        if before != ref[0]:
-            assert frames and frames[-1]["unread"] == ref[0] and frames[-1]["read_seq"] == ref[1]
-        for frame in frames:
-            assert frame == {"type": "unread", "conversation_id": "c", "unread": ref[0], "read_seq": ref[1],
-                             "seq": item.envelope.seq}  # fmt: skip
+        want = {"type": "unread", "conversation_id": "c", "unread": len(ref.unread), "read_seq": ref.read_seq,
+                "seq": item.envelope.seq}  # fmt: skip
+        assert all(f == want for f in frames)
+        if (
+            before is None
+            or not before.member
+            or (before.unread, before.read_seq) != (ref.unread, ref.read_seq)
+        ):
+            assert frames  # being added, or a change: reported at once
+
+
+def test_a_message_deleted_while_out_is_not_counted_after_the_re_add() -> None:
+    for connected_while_in in (True, False):
+        log = Log()
+        log.append("v", ConversationCreated(title="t", participants=("v", "u")))
+        log.append("v", MessageSent(message_id="m1", body="b"))
+        log.append("v", MessageSent(message_id="m2", body="b"))
+        hub = new_hub()
+        removal = [log.append("v", ParticipantRemoved(user_id="u")), log.append("v", MessageDeleted("m1"))]
+        k = 3 if connected_while_in else 4  # connects before the removal, or while out (seeded frozen)
+        for item in log.items[:k]:
+            hub.dispatch(item)
+        session = connect(hub, log, "u", k)
+        for item in log.items[k:]:
+            hub.dispatch(item)
+        hub.dispatch(log.append("v", ParticipantAdded(user_id="u")))
+        frames = [msgspec.json.decode(f) for f in session.frames()]
+        assert [f for f in frames if f["type"] == "unread"] == [
+            {"type": "unread", "conversation_id": "c", "unread": 1, "read_seq": 0, "seq": 6}
+        ], connected_while_in
+        assert not any(f.get("event", {}).get("seq") == removal[1].envelope.seq for f in frames)
+        hub.dispatch(log.append("v", MessageDeleted("m2")))
+        (frame,) = map(msgspec.json.decode, session.frames()[1:])  # the event, then its unread frame
+        assert frame["unread"] == 0
 
 
 def test_frames_follow_their_event_and_receipts_reach_every_participant() -> None:

@@ -93,3 +93,45 @@ async def test_queries_with_read_your_writes(served: tuple[httpx.AsyncClient, Ap
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert (await client.get("/readyz")).status_code == 200
     assert "parley_projector_events_applied" in (await client.get("/metrics")).text
+
+
+async def test_a_removed_participant_never_reads_or_finds_a_later_edit(
+    served: tuple[httpx.AsyncClient, Appender],
+) -> None:
+    client, appender = served
+    ann, dan = commands.Context("ann"), headers("dan")
+    await appender.append(commands.create_conversation(ann, bodies.CreateConversation("c", ["dan"], "conv2")))
+    mid = "m-noon"
+    await appender.append(
+        commands.send_message(ann, "conv2", bodies.SendMessage("meet at noon", message_id=mid))
+    )
+    await appender.append(commands.remove_participant(ann, "conv2", "dan"))
+    last = await appender.append(commands.edit_message(ann, "conv2", mid, bodies.EditMessage("moved to 5pm")))
+    at = {"X-Parley-Position": last.position.token()}
+
+    async def view(user: dict[str, str]) -> list[tuple[str | None, str]]:
+        r = await client.get("/v1/conversations/conv2/messages", headers={**user, **at})
+        assert r.status_code == 200, r.text
+        return [(m["body"], m["state"]) for m in r.json()["messages"]]
+
+    async def found(user: dict[str, str], q: str) -> list[str | None]:
+        r = await client.get("/v1/search", params={"q": q}, headers={**user, **at})
+        return [m["body"] for m in r.json()["messages"]]
+
+    assert await view(dan) == [("meet at noon", "sent")]  # as it was when dan left
+    assert await view(headers("ann")) == [("moved to 5pm", "edited")]
+    assert await found(dan, "5pm") == [] and await found(dan, "noon") == ["meet at noon"]
+    assert (
+        await found(headers("ann"), "5pm") == ["moved to 5pm"] and await found(headers("ann"), "noon") == []
+    )
+    await appender.append(commands.add_participant(ann, "conv2", bodies.AddParticipant("dan")))
+    again = await appender.append(commands.edit_message(ann, "conv2", mid, bodies.EditMessage("at 6pm then")))
+    at = {"X-Parley-Position": again.position.token()}
+    assert await view(dan) == [("at 6pm then", "edited")]  # an edit made while dan is back: seen
+    assert await found(dan, "6pm") == ["at 6pm then"] and await found(dan, "5pm") == []
+    await appender.append(commands.remove_participant(ann, "conv2", "dan"))
+    await appender.append(commands.edit_message(ann, "conv2", mid, bodies.EditMessage("cancelled")))
+    gone = await appender.append(commands.delete_message(ann, "conv2", mid))
+    at = {"X-Parley-Position": gone.position.token()}
+    assert await view(dan) == [(None, "deleted")] and await view(headers("ann")) == [(None, "deleted")]
+    assert await found(dan, "6pm") == [] and await found(dan, "noon") == []  # a deletion is for everyone

@@ -16,7 +16,7 @@ from events.log import LogEntry
 from projector.exceptions import FoldError
 from projector.fold import apply, preview
 from projector.model import fold_entries
-from projector.state import Changes, Conversation, Inbox, Message, Span, forget_bodies
+from projector.state import Changes, Conversation, Inbox, Message, Span, Version, forget_bodies
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -151,14 +151,18 @@ def naive_apply(convs: dict[str, Naive], env: schema.Envelope, sid: str) -> bool
         ok = p.message_id not in c.messages
         if ok:
             c.messages[p.message_id] = {"seq": env.seq, "author": who, "body": p.body, "at": env.occurred_at,
-                                        "reply_to": p.reply_to, "edited": None, "deleted": None}  # fmt: skip
+                                        "reply_to": p.reply_to, "edited": None, "deleted": None,
+                                        "replaced": []}  # fmt: skip
     elif isinstance(p, schema.MessageEdited | schema.MessageDeleted):
         m = c.messages.get(p.message_id)
         ok = m is not None and m["deleted"] is None
         if ok and isinstance(p, schema.MessageEdited):
+            m["replaced"].append([env.seq, m["body"], m["edited"]])  # type: ignore[index]
             m["body"], m["edited"] = p.body, env.occurred_at  # type: ignore[index]
         elif ok:
             m["body"], m["deleted"] = None, env.occurred_at  # type: ignore[index]
+            for replaced in m["replaced"]:  # type: ignore[index]
+                replaced[1] = None
     elif isinstance(p, schema.MessagesRead):
         ok = who in c.markers
         if ok:
@@ -185,7 +189,9 @@ def naive_apply(convs: dict[str, Naive], env: schema.Envelope, sid: str) -> bool
 
 
 def naive_tables(convs: dict[str, Naive]) -> dict[str, dict[Any, Any]]:
-    tables: dict[str, dict[Any, Any]] = {"conversations": {}, "memberships": {}, "messages": {}, "inbox": {}}
+    tables: dict[str, dict[Any, Any]] = {
+        "conversations": {}, "memberships": {}, "message_versions": {}, "messages": {}, "inbox": {}
+    }  # fmt: skip
     for cid, c in convs.items():
         live = [m for m in c.messages.values() if m["deleted"] is None]
         last = max(c.messages.items(), key=lambda kv: kv[1]["seq"], default=None)
@@ -198,6 +204,10 @@ def naive_tables(convs: dict[str, Naive]) -> dict[str, dict[Any, Any]]:
         for user, joined, jsid, left, lsid in c.spans:
             tables["memberships"][(cid, user, joined)] = Span.loaded((cid, user, joined, jsid, left, lsid))
         for mid, m in c.messages.items():
+            for until, body, edited in m["replaced"]:
+                tables["message_versions"][(cid, m["seq"], until)] = Version.loaded(
+                    (cid, m["seq"], until, body, edited)
+                )
             tables["messages"][(cid, m["seq"])] = Message.loaded(
                 (
                     cid,
@@ -290,6 +300,7 @@ def test_a_batch_writes_each_changed_row_once_new_rows_as_inserts() -> None:
     first = changes.drain()
     assert {t: (len(ins), len(upd)) for t, (ins, upd) in first.items()} == {
         "conversations": (1, 0), "memberships": (2, 0), "inbox": (2, 0), "messages": (1, 0),
+        "message_versions": (0, 0),
     }  # fmt: skip
     (sent,) = (m.row() for m in first["messages"][0])
     assert sent[4] == "one" and sent[-1] == "sent"
@@ -300,7 +311,10 @@ def test_a_batch_writes_each_changed_row_once_new_rows_as_inserts() -> None:
     second = changes.drain()
     assert {t: (len(ins), len(upd)) for t, (ins, upd) in second.items()} == {
         "conversations": (0, 1), "memberships": (0, 0), "inbox": (0, 2), "messages": (1, 0),
+        "message_versions": (1, 0),
     }  # fmt: skip
+    (version,) = second["message_versions"][0]
+    assert version.row() == ("c", 3, 4, "two", None)  # the body the edit replaced, known in the batch
     (message,) = (m.row() for m in second["messages"][0])
     assert message[4] == "2" and message[-1] == "edited"  # the row as it ends, written once
     forget_bodies(second)

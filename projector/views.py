@@ -1,0 +1,41 @@
+"""What one reader sees of a message: the rule the query SQL (`queries.py`) implements. No I/O.
+
+A reader sees a message sent while they were a participant, with the body set by the latest of its
+events they saw: its send, or an edit made while they were a participant. So someone who left keeps the
+body as it was when they left and never sees (or finds) a later edit. A deletion is honoured for every
+reader, whenever they left: it only withdraws text, it never shows anything new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import NamedTuple
+
+from projector.state import Message, Span, Version
+
+
+class Seen(NamedTuple):
+    """A message as one reader sees it: body, state, edit time."""
+
+    body: str | None
+    state: str
+    edited_at: datetime | None
+
+
+def seen(message: Message, versions: Sequence[Version], spans: Iterable[Span]) -> Seen | None:
+    """`message` as a reader with `spans` sees it, or None when it was sent while they were out.
+
+    `versions` are the message's rows of `message_versions` (any order).
+    """
+    spans = list(spans)
+    if not any(s.covers(message.seq) for s in spans):
+        return None
+    last_seen = max((v.until_seq for v in versions if any(s.covers(v.until_seq) for s in spans)), default=0)
+    later = [v for v in versions if v.until_seq > max(last_seen, message.seq)]
+    if not later:
+        return Seen(message.body, message.state, message.edited_at)
+    version = min(later, key=lambda v: v.until_seq)  # it holds the body that edit replaced
+    if message.deleted_at is not None:
+        return Seen(None, "deleted", version.edited_at)
+    return Seen(version.body, "sent" if version.edited_at is None else "edited", version.edited_at)
