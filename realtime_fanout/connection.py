@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from realtime_fanout import closecodes
 from realtime_fanout.cursor import Cursor
@@ -160,7 +160,7 @@ class Connection:
             self._close_code, self._close_reason = closing.code, closing.reason
             with contextlib.suppress(Exception):
                 await self._send(encode_frame(ErrorFrame(closing.reason, closing.detail)))
-        except WebSocketDisconnect:
+        except (WebSocketDisconnect, WebSocketDisconnected):  # the peer left, maybe seen by a send first
             self._close_code = -1
         except Exception:
             log.exception("connection of %s failed", self.principal and self.principal.user_id)
@@ -214,10 +214,12 @@ class Connection:
         timeout = self.settings.auth_timeout_s
         if token is not None:
             self._authenticate(token)
+            await self._flush()
         while True:
             message = await self._receive(timeout)
             if isinstance(message, Auth):
                 self._authenticate(message.token)
+                await self._flush()  # a client may wait for `authenticated` before it subscribes
             elif self.principal is None:
                 raise Closing(closecodes.UNAUTHORIZED, "missing-token", "the first message must be auth")
             elif isinstance(message, Typing):
