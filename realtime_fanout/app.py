@@ -19,7 +19,7 @@ from starlette.websockets import WebSocket
 from events.exceptions import LogError
 from events.log import EventLog
 from realtime_fanout.archive import Archive
-from realtime_fanout.connection import Connection
+from realtime_fanout.connection import Connection, UserSlots
 from realtime_fanout.exceptions import HubUnavailable
 from realtime_fanout.history import History
 from realtime_fanout.hub import Hub
@@ -73,6 +73,7 @@ class Services:
             self.redis, self.hub, typing_ttl_s=settings.typing_ttl_s, typing_per_s=settings.typing_per_s,
             presence_ttl_s=settings.presence_ttl_s,
         )  # fmt: skip
+        self.slots = UserSlots(settings.max_connections_per_user)
         self._starter: asyncio.Task[None] | None = None
         self.gc_pacer = GcPacer(GC_PAUSE_SECONDS, settings.gc_young_every_s, settings.gc_full_every_s)
 
@@ -134,7 +135,7 @@ class FanoutApp(FastAPI):
             services: Services = self.state.services
             connection = Connection(
                 WebSocket(scope, receive, send), services.hub, services.history, services.verifier,
-                self.settings, services.seeder, services.bus,
+                self.settings, services.seeder, services.bus, services.slots,
             )  # fmt: skip
             await connection.run()
             return

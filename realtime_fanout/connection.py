@@ -54,6 +54,27 @@ class Closing(Exception):
         self.detail = detail
 
 
+class UserSlots:
+    """How many authenticated connections each user holds in this process, at most `limit` each."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[str, int] = {}
+
+    def take(self, user_id: str) -> bool:
+        """Take one of the user's slots; False (nothing taken) when all `limit` are held."""
+        held = self._held.get(user_id, 0)
+        if held >= self.limit:
+            return False
+        self._held[user_id] = held + 1
+        return True
+
+    def give_back(self, user_id: str) -> None:
+        held = self._held.pop(user_id, 0) - 1
+        if held > 0:
+            self._held[user_id] = held
+
+
 class Connection:
     """The I/O shell around one Session; a hub Subscriber."""
 
@@ -66,8 +87,11 @@ class Connection:
         settings: FanoutSettings,
         seeder: UnreadSeeder | None = None,
         bus: SignalBus | None = None,
+        slots: UserSlots | None = None,
     ) -> None:
         self.ws = ws
+        self.slots = slots
+        self._slot_taken = False
         self.seeder = seeder
         self.bus = bus
         self.hub = hub
@@ -167,6 +191,8 @@ class Connection:
             self._close_code, self._close_reason = closecodes.INTERNAL_ERROR, "internal-error"
         finally:
             self._detach()
+            if self._slot_taken and self.slots is not None:
+                self.slots.give_back(self.user_id)
             if subscribed:
                 CONNECTIONS.dec()
             if self._joined and self.bus is not None:
@@ -192,7 +218,7 @@ class Connection:
         except KeyError:  # a binary frame
             raise Closing(closecodes.PROTOCOL_ERROR, "protocol-error", "send text frames") from None
         try:
-            return decode_client_message(text)
+            return decode_client_message(text, self.settings.max_message_bytes)
         except ProtocolViolation as exc:
             raise Closing(closecodes.PROTOCOL_ERROR, "protocol-error", str(exc)) from None
 
@@ -203,6 +229,11 @@ class Connection:
             raise Closing(closecodes.UNAUTHORIZED, exc.reason, exc.detail) from None
         if self.principal is not None and principal.user_id != self.principal.user_id:
             raise Closing(closecodes.FORBIDDEN, "user-mismatch", "a refresh token must name the same user")
+        if self.slots is not None and not self._slot_taken:
+            if not self.slots.take(principal.user_id):
+                detail = f"at most {self.slots.limit} connections per user"
+                raise Closing(closecodes.TOO_MANY_CONNECTIONS, "too-many-connections", detail)
+            self._slot_taken = True
         # Only the subject and the expiry are used from here on; the claims would be kept per connection.
         self.principal = dataclasses.replace(principal, claims={})
         self._control.append(encode_frame(AuthenticatedFrame(principal.user_id, principal.expires_at)))

@@ -4,13 +4,19 @@ and a Redis outage with a restart (a dedicated redis-server the test stops and s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from test_fanout_e2e import Client, Log, appender, close_code, make_fanout, token
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from command_api.append import Appender
+from realtime_fanout import closecodes
+from realtime_fanout.frames import MAX_CLIENT_MESSAGE_BYTES
 
 __all__ = ["appender", "make_fanout"]
 
@@ -38,7 +44,7 @@ async def test_a_client_that_waits_for_each_reply_gets_authenticated_then_live(
 async def test_normal_closes_right_after_live_log_no_error(appender: Appender, make_fanout: Any) -> None:
     log = Log(appender)
     await log.create("room", "alice", "bob")
-    fanout = await make_fanout()
+    fanout = await make_fanout(PARLEY_FANOUT_MAX_CONNECTIONS_PER_USER="100")
     for _ in range(4):
         clients = await asyncio.gather(*(Client.open(fanout.url, "bob") for _ in range(25)))
         await asyncio.gather(*(c.close() for c in clients))
@@ -49,4 +55,52 @@ async def test_normal_closes_right_after_live_log_no_error(appender: Appender, m
     assert server_errors(fanout.log_path.read_text()) == []
 
 
-__all__ += ["close_code"]
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+async def test_a_frame_over_the_protocol_limit_is_refused_unbuffered(
+    appender: Appender, make_fanout: Any
+) -> None:
+    """The server's frame limit is the protocol's: a 15 MiB frame is refused (1009) from its header, so the
+    process does not grow by it; a frame at the limit still reaches the protocol check (4400)."""
+    await Log(appender).create("room", "alice")
+    fanout = await make_fanout()
+    assert fanout.proc is not None
+    before = rss_kib(fanout.proc.pid)
+    for _ in range(4):
+        async with connect(fanout.url, max_size=None, close_timeout=2) as ws:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send("x" * (15 << 20))
+            assert await close_code(ws) == closecodes.MESSAGE_TOO_BIG
+    assert rss_kib(fanout.proc.pid) - before < 16 << 10
+    async with connect(fanout.url) as ws:
+        await ws.send("x" * MAX_CLIENT_MESSAGE_BYTES)  # not JSON, but within the limit
+        assert await close_code(ws) == closecodes.PROTOCOL_ERROR
+
+
+async def test_connections_beyond_the_per_user_cap_are_closed_4429(
+    appender: Appender, make_fanout: Any
+) -> None:
+    log = Log(appender)
+    await log.create("room", "alice", "bob")
+    fanout = await make_fanout(PARLEY_FANOUT_MAX_CONNECTIONS_PER_USER="3")
+    held = [await Client.open(fanout.url, "alice") for _ in range(3)]
+    async with connect(fanout.url) as ws:
+        await ws.send(msgspec.json.encode({"type": "auth", "token": token("alice")}).decode())
+        error = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 2))
+        assert error["type"] == "error" and error["reason"] == "too-many-connections"
+        assert await close_code(ws) == closecodes.TOO_MANY_CONNECTIONS
+    async with connect(f"{fanout.url}?token={token('alice')}") as ws:  # a handshake token counts alike
+        assert await close_code(ws) == closecodes.TOO_MANY_CONNECTIONS
+    bob = await Client.open(fanout.url, "bob")  # per user: others are unaffected
+    await held.pop().close()
+    await asyncio.sleep(0.2)  # the server has seen the close
+    held.append(await Client.open(fanout.url, "alice"))  # a slot freed by a close is free again
+    await log.send("room", "bob", "to every connection")
+    for client in held:
+        await client.until(lambda c: c.bodies() == ["to every connection"])
+    for client in (*held, bob):
+        await client.close()
