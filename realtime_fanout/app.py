@@ -12,6 +12,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from fastapi import FastAPI
 from psycopg_pool import AsyncConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -35,6 +37,21 @@ from servicekit.lifespan import services_lifespan
 
 log = logging.getLogger(__name__)
 
+REDIS_RETRIES = 3
+REDIS_HEALTH_CHECK_S = 15
+
+
+def redis_client(url: str, socket_timeout_s: float) -> aioredis.Redis:
+    """A client whose pooled connections survive a Redis restart: a command that meets a dead connection
+    (closed by the restart, or idle past the health check and no longer answering) is retried on a fresh
+    one, with a short backoff, before any error reaches a caller."""
+    return aioredis.Redis.from_url(
+        url, socket_timeout=socket_timeout_s, socket_connect_timeout=2, socket_keepalive=True,
+        health_check_interval=REDIS_HEALTH_CHECK_S,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), REDIS_RETRIES),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    )  # fmt: skip
+
 
 class Services:
     """The live edges a running fanout holds; built in the lifespan, closed on shutdown."""
@@ -43,11 +60,8 @@ class Services:
         self.settings = settings
         layout = settings.log.layout()
         url = settings.log.redis_url
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=2)
-        read_timeout = settings.read_block_ms / 1000 + 10
-        self.reader_redis = aioredis.Redis.from_url(
-            url, socket_timeout=read_timeout, socket_connect_timeout=2
-        )
+        self.redis = redis_client(url, 10)
+        self.reader_redis = redis_client(url, settings.read_block_ms / 1000 + 10)
         self.pool: AsyncConnectionPool[Any] | None = None
         archive: Archive | None = None
         self.seeder: UnreadSeeder | None = None

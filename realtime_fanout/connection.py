@@ -12,6 +12,8 @@ import dataclasses
 import logging
 import time
 
+import psycopg
+import redis.exceptions
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from realtime_fanout import closecodes
@@ -259,6 +261,16 @@ class Connection:
                 return message
 
     async def _subscribe(self, message: Subscribe) -> None:
+        """Splice history and live; a log store that fails meanwhile (Redis, or the archive) closes 4503."""
+        try:
+            await self._splice(message)
+        except (redis.exceptions.RedisError, psycopg.OperationalError) as exc:
+            log.warning("subscribe of %s closed %d: the log is unavailable: %s",
+                        self.user_id, closecodes.UNAVAILABLE, exc)  # fmt: skip
+            detail = "the log is not readable right now"
+            raise Closing(closecodes.UNAVAILABLE, "log-unavailable", detail) from None
+
+    async def _splice(self, message: Subscribe) -> None:
         if self.hub.epoch is None:
             raise Closing(closecodes.UNAVAILABLE, "log-unavailable", "the log is not readable yet")
         partitions = self.hub.layout.partitions

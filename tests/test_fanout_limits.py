@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
-from test_fanout_e2e import Client, Log, appender, close_code, make_fanout, token
+import redis.asyncio as aioredis
+from test_fanout_e2e import PARTITIONS, Client, Log, appender, close_code, make_fanout, token
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from command_api.append import Appender
+from devstack.servers import RedisServer
+from events.config import LogSettings
 from realtime_fanout import closecodes
 from realtime_fanout.frames import MAX_CLIENT_MESSAGE_BYTES
 
@@ -104,3 +109,69 @@ async def test_connections_beyond_the_per_user_cap_are_closed_4429(
         await client.until(lambda c: c.bodies() == ["to every connection"])
     for client in (*held, bob):
         await client.close()
+
+
+@pytest.fixture
+async def proc_appender(redis_proc: RedisServer, log_namespace: str) -> AsyncIterator[Appender]:
+    """An appender on the test's own Redis (which the test stops and restarts)."""
+    client = aioredis.Redis.from_url(redis_proc.url)
+    app = Appender(client, LogSettings("", log_namespace, PARTITIONS).layout())
+    await app.open()
+    try:
+        yield app
+    finally:
+        await app.close()
+        await client.aclose()
+
+
+async def wait_ready(port: int, wait_s: float = 15) -> None:
+    async with httpx.AsyncClient() as http:
+        async with asyncio.timeout(wait_s):
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
+                        return
+                await asyncio.sleep(0.1)
+
+
+async def test_redis_down_closes_subscribes_4503_and_after_a_restart_none_fails(
+    redis_proc: RedisServer, proc_appender: Appender, make_fanout: Any
+) -> None:
+    """While Redis is down a subscribe that needs history is closed 4503 with a one-line log; once it is
+    back, no subscribe fails, though the pooled connections from before the restart are dead."""
+    log = Log(proc_appender)
+    await log.create("room", "alice", "bob")
+    fanout = await make_fanout(REDIS_URL=redis_proc.url, PARLEY_FANOUT_MAX_CONNECTIONS_PER_USER="100")
+    first = await Client.open(fanout.url, "bob")
+    await log.send("room", "alice", "before")
+    await first.until(lambda c: c.bodies() == ["before"])
+    cursor = first.cursor
+    await first.close()
+    # Concurrent resumes fill the fanout's Redis pool with connections that the restart will kill.
+    await asyncio.gather(*(c.close() for c in await asyncio.gather(
+        *(Client.open(fanout.url, "bob", cursor) for _ in range(8))
+    )))  # fmt: skip
+
+    redis_proc.stop()
+    for _ in range(3):
+        async with connect(fanout.url) as ws:
+            await ws.send(msgspec.json.encode({"type": "auth", "token": token("bob")}).decode())
+            await ws.send(msgspec.json.encode({"type": "subscribe", "cursor": cursor}).decode())
+            frames = [msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10)) for _ in range(2)]
+            assert frames[1] == {
+                "type": "error", "reason": "log-unavailable", "detail": "the log is not readable right now",
+            }  # fmt: skip
+            assert await close_code(ws) == closecodes.UNAVAILABLE
+
+    redis_proc.start()
+    await proc_appender.redis.connection_pool.disconnect()  # the test's own writer: not under test
+    await wait_ready(fanout.port)
+    await log.send("room", "alice", "after")
+    for _ in range(3):
+        resumed = await asyncio.gather(*(Client.open(fanout.url, "bob", cursor) for _ in range(8)))
+        for client in resumed:
+            await client.until(lambda c: c.bodies() == ["after"])
+            await client.close()
+    text = fanout.log_path.read_text()
+    assert server_errors(text) == []
+    assert text.count("unavailable") >= 3
