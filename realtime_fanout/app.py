@@ -77,6 +77,7 @@ class Services:
             block_ms=settings.read_block_ms,
             count=settings.read_count,
             archive=archive,
+            track_acts=settings.presence_scope == "engaged",
         )
         history_log = EventLog(self.redis, layout)
         self.history = History(
@@ -85,7 +86,7 @@ class Services:
         self.verifier = TokenVerifier(settings.auth)
         self.bus = SignalBus(
             self.redis, self.hub, typing_ttl_s=settings.typing_ttl_s, typing_per_s=settings.typing_per_s,
-            presence_ttl_s=settings.presence_ttl_s,
+            presence_ttl_s=settings.presence_ttl_s, presence_scope=settings.presence_scope,
         )  # fmt: skip
         self.slots = UserSlots(settings.max_connections_per_user)
         self._starter: asyncio.Task[None] | None = None
