@@ -21,7 +21,7 @@ from realtime_fanout.archive import Archive
 from realtime_fanout.cursor import stream_key
 from realtime_fanout.exceptions import HubUnavailable
 from realtime_fanout.item import Item, act_of, decode_entry, may_change_membership
-from realtime_fanout.membership import MembershipIndex, Span, engages
+from realtime_fanout.membership import PRIVATE_PAYLOADS, MembershipIndex, Span
 from realtime_fanout.metrics import DELIVERIES, ENTRIES_READ
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class Hub:
         """Update the index with `item`, then offer it to every local subscriber that may see it."""
         cid = item.conversation_id
         env = item.envelope
-        if self.track_acts and engages(env.type):
+        if self.track_acts and not isinstance(env.payload, PRIVATE_PAYLOADS):
             self.index.note_act(cid, env.actor, env.seq)
         named = item.named_users()
         targets: set[Subscriber] | tuple[Subscriber, ...]

@@ -20,12 +20,14 @@ from events.schema import (
     tag_of,
 )
 
-PRIVATE_TYPES = (tag_of(ConversationArchived), tag_of(ConversationUnarchived))
+PRIVATE_PAYLOADS = (ConversationArchived, ConversationUnarchived)
+PRIVATE_TYPES = tuple(tag_of(t) for t in PRIVATE_PAYLOADS)
 
 
 def engages(event_type: str) -> bool:
     """True when an event shows its actor taking part in the conversation (created it, sent, edited or
-    deleted a message, marked it read, added or removed someone); archiving is private, never that."""
+    deleted a message, marked it read, added or removed someone); archiving is private, never that.
+    For a decoded event the same rule is `not isinstance(payload, PRIVATE_PAYLOADS)`."""
     return event_type not in PRIVATE_TYPES
 
 
@@ -109,8 +111,10 @@ class MembershipIndex:
 
     def note_act(self, conversation_id: str, actor: str, seq: int) -> None:
         """Record that `actor` took part in the conversation at `seq` (see `engages`); any order."""
-        acted = self._acted.setdefault(conversation_id, {})
-        if acted.get(actor, 0) < seq:
+        acted = self._acted.get(conversation_id)
+        if acted is None:
+            self._acted[conversation_id] = {actor: seq}
+        elif acted.get(actor, 0) < seq:
             acted[actor] = seq
 
     def engaged(self, conversation_id: str, user_id: str) -> bool:
