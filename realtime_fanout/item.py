@@ -82,7 +82,7 @@ _act_decoder = msgspec.json.Decoder(_Act)
 
 def act_of(data: bytes) -> tuple[str, str, int] | None:
     """(conversation, actor, seq) of an entry whose event `engages` its actor, reading only those envelope
-    fields (hub bootstrap: about a microsecond an entry); None for any other entry or unreadable fields."""
+    fields (hub bootstrap; cheaper than a full decode); None for any other entry or unreadable fields."""
     try:
         act = _act_decoder.decode(data)
     except msgspec.DecodeError:
