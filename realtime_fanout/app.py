@@ -43,13 +43,12 @@ REDIS_HEALTH_CHECK_S = 15
 
 def redis_client(url: str, socket_timeout_s: float) -> aioredis.Redis:
     """A client whose pooled connections survive a Redis restart: a command that meets a dead connection
-    (closed by the restart, or idle past the health check and no longer answering) is retried on a fresh
-    one, with a short backoff, before any error reaches a caller."""
+    (closed or reset by the restart; idle ones are PINGed first) is retried on a fresh one, with a short
+    backoff, before any error reaches a caller. Timeouts are not retried: a hung Redis shows at once."""
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), REDIS_RETRIES, (redis.exceptions.ConnectionError,))
     return aioredis.Redis.from_url(
         url, socket_timeout=socket_timeout_s, socket_connect_timeout=2, socket_keepalive=True,
-        health_check_interval=REDIS_HEALTH_CHECK_S,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), REDIS_RETRIES),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        health_check_interval=REDIS_HEALTH_CHECK_S, retry=retry,
     )  # fmt: skip
 
 
