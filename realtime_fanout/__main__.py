@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False,
         loop="uvloop", http="httptools", ws=protocol_class(settings.close_timeout_s),
         ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=settings.ping_timeout_s,
+        ws_max_size=settings.max_message_bytes,  # refused (1009) from the frame header, never buffered
         timeout_graceful_shutdown=5,
     )  # fmt: skip
     return 0

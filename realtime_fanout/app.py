@@ -12,6 +12,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from fastapi import FastAPI
 from psycopg_pool import AsyncConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -19,7 +21,7 @@ from starlette.websockets import WebSocket
 from events.exceptions import LogError
 from events.log import EventLog
 from realtime_fanout.archive import Archive
-from realtime_fanout.connection import Connection
+from realtime_fanout.connection import Connection, UserSlots
 from realtime_fanout.exceptions import HubUnavailable
 from realtime_fanout.history import History
 from realtime_fanout.hub import Hub
@@ -35,6 +37,20 @@ from servicekit.lifespan import services_lifespan
 
 log = logging.getLogger(__name__)
 
+REDIS_RETRIES = 3
+REDIS_HEALTH_CHECK_S = 15
+
+
+def redis_client(url: str, socket_timeout_s: float) -> aioredis.Redis:
+    """A client whose pooled connections survive a Redis restart: a command that meets a dead connection
+    (closed or reset by the restart; idle ones are PINGed first) is retried on a fresh one, with a short
+    backoff, before any error reaches a caller. Timeouts are not retried: a hung Redis shows at once."""
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), REDIS_RETRIES, (redis.exceptions.ConnectionError,))
+    return aioredis.Redis.from_url(
+        url, socket_timeout=socket_timeout_s, socket_connect_timeout=2, socket_keepalive=True,
+        health_check_interval=REDIS_HEALTH_CHECK_S, retry=retry,
+    )  # fmt: skip
+
 
 class Services:
     """The live edges a running fanout holds; built in the lifespan, closed on shutdown."""
@@ -43,11 +59,8 @@ class Services:
         self.settings = settings
         layout = settings.log.layout()
         url = settings.log.redis_url
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=2)
-        read_timeout = settings.read_block_ms / 1000 + 10
-        self.reader_redis = aioredis.Redis.from_url(
-            url, socket_timeout=read_timeout, socket_connect_timeout=2
-        )
+        self.redis = redis_client(url, 10)
+        self.reader_redis = redis_client(url, settings.read_block_ms / 1000 + 10)
         self.pool: AsyncConnectionPool[Any] | None = None
         archive: Archive | None = None
         self.seeder: UnreadSeeder | None = None
@@ -63,6 +76,7 @@ class Services:
             block_ms=settings.read_block_ms,
             count=settings.read_count,
             archive=archive,
+            track_acts=settings.presence_scope == "engaged",
         )
         history_log = EventLog(self.redis, layout)
         self.history = History(
@@ -71,8 +85,9 @@ class Services:
         self.verifier = TokenVerifier(settings.auth)
         self.bus = SignalBus(
             self.redis, self.hub, typing_ttl_s=settings.typing_ttl_s, typing_per_s=settings.typing_per_s,
-            presence_ttl_s=settings.presence_ttl_s,
+            presence_ttl_s=settings.presence_ttl_s, presence_scope=settings.presence_scope,
         )  # fmt: skip
+        self.slots = UserSlots(settings.max_connections_per_user)
         self._starter: asyncio.Task[None] | None = None
         self.gc_pacer = GcPacer(GC_PAUSE_SECONDS, settings.gc_young_every_s, settings.gc_full_every_s)
 
@@ -134,7 +149,7 @@ class FanoutApp(FastAPI):
             services: Services = self.state.services
             connection = Connection(
                 WebSocket(scope, receive, send), services.hub, services.history, services.verifier,
-                self.settings, services.seeder, services.bus,
+                self.settings, services.seeder, services.bus, services.slots,
             )  # fmt: skip
             await connection.run()
             return

@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from events.log import LogEntry
 from realtime_fanout.cursor import StreamKey, stream_key
 from realtime_fanout.item import decode_entry
+from realtime_fanout.membership import PRIVATE_TYPES
 from realtime_fanout.metrics import HISTORY_COALESCED, HISTORY_READS
 from realtime_fanout.pageflights import Page, PageFlights
 
@@ -34,6 +35,11 @@ SELECT stream_id, data FROM parley_store.event_archive
 WHERE epoch = %s AND partition = %s AND (stream_ms, stream_seq) < (%s, %s)
   AND type IN ('conversation_created', 'participant_added', 'participant_removed')
 ORDER BY stream_ms, stream_seq
+"""
+_ACTS_SQL = """
+SELECT conversation_id, actor, max(seq) FROM parley_store.event_archive
+WHERE epoch = %s AND partition = %s AND (stream_ms, stream_seq) < (%s, %s) AND type <> ALL(%s)
+GROUP BY conversation_id, actor
 """
 
 
@@ -91,3 +97,8 @@ class Archive:
         """Archived membership events of `partition` older than `before`, oldest first (hub bootstrap)."""
         rows = await self._rows(_MEMBERSHIP_SQL, (epoch, partition, *before))
         return [LogEntry(partition, sid, bytes(data)) for sid, data in rows]
+
+    async def acts(self, epoch: str, partition: int, before: StreamKey) -> list[tuple[str, str, int]]:
+        """Per (conversation, actor), the seq of the actor's latest engaging act archived before `before`."""
+        rows = await self._rows(_ACTS_SQL, (epoch, partition, *before, list(PRIVATE_TYPES)))
+        return [(cid, actor, int(seq)) for cid, actor, seq in rows]

@@ -12,7 +12,9 @@ import dataclasses
 import logging
 import time
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+import psycopg
+import redis.exceptions
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from realtime_fanout import closecodes
 from realtime_fanout.cursor import Cursor
@@ -54,6 +56,27 @@ class Closing(Exception):
         self.detail = detail
 
 
+class UserSlots:
+    """How many authenticated connections each user holds in this process, at most `limit` each."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[str, int] = {}
+
+    def take(self, user_id: str) -> bool:
+        """Take one of the user's slots; False (nothing taken) when all `limit` are held."""
+        held = self._held.get(user_id, 0)
+        if held >= self.limit:
+            return False
+        self._held[user_id] = held + 1
+        return True
+
+    def give_back(self, user_id: str) -> None:
+        held = self._held.pop(user_id, 0) - 1
+        if held > 0:
+            self._held[user_id] = held
+
+
 class Connection:
     """The I/O shell around one Session; a hub Subscriber."""
 
@@ -66,8 +89,11 @@ class Connection:
         settings: FanoutSettings,
         seeder: UnreadSeeder | None = None,
         bus: SignalBus | None = None,
+        slots: UserSlots | None = None,
     ) -> None:
         self.ws = ws
+        self.slots = slots
+        self._slot_taken = False
         self.seeder = seeder
         self.bus = bus
         self.hub = hub
@@ -160,13 +186,15 @@ class Connection:
             self._close_code, self._close_reason = closing.code, closing.reason
             with contextlib.suppress(Exception):
                 await self._send(encode_frame(ErrorFrame(closing.reason, closing.detail)))
-        except WebSocketDisconnect:
+        except (WebSocketDisconnect, WebSocketDisconnected):  # the peer left, maybe seen by a send first
             self._close_code = -1
         except Exception:
             log.exception("connection of %s failed", self.principal and self.principal.user_id)
             self._close_code, self._close_reason = closecodes.INTERNAL_ERROR, "internal-error"
         finally:
             self._detach()
+            if self._slot_taken and self.slots is not None:
+                self.slots.give_back(self.user_id)
             if subscribed:
                 CONNECTIONS.dec()
             if self._joined and self.bus is not None:
@@ -192,7 +220,7 @@ class Connection:
         except KeyError:  # a binary frame
             raise Closing(closecodes.PROTOCOL_ERROR, "protocol-error", "send text frames") from None
         try:
-            return decode_client_message(text)
+            return decode_client_message(text, self.settings.max_message_bytes)
         except ProtocolViolation as exc:
             raise Closing(closecodes.PROTOCOL_ERROR, "protocol-error", str(exc)) from None
 
@@ -203,6 +231,11 @@ class Connection:
             raise Closing(closecodes.UNAUTHORIZED, exc.reason, exc.detail) from None
         if self.principal is not None and principal.user_id != self.principal.user_id:
             raise Closing(closecodes.FORBIDDEN, "user-mismatch", "a refresh token must name the same user")
+        if self.slots is not None and not self._slot_taken:
+            if not self.slots.take(principal.user_id):
+                detail = f"at most {self.slots.limit} connections per user"
+                raise Closing(closecodes.TOO_MANY_CONNECTIONS, "too-many-connections", detail)
+            self._slot_taken = True
         # Only the subject and the expiry are used from here on; the claims would be kept per connection.
         self.principal = dataclasses.replace(principal, claims={})
         self._control.append(encode_frame(AuthenticatedFrame(principal.user_id, principal.expires_at)))
@@ -214,10 +247,12 @@ class Connection:
         timeout = self.settings.auth_timeout_s
         if token is not None:
             self._authenticate(token)
+            await self._flush()
         while True:
             message = await self._receive(timeout)
             if isinstance(message, Auth):
                 self._authenticate(message.token)
+                await self._flush()  # a client may wait for `authenticated` before it subscribes
             elif self.principal is None:
                 raise Closing(closecodes.UNAUTHORIZED, "missing-token", "the first message must be auth")
             elif isinstance(message, Typing):
@@ -226,6 +261,16 @@ class Connection:
                 return message
 
     async def _subscribe(self, message: Subscribe) -> None:
+        """Splice history and live; a log store that fails meanwhile (Redis, or the archive) closes 4503."""
+        try:
+            await self._splice(message)
+        except (redis.exceptions.RedisError, psycopg.OperationalError) as exc:
+            log.warning("subscribe of %s closed %d: the log is unavailable: %s",
+                        self.user_id, closecodes.UNAVAILABLE, exc)  # fmt: skip
+            detail = "the log is not readable right now"
+            raise Closing(closecodes.UNAVAILABLE, "log-unavailable", detail) from None
+
+    async def _splice(self, message: Subscribe) -> None:
         if self.hub.epoch is None:
             raise Closing(closecodes.UNAVAILABLE, "log-unavailable", "the log is not readable yet")
         partitions = self.hub.layout.partitions

@@ -52,14 +52,14 @@ ClientMessage = Auth | Subscribe | Typing
 _client_decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)
 
 
-def decode_client_message(data: str | bytes) -> ClientMessage:
+def decode_client_message(data: str | bytes, max_bytes: int = MAX_CLIENT_MESSAGE_BYTES) -> ClientMessage:
     """Parse one client frame.
 
     Raises:
         ProtocolViolation: too large, not JSON, or not a known message.
     """
-    if len(data) > MAX_CLIENT_MESSAGE_BYTES:
-        raise ProtocolViolation(f"client messages are at most {MAX_CLIENT_MESSAGE_BYTES} bytes")
+    if len(data) > max_bytes:
+        raise ProtocolViolation(f"client messages are at most {max_bytes} bytes")
     try:
         return _client_decoder.decode(data)
     except msgspec.DecodeError as exc:

@@ -23,8 +23,8 @@ from events.schema import MessageDeleted
 from realtime_fanout.archive import Archive
 from realtime_fanout.cursor import stream_key
 from realtime_fanout.exceptions import HubUnavailable
-from realtime_fanout.item import Item, decode_entry, may_change_membership
-from realtime_fanout.membership import MembershipIndex, Span
+from realtime_fanout.item import Item, act_of, decode_entry, may_change_membership
+from realtime_fanout.membership import PRIVATE_PAYLOADS, MembershipIndex, Span
 from realtime_fanout.metrics import DELIVERIES, ENTRIES_READ
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,10 @@ class Hub:
         block_ms: int = 5_000,
         count: int = 1_000,
         archive: Archive | None = None,
+        track_acts: bool = False,
     ) -> None:
         self.log = EventLog(redis, layout)
+        self.track_acts = track_acts  # who acted where (`engages`), for the `engaged` presence scope
         self.archive = archive
         self.layout = layout
         self.block_ms = block_ms
@@ -105,6 +107,8 @@ class Hub:
                     item = decode_entry(entry)
                     if item is not None:
                         self.index.apply(item.envelope)
+                if self.track_acts and (act := act_of(entry.data)) is not None:
+                    self.index.note_act(*act)
             if len(entries) < BOOTSTRAP_PAGE:
                 return
             after = entries[-1].stream_id
@@ -117,6 +121,9 @@ class Hub:
             item = decode_entry(entry)
             if item is not None:
                 self.index.apply(item.envelope)
+        if self.track_acts:
+            for act in await self.archive.acts(epoch, partition, before):
+                self.index.note_act(*act)
 
     def learn(self, spans: list[Span]) -> None:
         """Add spans known from the read model (for history the streams no longer hold)."""
@@ -154,6 +161,9 @@ class Hub:
     def dispatch(self, item: Item) -> None:
         """Update the index with `item`, then offer it to every local subscriber that may see it."""
         cid = item.conversation_id
+        env = item.envelope
+        if self.track_acts and not isinstance(env.payload, PRIVATE_PAYLOADS):
+            self.index.note_act(cid, env.actor, env.seq)
         named = item.named_users()
         targets: set[Subscriber] | tuple[Subscriber, ...]
         if named:

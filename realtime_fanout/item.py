@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
+
 from events.codec import decode, encode
 from events.exceptions import DecodeError
 from events.log import LogEntry
@@ -16,6 +18,7 @@ from events.schema import (
     ParticipantRemoved,
 )
 from realtime_fanout.cursor import StreamKey, stream_key
+from realtime_fanout.membership import engages
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +64,27 @@ _MEMBERSHIP_MARKERS = (b'"conversation_created"', b'"participant_added"', b'"par
 def may_change_membership(data: bytes) -> bool:
     """Cheap pre-filter: False only when the raw bytes cannot be a membership event."""
     return any(marker in data for marker in _MEMBERSHIP_MARKERS)
+
+
+class _Kind(msgspec.Struct):
+    type: str
+
+
+class _Act(msgspec.Struct):
+    conversation_id: str
+    actor: str
+    seq: int
+    payload: _Kind
+
+
+_act_decoder = msgspec.json.Decoder(_Act)
+
+
+def act_of(data: bytes) -> tuple[str, str, int] | None:
+    """(conversation, actor, seq) of an entry whose event `engages` its actor, reading only those envelope
+    fields (hub bootstrap; cheaper than a full decode); None for any other entry or unreadable fields."""
+    try:
+        act = _act_decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+    return (act.conversation_id, act.actor, act.seq) if engages(act.payload.type) else None

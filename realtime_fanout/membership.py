@@ -10,7 +10,25 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from events.schema import ConversationCreated, Envelope, ParticipantAdded, ParticipantRemoved
+from events.schema import (
+    ConversationArchived,
+    ConversationCreated,
+    ConversationUnarchived,
+    Envelope,
+    ParticipantAdded,
+    ParticipantRemoved,
+    tag_of,
+)
+
+PRIVATE_PAYLOADS = (ConversationArchived, ConversationUnarchived)
+PRIVATE_TYPES = tuple(tag_of(t) for t in PRIVATE_PAYLOADS)
+
+
+def engages(event_type: str) -> bool:
+    """True when an event shows its actor taking part in the conversation (created it, sent, edited or
+    deleted a message, marked it read, added or removed someone); archiving is private, never that.
+    For a decoded event the same rule is `not isinstance(payload, PRIVATE_PAYLOADS)`."""
+    return event_type not in PRIVATE_TYPES
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +89,12 @@ class UserMemberships:
         """True when the user's latest span of the conversation is still open."""
         return any(left is None for left in self.spans.get(conversation_id, {}).values())
 
+    def joined_seq(self, conversation_id: str) -> int | None:
+        """Where the user's open span of the conversation starts; None when not a participant now."""
+        return max(
+            (j for j, left in self.spans.get(conversation_id, {}).items() if left is None), default=None
+        )
+
     def export(self) -> Iterator[Span]:
         for cid, spans in self.spans.items():
             for joined, left in spans.items():
@@ -83,6 +107,21 @@ class MembershipIndex:
     def __init__(self) -> None:
         self._users: dict[str, UserMemberships] = {}
         self.members: dict[str, set[str]] = {}
+        self._acted: dict[str, dict[str, int]] = {}  # conversation -> actor -> seq of their latest act
+
+    def note_act(self, conversation_id: str, actor: str, seq: int) -> None:
+        """Record that `actor` took part in the conversation at `seq` (see `engages`); any order."""
+        acted = self._acted.get(conversation_id)
+        if acted is None:
+            self._acted[conversation_id] = {actor: seq}
+        elif acted.get(actor, 0) < seq:
+            acted[actor] = seq
+
+    def engaged(self, conversation_id: str, user_id: str) -> bool:
+        """True when the user is a participant and has acted in the conversation since they last joined."""
+        memberships = self._users.get(user_id)
+        joined = None if memberships is None else memberships.joined_seq(conversation_id)
+        return joined is not None and self._acted.get(conversation_id, {}).get(user_id, 0) >= joined
 
     def apply(self, envelope: Envelope) -> None:
         payload = envelope.payload

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from events.config import LogSettings
+from realtime_fanout.frames import MAX_CLIENT_MESSAGE_BYTES
+from realtime_fanout.signals import PRESENCE_SCOPES, PresenceScope
 from servicekit.auth_settings import AuthSettings
 from servicekit.settings import Env
 
@@ -37,6 +40,9 @@ class FanoutSettings:
     typing_ttl_s: float = 5.0
     typing_per_s: float = 2.0
     presence_ttl_s: float = 30.0
+    presence_scope: PresenceScope = "engaged"
+    max_message_bytes: int = MAX_CLIENT_MESSAGE_BYTES
+    max_connections_per_user: int = 20
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> FanoutSettings:
@@ -66,4 +72,11 @@ class FanoutSettings:
             typing_ttl_s=env.float("PARLEY_FANOUT_TYPING_TTL_S", 5.0, minimum=0.1),
             typing_per_s=env.float("PARLEY_FANOUT_TYPING_PER_S", 2.0, minimum=0.0),
             presence_ttl_s=env.float("PARLEY_FANOUT_PRESENCE_TTL_S", 30.0, minimum=0.3),
+            presence_scope=cast(
+                PresenceScope, env.choice("PARLEY_FANOUT_PRESENCE_SCOPE", "engaged", PRESENCE_SCOPES)
+            ),
+            max_message_bytes=env.int(
+                "PARLEY_FANOUT_MAX_MESSAGE_BYTES", MAX_CLIENT_MESSAGE_BYTES, minimum=1024
+            ),
+            max_connections_per_user=env.int("PARLEY_FANOUT_MAX_CONNECTIONS_PER_USER", 20, minimum=1),
         )

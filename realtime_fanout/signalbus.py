@@ -19,6 +19,7 @@ from realtime_fanout.hub import Hub
 from realtime_fanout.metrics import SIGNAL_ERRORS, SIGNALS_DELIVERED, TYPING_DROPPED
 from realtime_fanout.presence import PresenceStore
 from realtime_fanout.signals import (
+    PresenceScope,
     PresenceSignal,
     RateLimiter,
     TypingSignal,
@@ -27,6 +28,7 @@ from realtime_fanout.signals import (
     decode_signal,
     encode_signal,
     presence_recipients,
+    presence_visible,
     typing_recipients,
 )
 
@@ -65,11 +67,13 @@ class SignalBus:
         typing_ttl_s: float,
         typing_per_s: float,
         presence_ttl_s: float,
+        presence_scope: PresenceScope,
     ) -> None:
         self.redis = redis
         self.hub = hub
         self.store = PresenceStore(redis, hub.layout.namespace, presence_ttl_s)
         self.presence_ttl_s = presence_ttl_s
+        self.presence_scope = presence_scope
         self.limiter = RateLimiter(typing_per_s)
         self.tracker = TypingTracker(typing_ttl_s)
         self._conns: dict[str, dict[SignalTarget, str]] = {}
@@ -100,7 +104,8 @@ class SignalBus:
         snapshot: bytes | None = None
         try:
             await self.store.touch([(conn_id, conn.user_id)])
-            entries = await self.store.snapshot(sorted(presence_recipients(self.hub.index, conn.user_id)))
+            visible = presence_visible(self.hub.index, conn.user_id, self.presence_scope)
+            entries = await self.store.snapshot(sorted(visible))
             snapshot = encode_frame(PresenceSnapshotFrame(entries))
         except redis.exceptions.RedisError as exc:
             SIGNAL_ERRORS.labels("join").inc()
@@ -154,7 +159,7 @@ class SignalBus:
         elif isinstance(signal, PresenceSignal):
             last_seen = None if signal.last_seen is None else signal.last_seen / 1000
             frame = encode_frame(PresenceFrame(signal.user_id, signal.online, last_seen))
-            for target in presence_recipients(self.hub.index, signal.user_id):
+            for target in presence_recipients(self.hub.index, signal.user_id, self.presence_scope):
                 for conn in self._conns.get(target, {}):
                     conn.signal(frame, presence=True)
                     SIGNALS_DELIVERED.labels("presence").inc()

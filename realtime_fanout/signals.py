@@ -99,12 +99,32 @@ def typing_recipients(members: Collection[str], sender: str) -> set[str]:
     return {user for user in members if user != sender}
 
 
-def presence_recipients(index: MembershipIndex, user_id: str) -> set[str]:
-    """Users who currently share at least one conversation with `user_id` (not the user itself)."""
+PresenceScope = Literal["engaged", "shared", "off"]
+PRESENCE_SCOPES: tuple[PresenceScope, ...] = ("engaged", "shared", "off")
+
+
+def presence_recipients(index: MembershipIndex, user_id: str, scope: PresenceScope) -> set[str]:
+    """Who may see `user_id`'s presence: `shared`, everyone sharing a conversation with them; `engaged`,
+    everyone sharing one in which `user_id` has acted since joining (being named is no consent); `off`,
+    nobody. Never the user itself."""
     out: set[str] = set()
+    if scope == "off":
+        return out
     for cid in index.conversations_of(user_id):
-        out.update(index.members.get(cid, ()))
+        if scope == "shared" or index.engaged(cid, user_id):
+            out.update(index.members.get(cid, ()))
     out.discard(user_id)
+    return out
+
+
+def presence_visible(index: MembershipIndex, viewer: str, scope: PresenceScope) -> set[str]:
+    """The users whose presence `viewer` may see: those for whom `viewer` is in `presence_recipients`."""
+    out: set[str] = set()
+    if scope == "off":
+        return out
+    for cid in index.conversations_of(viewer):
+        out.update(u for u in index.members.get(cid, ()) if scope == "shared" or index.engaged(cid, u))
+    out.discard(viewer)
     return out
 
 

@@ -13,9 +13,10 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from test_fanout_e2e import Client, Log, appender, make_fanout
+from test_fanout_e2e import PARTITIONS, Client, Log, appender, archive_everything, make_fanout
 
 from command_api.append import Appender
+from events.config import LogSettings
 from realtime_fanout.exceptions import ProtocolViolation
 from realtime_fanout.frames import (
     PresenceSnapshotFrame,
@@ -34,6 +35,7 @@ from realtime_fanout.signals import (
     decode_signal,
     encode_signal,
     presence_recipients,
+    presence_visible,
     typing_recipients,
 )
 
@@ -75,9 +77,31 @@ def test_recipients_follow_current_membership() -> None:
     index.learn([Span("room", "alice", 1), Span("room", "bob", 1), Span("room", "carol", 1, 5)])
     index.learn([Span("side", "alice", 1), Span("side", "dave", 2), Span("far", "eve", 1)])
     assert typing_recipients(index.members["room"], "alice") == {"bob"}
-    assert presence_recipients(index, "alice") == {"bob", "dave"}
-    assert presence_recipients(index, "carol") == set()  # removed: shares nothing now
-    assert presence_recipients(index, "nobody") == set()
+    assert presence_recipients(index, "alice", "shared") == {"bob", "dave"}
+    assert presence_recipients(index, "carol", "shared") == set()  # removed: shares nothing now
+    assert presence_recipients(index, "nobody", "shared") == set()
+
+
+def test_presence_scope_engaged_needs_the_target_to_have_acted_since_joining() -> None:
+    index = MembershipIndex()
+    index.learn([Span("trap", "stranger", 1), Span("trap", "victim", 1), Span("room", "victim", 1)])
+    index.learn([Span("room", "friend", 1)])
+    index.note_act("trap", "stranger", 1)  # the stranger created "trap", naming the victim
+    index.note_act("room", "victim", 1)  # the victim created "room" with a friend
+    assert presence_recipients(index, "victim", "shared") == {"stranger", "friend"}
+    assert presence_recipients(index, "victim", "engaged") == {"friend"}
+    assert presence_visible(index, "stranger", "engaged") == set()
+    assert presence_visible(index, "victim", "engaged") == {"stranger"}  # the stranger acted: consented
+    assert presence_recipients(index, "victim", "off") == presence_visible(index, "victim", "off") == set()
+    index.note_act("trap", "victim", 3)  # the victim posted in "trap"
+    assert presence_recipients(index, "victim", "engaged") == {"stranger", "friend"}
+    assert presence_visible(index, "stranger", "engaged") == {"victim"}
+    index.learn([Span("trap", "victim", 1, 4), Span("trap", "victim", 6)])  # removed, then added back
+    assert presence_recipients(index, "victim", "engaged") == {"friend"}  # acts before the re-add: none
+    index.note_act("trap", "victim", 2)  # an older act learned late changes nothing
+    assert not index.engaged("trap", "victim")
+    index.note_act("trap", "victim", 7)
+    assert index.engaged("trap", "victim") and not index.engaged("trap", "nobody")
 
 
 def test_signal_and_frame_formats() -> None:
@@ -260,7 +284,7 @@ async def test_presence_across_processes_with_several_connections_and_a_killed_p
     await log.create("room", "alice", "bob")
     await log.create("side", "carol")
     ttl = 2.0  # heartbeats every ttl/3; a process stalled longer than ttl is rightly seen as gone
-    env = {"PARLEY_FANOUT_PRESENCE_TTL_S": str(ttl)}
+    env = {"PARLEY_FANOUT_PRESENCE_TTL_S": str(ttl), "PARLEY_FANOUT_PRESENCE_SCOPE": "shared"}
     one, two = await make_fanout(**env), await make_fanout(**env)
     bob = await Client.open(one.url, "bob")
     carol = await Client.open(one.url, "carol")  # shares nothing with alice
@@ -313,4 +337,85 @@ async def test_presence_across_processes_with_several_connections_and_a_killed_p
     await drain(carol, 0.1)
     assert frames_of(carol, "presence", user_id="alice") == []
     for client in (bob, again, a3):
+        await client.close()
+
+
+def presence_of(client: Client, user: str) -> list[bool]:
+    return [f["online"] for f in frames_of(client, "presence", user_id=user)]
+
+
+def snapshot_users(client: Client) -> list[str]:
+    return [entry["user_id"] for entry in frames_of(client, "presence_snapshot")[-1]["users"]]
+
+
+async def test_a_stranger_who_names_a_victim_learns_nothing_of_their_presence_until_they_act(
+    appender: Appender, make_fanout: Any
+) -> None:
+    """The default scope (`engaged`): being named in a conversation is no consent to be seen; the victim's
+    presence shows there once they act in it (here: post), also on a process started after that."""
+    log = Log(appender)
+    await log.create("trap", "stranger", "victim")
+    fanout = await make_fanout()
+    stranger = await Client.open(fanout.url, "stranger")
+    await stranger.until(lambda c: frames_of(c, "presence_snapshot"))
+    assert snapshot_users(stranger) == []
+    victim = await Client.open(fanout.url, "victim")
+    await victim.until(lambda c: frames_of(c, "presence_snapshot"))
+    assert snapshot_users(victim) == ["stranger"]  # the stranger acted (created "trap")
+    await victim.close()
+    again = await Client.open(fanout.url, "stranger")
+    await again.until(lambda c: frames_of(c, "presence_snapshot"))
+    assert snapshot_users(again) == []
+    await drain(stranger)
+    assert presence_of(stranger, "victim") == []  # online and offline went unseen
+
+    await log.send("trap", "victim", "who are you?")
+    await stranger.until(lambda c: c.bodies() == ["who are you?"])
+    victim = await Client.open(fanout.url, "victim")
+    await stranger.until(lambda c: presence_of(c, "victim") == [True])
+    later = await make_fanout()  # learns the act from the stream at start
+    for url in (fanout.url, later.url):
+        seen = await Client.open(url, "stranger")
+        await seen.until(lambda c: frames_of(c, "presence_snapshot"))
+        assert frames_of(seen, "presence_snapshot")[-1]["users"] == [
+            {"user_id": "victim", "online": True, "last_seen": None}
+        ]
+        await seen.close()
+    for client in (stranger, again, victim):
+        await client.close()
+
+
+async def test_presence_scope_off_shows_nobody(appender: Appender, make_fanout: Any) -> None:
+    log = Log(appender)
+    await log.create("room", "alice", "bob")
+    await log.send("room", "bob", "hi")
+    fanout = await make_fanout(PARLEY_FANOUT_PRESENCE_SCOPE="off")
+    alice = await Client.open(fanout.url, "alice")
+    bob = await Client.open(fanout.url, "bob")
+    await drain(alice)
+    assert presence_of(alice, "bob") == [] and snapshot_users(alice) == []
+    await alice.close()
+    await bob.close()
+
+
+async def test_acts_in_archived_history_count_for_presence(
+    appender: Appender, make_fanout: Any, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    """A process whose streams were trimmed learns who acted where from the archive, as memberships."""
+    log = Log(appender)
+    await log.create("answered", "one", "victim")
+    await log.send("answered", "victim", "hello one")
+    await log.create("ignored", "two", "victim")
+    assert appender.epoch is not None
+    assert await archive_everything(database_url, redis_client, log_namespace, appender.epoch) == 3
+    layout = LogSettings("", log_namespace, PARTITIONS).layout()
+    for partition in range(PARTITIONS):
+        await redis_client.xtrim(layout.stream_key(partition), maxlen=0, approximate=False)
+    fanout = await make_fanout(DATABASE_URL=database_url)
+    victim = await Client.open(fanout.url, "victim")
+    one, two = [await Client.open(fanout.url, user) for user in ("one", "two")]
+    for client in (one, two):
+        await client.until(lambda c: frames_of(c, "presence_snapshot"))
+    assert snapshot_users(one) == ["victim"] and snapshot_users(two) == []
+    for client in (victim, one, two):
         await client.close()

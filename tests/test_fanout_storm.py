@@ -80,8 +80,9 @@ async def test_a_reconnect_storm_reads_each_page_once(
     assert want_archive >= 3  # the storm crosses several archive pages and several stream pages
     room = layout.partition_for("room")
     fanout = await make_fanout(
-        DATABASE_URL=database_url, PARLEY_FANOUT_REPLAY_PAGE=str(PAGE), PARLEY_FANOUT_HISTORY_LINGER_S="30"
-    )
+        DATABASE_URL=database_url, PARLEY_FANOUT_REPLAY_PAGE=str(PAGE), PARLEY_FANOUT_HISTORY_LINGER_S="30",
+        PARLEY_FANOUT_MAX_CONNECTIONS_PER_USER="100",  # one user's 60 connections, as a storm of many users'
+    )  # fmt: skip
     bodies = [f"m{n}" for n in range(70)]
     later = [e for e in entries[room] if parse_stream_id(e.stream_id) > start.key(room)]
     nearby: dict[str, list[str]] = {}  # cursor -> the room bodies after it: a few entries later
