@@ -257,7 +257,8 @@ async def test_follow_continues_past_the_head_without_a_gap(log: Log) -> None:
 
 async def test_notebook_api_matches_the_cli(log: Log) -> None:
     source = history.Source(log.settings.log, log.settings.database_url)
-    code, out, _ = await replay(log.env, "--type", "message_sent")
+    code, out, err = await replay(log.env, "--type", "message_sent")
+    assert code == 0, err
     events = await asyncio.to_thread(lambda: list(history.events(types=["message_sent"], source=source)))
     assert [e.event_id for _, e in events] == [json.loads(line)["event_id"] for line in out.splitlines()]
     table = await asyncio.to_thread(history.table, types=["message_sent"], source=source)

@@ -92,8 +92,8 @@ async def count(reader: HistoryReader) -> int | None:
         until = sel.until[p] or await reader.head(p)
         cur = await reader.conn.execute(
             "SELECT count(*) FROM (SELECT 1 FROM parley_store.event_archive WHERE epoch = %s "
-            "AND partition = %s AND (stream_ms, stream_seq) > (%s, %s) AND (stream_ms, stream_seq) <= (%s, %s) "
-            "LIMIT %s) x",
+            "AND partition = %s AND (stream_ms, stream_seq) > (%s, %s) "
+            "AND (stream_ms, stream_seq) <= (%s, %s) LIMIT %s) x",
             (reader.epoch, p, *sel.after[p], *until, COUNT_SQL_LIMIT),
         )
         row = await cur.fetchone()
