@@ -51,7 +51,7 @@ def markdown() -> str:
         "|---|---|---|---|",
     ]
     for cls in PAYLOAD_TYPES:
-        fields = ", ".join(_fields(cls)) or "–"
+        fields = ", ".join(_fields(cls)) or "none"
         lines.append(f"| `{tag_of(cls)}` | {cls.VERSION} | {fields} | {_doc(cls)} |")
     return "\n".join(lines) + "\n"
 

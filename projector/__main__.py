@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     from projector.history import cli as history_cli
 
     history_cli.add_parser(sub)
+    history_cli.add_snapshot_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "replay":
+    if args.command in ("replay", "snapshot"):
         return history_cli.main(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

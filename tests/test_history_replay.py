@@ -49,12 +49,12 @@ class Log:
 async def log(
     redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
 ) -> AsyncIterator[Log]:
-    """600 commands projected and archived, then 150 more that only the streams hold."""
+    """300 commands projected and archived, then 80 more that only the streams hold."""
     settings = settings_for(redis_server_url, log_namespace, database_url)
     appender = Appender(redis_client, settings.log.layout())
     epoch = await appender.open()
     workload = Workload(seed=7)
-    await workload.append(appender, 600)
+    await workload.append(appender, 300)
     worker = Worker(settings)
     await worker.start()
     stop = asyncio.Event()
@@ -65,7 +65,7 @@ async def log(
         stop.set()
         await task
         await worker.close()
-    await workload.append(appender, 150)
+    await workload.append(appender, 80)
     env = {**os.environ, **settings.child_env()}
     try:
         yield Log(settings, env, appender, workload, epoch)
@@ -95,12 +95,12 @@ async def replay(env: dict[str, str], *args: str) -> tuple[int, bytes, str]:
     return proc.returncode, out, err.decode()
 
 
-async def trim_to_archive(redis_client: aioredis.Redis, log: Log) -> None:
+async def trim_to_archive(redis_client: aioredis.Redis, settings: ProjectorSettings) -> None:
     """What retention does: drop every stream entry older than the archive's head."""
     import psycopg
 
-    layout = log.settings.log.layout()
-    async with await psycopg.AsyncConnection.connect(log.settings.database_url) as conn:
+    layout = settings.log.layout()
+    async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
         for p in range(PARTITIONS):
             cur = await conn.execute(
                 "SELECT stream_id FROM parley_store.event_archive WHERE partition = %s "
@@ -108,8 +108,8 @@ async def trim_to_archive(redis_client: aioredis.Redis, log: Log) -> None:
                 (p,),
             )
             row = await cur.fetchone()
-            assert row is not None
-            await redis_client.xtrim(layout.stream_key(p), minid=row[0])
+            if row is not None:
+                await redis_client.xtrim(layout.stream_key(p), minid=row[0])
 
 
 async def test_replays_everything_once_in_order_and_identically_after_a_trim(
@@ -124,7 +124,7 @@ async def test_replays_everything_once_in_order_and_identically_after_a_trim(
     code, second, _ = await replay(log.env)
     assert second == first
 
-    await trim_to_archive(redis_client, log)
+    await trim_to_archive(redis_client, log.settings)
     assert sum([await redis_client.xlen(k) for k in log.settings.log.layout().stream_keys()]) < len(entries)
     code, trimmed, err = await replay(log.env)
     assert code == 0, err
@@ -146,18 +146,18 @@ async def test_filters_and_ranges(log: Log) -> None:
     assert out
 
     # --from is exclusive, --to inclusive; a cursor bounds each partition exactly.
-    lo, hi = events[100], events[400]
+    lo, hi = events[60], events[250]
     lo_token = f"{log.epoch}.{lo[0][2]}.{lo[0][0]}-{lo[0][1]}"
     hi_token = f"{log.epoch}.{hi[0][2]}.{hi[0][0]}-{hi[0][1]}"
     code, out, _ = await replay(log.env, "--from", lo_token, "--to", hi_token)
     assert out == b"".join(line for key, _, line in events if key[:2] > lo[0][:2] and key[:2] <= hi[0][:2])
     positions = ["0-0"] * PARTITIONS
-    for key, _, _ in events[:300]:
+    for key, _, _ in events[:150]:
         positions[key[2]] = f"{key[0]}-{key[1]}"
     code, out, _ = await replay(log.env, "--from", encode_cursor(log.epoch, positions))
-    assert out == b"".join(line for _, _, line in events[300:])
+    assert out == b"".join(line for _, _, line in events[150:])
 
-    since_ms = events[200][0][0]
+    since_ms = events[120][0][0]
     since = datetime.fromtimestamp(since_ms / 1000, UTC).isoformat()
     code, out, _ = await replay(log.env, "--since", since)
     assert out == b"".join(line for key, _, line in events if key[0] >= since_ms)

@@ -1,4 +1,5 @@
-"""`python -m projector replay`: events out of the archive and the live streams, for analysts.
+"""`python -m projector replay` and `snapshot`: events out of the archive and the streams, read models
+as they were, for analysts.
 
 stdout carries nothing but events (JSON Lines unless `--output` names a file); errors go to stderr, one
 line, no traceback. Exit codes: 0 done (or interrupted while following), 2 bad request, 3 a server is
@@ -44,6 +45,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--follow", action="store_true", help="keep tailing new events until interrupted")
     p.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
                    help="a bar on stderr (auto: when writing a file or stderr is a terminal)")  # fmt: skip
+
+
+def add_snapshot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "snapshot",
+        help="build the read models as they were at a past position or time into a schema",
+        description="Time travel: read models at a point of the log (included), in their own schema.",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--at", metavar="POSITION|TIME", help="a position token, a fanout cursor or ISO 8601")
+    what.add_argument("--list", action="store_true", help="list the snapshots")
+    what.add_argument("--drop", metavar="NAME", help="drop snapshot NAME")
+    p.add_argument("--schema", metavar="NAME", help="the schema to build (with --at)")
 
 
 def _sink(args: argparse.Namespace) -> Sink:
@@ -100,13 +114,40 @@ async def _run(args: argparse.Namespace, source: replay.Source) -> int:
     return 0
 
 
+async def _snapshot(args: argparse.Namespace, settings: ProjectorSettings) -> int:
+    import psycopg
+
+    from projector.history import snapshot
+
+    if args.at is not None:
+        if not args.schema:
+            raise SelectionError("--at needs --schema NAME, the schema to build")
+        report = await snapshot.take(settings, args.at, args.schema)
+        print(f"{report.schema}: read models at {report.at}, {report.events} events, {report.seconds:.1f} s")
+        return 0
+    try:
+        conn = await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise replay.HistoryUnavailable(f"cannot reach Postgres: {exc}") from None
+    async with conn:
+        if args.drop:
+            await snapshot.drop(conn, args.drop)
+            print(f"dropped {args.drop}")
+        else:
+            for name, description in await snapshot.snapshots(conn):
+                print(f"{name}\t{description}")
+    return 0
+
+
 def main(args: argparse.Namespace, env: Env | None = None) -> int:
-    """Run the replay `args` ask for; the exit code means what the module docstring says."""
+    """Run the replay or snapshot `args` ask for; exit codes as the module docstring says."""
     import os
 
     settings = ProjectorSettings.from_env(env or Env(), auth=False)
     source = replay.Source(settings.log, settings.database_url)
     try:
+        if args.command == "snapshot":
+            return asyncio.run(_snapshot(args, settings))
         return asyncio.run(_run(args, source))
     except KeyboardInterrupt:
         return 0
