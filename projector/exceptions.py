@@ -94,4 +94,11 @@ class RebuildError(ProjectorError):
 
 class SelectionError(ProjectorError):
     """Raised when a replay or snapshot request cannot be understood: a malformed position or time, an
-    unknown event type, a range that ends before it starts, a position from another log epoch."""
+    unknown event type, a range that ends before it starts, a position from another log epoch.
+
+    `reason` is the stable slug the HTTP API answers with.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid-selection") -> None:
+        super().__init__(message)
+        self.reason = reason

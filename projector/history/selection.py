@@ -68,10 +68,11 @@ def parse_bound(text: str, partitions: int) -> Bound:
         try:
             position = LogPosition.from_token(text)
         except ValueError as exc:
-            raise SelectionError(f"malformed position {text!r}: {exc}") from None
+            raise SelectionError(f"malformed position {text!r}: {exc}", "invalid-position") from None
         if not 0 <= position.partition < partitions:
             raise SelectionError(
-                f"position {text!r} names partition {position.partition}; the log has {partitions}"
+                f"position {text!r} names partition {position.partition}; the log has {partitions}",
+                "invalid-position",
             )
         key = parse_stream_id(position.stream_id)
         return Bound(position.epoch, (key,) * partitions)
@@ -79,10 +80,12 @@ def parse_bound(text: str, partitions: int) -> Bound:
         wire = decode_cursor(text)
     except ValueError as exc:
         raise SelectionError(
-            f"malformed position {text!r}: neither a position token nor a cursor ({exc})"
+            f"malformed position {text!r}: neither a position token nor a cursor ({exc})", "invalid-position"
         ) from None
     if len(wire.positions) != partitions:
-        raise SelectionError(f"cursor has {len(wire.positions)} partitions; the log has {partitions}")
+        raise SelectionError(
+            f"cursor has {len(wire.positions)} partitions; the log has {partitions}", "invalid-position"
+        )
     return Bound(wire.epoch, tuple(parse_stream_id(p) for p in wire.positions))
 
 
@@ -95,7 +98,9 @@ def parse_time(text: str) -> int:
     try:
         at = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise SelectionError(f"malformed time {text!r}: give ISO 8601, e.g. 2026-12-01T09:30:00Z") from None
+        raise SelectionError(
+            f"malformed time {text!r}: give ISO 8601, e.g. 2026-12-01T09:30:00Z", "invalid-time"
+        ) from None
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
     return int(at.timestamp() * 1000)
@@ -123,16 +128,19 @@ def select(
     unknown = sorted(wanted_types - CURRENT_VERSIONS.keys())
     if unknown:
         raise SelectionError(
-            f"unknown event type {', '.join(unknown)}; known: {', '.join(sorted(CURRENT_VERSIONS))}"
+            f"unknown event type {', '.join(unknown)}; known: {', '.join(sorted(CURRENT_VERSIONS))}",
+            "unknown-event-type",
         )
     lower = parse_bound(start, partitions) if start else None
     upper = parse_bound(end, partitions) if end else None
     if lower and upper and lower.epoch != upper.epoch:
-        raise SelectionError(f"--from is in log epoch {lower.epoch} but --to in {upper.epoch}")
+        raise SelectionError(
+            f"from is in log epoch {lower.epoch} but to in {upper.epoch}", "position-from-another-log"
+        )
     since_ms = parse_time(since) if since else None
     until_ms = parse_time(until) if until else None
     if since_ms is not None and until_ms is not None and until_ms <= since_ms:
-        raise SelectionError(f"--until {until} is not after --since {since}: the range is empty")
+        raise SelectionError(f"until {until} is not after since {since}: the range is empty", "empty-range")
 
     after = [lower.keys[p] if lower else START for p in range(partitions)]
     ends: list[StreamKey | None] = [upper.keys[p] if upper else None for p in range(partitions)]
@@ -144,7 +152,7 @@ def select(
             current = ends[p]
             ends[p] = cap if current is None else min(current, cap)
     if lower and upper and any(u is not None and u < a for a, u in zip(lower.keys, upper.keys, strict=True)):
-        raise SelectionError("--to is before --from: the range is empty")
+        raise SelectionError("to is before from: the range is empty", "empty-range")
 
     chosen = frozenset(conversations)
     wanted = sorted({partition_of(c) for c in chosen}) if chosen else list(range(partitions))
@@ -168,5 +176,6 @@ def check_epoch(selection: Selection, log_epoch: str) -> None:
     if selection.epoch is not None and selection.epoch != log_epoch:
         raise SelectionError(
             f"the position is from log epoch {selection.epoch}, but the log is at epoch {log_epoch}: "
-            "it was recreated; positions of the old log mean nothing in the new one"
+            "it was recreated; positions of the old log mean nothing in the new one",
+            "position-from-another-log",
         )
