@@ -18,6 +18,18 @@ _decoder = msgspec.json.Decoder(Envelope)
 _untyped = msgspec.json.Decoder()
 
 
+class _PayloadProbe(msgspec.Struct, frozen=True):
+    type: str
+
+
+class _VersionProbe(msgspec.Struct, frozen=True):
+    schema_version: int
+    payload: _PayloadProbe
+
+
+_probe = msgspec.json.Decoder(_VersionProbe)
+
+
 def encode(envelope: Envelope | UnsequencedEnvelope) -> bytes:
     """Encode an envelope to its wire and log form (compact JSON)."""
     return _encoder.encode(envelope)
@@ -60,3 +72,21 @@ def _decode_slow(data: bytes | str) -> Envelope:
         return _decoder.decode(_encoder.encode(lifted))
     except (msgspec.DecodeError, RecursionError) as exc:
         raise DecodeError(f"not a valid {lifted['payload'].get('type')} event: {exc}") from None
+
+
+def current_bytes(data: bytes) -> bytes:
+    """A stored event's JSON in the current schema: its own bytes when its version is current (the usual
+    case, checked without a full decode), else the upcast event encoded in the log's shape (`seq` first).
+
+    Raises:
+        DecodeError: the bytes are not a valid event of a known type and version.
+    """
+    try:
+        probe = _probe.decode(data)
+        if CURRENT_VERSIONS.get(probe.payload.type) == probe.schema_version:
+            return data
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    envelope = decode(data)
+    fields = {f: getattr(envelope, f) for f in UnsequencedEnvelope.__struct_fields__}
+    return b'{"seq":%d,' % envelope.seq + encode_unsequenced_tail(UnsequencedEnvelope(**fields))

@@ -94,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     part = sub.add_parser("rebuild-archive", help="(internal) one process of a rebuild's archive phase")
     part.add_argument("--schema", required=True)
     part.add_argument("--partitions", required=True, help="comma-separated partition numbers")
+    from projector.history import cli as history_cli
+
+    history_cli.add_parser(sub)
+    history_cli.add_snapshot_parser(sub)
     args = parser.parse_args(argv)
+    if args.command in ("replay", "snapshot"):
+        return history_cli.main(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "redrive":

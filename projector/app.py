@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from events.position import LogPosition, parse_stream_id
 from projector import queries
+from projector.history.http import add_history_route
 from projector.settings import ProjectorSettings
 from projector.worker import Worker
 from servicekit.auth import TokenVerifier, parse_bearer
@@ -156,6 +157,12 @@ def create_app(settings: ProjectorSettings, worker: Worker) -> FastAPI:
         else:
             answer["next_before_seq"] = items[-1].seq if more else None
         return _json(answer)
+
+    add_history_route(
+        app, authorize=lambda request: verifier.verify(parse_bearer(request.headers.get("authorization"))),
+        claim=settings.analyst_claim, role=settings.analyst_role, connection=pool.connection,
+        log=lambda: worker.log, epoch=lambda: worker.epoch, problem=Problem,
+    )  # fmt: skip
 
     @app.get("/v1/unread", tags=["queries"], summary="My total unread count")
     async def unread(request: Request) -> Response:

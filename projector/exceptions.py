@@ -4,6 +4,7 @@ ProjectorError
 ├── FoldError             an event cannot be applied to the current read-model state (poison event)
 ├── FoldCrashed           applying an event raised something else (a bug): the batch is retried entry by entry
 ├── MigrationError        a migration file is malformed or the recorded history disagrees with the files
+├── SelectionError        a replay request is malformed (position, time, type, empty range, foreign epoch)
 └── ProjectionStopped     a partition's projection must stop rather than skip events
     ├── EpochMismatch     the log's epoch differs from the checkpoint's: the log was recreated or lost
     ├── CheckpointMoved   the checkpoint is not where this worker's state was built (another writer moved it)
@@ -89,3 +90,15 @@ class LogGap(ProjectionStopped):
 
 class RebuildError(ProjectorError):
     """Raised when a rebuild cannot run (another one holds the lock) or cannot complete."""
+
+
+class SelectionError(ProjectorError):
+    """Raised when a replay or snapshot request cannot be understood: a malformed position or time, an
+    unknown event type, a range that ends before it starts, a position from another log epoch.
+
+    `reason` is the stable slug the HTTP API answers with.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid-selection") -> None:
+        super().__init__(message)
+        self.reason = reason

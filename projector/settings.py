@@ -35,6 +35,8 @@ class ProjectorSettings:
     gc_paced: bool = True
     gc_young_every_s: float = 1.0
     gc_full_every_s: float = 600.0
+    analyst_claim: str = "roles"
+    analyst_role: str = "analyst"
 
     def child_env(self) -> dict[str, str]:
         """The environment a child process needs to read the same log into the same database."""
@@ -69,4 +71,6 @@ class ProjectorSettings:
             gc_paced=env.bool("PARLEY_PROJECTOR_GC_PACED", True),
             gc_young_every_s=env.float("PARLEY_PROJECTOR_GC_YOUNG_EVERY_S", 1.0, minimum=0.01),
             gc_full_every_s=env.float("PARLEY_PROJECTOR_GC_FULL_EVERY_S", 600.0, minimum=1.0),
+            analyst_claim=env.str("PARLEY_ANALYST_CLAIM", "roles"),
+            analyst_role=env.str("PARLEY_ANALYST_ROLE", "analyst"),
         )
