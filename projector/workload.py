@@ -47,8 +47,8 @@ class Workload:
         cid = new_object_id()
         self.members[cid], self.creators[cid], self.messages[cid] = [creator, *others], creator, []
         self.seqs[cid] = 0
-        return commands.create_conversation(
-            commands.Context(creator), bodies.CreateConversation(self.text(), others, cid)
+        return commands.create_conversation_with_id(
+            commands.Context(creator), bodies.CreateConversation(self.text(), others), cid
         )
 
     def next(self) -> Command:
