@@ -26,6 +26,7 @@ from events.config import LogSettings
 from events.log import EventLog
 from events.position import parse_stream_id
 from projector.app import create_app
+from projector.reads import Reads
 from projector.redrive import redrive
 from projector.settings import ProjectorSettings
 from projector.store import Store
@@ -49,11 +50,12 @@ async def running(settings: ProjectorSettings) -> AsyncIterator[tuple[Worker, ht
     await worker.start()
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
-    transport = httpx.ASGITransport(app=create_app(settings, worker))
     try:
         await asyncio.wait_for(worker.ready.wait(), 10)
-        async with httpx.AsyncClient(transport=transport, base_url="http://projector") as client:
-            yield worker, client
+        async with Reads(settings) as reads:
+            transport = httpx.ASGITransport(app=create_app(settings, worker, reads))
+            async with httpx.AsyncClient(transport=transport, base_url="http://projector") as client:
+                yield worker, client
     finally:
         stop.set()
         await task
@@ -369,11 +371,10 @@ async def test_a_partition_that_crashes_stops_loudly_instead_of_vanishing(
         assert all(
             p.stopped == "crashed: RuntimeError: a bug in the read path" for p in worker.projectors.values()
         )
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_app(settings, worker)), base_url="http://p"
-        )
-        async with client:
-            r = await client.get("/readyz")
+        async with Reads(settings) as reads:
+            transport = httpx.ASGITransport(app=create_app(settings, worker, reads))
+            async with httpx.AsyncClient(transport=transport, base_url="http://p") as client:
+                r = await client.get("/readyz")
         assert r.status_code == 503 and "crashed" in r.json()["detail"]
     finally:
         await worker._stop_all()
