@@ -55,6 +55,21 @@ async def serving(redis_url: str, redis: aioredis.Redis, namespace: str, databas
     ann = commands.Context("ann")
     await appender.append(commands.create_conversation(ann, bodies.CreateConversation("t", ["bob"], "c1")))
     last = await appender.append(commands.send_message(ann, "c1", bodies.SendMessage("hello pizza")))
+    await appender.close()
+    async with (
+        projector_running(settings) as (_worker, reads, app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://projector") as client,
+    ):
+        r = await client.get(
+            "/v1/unread", headers={**headers("bob"), "X-Parley-Position": last.position.token()}
+        )
+        assert r.json() == {"unread": 1}
+        yield Served(client, app, reads, settings, last.position)
+
+
+@asynccontextmanager
+async def projector_running(settings: ProjectorSettings) -> AsyncIterator[tuple[Worker, Reads, FastAPI]]:
+    """A started worker running its loop (ready), and the query API on its own open `Reads`."""
     worker = Worker(settings)
     await worker.start()
     stop = asyncio.Event()
@@ -62,18 +77,11 @@ async def serving(redis_url: str, redis: aioredis.Redis, namespace: str, databas
     try:
         await asyncio.wait_for(worker.ready.wait(), 10)
         async with Reads(settings) as reads:
-            app = create_app(settings, worker, reads)
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://projector") as client:
-                r = await client.get("/v1/unread", headers={**headers("bob"), "X-Parley-Position":
-                                                            last.position.token()})  # fmt: skip
-                assert r.json() == {"unread": 1}
-                yield Served(client, app, reads, settings, last.position)
+            yield worker, reads, create_app(settings, worker, reads)
     finally:
         stop.set()
         await task
         await worker.close()
-        await appender.close()
 
 
 @pytest.fixture
@@ -201,7 +209,7 @@ async def test_position_waiters_hold_no_connection_and_do_not_slow_other_users(s
     far = {"position": unreachable(served)}
     waiters = [
         asyncio.create_task(client.get("/v1/unread", params=far, headers=headers(f"waiter{i}")))
-        for i in range(100)
+        for i in range(200)
     ]
     await asyncio.sleep(0.2)  # all of them waiting
     pool.pop_stats()
@@ -215,7 +223,7 @@ async def test_position_waiters_hold_no_connection_and_do_not_slow_other_users(s
     checkouts = pool.pop_stats().get("requests_num", 0)
     answers = await asyncio.gather(*waiters)
     assert all(is_problem(r, 503, "position-not-reached") for r in answers)
-    assert max(latencies) < wait_s / 5, latencies
+    assert max(latencies) < wait_s / 10, latencies  # before: 0.23-0.27 s with 200 waiters
     # ann's 20 reads, plus one checkpoint read per poll for all the waiters together
     assert checkouts <= 20 + elapsed / 0.02 + 5, checkouts
 
