@@ -198,8 +198,9 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
     add_http_problem_handlers(app)
 
     @app.exception_handler(ReadsUnavailable)
-    async def unavailable(_request: Request, exc: ReadsUnavailable) -> Response:
-        return problem_response(503, "unavailable", "The read models are unavailable", str(exc),
+    async def unavailable(request: Request, exc: ReadsUnavailable) -> Response:
+        log.warning("query %s %r: %s", request.method, request.url.path, exc)  # not for the client's eyes
+        return problem_response(503, "unavailable", "The read models are unavailable",
                                 headers={"Retry-After": "1"})  # fmt: skip
 
     @app.exception_handler(QueryTimeout)

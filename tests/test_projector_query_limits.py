@@ -31,6 +31,8 @@ from projector.exceptions import PositionFromAnotherEpoch
 from projector.reads import Reads, reached
 from projector.settings import ProjectorSettings
 from projector.worker import Worker
+from servicekit.exceptions import SettingError
+from servicekit.settings import Env
 
 
 @dataclasses.dataclass
@@ -201,6 +203,7 @@ async def test_postgres_unreachable_is_a_503_with_retry_after(served: Served) ->
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://p") as client:
             r = await client.get("/v1/unread", headers=headers("ann"))
     assert is_problem(r, 503, "unavailable") and r.headers["retry-after"] == "1"
+    assert "detail" not in r.json()  # the driver's message names hosts: logged, not answered
 
 
 async def test_position_waiters_hold_no_connection_and_do_not_slow_other_users(served: Served) -> None:
@@ -342,3 +345,17 @@ def test_a_position_is_reached_by_its_partitions_checkpoint_of_the_same_epoch() 
     assert not reached(("e1", "5-0"), position) and not reached(None, position)
     with pytest.raises(PositionFromAnotherEpoch):
         reached(("e2", "9-0"), position)
+
+
+def test_the_query_limits_are_read_from_the_environment() -> None:
+    env = Env({"PARLEY_QUERY_POOL_SIZE": "3", "PARLEY_QUERY_POOL_TIMEOUT_S": "0.5",
+               "PARLEY_QUERY_STATEMENT_TIMEOUT_MS": "250", "PARLEY_QUERY_MAX_CONCURRENT_PER_USER": "4",
+               "PARLEY_SEARCH_MAX_CHARS": "100", "PARLEY_SEARCH_MAX_TERMS": "5"})  # fmt: skip
+    s = ProjectorSettings.from_env(env, auth=False)
+    assert (s.query_pool_size, s.query_pool_timeout_s, s.query_statement_timeout_ms) == (3, 0.5, 250)
+    assert (s.query_max_concurrent_per_user, s.search_max_chars, s.search_max_terms) == (4, 100, 5)
+    d = ProjectorSettings.from_env(Env({}), auth=False)
+    assert (d.query_pool_size, d.query_pool_timeout_s, d.query_statement_timeout_ms) == (8, 2.0, 2000)
+    assert (d.query_max_concurrent_per_user, d.search_max_chars, d.search_max_terms) == (8, 256, 16)
+    with pytest.raises(SettingError, match="PARLEY_QUERY_POOL_SIZE"):
+        ProjectorSettings.from_env(Env({"PARLEY_QUERY_POOL_SIZE": "0"}), auth=False)
