@@ -8,7 +8,9 @@ import asyncio
 import base64
 import dataclasses
 import logging
+import random
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -173,6 +175,27 @@ async def test_bad_input_is_a_4xx_and_the_keep_alive_connection_stays_usable(ser
                 assert (code, body) == (200, b'{"unread":1}'), target
         finally:
             writer.close()
+
+
+HOSTILE = "0123456789²٣-+.: ,=\x00\x01\"'\\%/?#&éß漢😀\u202e"
+
+
+async def test_no_parameter_text_answers_5xx(served: Served) -> None:
+    rng = random.Random(8)
+    names = ["limit", "after_seq", "before_seq", "cursor", "q", "position", "archived"]
+    for _ in range(150):
+        text = "".join(rng.choice(HOSTILE) for _ in range(rng.choice([1, 3, 20, 300])))
+        name = rng.choice(names)
+        for path in ("/v1/conversations", "/v1/conversations/c1/messages", "/v1/unread", "/v1/search",
+                     f"/v1/conversations/{urllib.parse.quote(text, safe='')}/messages"):  # fmt: skip
+            r = await served.client.get(path, params={name: text}, headers=headers("ann"))
+            assert r.status_code < 500 or r.json()["type"] == "/problems/position-not-reached", (
+                path,
+                name,
+                text,
+            )
+            if r.status_code >= 400:
+                assert r.headers["content-type"] == "application/problem+json"
 
 
 async def test_a_bug_is_a_500_without_retry_after_and_the_connection_stays_usable(
