@@ -16,6 +16,7 @@ async def serve() -> int:
     import uvicorn
 
     from projector.app import create_app
+    from projector.reads import Reads
     from projector.settings import ProjectorSettings
     from projector.worker import Worker
 
@@ -30,9 +31,11 @@ async def serve() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     await worker.start()
+    reads = Reads(settings)
+    await reads.open()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings, worker), host=settings.http_host, port=settings.http_port,
+            create_app(settings, worker, reads), host=settings.http_host, port=settings.http_port,
             log_level="warning", access_log=False, lifespan="off",
         )
     )  # fmt: skip
@@ -43,6 +46,7 @@ async def serve() -> int:
     finally:
         server.should_exit = True
         await asyncio.gather(http, return_exceptions=True)
+        await reads.close()
         await worker.close()
     return 0
 

@@ -1,26 +1,38 @@
 """The query API: JWT-authenticated reads of the live read models, with read-your-writes on a log position.
 
-Served by the projector process in the worker's event loop. Every error is RFC 9457 problem+json.
+Served by the projector process in the worker's event loop, on its own pool (projector.reads). Every error
+is RFC 9457 problem+json: 4xx for whatever a client sends, 503 with Retry-After when Postgres is away or
+busy, 500 for a bug.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
+import contextlib
 import logging
-import time
-from datetime import datetime
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 from fastapi import FastAPI
-from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from events.position import LogPosition, parse_stream_id
 from projector import queries
+from projector.exceptions import PositionFromAnotherEpoch, QueryTimeout, ReadsUnavailable
 from projector.history.http import add_history_route
+from projector.params import (
+    Problem,
+    check_conversation_id,
+    decode_cursor,
+    encode_cursor,
+    not_found,
+    parse_limit,
+    parse_position,
+    parse_search,
+    parse_seq,
+)
+from projector.reads import Reads
 from projector.settings import ProjectorSettings
 from projector.worker import Worker
 from servicekit.auth import TokenVerifier, parse_bearer
@@ -31,104 +43,60 @@ from servicekit.problems import add_http_problem_handlers, bearer_challenge, pro
 log = logging.getLogger(__name__)
 
 _encoder = msgspec.json.Encoder()
-MAX_LIMIT = 200
-
-
-class Problem(Exception):
-    """An error answer: status, stable slug, title, detail, headers."""
-
-    def __init__(self, status: int, slug: str, title: str, detail: str = "", **headers: str) -> None:
-        super().__init__(detail or title)
-        self.status, self.slug, self.title, self.detail, self.headers = status, slug, title, detail, headers
 
 
 def _json(value: Any) -> Response:
     return Response(_encoder.encode(value), media_type="application/json")
 
 
-def _limit(request: Request, default: int = 50) -> int:
-    raw = request.query_params.get("limit")
-    if raw is None:
-        return default
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise Problem(400, "invalid-limit", "Invalid limit", f"limit must be 1..{MAX_LIMIT}")
-    return int(raw)
-
-
-def _int_param(request: Request, name: str) -> int | None:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return None
-    if not raw.isdigit():
-        raise Problem(
-            400, f"invalid-{name.replace('_', '-')}", f"Invalid {name}", f"{name} must be an integer"
-        )
-    return int(raw)
-
-
-def encode_cursor(at: datetime, conversation_id: str) -> str:
-    return base64.urlsafe_b64encode(_encoder.encode([at.isoformat(), conversation_id])).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        at, cid = msgspec.json.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(at), str(cid)
-    except (ValueError, TypeError, msgspec.DecodeError):
-        raise Problem(
-            400, "invalid-cursor", "Invalid cursor", "pass back the `next_cursor` you were given"
-        ) from None
-
-
-def create_app(settings: ProjectorSettings, worker: Worker) -> FastAPI:
-    """The HTTP app around a started `worker` (its pool serves the queries; its state feeds /readyz)."""
+def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> FastAPI:
+    """The HTTP app around a started `worker` (its state feeds /readyz) and open `reads` (its pool,
+    position watcher and per-user slots serve the queries)."""
     if settings.auth is None:
         raise ValueError("the query API needs JWT settings")
     verifier = TokenVerifier(settings.auth)
-    pool: AsyncConnectionPool[Any] = worker.pool
     app = FastAPI(title="Parley query API", version="1", summary="Read models of the Parley log.")
 
-    def user_of(request: Request) -> str:
-        return verifier.verify(parse_bearer(request.headers.get("authorization"))).user_id
+    @contextlib.asynccontextmanager
+    async def reading(request: Request) -> AsyncIterator[str]:
+        """The authenticated user, holding one of their read slots until the answer is ready."""
+        user = verifier.verify(parse_bearer(request.headers.get("authorization"))).user_id
+        if not reads.slots.try_acquire(user):
+            detail = f"at most {reads.slots.limit} at a time per user"
+            raise Problem(429, "too-many-reads", "Too many reads in flight", detail, **{"Retry-After": "1"})
+        try:
+            yield user
+        finally:
+            reads.slots.release(user)
 
     async def wait_for_position(request: Request) -> None:
         token = request.query_params.get("position") or request.headers.get("x-parley-position")
         if not token:
             return
+        position = parse_position(token, settings.log.partitions)
         try:
-            position = LogPosition.from_token(token)
-        except ValueError as exc:
-            raise Problem(400, "invalid-position", "Invalid log position", str(exc)) from None
-        if not 0 <= position.partition < settings.log.partitions:
-            raise Problem(400, "invalid-position", "Invalid log position", "no such partition")
-        wanted = parse_stream_id(position.stream_id)
-        deadline = time.monotonic() + settings.read_wait_s
-        while True:
-            async with pool.connection() as conn:
-                cp = await queries.checkpoint(conn, position.partition)
-            if cp is not None and cp[0] is not None and cp[0] != position.epoch:
-                raise Problem(409, "position-from-another-log", "Position from another log epoch",
-                              f"the read models follow epoch {cp[0]}")  # fmt: skip
-            if cp is not None and parse_stream_id(cp[1]) >= wanted:
+            if await reads.watcher.wait(position, settings.read_wait_s):
                 return
-            if time.monotonic() >= deadline:
-                raise Problem(
-                    503, "position-not-reached", "The read models have not reached that position yet",
-                    f"waited {settings.read_wait_s:g}s", **{"Retry-After": "1"},
-                )  # fmt: skip
-            await asyncio.sleep(0.02)
+        except PositionFromAnotherEpoch as exc:
+            raise Problem(
+                409, "position-from-another-log", "Position from another log epoch", str(exc)
+            ) from None
+        raise Problem(
+            503, "position-not-reached", "The read models have not reached that position yet",
+            f"waited {settings.read_wait_s:g}s", **{"Retry-After": "1"},
+        )  # fmt: skip
 
     @app.get("/v1/conversations", tags=["queries"], summary="My conversations, most recent activity first")
     async def list_conversations(request: Request) -> Response:
-        user = user_of(request)
-        limit = _limit(request)
-        cursor = request.query_params.get("cursor")
-        after = decode_cursor(cursor) if cursor else None
-        archived_raw = request.query_params.get("archived")
-        archived = None if archived_raw is None else archived_raw.lower() in ("1", "true", "yes")
-        await wait_for_position(request)
-        async with pool.connection() as conn:
-            items = await queries.conversations(conn, user, limit + 1, after, archived)
+        async with reading(request) as user:
+            limit = parse_limit(request.query_params.get("limit"), 50)
+            cursor = request.query_params.get("cursor")
+            after = decode_cursor(cursor) if cursor else None
+            archived_raw = request.query_params.get("archived")
+            archived = None if archived_raw is None else archived_raw.lower() in ("1", "true", "yes")
+            await wait_for_position(request)
+            async with reads.connection() as conn:
+                items = await queries.conversations(conn, user, limit + 1, after, archived)
         more = len(items) > limit
         items = items[:limit]
         next_cursor = encode_cursor(items[-1].last_activity_at, items[-1].conversation_id) if more else None
@@ -137,18 +105,20 @@ def create_app(settings: ProjectorSettings, worker: Worker) -> FastAPI:
     @app.get("/v1/conversations/{conversation_id}/messages", tags=["queries"],
              summary="A conversation's messages by sequence (participants only)")  # fmt: skip
     async def list_messages(request: Request, conversation_id: str) -> Response:
-        user = user_of(request)
-        limit = _limit(request)
-        after_seq, before_seq = _int_param(request, "after_seq"), _int_param(request, "before_seq")
-        if after_seq is not None and before_seq is not None:
-            raise Problem(400, "invalid-range", "Give after_seq or before_seq, not both")
-        await wait_for_position(request)
-        async with pool.connection() as conn:
-            if not await queries.is_or_was_participant(conn, user, conversation_id):
-                raise Problem(404, "conversation-not-found", "No such conversation among yours")
-            items = await queries.messages(
-                conn, user, conversation_id, limit + 1, after_seq=after_seq, before_seq=before_seq
-            )
+        async with reading(request) as user:
+            check_conversation_id(conversation_id)
+            limit = parse_limit(request.query_params.get("limit"), 50)
+            after_seq = parse_seq("after_seq", request.query_params.get("after_seq"))
+            before_seq = parse_seq("before_seq", request.query_params.get("before_seq"))
+            if after_seq is not None and before_seq is not None:
+                raise Problem(400, "invalid-range", "Give after_seq or before_seq, not both")
+            await wait_for_position(request)
+            async with reads.connection() as conn:
+                if not await queries.is_or_was_participant(conn, user, conversation_id):
+                    raise not_found()
+                items = await queries.messages(
+                    conn, user, conversation_id, limit + 1, after_seq=after_seq, before_seq=before_seq
+                )
         more = len(items) > limit
         items = items[:limit]
         answer: dict[str, Any] = {"messages": items}
@@ -160,30 +130,33 @@ def create_app(settings: ProjectorSettings, worker: Worker) -> FastAPI:
 
     add_history_route(
         app, authorize=lambda request: verifier.verify(parse_bearer(request.headers.get("authorization"))),
-        claim=settings.analyst_claim, role=settings.analyst_role, connection=pool.connection,
+        claim=settings.analyst_claim, role=settings.analyst_role, connection=reads.connection,
         log=lambda: worker.log, epoch=lambda: worker.epoch, problem=Problem,
     )  # fmt: skip
 
     @app.get("/v1/unread", tags=["queries"], summary="My total unread count")
     async def unread(request: Request) -> Response:
-        user = user_of(request)
-        await wait_for_position(request)
-        async with pool.connection() as conn:
-            return _json({"unread": await queries.total_unread(conn, user)})
+        async with reading(request) as user:
+            await wait_for_position(request)
+            async with reads.connection() as conn:
+                return _json({"unread": await queries.total_unread(conn, user)})
 
     @app.get("/v1/search", tags=["queries"], summary="Search the messages I can see")
     async def search(request: Request) -> Response:
-        user = user_of(request)
-        text = request.query_params.get("q", "").strip()
-        if not text:
-            raise Problem(400, "missing-query", "Missing q", "give the words to search for in q")
-        limit = _limit(request, 20)
-        await wait_for_position(request)
-        async with pool.connection() as conn:
-            return _json({"messages": await queries.search(conn, user, text, limit)})
+        async with reading(request) as user:
+            text = parse_search(request.query_params.get("q"), settings.search_max_chars,
+                                settings.search_max_terms)  # fmt: skip
+            limit = parse_limit(request.query_params.get("limit"), 20)
+            await wait_for_position(request)
+            try:
+                async with reads.connection() as conn:
+                    return _json({"messages": await queries.search(conn, user, text, limit)})
+            except QueryTimeout:  # the words are what make a search slow: retrying will not help
+                detail = "the search ran past its time limit; use fewer or rarer words"
+                raise Problem(422, "query-too-expensive", "Search too expensive", detail) from None
 
     async def postgres_ready() -> None:
-        async with pool.connection(timeout=2) as conn:
+        async with reads.pool.connection(timeout=2) as conn:
             await conn.execute("SELECT 1")
 
     async def redis_ready() -> None:
@@ -231,10 +204,43 @@ def create_app(settings: ProjectorSettings, worker: Worker) -> FastAPI:
 
     add_http_problem_handlers(app)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("query %s %s failed", request.method, request.url.path)
-        return problem_response(503, "unavailable", "The read models are unavailable", type(exc).__name__,
+    @app.exception_handler(ReadsUnavailable)
+    async def unavailable(request: Request, exc: ReadsUnavailable) -> Response:
+        log.warning("query %s %r: %s", request.method, request.url.path, exc)  # not for the client's eyes
+        return problem_response(503, "unavailable", "The read models are unavailable",
                                 headers={"Retry-After": "1"})  # fmt: skip
 
+    @app.exception_handler(QueryTimeout)
+    async def timed_out(_request: Request, exc: QueryTimeout) -> Response:
+        return problem_response(503, "query-timeout", "The read models are too busy to answer in time",
+                                str(exc), headers={"Retry-After": "1"})  # fmt: skip
+
+    app.add_middleware(AnswerUnexpected)
     return app
+
+
+class AnswerUnexpected:
+    """A bug answers 500 problem+json and is logged, and the connection stays usable: Starlette's own
+    last-resort handler re-raises after answering, and the server then drops the keep-alive connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            log.exception("query %s %r failed", scope["method"], scope["path"])
+            if started:  # too late for an answer: the server closes the connection
+                raise
+            await problem_response(500, "internal-error", "Internal server error")(scope, receive, send)

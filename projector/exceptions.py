@@ -11,6 +11,10 @@ ProjectorError
     ├── LeaseLost         the worker's lease on the partition expired; it stops until it wins the lease back
     └── LogGap            the stream was trimmed past the checkpoint: entries were lost before projection
 RebuildError              a rebuild cannot start or finish (another rebuild runs, the log is unreadable)
+ReadError                 the query API cannot answer a read (translated from the driver at reads.py)
+├── ReadsUnavailable      Postgres unreachable, or no pooled connection free within the pool timeout
+├── QueryTimeout          a query ran past the statement timeout
+└── PositionFromAnotherEpoch  a client's log position belongs to another epoch than the read models
 """
 
 from __future__ import annotations
@@ -102,3 +106,23 @@ class SelectionError(ProjectorError):
     def __init__(self, message: str, reason: str = "invalid-selection") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ReadError(ProjectorError):
+    """Base of the errors of the query API's reads."""
+
+
+class ReadsUnavailable(ReadError):
+    """Raised when Postgres cannot be reached or no query connection frees up within the pool timeout."""
+
+
+class QueryTimeout(ReadError):
+    """Raised when a read ran past the query connections' statement timeout (Postgres cancelled it)."""
+
+
+class PositionFromAnotherEpoch(ReadError):
+    """Raised when a client waits for a position of another log epoch than the checkpoint's."""
+
+    def __init__(self, checkpoint_epoch: str) -> None:
+        super().__init__(f"the read models follow epoch {checkpoint_epoch}")
+        self.checkpoint_epoch = checkpoint_epoch

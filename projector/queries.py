@@ -151,9 +151,7 @@ async def search(conn: AsyncConn, user: str, text: str, limit: int) -> list[Mess
     return [MessageItem(*r) for r in await cur.fetchall()]
 
 
-async def checkpoint(conn: AsyncConn, partition: int) -> tuple[str | None, str] | None:
-    cur = await conn.execute(
-        "SELECT epoch, stream_id FROM parley.checkpoints WHERE partition = %s", (partition,)
-    )
-    row = await cur.fetchone()
-    return None if row is None else (row[0], row[1])
+async def checkpoints(conn: AsyncConn) -> dict[int, tuple[str | None, str]]:
+    """Every partition's checkpoint: {partition: (epoch, stream_id)}."""
+    cur = await conn.execute("SELECT partition, epoch, stream_id FROM parley.checkpoints")
+    return {row[0]: (row[1], row[2]) for row in await cur.fetchall()}

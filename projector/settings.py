@@ -12,6 +12,13 @@ from servicekit.auth_settings import AuthSettings
 from servicekit.settings import Env
 
 DEFAULT_BATCH = 20_000
+# The query API's limits (README: Configuration).
+QUERY_POOL_SIZE = 8
+QUERY_POOL_TIMEOUT_S = 2.0
+QUERY_STATEMENT_TIMEOUT_MS = 2000
+QUERY_MAX_CONCURRENT_PER_USER = 8
+SEARCH_MAX_CHARS = 256
+SEARCH_MAX_TERMS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +33,12 @@ class ProjectorSettings:
     http_host: str = "127.0.0.1"
     http_port: int = 8002
     read_wait_s: float = 5.0
+    query_pool_size: int = QUERY_POOL_SIZE
+    query_pool_timeout_s: float = QUERY_POOL_TIMEOUT_S
+    query_statement_timeout_ms: int = QUERY_STATEMENT_TIMEOUT_MS
+    query_max_concurrent_per_user: int = QUERY_MAX_CONCURRENT_PER_USER
+    search_max_chars: int = SEARCH_MAX_CHARS
+    search_max_terms: int = SEARCH_MAX_TERMS
     lease_ttl_s: float = 5.0
     worker_id: str = ""
     cache_conversations: int = 50_000
@@ -62,6 +75,16 @@ class ProjectorSettings:
             http_host=env.str("PARLEY_PROJECTOR_HTTP_HOST", "127.0.0.1"),
             http_port=env.int("PARLEY_PROJECTOR_HTTP_PORT", 8002, minimum=0),
             read_wait_s=env.float("PARLEY_READ_WAIT_S", 5.0, minimum=0),
+            query_pool_size=env.int("PARLEY_QUERY_POOL_SIZE", QUERY_POOL_SIZE, minimum=1),
+            query_pool_timeout_s=env.float("PARLEY_QUERY_POOL_TIMEOUT_S", QUERY_POOL_TIMEOUT_S, minimum=0.01),
+            query_statement_timeout_ms=env.int(
+                "PARLEY_QUERY_STATEMENT_TIMEOUT_MS", QUERY_STATEMENT_TIMEOUT_MS, minimum=1
+            ),
+            query_max_concurrent_per_user=env.int(
+                "PARLEY_QUERY_MAX_CONCURRENT_PER_USER", QUERY_MAX_CONCURRENT_PER_USER, minimum=1
+            ),
+            search_max_chars=env.int("PARLEY_SEARCH_MAX_CHARS", SEARCH_MAX_CHARS, minimum=1),
+            search_max_terms=env.int("PARLEY_SEARCH_MAX_TERMS", SEARCH_MAX_TERMS, minimum=1),
             lease_ttl_s=env.float("PARLEY_PROJECTOR_LEASE_TTL_S", 5.0, minimum=0.5),
             worker_id=env.str("PARLEY_PROJECTOR_WORKER_ID", default_id),
             cache_conversations=env.int("PARLEY_PROJECTOR_CACHE_CONVERSATIONS", 50_000, minimum=1),

@@ -3,7 +3,6 @@ gets anything, whatever the filters; bad selections are problem+json."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -14,12 +13,11 @@ import pytest
 import redis.asyncio as aioredis
 from test_history_replay import expected
 from test_projector_api import AUTH, headers
+from test_projector_query_limits import projector_running
 from test_projector_store import settings_for, wait_caught_up, whole_log
 
 from command_api.append import Appender
 from events.codec import decode
-from projector.app import create_app
-from projector.worker import Worker
 from projector.workload import Workload
 from servicekit.tokens import mint_token
 
@@ -39,19 +37,13 @@ async def served(
     await appender.open()
     workload = Workload(seed=11)
     await workload.append(appender, 300)
-    worker = Worker(settings)
-    await worker.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    await wait_caught_up(worker)
-    transport = httpx.ASGITransport(app=create_app(settings, worker))
     try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://projector") as client:
-            yield client, appender, workload
+        async with projector_running(settings) as (worker, _reads, app):
+            await wait_caught_up(worker)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://projector") as client:
+                yield client, appender, workload
     finally:
-        stop.set()
-        await task
-        await worker.close()
         await appender.close()
 
 

@@ -14,6 +14,7 @@ from command_api import bodies, commands
 from command_api.append import Appender
 from events.config import LogSettings
 from projector.app import create_app
+from projector.reads import Reads
 from projector.settings import ProjectorSettings
 from projector.worker import Worker
 from servicekit.auth_settings import AuthSettings
@@ -41,9 +42,10 @@ async def served(
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     await asyncio.wait_for(worker.ready.wait(), 10)
-    transport = httpx.ASGITransport(app=create_app(settings, worker))
-    async with httpx.AsyncClient(transport=transport, base_url="http://projector") as client:
-        yield client, appender
+    async with Reads(settings) as reads:
+        transport = httpx.ASGITransport(app=create_app(settings, worker, reads))
+        async with httpx.AsyncClient(transport=transport, base_url="http://projector") as client:
+            yield client, appender
     stop.set()
     await task
     await worker.close()

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from test_projector_api import AUTH
 from test_projector_fold import T0, envelope
+from test_projector_query_limits import projector_running
 from test_projector_store import assert_equal_to_fold
 
 from command_api.append import Appender
@@ -26,6 +27,7 @@ from events.config import LogSettings
 from events.log import EventLog
 from events.position import parse_stream_id
 from projector.app import create_app
+from projector.reads import Reads
 from projector.redrive import redrive
 from projector.settings import ProjectorSettings
 from projector.store import Store
@@ -45,19 +47,11 @@ def settings_for(redis_url: str, namespace: str, database_url: str, **extra: Any
 @asynccontextmanager
 async def running(settings: ProjectorSettings) -> AsyncIterator[tuple[Worker, httpx.AsyncClient]]:
     """A started worker running its loop, with an in-process client of its HTTP app."""
-    worker = Worker(settings)
-    await worker.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    transport = httpx.ASGITransport(app=create_app(settings, worker))
-    try:
-        await asyncio.wait_for(worker.ready.wait(), 10)
-        async with httpx.AsyncClient(transport=transport, base_url="http://projector") as client:
-            yield worker, client
-    finally:
-        stop.set()
-        await task
-        await worker.close()
+    async with (
+        projector_running(settings) as (worker, _reads, app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://projector") as client,
+    ):
+        yield worker, client
 
 
 async def xadd_events(redis: aioredis.Redis, settings: ProjectorSettings, *events: schema.Envelope) -> None:
@@ -369,11 +363,10 @@ async def test_a_partition_that_crashes_stops_loudly_instead_of_vanishing(
         assert all(
             p.stopped == "crashed: RuntimeError: a bug in the read path" for p in worker.projectors.values()
         )
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_app(settings, worker)), base_url="http://p"
-        )
-        async with client:
-            r = await client.get("/readyz")
+        async with Reads(settings) as reads:
+            transport = httpx.ASGITransport(app=create_app(settings, worker, reads))
+            async with httpx.AsyncClient(transport=transport, base_url="http://p") as client:
+                r = await client.get("/readyz")
         assert r.status_code == 503 and "crashed" in r.json()["detail"]
     finally:
         await worker._stop_all()

@@ -17,6 +17,7 @@ from command_api.append import Appender
 from events.config import LogSettings
 from projector import queries
 from projector.app import create_app
+from projector.reads import Reads
 from projector.rebuild import rebuild
 from projector.settings import ProjectorSettings
 from projector.store import Store
@@ -93,9 +94,12 @@ async def test_rebuild_under_write_and_query_load_swaps_atomically(
             counts["prepared"] += 1
 
     tampered = "SELECT count(*) FROM parley.conversations WHERE title = 'tampered'"
-    transport = httpx.ASGITransport(app=create_app(settings, worker))
     async with (
-        httpx.AsyncClient(transport=transport, base_url="http://projector") as client,
+        Reads(settings) as reads,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(settings, worker, reads)),
+            base_url="http://projector",
+        ) as client,
         await psycopg.AsyncConnection.connect(database_url, prepare_threshold=0, autocommit=True) as prep,
     ):
         assert (await (await prep.execute(tampered)).fetchone()) != (0,)
