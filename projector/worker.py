@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from psycopg_pool import AsyncConnectionPool
 
-from events.exceptions import EpochChanged, LogError
+from events.exceptions import EpochChanged, EventsError, LogError
 from events.log import EventLog, LogEntry
 from events.position import parse_stream_id
 from events.schema import Envelope
@@ -55,12 +55,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# Errors of the connection or of the partition itself: never blamed on an entry.
+_NOT_ENTRY_FAULTS = (*_TRANSIENT, psycopg.InterfaceError, ProjectionStopped, EventsError)
+
+
 def _entry_fault(exc: BaseException) -> bool:
-    """An error some entry of the batch may cause (a fold bug, a row Postgres refuses), not the
-    connection's: worth retrying the batch one entry at a time to find the culprit."""
-    if isinstance(exc, psycopg.OperationalError):
-        return False
-    return isinstance(exc, psycopg.DatabaseError | FoldCrashed)
+    """Any other error some entry of the batch may cause (a fold bug, a row Postgres refuses, a value
+    psycopg cannot dump): worth retrying the batch one entry at a time, where the culprit becomes a dead
+    letter whatever it raised, so one entry never stops its partition."""
+    return isinstance(exc, Exception) and not isinstance(exc, _NOT_ENTRY_FAULTS)
 
 
 def _after(a: str, b: str) -> bool:

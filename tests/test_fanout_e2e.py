@@ -30,9 +30,10 @@ from command_api.append import Appender
 from command_api.bodies import AddParticipant, CreateConversation, SendMessage
 from command_api.commands import Context
 from devstack.ports import free_port
-from events.codec import decode
+from events.codec import decode, encode
 from events.config import LogSettings
 from events.log import EventLog
+from events.schema import MessageSent as SentPayload
 from projector.migrate import migrate
 from realtime_fanout.client import Event, FanoutClient, Live
 from realtime_fanout.cursor import Cursor
@@ -225,6 +226,27 @@ async def test_a_message_reaches_every_participant_and_nobody_else(
     assert eve.bodies() == ["private"] and len(eve.events) == 2
     for c in (alice, bob, eve):
         await c.close()
+
+
+async def test_an_entry_no_reader_may_decode_is_skipped_with_a_log_line(
+    appender: Appender, make_fanout: Any, redis_client: aioredis.Redis
+) -> None:
+    """The fanout refuses what the projector dead-letters (one decoder): seq beyond bigint, NUL in text."""
+    log = Log(appender)
+    await log.create("room", "alice", "bob")
+    fanout = await make_fanout()
+    bob = await Client.open(fanout.url, "bob")
+    key = appender.layout.stream_key(appender.layout.partition_for("room"))
+    good = decode((await redis_client.xrange(key, "-", "+", count=1))[0][1][b"e"])
+    payload = msgspec.structs.replace(good, seq=2**63, payload=SentPayload("m-huge", "beyond bigint"))
+    await redis_client.xadd(key, {"e": encode(payload)})
+    await redis_client.xadd(key, {"e": encode(msgspec.structs.replace(payload, seq=2, actor="alice\x00"))})
+    await log.send("room", "alice", "after")
+    await bob.until(lambda c: c.bodies() == ["after"])
+    assert [e["seq"] for e in bob.events] == [2]
+    text = fanout.log_path.read_text()
+    assert text.count("skipping undecodable entry") == 2 and "Traceback" not in text, text
+    await bob.close()
 
 
 async def test_membership_boundaries_live(appender: Appender, make_fanout: Any) -> None:
