@@ -12,6 +12,8 @@ from servicekit.auth_settings import AuthSettings
 from servicekit.settings import Env
 
 DEFAULT_BATCH = 20_000
+RETAIN_STREAM_S = 7 * 24 * 3600.0
+RETAIN_STREAM_EVENTS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,10 @@ class ProjectorSettings:
     gc_paced: bool = True
     gc_young_every_s: float = 1.0
     gc_full_every_s: float = 600.0
+    retention: bool = True
+    retain_stream_s: float = RETAIN_STREAM_S
+    retain_stream_events: int = RETAIN_STREAM_EVENTS
+    retention_interval_s: float = 10.0
 
     def child_env(self) -> dict[str, str]:
         """The environment a child process needs to read the same log into the same database."""
@@ -69,4 +75,8 @@ class ProjectorSettings:
             gc_paced=env.bool("PARLEY_PROJECTOR_GC_PACED", True),
             gc_young_every_s=env.float("PARLEY_PROJECTOR_GC_YOUNG_EVERY_S", 1.0, minimum=0.01),
             gc_full_every_s=env.float("PARLEY_PROJECTOR_GC_FULL_EVERY_S", 600.0, minimum=1.0),
+            retention=env.bool("PARLEY_RETENTION", True),
+            retain_stream_s=env.float("PARLEY_RETAIN_STREAM_S", RETAIN_STREAM_S, minimum=0),
+            retain_stream_events=env.int("PARLEY_RETAIN_STREAM_EVENTS", RETAIN_STREAM_EVENTS, minimum=0),
+            retention_interval_s=env.float("PARLEY_RETENTION_INTERVAL_S", 10.0, minimum=0.01),
         )

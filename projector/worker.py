@@ -36,6 +36,7 @@ from projector.exceptions import (
     ProjectionStopped,
 )
 from projector.migrate import migrate
+from projector.retention import Retention
 from projector.settings import ProjectorSettings
 from projector.state import ConversationState, forget_bodies
 from projector.store import Store
@@ -258,6 +259,7 @@ class Worker:
             settings.database_url, min_size=1, max_size=settings.log.partitions + 4, open=False, timeout=5,
             kwargs={"prepare_threshold": None}, configure=self.store.prepare_connection,
         )  # fmt: skip
+        self.retention = Retention.of(settings, self.redis, self.pool)
         self.epoch: str | None = None
         self.projectors: dict[int, PartitionProjector] = {}
         self.tasks: dict[int, asyncio.Task[None]] = {}
@@ -293,9 +295,17 @@ class Worker:
                  self.layout.partitions)  # fmt: skip
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Hold leases and project owned partitions until `stop` is set."""
-        async with self.paced_gc():
-            await self._run(stop)
+        """Hold leases and project owned partitions until `stop` is set; trim the streams meanwhile."""
+        retention = None
+        if self.settings.retention:
+            retention = asyncio.create_task(self.retention.run(stop), name="retention")
+        try:
+            async with self.paced_gc():
+                await self._run(stop)
+        finally:
+            if retention is not None:
+                retention.cancel()
+                await asyncio.gather(retention, return_exceptions=True)
 
     @contextlib.asynccontextmanager
     async def paced_gc(self) -> AsyncIterator[None]:
