@@ -189,7 +189,12 @@ class Retention:
         """Trim every `interval_s` until `stop`; a failed partition is logged and retried with backoff."""
         delay = self.interval_s
         while not stop.is_set():
-            failed = any(s.error for s in await self.trim_once())
+            try:
+                failed = any(s.error for s in await self.trim_once())
+            except Exception:  # trim_once catches per partition; this is a bug around it: loud, and retried
+                log.exception("retention pass crashed; retrying")
+                metrics.RETENTION_ERRORS.inc()
+                failed = True
             delay = min(max(delay * 2, 0.5), self.retry_max_s) if failed else self.interval_s
             try:
                 await asyncio.wait_for(stop.wait(), delay)

@@ -1,9 +1,10 @@
 """The worker: holds partition leases, and for each owned partition reads the log (XREAD, blocking),
 folds a batch, commits it with the checkpoint, loops. Postgres or Redis errors: retry with backoff.
 
-Trimmed-stream rule: trimmers keep every entry from the archive's head on (XTRIM MINID <= archive head),
-and the archive's head is never after a checkpoint, so a stream whose first id is after a non-zero
-checkpoint lost entries the read models never saw: that partition stops (`LogGap`), it never skips.
+Trimmed-stream rule: trimmers (`retention.py`, or an operator) keep every entry from the archive's head on
+(XTRIM MINID <= archive head and <= the checkpoint), and the archive's head is never after a checkpoint, so a
+stream whose first id is after a non-zero checkpoint lost entries the read models never saw: that partition
+stops (`LogGap`), it never skips, unless the stored checkpoint itself moved on (a rebuild's swap): reload.
 """
 
 from __future__ import annotations
@@ -163,8 +164,20 @@ class PartitionProjector:
         if epoch is None or _text(epoch) != w.epoch:
             raise EpochChanged(w.epoch, None if epoch is None else _text(epoch))
         if first and self.position != "0-0" and _after(_text(first[0][0]), self.position):
+            await (
+                self._check_checkpoint()
+            )  # a rebuild's swap may have moved it on, and retention trimmed since
             raise LogGap(self.partition, self.position, _text(first[0][0]))
         return await self.apply(entries)
+
+    async def _check_checkpoint(self) -> None:
+        """Raise CheckpointMoved (reload) when the stored checkpoint is not this projector's position."""
+        async with self.worker.pool.connection() as conn:
+            cp = await self.worker.store.checkpoint(conn, self.partition)
+        if (cp.stream_id, cp.version) != (self.position, self.version):
+            raise CheckpointMoved(
+                self.partition, f"{self.position}#{self.version}", f"{cp.stream_id}#{cp.version}"
+            )
 
     async def apply(self, entries: Sequence[LogEntry]) -> int:
         """Fold and commit `entries` (the next ones after `position`); returns how many it moved past."""

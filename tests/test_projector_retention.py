@@ -23,9 +23,12 @@ from command_api.bodies import CreateConversation, SendMessage
 from command_api.commands import Context
 from events.log import EventLog, LogEntry
 from events.position import parse_stream_id
+from projector.exceptions import CheckpointMoved
+from projector.migrate import migrate
 from projector.rebuild import rebuild
 from projector.retention import Bound, Decision, Retention, StreamInfo, Window, settle, trim_bound
 from projector.settings import ProjectorSettings
+from projector.worker import PartitionProjector, Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_000_000_000  # ms
@@ -248,3 +251,69 @@ async def test_retention_never_trims_an_unarchived_entry_and_resumes_with_the_pr
     assert (report.from_archive, report.from_log) == (len(history), 0)  # the streams hold only archived ones
     await assert_equal_to_fold_of(database_url, in_log_order(history))
     await appender.close()
+
+
+async def test_a_failing_pass_is_logged_and_retried_until_it_succeeds(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    settings = retention_settings(redis_server_url, log_namespace, database_url)
+    appender = Appender(redis_client, settings.log.layout())
+    await appender.open()
+    await Writes(appender, range(settings.log.partitions)).create()
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(database_url, min_size=1, max_size=1, open=False)
+    await pool.open(wait=True)
+    retention = Retention.of(settings, redis_client, pool)
+    stop = asyncio.Event()
+    task = asyncio.create_task(retention.run(stop))
+    try:  # the database has no store yet: every pass fails, loudly, and is retried
+        await until(lambda: asyncio.sleep(0, any(s.error for s in retention.statuses.values())))
+        assert "UndefinedTable" in (retention.statuses[0].error or "")
+        assert any("retention of partition 0 failed" in r.message for r in caplog.records)
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            await migrate(conn)
+        await until(lambda: asyncio.sleep(0, all(s.error is None for s in retention.statuses.values())), 5)
+        assert retention.statuses[0].reason == "the stream holds 1 entries, the window keeps 20"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        await pool.close()
+        await appender.close()
+
+
+async def test_a_checkpoint_moved_on_under_an_idle_worker_reloads_instead_of_a_log_gap(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    """A rebuild's swap moves the live checkpoint on (to where the rebuild got) while the worker waits on
+    XREAD; retention may then trim up to it before the worker's next batch. That is no gap: reload."""
+    settings = retention_settings(redis_server_url, log_namespace, database_url, retention=False)
+    layout = settings.log.layout()
+    appender = Appender(redis_client, layout)
+    await appender.open()
+    writes = Writes(appender, range(layout.partitions))
+    await writes.create()
+    worker = Worker(settings, use_leases=False)
+    await worker.start()
+    try:
+        partition = layout.partition_for(writes.cids[0])
+        projector = PartitionProjector(worker, partition)
+        await projector.load()
+        await projector.step()
+        await writes.send(3)
+        head = await worker.log.head(partition)
+        # What a swap does when the rebuild got further than this worker, then a trim up to the new checkpoint.
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            await conn.execute(
+                "UPDATE parley.checkpoints SET stream_id = %s, version = version + 2 WHERE partition = %s",
+                (head, partition),
+            )
+            await conn.commit()
+        await redis_client.xtrim(layout.stream_key(partition), minid=head, approximate=False)
+        await writes.send(1)
+        with pytest.raises(CheckpointMoved):
+            await projector.step()
+        await projector.load()
+        assert await projector.step() == 1
+    finally:
+        await worker.close()
+        await appender.close()
