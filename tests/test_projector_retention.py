@@ -4,6 +4,7 @@ against real Redis and Postgres: never past an unarchived entry, resumes with th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from events.log import EventLog, LogEntry
 from events.position import parse_stream_id
 from projector.exceptions import CheckpointMoved
 from projector.migrate import migrate
-from projector.rebuild import rebuild
+from projector.rebuild import REBUILD_LOCK_KEY, rebuild
 from projector.retention import Bound, Decision, Retention, StreamInfo, Window, settle, trim_bound
 from projector.settings import ProjectorSettings
 from projector.worker import PartitionProjector, Worker
@@ -140,10 +141,8 @@ KEEP = 20
 
 
 def retention_settings(redis_url: str, namespace: str, database_url: str, **extra: Any) -> ProjectorSettings:
-    return settings_for(
-        redis_url, namespace, database_url, retain_stream_s=0, retain_stream_events=KEEP,
-        retention_interval_s=0.05, rebuild_processes=1, **extra,
-    )  # fmt: skip
+    fields: dict[str, Any] = dict(retain_stream_s=0, retain_stream_events=KEEP, retention_interval_s=0.05)
+    return settings_for(redis_url, namespace, database_url, rebuild_processes=1, **(fields | extra))
 
 
 async def stream_ids(redis: aioredis.Redis, settings: ProjectorSettings, partition: int) -> list[str]:
@@ -316,4 +315,31 @@ async def test_a_checkpoint_moved_on_under_an_idle_worker_reloads_instead_of_a_l
         assert await projector.step() == 1
     finally:
         await worker.close()
+        await appender.close()
+
+
+async def test_nothing_is_trimmed_while_a_rebuild_runs(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    settings = retention_settings(redis_server_url, log_namespace, database_url, retain_stream_events=1)
+    layout = settings.log.layout()
+    appender = Appender(redis_client, layout)
+    await appender.open()
+    writes = Writes(appender, range(layout.partitions))
+    await writes.create()
+    await writes.send(5)
+    async with running(dataclasses.replace(settings, retention=False)) as (worker, _client):
+        await wait_caught_up(worker)
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(database_url, min_size=1, max_size=1, open=False)
+    await pool.open(wait=True)
+    retention = Retention.of(settings, redis_client, pool)
+    try:
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as rebuild_session:
+            await rebuild_session.execute("SELECT pg_advisory_lock(%s)", (REBUILD_LOCK_KEY,))
+            statuses = await retention.trim_once()
+            assert {(s.reason, s.trimmed) for s in statuses} == {("a rebuild is running", 0)}
+        statuses = await retention.trim_once()  # the lock went with its session
+        assert {(s.trimmed, s.length) for s in statuses} == {(5, 1)}, statuses
+    finally:
+        await pool.close()
         await appender.close()
