@@ -279,7 +279,7 @@ class Retention:
             status.trimmed += removed
             status.length = stream.length - removed
             metrics.RETENTION_TRIMMED.labels(label).inc(removed)
-            log.info(
+            log.debug(  # every pass trims a little: the metrics count it, the log would only repeat it
                 "partition %d: trimmed %d entries below %s (%s)", p, removed, decision.minid, decision.reason
             )
             if not decision.more:
