@@ -1,6 +1,9 @@
 """JSON codec for envelopes: one typed decoder per process, upcasting on the slow path only.
 
-Decoding never raises anything but `DecodeError` (or its subclass `UpcastError`), whatever the bytes.
+Decoding never raises anything but `DecodeError` (or its subclass `UpcastError`), whatever the bytes, and
+what it returns can be stored as is: sequence numbers within bigint (`schema.Seq`) and no text holding NUL
+(U+0000), which Postgres text refuses. Every reader (projector, fanout, redrive) decodes here, so they all
+refuse the same entries.
 """
 
 from __future__ import annotations
@@ -54,10 +57,28 @@ def decode(data: bytes | str) -> Envelope:
     try:
         envelope = _decoder.decode(data)
     except (msgspec.DecodeError, RecursionError):
-        return _decode_slow(data)
-    if envelope.schema_version != CURRENT_VERSIONS[envelope.type]:
-        return _decode_slow(data)
+        envelope = _decode_slow(data)
+    else:
+        if envelope.schema_version != CURRENT_VERSIONS[envelope.type]:
+            envelope = _decode_slow(data)
+    if _ESCAPED_NUL in data:  # JSON text can only hold NUL escaped; a raw 0x00 byte is malformed JSON
+        _refuse_nul(msgspec.to_builtins(envelope), "$")
     return envelope
+
+
+_ESCAPED_NUL = b"\\u0000"
+
+
+def _refuse_nul(value: Any, path: str) -> None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise DecodeError(f"text holds NUL (U+0000), which cannot be stored - at `{path}`")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_nul(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _refuse_nul(item, f"{path}[{i}]")
 
 
 def _decode_slow(data: bytes | str) -> Envelope:

@@ -11,6 +11,11 @@ from typing import Annotated, ClassVar
 
 import msgspec
 
+SEQ_MAX = 2**63 - 1
+# A sequence number: 1, 2, ... and within Postgres bigint (the archive's and read models' column type), so a
+# decoded event can always be written; an entry outside is refused at decode time, by every reader alike.
+Seq = Annotated[int, msgspec.Meta(ge=1, le=SEQ_MAX)]
+
 
 class Payload(msgspec.Struct, frozen=True, gc=False, tag_field="type"):
     """Base of every event payload; `type` on the wire is the subclass's tag.
@@ -69,7 +74,7 @@ class MessageDeleted(Payload, frozen=True, tag="message_deleted"):
 class MessagesRead(Payload, frozen=True, tag="messages_read"):
     """The actor has read the conversation up to and including sequence `up_to_seq`."""
 
-    up_to_seq: int
+    up_to_seq: Seq
 
 
 class ConversationArchived(Payload, frozen=True, tag="conversation_archived"):
@@ -146,4 +151,4 @@ class Envelope(_EnvelopeFields, frozen=True, kw_only=True):
     log at append time. `schema_version` is the payload type's version when it was written.
     """
 
-    seq: int
+    seq: Seq

@@ -1,5 +1,5 @@
 """`python -m projector` runs the worker and the query API; `redrive` re-applies dead letters; `rebuild`
-rebuilds the read models beside the live ones and swaps them in."""
+rebuilds the read models beside the live ones and swaps them in; `trim` trims the streams once."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import Any
 
 from servicekit.exceptions import ServiceKitError
 
@@ -89,12 +90,40 @@ async def rebuild_archive_main(schema: str, partitions: list[int]) -> int:
     return 0
 
 
+async def trim_main(*, dry_run: bool) -> int:
+    import redis.asyncio as aioredis
+    from psycopg_pool import AsyncConnectionPool
+
+    from projector.retention import Retention
+    from projector.settings import ProjectorSettings
+
+    settings = ProjectorSettings.from_env(auth=False)
+    redis = aioredis.Redis.from_url(settings.log.redis_url, socket_connect_timeout=2)
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        settings.database_url, min_size=1, max_size=1, open=False
+    )
+    try:
+        await pool.open(wait=True, timeout=10)
+        statuses = await Retention.of(settings, redis, pool).trim_once(dry_run=dry_run)
+    finally:
+        await pool.close()
+        await redis.aclose()
+    verb = "would trim" if dry_run else "trimmed"
+    for s in statuses:
+        where = f" below {s.minid}" if s.trimmed else ""
+        held = " [held back by the archive]" if s.blocked else ""
+        print(f"partition {s.partition}: {verb} {s.trimmed} entries{where}; {s.reason}{held}")
+    return 1 if any(s.error for s in statuses) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m projector")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the worker and the query API (the default)")
     sub.add_parser("redrive", help="re-apply pending dead letters to the live read models")
     sub.add_parser("rebuild", help="rebuild the read models from the archive and the log, swap them in")
+    trim = sub.add_parser("trim", help="trim every partition's stream once to the retention window")
+    trim.add_argument("--dry-run", action="store_true", help="say what would be trimmed, trim nothing")
     part = sub.add_parser("rebuild-archive", help="(internal) one process of a rebuild's archive phase")
     part.add_argument("--schema", required=True)
     part.add_argument("--partitions", required=True, help="comma-separated partition numbers")
@@ -111,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(redrive_main())
         if args.command == "rebuild":
             return asyncio.run(rebuild_main())
+        if args.command == "trim":
+            return asyncio.run(trim_main(dry_run=args.dry_run))
         if args.command == "rebuild-archive":
             partitions = [int(p) for p in args.partitions.split(",")]
             return asyncio.run(rebuild_archive_main(args.schema, partitions))

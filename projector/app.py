@@ -185,7 +185,8 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
                          "lag_seconds": lags[p].seconds if p in lags else None,
                          "stopped": pr.stopped, "retrying": pr.retrying}
                 for p, pr in sorted(worker.projectors.items())
-            }
+            },
+            "retention": worker.retention.status(),
         }  # fmt: skip
 
     add_health_routes(app, lambda _r: {"postgres": postgres_ready, "redis": redis_ready,

@@ -28,7 +28,7 @@ class DeadLetter:
     stream_id: str
     data: bytes
     error: str
-    reason: str  # decode | fold | db
+    reason: str  # decode | fold | db (it could not be written, whatever the error)
 
 
 class Archived(msgspec.Struct, frozen=True, gc=False):

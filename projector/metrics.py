@@ -42,3 +42,29 @@ GC_PAUSE_SECONDS = Histogram(
     ["kind"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
+RETENTION_TRIMMED = Counter(
+    "parley_retention_trimmed_entries",
+    "Stream entries the retention task trimmed (all archived)",
+    ["partition"],
+)
+RETENTION_TRIM_POINT = Gauge(
+    "parley_retention_trim_point_ms",
+    "Time (Unix ms) of the oldest entry the stream keeps: the last MINID applied, or the first entry",
+    ["partition"],
+)
+RETENTION_BLOCKED = Gauge(
+    "parley_retention_blocked_by_archive",
+    "1 while the window asks to trim past the archive's head (the projector is stopped or lagging)",
+    ["partition"],
+)
+RETENTION_STREAM_ENTRIES = Gauge(
+    "parley_retention_stream_entries",
+    "Entries the partition's stream holds after the last pass",
+    ["partition"],
+)
+RETENTION_ERRORS = Counter(
+    "parley_retention_errors", "Retention passes of a partition that failed and were retried"
+)
+RETENTION_LAST_PASS = Gauge(
+    "parley_retention_last_pass_timestamp_seconds", "When the last retention pass ended"
+)

@@ -19,6 +19,8 @@ QUERY_STATEMENT_TIMEOUT_MS = 2000
 QUERY_MAX_CONCURRENT_PER_USER = 8
 SEARCH_MAX_CHARS = 256
 SEARCH_MAX_TERMS = 16
+RETAIN_STREAM_S = 7 * 24 * 3600.0
+RETAIN_STREAM_EVENTS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,10 @@ class ProjectorSettings:
     gc_full_every_s: float = 600.0
     analyst_claim: str = "roles"
     analyst_role: str = "analyst"
+    retention: bool = True
+    retain_stream_s: float = RETAIN_STREAM_S
+    retain_stream_events: int = RETAIN_STREAM_EVENTS
+    retention_interval_s: float = 10.0
 
     def child_env(self) -> dict[str, str]:
         """The environment a child process needs to read the same log into the same database."""
@@ -96,4 +102,8 @@ class ProjectorSettings:
             gc_full_every_s=env.float("PARLEY_PROJECTOR_GC_FULL_EVERY_S", 600.0, minimum=1.0),
             analyst_claim=env.str("PARLEY_ANALYST_CLAIM", "roles"),
             analyst_role=env.str("PARLEY_ANALYST_ROLE", "analyst"),
+            retention=env.bool("PARLEY_RETENTION", True),
+            retain_stream_s=env.float("PARLEY_RETAIN_STREAM_S", RETAIN_STREAM_S, minimum=0),
+            retain_stream_events=env.int("PARLEY_RETAIN_STREAM_EVENTS", RETAIN_STREAM_EVENTS, minimum=0),
+            retention_interval_s=env.float("PARLEY_RETENTION_INTERVAL_S", 10.0, minimum=0.01),
         )

@@ -315,5 +315,5 @@ class Store:
                     if self.archive
                     else "DO NOTHING"
                 ),
-                [(epoch, d.partition, d.stream_id, d.data, d.error) for d in dead],
+                [(epoch, d.partition, d.stream_id, d.data, d.error.replace("\x00", "\\x00")) for d in dead],
             )

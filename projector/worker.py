@@ -1,9 +1,10 @@
 """The worker: holds partition leases, and for each owned partition reads the log (XREAD, blocking),
 folds a batch, commits it with the checkpoint, loops. Postgres or Redis errors: retry with backoff.
 
-Trimmed-stream rule: trimmers keep every entry from the archive's head on (XTRIM MINID <= archive head),
-and the archive's head is never after a checkpoint, so a stream whose first id is after a non-zero
-checkpoint lost entries the read models never saw: that partition stops (`LogGap`), it never skips.
+Trimmed-stream rule: trimmers (`retention.py`, or an operator) keep every entry from the archive's head on
+(XTRIM MINID <= archive head and <= the checkpoint), and the archive's head is never after a checkpoint, so a
+stream whose first id is after a non-zero checkpoint lost entries the read models never saw: that partition
+stops (`LogGap`), it never skips, unless the stored checkpoint itself moved on (a rebuild's swap): reload.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from psycopg_pool import AsyncConnectionPool
 
-from events.exceptions import EpochChanged, LogError
+from events.exceptions import EpochChanged, EventsError, LogError
 from events.log import EventLog, LogEntry
 from events.position import parse_stream_id
 from events.schema import Envelope
@@ -36,6 +37,7 @@ from projector.exceptions import (
     ProjectionStopped,
 )
 from projector.migrate import migrate
+from projector.retention import Retention
 from projector.settings import ProjectorSettings
 from projector.state import ConversationState, forget_bodies
 from projector.store import Store
@@ -55,12 +57,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# Errors of the connection or of the partition itself: never blamed on an entry.
+_NOT_ENTRY_FAULTS = (*_TRANSIENT, psycopg.InterfaceError, ProjectionStopped, EventsError)
+
+
 def _entry_fault(exc: BaseException) -> bool:
-    """An error some entry of the batch may cause (a fold bug, a row Postgres refuses), not the
-    connection's: worth retrying the batch one entry at a time to find the culprit."""
-    if isinstance(exc, psycopg.OperationalError):
-        return False
-    return isinstance(exc, psycopg.DatabaseError | FoldCrashed)
+    """Any other error some entry of the batch may cause (a fold bug, a row Postgres refuses, a value
+    psycopg cannot dump): worth retrying the batch one entry at a time, where the culprit becomes a dead
+    letter whatever it raised, so one entry never stops its partition."""
+    return isinstance(exc, Exception) and not isinstance(exc, _NOT_ENTRY_FAULTS)
 
 
 def _after(a: str, b: str) -> bool:
@@ -159,8 +164,20 @@ class PartitionProjector:
         if epoch is None or _text(epoch) != w.epoch:
             raise EpochChanged(w.epoch, None if epoch is None else _text(epoch))
         if first and self.position != "0-0" and _after(_text(first[0][0]), self.position):
+            await (
+                self._check_checkpoint()
+            )  # a rebuild's swap may have moved it on, and retention trimmed since
             raise LogGap(self.partition, self.position, _text(first[0][0]))
         return await self.apply(entries)
+
+    async def _check_checkpoint(self) -> None:
+        """Raise CheckpointMoved (reload) when the stored checkpoint is not this projector's position."""
+        async with self.worker.pool.connection() as conn:
+            cp = await self.worker.store.checkpoint(conn, self.partition)
+        if (cp.stream_id, cp.version) != (self.position, self.version):
+            raise CheckpointMoved(
+                self.partition, f"{self.position}#{self.version}", f"{cp.stream_id}#{cp.version}"
+            )
 
     async def apply(self, entries: Sequence[LogEntry]) -> int:
         """Fold and commit `entries` (the next ones after `position`); returns how many it moved past."""
@@ -255,6 +272,7 @@ class Worker:
             settings.database_url, min_size=1, max_size=settings.log.partitions + 4, open=False, timeout=5,
             kwargs={"prepare_threshold": None}, configure=self.store.prepare_connection,
         )  # fmt: skip
+        self.retention = Retention.of(settings, self.redis, self.pool)
         self.epoch: str | None = None
         self.projectors: dict[int, PartitionProjector] = {}
         self.tasks: dict[int, asyncio.Task[None]] = {}
@@ -290,9 +308,17 @@ class Worker:
                  self.layout.partitions)  # fmt: skip
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Hold leases and project owned partitions until `stop` is set."""
-        async with self.paced_gc():
-            await self._run(stop)
+        """Hold leases and project owned partitions until `stop` is set; trim the streams meanwhile."""
+        retention = None
+        if self.settings.retention:
+            retention = asyncio.create_task(self.retention.run(stop), name="retention")
+        try:
+            async with self.paced_gc():
+                await self._run(stop)
+        finally:
+            if retention is not None:
+                retention.cancel()
+                await asyncio.gather(retention, return_exceptions=True)
 
     @contextlib.asynccontextmanager
     async def paced_gc(self) -> AsyncIterator[None]:

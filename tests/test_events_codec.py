@@ -21,15 +21,17 @@ ids = st.from_regex(ID_PATTERN, fullmatch=True)
 optional_ids = st.none() | ids
 utc_datetimes = st.datetimes(timezones=st.just(UTC))
 seqs = st.integers(min_value=1, max_value=2**63 - 1)
+# What an event may hold: decoding refuses NUL (Postgres text cannot store it).
+texts = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
 
 PAYLOAD_STRATEGIES: dict[type[schema.Payload], st.SearchStrategy[Any]] = {
     schema.ConversationCreated: st.builds(
-        schema.ConversationCreated, title=st.text(), participants=st.lists(ids, max_size=5).map(tuple)
+        schema.ConversationCreated, title=texts, participants=st.lists(ids, max_size=5).map(tuple)
     ),
     schema.ParticipantAdded: st.builds(schema.ParticipantAdded, user_id=ids),
     schema.ParticipantRemoved: st.builds(schema.ParticipantRemoved, user_id=ids),
-    schema.MessageSent: st.builds(schema.MessageSent, message_id=ids, body=st.text(), reply_to=optional_ids),
-    schema.MessageEdited: st.builds(schema.MessageEdited, message_id=ids, body=st.text()),
+    schema.MessageSent: st.builds(schema.MessageSent, message_id=ids, body=texts, reply_to=optional_ids),
+    schema.MessageEdited: st.builds(schema.MessageEdited, message_id=ids, body=texts),
     schema.MessageDeleted: st.builds(schema.MessageDeleted, message_id=ids),
     schema.MessagesRead: st.builds(schema.MessagesRead, up_to_seq=seqs),
     schema.ConversationArchived: st.builds(schema.ConversationArchived),
@@ -49,7 +51,7 @@ def _common_fields(payload: schema.Payload) -> st.SearchStrategy[dict[str, Any]]
             "correlation_id": ids,
             "payload": st.just(payload),
             "causation_id": optional_ids,
-            "idempotency_key": st.none() | st.text(min_size=1),
+            "idempotency_key": st.none() | texts.filter(bool),
         }
     )
 
@@ -173,6 +175,40 @@ def test_deeply_nested_unknown_field_raises_decode_error() -> None:
         decode(b'{"x":' + b"[" * depth + b"]" * depth + b"}")
 
 
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("seq", 0), ("seq", -1), ("seq", 2**63), ("seq", 2**70),
+        ("payload.up_to_seq", 0), ("payload.up_to_seq", 2**63),
+        ("actor", "a\x00"), ("conversation_id", "\x00"), ("event_id", "e\x00"), ("correlation_id", "\x00"),
+        ("causation_id", "\x00"), ("idempotency_key", "k\x00"), ("payload.body", "hi \x00"),
+    ],
+)  # fmt: skip
+def test_values_no_store_can_hold_are_refused_at_decode(path: str, value: Any) -> None:
+    """What decodes can be written: sequence numbers in 1..2^63-1 (bigint), no NUL in text (issue 8)."""
+    payload = schema.MessagesRead(up_to_seq=3) if "up_to_seq" in path else schema.MessageSent("m", "body")
+    raw = _raw(Envelope(seq=1, event_id="e", schema_version=payload.VERSION, occurred_at=datetime.now(UTC),
+                        actor="a", conversation_id="c", correlation_id="c", payload=payload))  # fmt: skip
+    *parents, name = path.split(".")
+    target = raw
+    for parent in parents:
+        target = target[parent]
+    target[name] = value
+    with pytest.raises(DecodeError, match=name):
+        decode(msgspec.json.encode(raw))
+    decode(encode(Envelope(seq=2**63 - 1, event_id="e", schema_version=schema.MessageSent.VERSION,
+                           occurred_at=datetime.now(UTC), actor="a", conversation_id="c", correlation_id="c",
+                           payload=schema.MessageSent("m", "a literal \\u0000 is text"))))  # fmt: skip
+
+
+def test_nul_in_a_participant_or_title_is_refused() -> None:
+    for payload in (schema.ConversationCreated("t", ("a", "b\x00")), schema.ConversationCreated("\x00", ())):
+        envelope = Envelope(seq=1, event_id="e", schema_version=1, occurred_at=datetime.now(UTC), actor="a",
+                            conversation_id="c", correlation_id="c", payload=payload)  # fmt: skip
+        with pytest.raises(DecodeError, match="NUL"):
+            decode(encode(envelope))
+
+
 # --- (c) the log's prefix + the unsequenced tail -----------------------------------------------------
 
 
@@ -201,7 +237,7 @@ def _v1_message_sent(envelope: Envelope, message_id: str, text: str) -> bytes:
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
-@given(envelopes, ids, st.text())
+@given(envelopes, ids, texts)
 def test_message_sent_v1_decodes_as_v2(envelope: Envelope, message_id: str, text: str) -> None:
     decoded = decode(_v1_message_sent(envelope, message_id, text))
     assert decoded.payload == schema.MessageSent(message_id=message_id, body=text, reply_to=None)

@@ -30,9 +30,10 @@ from command_api.append import Appender
 from command_api.bodies import AddParticipant, CreateConversation, EditMessage, SendMessage
 from command_api.commands import Context
 from devstack.ports import free_port
-from events.codec import decode
+from events.codec import decode, encode
 from events.config import LogSettings
 from events.log import EventLog
+from events.schema import MessageSent as SentPayload
 from projector.migrate import migrate
 from realtime_fanout.client import Event, FanoutClient, Live
 from realtime_fanout.cursor import Cursor
@@ -225,6 +226,27 @@ async def test_a_message_reaches_every_participant_and_nobody_else(
     assert eve.bodies() == ["private"] and len(eve.events) == 2
     for c in (alice, bob, eve):
         await c.close()
+
+
+async def test_an_entry_no_reader_may_decode_is_skipped_with_a_log_line(
+    appender: Appender, make_fanout: Any, redis_client: aioredis.Redis
+) -> None:
+    """The fanout refuses what the projector dead-letters (one decoder): seq beyond bigint, NUL in text."""
+    log = Log(appender)
+    await log.create("room", "alice", "bob")
+    fanout = await make_fanout()
+    bob = await Client.open(fanout.url, "bob")
+    key = appender.layout.stream_key(appender.layout.partition_for("room"))
+    good = decode((await redis_client.xrange(key, "-", "+", count=1))[0][1][b"e"])
+    payload = msgspec.structs.replace(good, seq=2**63, payload=SentPayload("m-huge", "beyond bigint"))
+    await redis_client.xadd(key, {"e": encode(payload)})
+    await redis_client.xadd(key, {"e": encode(msgspec.structs.replace(payload, seq=2, actor="alice\x00"))})
+    await log.send("room", "alice", "after")
+    await bob.until(lambda c: c.bodies() == ["after"])
+    assert [e["seq"] for e in bob.events] == [2]
+    text = fanout.log_path.read_text()
+    assert text.count("skipping undecodable entry") == 2 and "Traceback" not in text, text
+    await bob.close()
 
 
 async def test_membership_boundaries_live(appender: Appender, make_fanout: Any) -> None:
@@ -762,3 +784,53 @@ async def test_a_removed_participant_resuming_from_an_old_cursor_never_gets_a_la
     assert not [f for f in again.control if f["type"] == "resync"]
     assert [(e["conversation_id"], e["payload"]["type"]) for e in again.events] == expected
     await again.close()
+
+
+@pytest.mark.slow
+async def test_resumes_straddling_a_retention_trim_are_gapless_and_duplicate_free(
+    appender: Appender, make_fanout: Any, redis_client: aioredis.Redis, redis_server_url: str,
+    log_namespace: str, database_url: str,
+) -> None:  # fmt: skip
+    """The projector's retention trims the room's stream to its last 3 entries while alice is connected and
+    bob is away; both resume from cursors older than the trim point: archive, then stream, no gap, no repeat."""
+    from test_projector_api import AUTH as PROJECTOR_AUTH
+    from test_projector_faults import running
+
+    from projector.settings import ProjectorSettings
+
+    log = Log(appender)
+    await log.create("room", "alice", "bob")
+    fanout = await make_fanout(DATABASE_URL=database_url)
+    alice = await Client.open(fanout.url, "alice")
+    bob = await Client.open(fanout.url, "bob")
+    await log.send("room", "alice", "first")
+    await bob.until(lambda c: c.bodies() == ["first"])
+    away = bob.cursor
+    await bob.close()
+    settings = ProjectorSettings(
+        log=LogSettings(redis_server_url, log_namespace, PARTITIONS), database_url=database_url,
+        auth=PROJECTOR_AUTH, block_ms=50, worker_id="retention", retain_stream_s=0, retain_stream_events=3,
+        retention_interval_s=0.05,
+    )  # fmt: skip
+    key = appender.layout.stream_key(appender.layout.partition_for("room"))
+    async with running(settings) as (_worker, _client):
+        for n in range(5):
+            await log.send("room", "alice", f"m{n}")
+        await alice.until(lambda c: c.bodies()[-1:] == ["m4"])
+        mid = alice.cursor  # taken while connected, trimmed past while still connected
+        for n in range(5, 30):
+            await log.send("room", "alice", f"m{n}")
+        deadline = time.monotonic() + 10
+        while await redis_client.xlen(key) > 3:
+            assert time.monotonic() < deadline, "the projector's retention did not trim"
+            await asyncio.sleep(0.05)
+    sent = [f"m{n}" for n in range(30)]
+    await alice.until(lambda c: len(c.bodies()) == 31)
+    assert alice.bodies() == ["first", *sent] and [e["seq"] for e in alice.events] == list(range(2, 33))
+    await alice.close()
+    for user, cursor, expected in (("bob", away, sent), ("alice", mid, sent[5:])):
+        again = await Client.open(fanout.url, user, cursor)
+        assert not [f for f in again.control if f["type"] == "resync"], again.control
+        assert again.bodies() == expected
+        assert [e["seq"] for e in again.events] == list(range(33 - len(expected), 33))
+        await again.close()

@@ -49,7 +49,12 @@ async def wait_caught_up(worker: Worker) -> None:
 
 
 async def assert_equal_to_fold(database_url: str, log: EventLog) -> None:
-    model = fold_entries(await whole_log(log))
+    await assert_equal_to_fold_of(database_url, await whole_log(log))
+
+
+async def assert_equal_to_fold_of(database_url: str, entries: list[LogEntry]) -> None:
+    """The read models, dead letters and archive equal the fold of `entries` (a log's whole history)."""
+    model = fold_entries(entries)
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         assert await read_tables(conn, "parley") == model.tables
         assert await dead_letter_keys(conn) == set(model.dead_letters)
