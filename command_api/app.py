@@ -19,6 +19,7 @@ from command_api.openapi import add_command_paths
 from command_api.services import Services
 from command_api.settings import CommandApiSettings
 from servicekit.health import add_health_routes
+from servicekit.httpedge import NO_DOC_PAGES
 from servicekit.lifespan import services_lifespan
 from servicekit.problems import add_http_problem_handlers, problem_response
 
@@ -43,6 +44,7 @@ def create_app(settings: CommandApiSettings | None = None) -> CommandApp:
         version="1",
         summary="Commands that append events to the Parley log.",
         lifespan=services_lifespan(lambda: Services(settings)),
+        **NO_DOC_PAGES,
     )
 
     def services() -> Services:

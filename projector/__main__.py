@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 
@@ -18,6 +17,7 @@ async def serve() -> int:
     from projector.app import create_app
     from projector.settings import ProjectorSettings
     from projector.worker import Worker
+    from servicekit.httpedge import server_config
 
     settings = ProjectorSettings.from_env()
     worker = Worker(settings)
@@ -30,12 +30,11 @@ async def serve() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     await worker.start()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, worker), host=settings.http_host, port=settings.http_port,
-            log_level="warning", access_log=False, lifespan="off",
-        )
-    )  # fmt: skip
+    app = create_app(settings, worker)
+    config = server_config(
+        app, settings.http, settings.http_host, settings.http_port, log_level="warning", lifespan="off"
+    )
+    server = uvicorn.Server(config)
     http = asyncio.create_task(server.serve(), name="http")
     http.add_done_callback(lambda _t: stop.set())
     try:
@@ -95,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     part.add_argument("--schema", required=True)
     part.add_argument("--partitions", required=True, help="comma-separated partition numbers")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from servicekit.httpedge import configure_logging
+
+    configure_logging()
     try:
         if args.command == "redrive":
             return asyncio.run(redrive_main())

@@ -25,6 +25,7 @@ from projector.worker import Worker
 from servicekit.auth import TokenVerifier, parse_bearer
 from servicekit.exceptions import AuthError
 from servicekit.health import add_health_routes
+from servicekit.httpedge import NO_DOC_PAGES
 from servicekit.problems import add_http_problem_handlers, bearer_challenge, problem_response
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,9 @@ def create_app(settings: ProjectorSettings, worker: Worker) -> FastAPI:
         raise ValueError("the query API needs JWT settings")
     verifier = TokenVerifier(settings.auth)
     pool: AsyncConnectionPool[Any] = worker.pool
-    app = FastAPI(title="Parley query API", version="1", summary="Read models of the Parley log.")
+    app = FastAPI(
+        title="Parley query API", version="1", summary="Read models of the Parley log.", **NO_DOC_PAGES
+    )
 
     def user_of(request: Request) -> str:
         return verifier.verify(parse_bearer(request.headers.get("authorization"))).user_id

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from events.config import LogSettings
 from servicekit.auth_settings import AuthSettings
+from servicekit.http_settings import HttpEdgeSettings
 from servicekit.settings import Env
 
 
@@ -15,6 +16,7 @@ class FanoutSettings:
 
     log: LogSettings
     auth: AuthSettings
+    http: HttpEdgeSettings = field(default_factory=HttpEdgeSettings)
     host: str = "127.0.0.1"
     port: int = 8001
     max_buffer_bytes: int = 1_048_576
@@ -44,6 +46,7 @@ class FanoutSettings:
         return cls(
             log=LogSettings.from_env(env),
             auth=AuthSettings.from_env(env),
+            http=HttpEdgeSettings.from_env(env),
             host=env.str("PARLEY_FANOUT_HOST", "127.0.0.1"),
             port=env.int("PARLEY_FANOUT_PORT", 8001, minimum=0),
             max_buffer_bytes=env.int("PARLEY_FANOUT_MAX_BUFFER_BYTES", 1_048_576, minimum=4096),
