@@ -31,9 +31,7 @@ async def serve() -> int:
     signal.signal(signal.SIGINT, on_signal)
     await worker.start()
     app = create_app(settings, worker)
-    config = server_config(
-        app, settings.http, settings.http_host, settings.http_port, log_level="warning", lifespan="off"
-    )
+    config = server_config(app, settings.http, settings.http_host, settings.http_port, lifespan="off")
     server = uvicorn.Server(config)
     http = asyncio.create_task(server.serve(), name="http")
     http.add_done_callback(lambda _t: stop.set())

@@ -20,12 +20,14 @@ from starlette.responses import Response
 
 from events.position import LogPosition, parse_stream_id
 from projector import queries
+from projector.openapi import add_query_parameters
 from projector.settings import ProjectorSettings
 from projector.worker import Worker
 from servicekit.auth import TokenVerifier, parse_bearer
 from servicekit.exceptions import AuthError
 from servicekit.health import add_health_routes
 from servicekit.httpedge import NO_DOC_PAGES
+from servicekit.openapi import extend_openapi
 from servicekit.problems import add_http_problem_handlers, bearer_challenge, problem_response
 
 log = logging.getLogger(__name__)
@@ -226,6 +228,7 @@ def create_app(settings: ProjectorSettings, worker: Worker) -> FastAPI:
         )  # fmt: skip
 
     add_http_problem_handlers(app)
+    extend_openapi(app, lambda doc: add_query_parameters(doc, MAX_LIMIT))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:

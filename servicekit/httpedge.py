@@ -203,7 +203,7 @@ class EdgeMiddleware:
             if allowed:
                 await self.app(scope, receive, send)
             else:
-                await _refuse_handshake(scope, send)
+                await _refuse_handshake(send)
             return
         if scope["method"] == "OPTIONS" and any(n == _PREFLIGHT for n, _ in scope["headers"]):
             await _preflight(send, origin if allowed else None)
@@ -250,13 +250,10 @@ async def _preflight(send: Send, origin: bytes | None) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-async def _refuse_handshake(scope: Scope, send: Send) -> None:
-    """403 problem+json where the server can answer a handshake with a body, else a bare 403."""
-    if "websocket.http.response" not in scope.get("extensions", {}):
-        await send({"type": "websocket.close", "code": 1008})
-        return
-    await send({"type": "websocket.http.response.start", "status": 403, "headers": _ORIGIN_REFUSED_HEADERS})
-    await send({"type": "websocket.http.response.body", "body": _ORIGIN_REFUSED})
+async def _refuse_handshake(send: Send) -> None:
+    """Closing before accepting is answered 403 by the server (a bare one: uvicorn logs a handshake
+    answered with a body as an application error)."""
+    await send({"type": "websocket.close", "code": 1008})
 
 
 _QUERY_VALUE = re.compile(r"([?&][^=&\s\"'#]*=)[^&\s\"'#]*")
