@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import msgspec
@@ -186,18 +186,16 @@ class EdgeMiddleware:
         self.app = app
         self.allowed = frozenset(allowed_origins)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self.app(scope, receive, send)
-            return
-        origin = None
-        for name, value in scope["headers"]:
-            if name == b"origin":
-                origin = value
-                break
-        if origin is None:
-            await self.app(scope, receive, send)
-            return
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Not a coroutine: without `Origin` the app's own coroutine is returned, so a request (and a
+        WebSocket's whole life) holds no frame of this middleware."""
+        if scope["type"] != "lifespan":
+            for name, value in scope["headers"]:
+                if name == b"origin":
+                    return self._with_origin(scope, receive, send, value)
+        return self.app(scope, receive, send)
+
+    async def _with_origin(self, scope: Scope, receive: Receive, send: Send, origin: bytes) -> None:
         allowed = origin.decode("latin-1").rstrip("/").lower() in self.allowed
         if scope["type"] == "websocket":
             if allowed:
@@ -311,7 +309,7 @@ def server_config(
     defaults: dict[str, Any] = {
         "loop": "uvloop", "ws": "none", "log_level": "info", "proxy_headers": False,
         "access_log": settings.access_log, "log_config": None, "server_header": False,
-        "headers": list(SECURITY_HEADERS), "http": http_protocol(settings),
+        "headers": list(SECURITY_HEADERS), "http": http_protocol(settings), "interface": "asgi3",
     }  # fmt: skip
     defaults.update(options)
     return uvicorn.Config(EdgeMiddleware(app, settings.allowed_origins), host=host, port=port, **defaults)

@@ -20,6 +20,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from devstack import pgadmin
 from devstack.ports import free_port
+from servicekit.exceptions import SettingError
+from servicekit.http_settings import HttpEdgeSettings
+from servicekit.httpedge import redact
+from servicekit.settings import Env
 
 HEADER_TIMEOUT_S = 1.0
 ALLOWED = "https://app.example"
@@ -302,3 +306,21 @@ async def test_no_service_writes_a_token_or_a_query_value_to_its_log(services: S
     assert "/healthz?token=…&access_token=…" in logs["command_api"]  # the lines are there, redacted
     assert "/healthz?token=…&access_token=…" in logs["projector"]
     assert "/v1/stream?token=…&x=…" in logs["realtime_fanout"]
+
+
+def test_redaction_keeps_names_and_drops_values_and_credentials() -> None:
+    line = '127.0.0.1:5 - "WebSocket /v1/stream?token=abc.def&cursor=c1" [accepted] Bearer s3cret eyJhbGciOi.eyJzdWIi.sig'
+    assert (
+        redact(line)
+        == '127.0.0.1:5 - "WebSocket /v1/stream?token=…&cursor=…" [accepted] Bearer [redacted] [jwt]'
+    )
+    assert redact("partition 3 acquired") == "partition 3 acquired"
+
+
+def test_allowed_origins_are_origins() -> None:
+    settings = HttpEdgeSettings.from_env(
+        Env({"PARLEY_ALLOWED_ORIGINS": "https://App.example/, http://localhost:3000"})
+    )
+    assert settings.allowed_origins == ("https://app.example", "http://localhost:3000")
+    with pytest.raises(SettingError, match="PARLEY_ALLOWED_ORIGINS"):
+        HttpEdgeSettings.from_env(Env({"PARLEY_ALLOWED_ORIGINS": "app.example"}))
