@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from events.config import LogSettings
 from servicekit.auth_settings import AuthSettings
-from servicekit.http_settings import HttpEdgeSettings
+from servicekit.http_settings import EDGE_DEFAULTS, HttpEdgeSettings
 from servicekit.settings import Env
 
 
@@ -14,7 +14,7 @@ from servicekit.settings import Env
 class CommandApiSettings:
     log: LogSettings
     auth: AuthSettings
-    http: HttpEdgeSettings = field(default_factory=HttpEdgeSettings)
+    http: HttpEdgeSettings = EDGE_DEFAULTS
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_chars: int = 4000

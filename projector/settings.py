@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from events.config import LogSettings
 from servicekit.auth_settings import AuthSettings
-from servicekit.http_settings import HttpEdgeSettings
+from servicekit.http_settings import EDGE_DEFAULTS, HttpEdgeSettings
 from servicekit.settings import Env
 
 DEFAULT_BATCH = 20_000
@@ -22,7 +22,7 @@ class ProjectorSettings:
     log: LogSettings
     database_url: str
     auth: AuthSettings | None = None
-    http: HttpEdgeSettings = field(default_factory=HttpEdgeSettings)
+    http: HttpEdgeSettings = EDGE_DEFAULTS
     batch: int = DEFAULT_BATCH
     block_ms: int = 1000
     http_host: str = "127.0.0.1"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from events.config import LogSettings
 from servicekit.auth_settings import AuthSettings
-from servicekit.http_settings import HttpEdgeSettings
+from servicekit.http_settings import EDGE_DEFAULTS, HttpEdgeSettings
 from servicekit.settings import Env
 
 
@@ -16,7 +16,7 @@ class FanoutSettings:
 
     log: LogSettings
     auth: AuthSettings
-    http: HttpEdgeSettings = field(default_factory=HttpEdgeSettings)
+    http: HttpEdgeSettings = EDGE_DEFAULTS
     host: str = "127.0.0.1"
     port: int = 8001
     max_buffer_bytes: int = 1_048_576

@@ -40,3 +40,7 @@ def _origins(values: tuple[str, ...]) -> tuple[str, ...]:
         if not _ORIGIN.fullmatch(origin):
             raise SettingError("PARLEY_ALLOWED_ORIGINS", f"expected scheme://host[:port], got {origin!r}")
     return origins
+
+
+EDGE_DEFAULTS = HttpEdgeSettings()
+"""The edge settings when none are read (an immutable default for the services' settings objects)."""
