@@ -31,18 +31,23 @@ _PARAMETERS: list[dict[str, Any]] = [
     {"name": "X-Correlation-Id", "in": "header", "required": False, "schema": _ID},
     {"name": "X-Causation-Id", "in": "header", "required": False, "schema": _ID},
 ]  # fmt: skip
-# Limits msgspec's schemas cannot carry (checked in bodies.py and commands.py): (schema, field, keywords).
-_FIELD_LIMITS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("CreateConversation", "title", {"minLength": 1, "maxLength": bodies.MAX_TITLE_CHARS}),
-    ("CreateConversation", "participants", {"items": _ID, "maxItems": bodies.MAX_PARTICIPANTS}),
-    ("CreateConversation", "conversation_id", {"anyOf": [_ID, {"type": "null"}]}),
-    ("AddParticipant", "user_id", _ID),
-    ("SendMessage", "body", {"minLength": 1, "maxLength": "max_body_chars"}),
-    ("SendMessage", "reply_to", {"anyOf": [_ID, {"type": "null"}]}),
-    ("SendMessage", "message_id", {"anyOf": [_ID, {"type": "null"}]}),
-    ("EditMessage", "body", {"minLength": 1, "maxLength": "max_body_chars"}),
-    ("MarkRead", "up_to_seq", {"minimum": 0}),
-)
+
+
+def _field_limits(max_body_chars: int) -> tuple[tuple[str, str, dict[str, Any]], ...]:
+    """(schema, field, keywords): the limits msgspec cannot carry, checked in bodies.py and commands.py."""
+    optional_id = {"anyOf": [_ID, {"type": "null"}]}
+    text = {"minLength": 1, "maxLength": max_body_chars}
+    return (
+        ("CreateConversation", "title", {"minLength": 1, "maxLength": bodies.MAX_TITLE_CHARS}),
+        ("CreateConversation", "participants", {"items": _ID, "maxItems": bodies.MAX_PARTICIPANTS}),
+        ("CreateConversation", "conversation_id", optional_id),
+        ("AddParticipant", "user_id", _ID),
+        ("SendMessage", "body", text),
+        ("SendMessage", "reply_to", optional_id),
+        ("SendMessage", "message_id", optional_id),
+        ("EditMessage", "body", text),
+        ("MarkRead", "up_to_seq", {"minimum": 0}),
+    )
 
 
 def add_command_paths(schema: dict[str, Any], max_body_chars: int, max_request_bytes: int) -> dict[str, Any]:
@@ -51,11 +56,11 @@ def add_command_paths(schema: dict[str, Any], max_body_chars: int, max_request_b
     body_types = [bodies.CreateConversation, bodies.AddParticipant, bodies.SendMessage,
                   bodies.EditMessage, bodies.MarkRead, Accepted]  # fmt: skip
     _, components = msgspec.json.schema_components(body_types, ref_template=REF)
-    for name, field, limits in _FIELD_LIMITS:
+    for name, field, limits in _field_limits(max_body_chars):
         prop = components[name]["properties"][field]
-        if "anyOf" in limits:
+        if "anyOf" in limits or "$ref" in limits:
             prop.pop("type", None)
-        prop.update({k: max_body_chars if v == "max_body_chars" else v for k, v in limits.items()})
+        prop.update(limits)
     add_components(schema, {**components, "Id": _ID_SCHEMA})
     responses: dict[str, Any] = {
         "202": {
