@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from servicekit.auth_settings import AuthSettings
@@ -34,17 +33,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from command_api.app import create_app
     from command_api.settings import CommandApiSettings
+    from servicekit.httpedge import configure_logging, server_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         settings = CommandApiSettings.from_env()
     except ServiceKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port,
-        log_level="info", access_log=False, loop="uvloop", http="httptools", proxy_headers=False,
-    )  # fmt: skip
+    uvicorn.Server(server_config(create_app(settings), settings.http, settings.host, settings.port)).run()
     return 0
 
 

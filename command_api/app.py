@@ -7,7 +7,6 @@ serves health, metrics and the OpenAPI document. Every error is RFC 9457 problem
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import Request
@@ -19,7 +18,9 @@ from command_api.openapi import add_command_paths
 from command_api.services import Services
 from command_api.settings import CommandApiSettings
 from servicekit.health import add_health_routes
+from servicekit.httpedge import NO_DOC_PAGES
 from servicekit.lifespan import services_lifespan
+from servicekit.openapi import extend_openapi
 from servicekit.problems import add_http_problem_handlers, problem_response
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def create_app(settings: CommandApiSettings | None = None) -> CommandApp:
         version="1",
         summary="Commands that append events to the Parley log.",
         lifespan=services_lifespan(lambda: Services(settings)),
+        **NO_DOC_PAGES,
     )
 
     def services() -> Services:
@@ -55,7 +57,9 @@ def create_app(settings: CommandApiSettings | None = None) -> CommandApp:
     add_health_routes(app, lambda _request: {"redis": redis_ready})
     app.commands = CommandDispatcher(super(CommandApp, app).__call__, services)
     _install_error_handlers(app)
-    _install_openapi(app)
+    extend_openapi(
+        app, lambda doc: add_command_paths(doc, settings.max_body_chars, settings.max_request_bytes)
+    )
     return app
 
 
@@ -66,14 +70,3 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(500, "internal-error", "Internal server error")
-
-
-def _install_openapi(app: FastAPI) -> None:
-    default_openapi = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = add_command_paths(default_openapi())
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

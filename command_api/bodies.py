@@ -16,7 +16,8 @@ from events.ids import is_valid_conversation_id, is_valid_id
 
 # C0 controls but tab and newline, DEL, C1 controls.
 _FORBIDDEN_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 MAX_TITLE_CHARS = 200
 MAX_PARTICIPANTS = 1_000
 MAX_EXPECTED_SEQ = 10**15 - 1

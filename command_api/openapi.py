@@ -9,9 +9,12 @@ import msgspec
 from command_api import bodies
 from command_api.responses import Accepted
 from command_api.routes import ROUTES
-from servicekit.problems import PROBLEM_MEDIA_TYPE, PROBLEM_SCHEMA
+from events.ids import ID_PATTERN
+from servicekit.openapi import BEARER, REF, add_components, problem_responses
 
-_REF = "#/components/schemas/{name}"
+_ID = {"$ref": REF.format(name="Id")}
+_ID_SCHEMA = {"type": "string", "pattern": ID_PATTERN, "minLength": 1, "maxLength": 64,
+              "description": "A user, conversation or message id"}  # fmt: skip
 _ERRORS = (
     (400, "Malformed request"), (401, "Missing or invalid token"), (403, "Not allowed"),
     (404, "Not found"), (405, "Method not allowed"), (409, "Conflicts with the conversation's state"),
@@ -24,46 +27,67 @@ _PARAMETERS: list[dict[str, Any]] = [
      "schema": {"type": "integer", "minimum": 0, "maximum": bodies.MAX_EXPECTED_SEQ}},
     {"name": "Idempotency-Key", "in": "header", "required": False,
      "description": "A retry with the same key and body returns the original answer (24 h by default).",
-     "schema": {"type": "string", "minLength": 1, "maxLength": 255}},
-    {"name": "X-Correlation-Id", "in": "header", "required": False, "schema": {"type": "string"}},
-    {"name": "X-Causation-Id", "in": "header", "required": False, "schema": {"type": "string"}},
+     "schema": {"type": "string", "pattern": bodies.IDEMPOTENCY_KEY_PATTERN, "maxLength": 255}},
+    {"name": "X-Correlation-Id", "in": "header", "required": False, "schema": _ID},
+    {"name": "X-Causation-Id", "in": "header", "required": False, "schema": _ID},
 ]  # fmt: skip
 
 
-def add_command_paths(schema: dict[str, Any]) -> dict[str, Any]:
-    """Add every command route, its body and answer schemas, and bearer security to `schema`."""
+def _field_limits(max_body_chars: int) -> tuple[tuple[str, str, dict[str, Any]], ...]:
+    """(schema, field, keywords): the limits msgspec cannot carry, checked in bodies.py and commands.py."""
+    optional_id = {"anyOf": [_ID, {"type": "null"}]}
+    text = {"minLength": 1, "maxLength": max_body_chars}
+    return (
+        ("CreateConversation", "title", {"minLength": 1, "maxLength": bodies.MAX_TITLE_CHARS}),
+        ("CreateConversation", "participants", {"items": _ID, "maxItems": bodies.MAX_PARTICIPANTS}),
+        ("CreateConversation", "conversation_id", optional_id),
+        ("AddParticipant", "user_id", _ID),
+        ("SendMessage", "body", text),
+        ("SendMessage", "reply_to", optional_id),
+        ("SendMessage", "message_id", optional_id),
+        ("EditMessage", "body", text),
+        ("MarkRead", "up_to_seq", {"minimum": 0}),
+    )
+
+
+def add_command_paths(schema: dict[str, Any], max_body_chars: int, max_request_bytes: int) -> dict[str, Any]:
+    """Add every command route, its body and answer schemas with their id patterns and limits, and
+    bearer security to `schema`."""
     body_types = [bodies.CreateConversation, bodies.AddParticipant, bodies.SendMessage,
                   bodies.EditMessage, bodies.MarkRead, Accepted]  # fmt: skip
-    _, components = msgspec.json.schema_components(body_types, ref_template=_REF)
-    parts = schema.setdefault("components", {})
-    parts.setdefault("schemas", {}).update(components)
-    parts["schemas"]["Problem"] = PROBLEM_SCHEMA
-    parts["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
+    _, components = msgspec.json.schema_components(body_types, ref_template=REF)
+    for name, field, limits in _field_limits(max_body_chars):
+        prop = components[name]["properties"][field]
+        if "anyOf" in limits or "$ref" in limits:
+            prop.pop("type", None)
+        prop.update(limits)
+    add_components(schema, {**components, "Id": _ID_SCHEMA})
     responses: dict[str, Any] = {
         "202": {
             "description": "Appended to the log (or an idempotent replay of the original answer)",
-            "content": {"application/json": {"schema": {"$ref": _REF.format(name="Accepted")}}},
-        }
+            "content": {"application/json": {"schema": {"$ref": REF.format(name="Accepted")}}},
+        },
+        **problem_responses(_ERRORS),
     }
-    for code, text in _ERRORS:
-        problem = {"schema": {"$ref": _REF.format(name="Problem")}}
-        responses[str(code)] = {"description": text, "content": {PROBLEM_MEDIA_TYPE: problem}}
     paths = schema.setdefault("paths", {})
     for route in ROUTES:
         path_params = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in route.pattern.groupindex
+            {"name": name, "in": "path", "required": True, "schema": _ID} for name in route.pattern.groupindex
         ]
         operation: dict[str, Any] = {
             "tags": ["commands"],
             "summary": route.summary,
             "operationId": route.op,
-            "security": [{"bearer": []}],
+            "security": BEARER,
             "parameters": path_params + _PARAMETERS,
             "responses": responses,
         }
         if route.body is not None:
-            ref = {"$ref": _REF.format(name=route.body.__name__)}
-            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
+            ref = {"$ref": REF.format(name=route.body.__name__)}
+            operation["requestBody"] = {
+                "required": True,
+                "description": f"JSON, at most {max_request_bytes} bytes (413 request-too-large)",
+                "content": {"application/json": {"schema": ref}},
+            }
         paths.setdefault(route.template, {})[route.method.lower()] = operation
     return schema

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from events.config import LogSettings
 from servicekit.auth_settings import AuthSettings
+from servicekit.http_settings import EDGE_DEFAULTS, HttpEdgeSettings
 from servicekit.settings import Env
 
 
@@ -13,6 +14,7 @@ from servicekit.settings import Env
 class CommandApiSettings:
     log: LogSettings
     auth: AuthSettings
+    http: HttpEdgeSettings = EDGE_DEFAULTS
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_chars: int = 4000
@@ -29,6 +31,7 @@ class CommandApiSettings:
         return cls(
             log=LogSettings.from_env(env),
             auth=AuthSettings.from_env(env),
+            http=HttpEdgeSettings.from_env(env),
             host=env.str("PARLEY_API_HOST", "127.0.0.1"),
             port=env.int("PARLEY_API_PORT", 8000, minimum=0),
             max_body_chars=env.int("PARLEY_MAX_BODY_CHARS", 4000, minimum=1),

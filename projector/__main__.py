@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from typing import Any
@@ -20,6 +19,7 @@ async def serve() -> int:
     from projector.reads import Reads
     from projector.settings import ProjectorSettings
     from projector.worker import Worker
+    from servicekit.httpedge import server_config
 
     settings = ProjectorSettings.from_env()
     worker = Worker(settings)
@@ -34,12 +34,9 @@ async def serve() -> int:
     await worker.start()
     reads = Reads(settings)
     await reads.open()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, worker, reads), host=settings.http_host, port=settings.http_port,
-            log_level="warning", access_log=False, lifespan="off",
-        )
-    )  # fmt: skip
+    app = create_app(settings, worker, reads)
+    config = server_config(app, settings.http, settings.http_host, settings.http_port, lifespan="off")
+    server = uvicorn.Server(config)
     http = asyncio.create_task(server.serve(), name="http")
     http.add_done_callback(lambda _t: stop.set())
     try:
@@ -134,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("replay", "snapshot"):
         return history_cli.main(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from servicekit.httpedge import configure_logging
+
+    configure_logging()
     try:
         if args.command == "redrive":
             return asyncio.run(redrive_main())

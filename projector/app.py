@@ -21,7 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from projector import queries
 from projector.exceptions import PositionFromAnotherEpoch, QueryTimeout, ReadsUnavailable
 from projector.history.http import add_history_route
+from projector.openapi import add_query_parameters
 from projector.params import (
+    MAX_LIMIT,
     Problem,
     check_conversation_id,
     decode_cursor,
@@ -38,6 +40,8 @@ from projector.worker import Worker
 from servicekit.auth import TokenVerifier, parse_bearer
 from servicekit.exceptions import AuthError
 from servicekit.health import add_health_routes
+from servicekit.httpedge import NO_DOC_PAGES
+from servicekit.openapi import extend_openapi
 from servicekit.problems import add_http_problem_handlers, bearer_challenge, problem_response
 
 log = logging.getLogger(__name__)
@@ -55,7 +59,9 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
     if settings.auth is None:
         raise ValueError("the query API needs JWT settings")
     verifier = TokenVerifier(settings.auth)
-    app = FastAPI(title="Parley query API", version="1", summary="Read models of the Parley log.")
+    app = FastAPI(
+        title="Parley query API", version="1", summary="Read models of the Parley log.", **NO_DOC_PAGES
+    )
 
     @contextlib.asynccontextmanager
     async def reading(request: Request) -> AsyncIterator[str]:
@@ -204,6 +210,7 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
         )  # fmt: skip
 
     add_http_problem_handlers(app)
+    extend_openapi(app, lambda doc: add_query_parameters(doc, MAX_LIMIT))
 
     @app.exception_handler(ReadsUnavailable)
     async def unavailable(request: Request, exc: ReadsUnavailable) -> Response:

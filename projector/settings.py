@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from events.config import LogSettings
 from servicekit.auth_settings import AuthSettings
+from servicekit.http_settings import EDGE_DEFAULTS, HttpEdgeSettings
 from servicekit.settings import Env
 
 DEFAULT_BATCH = 20_000
@@ -30,6 +31,7 @@ class ProjectorSettings:
     log: LogSettings
     database_url: str
     auth: AuthSettings | None = None
+    http: HttpEdgeSettings = EDGE_DEFAULTS
     batch: int = DEFAULT_BATCH
     block_ms: int = 1000
     http_host: str = "127.0.0.1"
@@ -76,6 +78,7 @@ class ProjectorSettings:
             log=LogSettings.from_env(env),
             database_url=env.str("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/parley"),
             auth=AuthSettings.from_env(env) if auth else None,
+            http=HttpEdgeSettings.from_env(env),
             batch=env.int("PARLEY_PROJECTOR_BATCH", DEFAULT_BATCH, minimum=1),
             block_ms=env.int("PARLEY_PROJECTOR_BLOCK_MS", 1000, minimum=1),
             http_host=env.str("PARLEY_PROJECTOR_HTTP_HOST", "127.0.0.1"),

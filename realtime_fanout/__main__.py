@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from servicekit.exceptions import ServiceKitError
@@ -19,20 +18,21 @@ def main(argv: list[str] | None = None) -> int:
     from realtime_fanout.app import create_app
     from realtime_fanout.settings import FanoutSettings
     from realtime_fanout.wsproto import protocol_class
+    from servicekit.httpedge import configure_logging, server_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         settings = FanoutSettings.from_env()
     except ServiceKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False,
-        loop="uvloop", http="httptools", ws=protocol_class(settings.close_timeout_s),
-        ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=settings.ping_timeout_s,
+    config = server_config(
+        create_app(settings), settings.http, settings.host, settings.port,
+        ws=protocol_class(settings.close_timeout_s), ws_ping_interval=settings.ping_interval_s,
+        ws_ping_timeout=settings.ping_timeout_s, timeout_graceful_shutdown=5,
         ws_max_size=settings.max_message_bytes,  # refused (1009) from the frame header, never buffered
-        timeout_graceful_shutdown=5,
     )  # fmt: skip
+    uvicorn.Server(config).run()
     return 0
 
 

@@ -33,6 +33,7 @@ from realtime_fanout.unreadseed import UnreadSeeder
 from servicekit.auth import TokenVerifier
 from servicekit.gcpacing import GcPacer
 from servicekit.health import add_health_routes
+from servicekit.httpedge import NO_DOC_PAGES
 from servicekit.lifespan import services_lifespan
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ STREAM_PATH = "/v1/stream"
 
 
 class FanoutApp(FastAPI):
-    """FastAPI for health, metrics and docs; the stream itself is served as plain ASGI ahead of it.
+    """FastAPI for health, metrics and OpenAPI; the stream itself is served as plain ASGI ahead of it.
 
     FastAPI's route machinery (exit stacks, exception wrappers) stays alive for a WebSocket's whole
     life: measured at about 5 KiB per idle connection, which the fanout holds by the ten thousand.
@@ -164,6 +165,7 @@ def create_app(settings: FanoutSettings | None = None) -> FastAPI:
         title="Parley realtime fanout",
         version="1",
         lifespan=services_lifespan(lambda: Services(settings)),
+        **NO_DOC_PAGES,
     )
     app.settings = settings
 

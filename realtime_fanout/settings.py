@@ -9,6 +9,7 @@ from events.config import LogSettings
 from realtime_fanout.frames import MAX_CLIENT_MESSAGE_BYTES
 from realtime_fanout.signals import PRESENCE_SCOPES, PresenceScope
 from servicekit.auth_settings import AuthSettings
+from servicekit.http_settings import EDGE_DEFAULTS, HttpEdgeSettings
 from servicekit.settings import Env
 
 
@@ -18,6 +19,7 @@ class FanoutSettings:
 
     log: LogSettings
     auth: AuthSettings
+    http: HttpEdgeSettings = EDGE_DEFAULTS
     host: str = "127.0.0.1"
     port: int = 8001
     max_buffer_bytes: int = 1_048_576
@@ -50,6 +52,7 @@ class FanoutSettings:
         return cls(
             log=LogSettings.from_env(env),
             auth=AuthSettings.from_env(env),
+            http=HttpEdgeSettings.from_env(env),
             host=env.str("PARLEY_FANOUT_HOST", "127.0.0.1"),
             port=env.int("PARLEY_FANOUT_PORT", 8001, minimum=0),
             max_buffer_bytes=env.int("PARLEY_FANOUT_MAX_BUFFER_BYTES", 1_048_576, minimum=4096),

@@ -17,6 +17,9 @@ import struct
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
+
+from servicekit.httpedge import refusal
 
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
 
@@ -63,6 +66,25 @@ class AbortingWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.close_timeout = self.close_after_s
         self.queue = MessageQueue()  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        """uvicorn ignores a handshake websockets could not parse (a line over 8 KiB, say) and the
+        client waits forever: answer it at once, 414/431 for the limits, 400 for the rest."""
+        super().data_received(data)
+        failure = self.conn.handshake_exc
+        if failure is None or self.handshake_initiated or self.transport.is_closing():
+            return
+        self.conn.data_to_send()
+        if isinstance(failure, RequestLineTooLong):
+            answer = refusal(414, "uri-too-long", "URI Too Long", self.default_headers)
+        elif isinstance(failure, HeaderLineTooLong | TooManyHeaders):
+            answer = refusal(431, "header-too-large", "Request Header Fields Too Large", self.default_headers)
+        else:
+            answer = refusal(400, "invalid-handshake", "Bad Request", self.default_headers)
+        self.logger.info("refused a WebSocket handshake: %s", type(failure.__cause__ or failure).__name__)
+        self.handshake_initiated = self.handshake_complete = self.close_sent = True
+        self.transport.write(answer)
+        self.transport.close()
 
     async def send(self, message: Any) -> None:
         if message["type"] == "websocket.close" and self._open_for_close():
