@@ -9,12 +9,14 @@ import msgspec
 from command_api import bodies
 from command_api.responses import Accepted
 from command_api.routes import ROUTES
-from events.ids import ID_PATTERN
+from events.ids import CONVERSATION_ID_PATTERN, ID_PATTERN
 from servicekit.openapi import BEARER, REF, add_components, problem_responses
 
 _ID = {"$ref": REF.format(name="Id")}
 _ID_SCHEMA = {"type": "string", "pattern": ID_PATTERN, "minLength": 1, "maxLength": 64,
-              "description": "A user, conversation or message id"}  # fmt: skip
+              "description": "A user or message id, or a chosen conversation id"}  # fmt: skip
+_CONVERSATION_ID = {"type": "string", "pattern": CONVERSATION_ID_PATTERN, "minLength": 1, "maxLength": 129,
+                    "description": "`<creator>:<chosen id>`, or a generated id"}  # fmt: skip
 _ERRORS = (
     (400, "Malformed request"), (401, "Missing or invalid token"), (403, "Not allowed"),
     (404, "Not found"), (405, "Method not allowed"), (409, "Conflicts with the conversation's state"),
@@ -72,7 +74,13 @@ def add_command_paths(schema: dict[str, Any], max_body_chars: int, max_request_b
     paths = schema.setdefault("paths", {})
     for route in ROUTES:
         path_params = [
-            {"name": name, "in": "path", "required": True, "schema": _ID} for name in route.pattern.groupindex
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": _CONVERSATION_ID if name == "conversation_id" else _ID,
+            }
+            for name in route.pattern.groupindex
         ]
         operation: dict[str, Any] = {
             "tags": ["commands"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from events.ids import ID_PATTERN
+from events.ids import CONVERSATION_ID_PATTERN
 from servicekit.openapi import BEARER, add_components, problem_responses
 
 _ERRORS = (
@@ -15,7 +15,7 @@ _ERRORS = (
 )  # fmt: skip
 
 
-_ID = {"type": "string", "pattern": ID_PATTERN, "maxLength": 64}
+_ID = {"type": "string", "pattern": CONVERSATION_ID_PATTERN, "maxLength": 129}
 
 
 def _query(name: str, schema: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:

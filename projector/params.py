@@ -9,7 +9,7 @@ from datetime import datetime
 
 import msgspec
 
-from events.ids import is_valid_id
+from events.ids import is_valid_conversation_id, is_valid_id
 from events.position import LogPosition
 
 MAX_LIMIT = 200
@@ -73,7 +73,7 @@ def check_conversation_id(conversation_id: str) -> str:
     Raises:
         Problem: 404 `conversation-not-found`.
     """
-    if not is_valid_id(conversation_id):
+    if not is_valid_conversation_id(conversation_id):
         raise not_found()
     return conversation_id
 
@@ -116,7 +116,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         if len(cursor) > MAX_CURSOR_CHARS:
             raise ValueError("too long")
         at, cid = msgspec.json.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not (isinstance(at, str) and isinstance(cid, str) and is_valid_id(cid)):
+        if not (isinstance(at, str) and isinstance(cid, str) and is_valid_conversation_id(cid)):
             raise ValueError("not a cursor")
         return datetime.fromisoformat(at), cid
     except (ValueError, TypeError, msgspec.DecodeError):

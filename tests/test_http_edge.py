@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from devstack import pgadmin
 from devstack.ports import free_port
+from events.ids import CONVERSATION_ID_PATTERN
 from servicekit.exceptions import SettingError
 from servicekit.http_settings import HttpEdgeSettings
 from servicekit.httpedge import redact
@@ -275,7 +276,10 @@ async def test_the_openapi_documents_declare_parameters_security_errors_and_limi
     assert schemas["CreateConversation"]["properties"]["participants"]["maxItems"] == 1000
     send = command["paths"]["/v1/conversations/{conversation_id}/messages"]["post"]
     path_id = next(p for p in send["parameters"] if p["name"] == "conversation_id")
-    assert path_id["schema"] == {"$ref": "#/components/schemas/Id"}
+    assert path_id["schema"]["pattern"] == CONVERSATION_ID_PATTERN  # `<creator>:<id>` or generated
+    edit = command["paths"]["/v1/conversations/{conversation_id}/messages/{message_id}"]["patch"]
+    message_id = next(p for p in edit["parameters"] if p["name"] == "message_id")
+    assert message_id["schema"] == {"$ref": "#/components/schemas/Id"}
     key = next(p for p in send["parameters"] if p["name"] == "Idempotency-Key")
     assert key["schema"]["pattern"]
 

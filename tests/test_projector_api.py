@@ -102,7 +102,9 @@ async def test_a_removed_participant_never_reads_or_finds_a_later_edit(
 ) -> None:
     client, appender = served
     ann, dan = commands.Context("ann"), headers("dan")
-    await appender.append(commands.create_conversation(ann, bodies.CreateConversation("c", ["dan"], "conv2")))
+    await appender.append(
+        commands.create_conversation_with_id(ann, bodies.CreateConversation("c", ["dan"]), "conv2")
+    )
     mid = "m-noon"
     await appender.append(
         commands.send_message(ann, "conv2", bodies.SendMessage("meet at noon", message_id=mid))

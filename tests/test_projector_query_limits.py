@@ -57,7 +57,9 @@ async def serving(redis_url: str, redis: aioredis.Redis, namespace: str, databas
     appender = Appender(redis, settings.log.layout())
     await appender.open()
     ann = commands.Context("ann")
-    await appender.append(commands.create_conversation(ann, bodies.CreateConversation("t", ["bob"], "c1")))
+    await appender.append(
+        commands.create_conversation_with_id(ann, bodies.CreateConversation("t", ["bob"]), "c1")
+    )
     last = await appender.append(commands.send_message(ann, "c1", bodies.SendMessage("hello pizza")))
     await appender.close()
     async with (

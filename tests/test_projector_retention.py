@@ -163,8 +163,8 @@ class Writes:
 
     async def create(self) -> None:
         for cid in self.cids:
-            body = CreateConversation(title="t", participants=["bob"], conversation_id=cid)
-            await self.appender.append(commands.create_conversation(Context(actor="ann"), body))
+            body = CreateConversation(title="t", participants=["bob"])
+            await self.appender.append(commands.create_conversation_with_id(Context(actor="ann"), body, cid))
 
     async def send(self, per_conversation: int) -> None:
         for _ in range(per_conversation):
