@@ -132,7 +132,8 @@ async def total_unread(conn: AsyncConn, user: str) -> int:
 
 async def search(conn: AsyncConn, user: str, text: str, limit: int) -> list[MessageItem]:
     """Messages the user saw whose body as they see it matches `text` (web-search syntax): the current
-    body, or the one an edit after they left replaced (see `messages`); deleted ones never match."""
+    body, or the one an edit after they left replaced (see `messages`: only a user with a closed span in
+    a conversation can see one, so only those conversations' versions are read); deleted never match."""
     cur = await conn.execute(
         "SELECT * FROM ("
         "SELECT m.conversation_id, m.seq, m.message_id, m.author, m.body, m.state, m.reply_to, m.sent_at, "
@@ -143,8 +144,10 @@ async def search(conn: AsyncConn, user: str, text: str, limit: int) -> list[Mess
         "SELECT m.conversation_id, m.seq, m.message_id, m.author, o.body, "
         "CASE WHEN o.edited_at IS NULL THEN 'sent' ELSE 'edited' END, m.reply_to, m.sent_at, o.edited_at, "
         "m.deleted_at FROM parley.message_versions o JOIN parley.messages m USING (conversation_id, seq) "
-        f"WHERE o.search @@ websearch_to_tsquery('simple', %(q)s) AND {_VISIBLE} "
-        f"AND o.until_seq = (SELECT min(v.until_seq) {_LATER})"
+        "WHERE o.conversation_id IN (SELECT x.conversation_id FROM parley.memberships x "
+        "WHERE x.user_id = %(user)s AND x.left_seq IS NOT NULL) "
+        "AND to_tsvector('simple', coalesce(o.body, '')) @@ websearch_to_tsquery('simple', %(q)s) "
+        f"AND {_VISIBLE} AND o.until_seq = (SELECT min(v.until_seq) {_LATER})"
         ") m ORDER BY m.sent_at DESC, m.conversation_id, m.seq LIMIT %(limit)s",
         {"user": user, "q": text, "limit": limit},
     )

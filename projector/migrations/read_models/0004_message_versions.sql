@@ -8,7 +8,8 @@ CREATE TABLE message_versions (
     until_seq       bigint NOT NULL, -- the edit that replaced this body
     body            text,            -- NULL once the message is deleted
     edited_at       timestamptz,     -- when this body was set; NULL: the original
-    search          tsvector GENERATED ALWAYS AS (to_tsvector('simple', coalesce(body, ''))) STORED,
     PRIMARY KEY (conversation_id, seq, until_seq)
 );
-CREATE INDEX message_versions_search ON message_versions USING gin (search);
+-- No full-text index here: only a reader who left a conversation (or was out during an edit) ever sees
+-- an old version, so search reads the versions of just those conversations, by primary key, and
+-- tokenizes them then; an indexed tsvector cost every edit about 10% more Postgres time (BENCHMARKS.md).
