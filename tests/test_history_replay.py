@@ -86,8 +86,13 @@ def expected(entries: list[LogEntry]) -> list[tuple[tuple[int, int, int], bytes]
 
 
 async def replay(env: dict[str, str], *args: str) -> tuple[int, bytes, str]:
+    return await projector_cli(env, "replay", *args)
+
+
+async def projector_cli(env: dict[str, str], *args: str) -> tuple[int, bytes, str]:
+    """Run `python -m projector ARGS`: exit code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "projector", "replay", *args, env=env,
+        sys.executable, "-m", "projector", *args, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)

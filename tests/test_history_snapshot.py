@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from typing import Any
 
 import psycopg
 import pytest
 import redis.asyncio as aioredis
-from test_history_replay import trim_to_archive
+from test_history_replay import projector_cli, trim_to_archive
 from test_projector_store import settings_for, wait_caught_up, whole_log
 
 from command_api.append import Appender
@@ -27,13 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 async def cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "projector", "snapshot", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    code, out, err = await projector_cli(env, "snapshot", *args)
+    return code, out.decode(), err
 
 
 async def answers(conn: psycopg.AsyncConnection[Any]) -> list[Any]:
