@@ -158,3 +158,18 @@ async def checkpoints(conn: AsyncConn) -> dict[int, tuple[str | None, str]]:
     """Every partition's checkpoint: {partition: (epoch, stream_id)}."""
     cur = await conn.execute("SELECT partition, epoch, stream_id FROM parley.checkpoints")
     return {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
+
+
+async def snapshot_checkpoints(conn: AsyncConn) -> tuple[dict[int, tuple[str | None, str]], int | None]:
+    """`checkpoints`, and the oid of the table they were read from (None when it is empty)."""
+    cur = await conn.execute("SELECT partition, epoch, stream_id, tableoid FROM parley.checkpoints")
+    rows = await cur.fetchall()
+    return {row[0]: (row[1], row[2]) for row in rows}, (int(rows[0][3]) if rows else None)
+
+
+async def checkpoints_table(conn: AsyncConn) -> int:
+    """The oid `parley.checkpoints` names now: another one than earlier in a transaction means a rebuild
+    swapped the schema in between (a statement resolves names when it runs, whatever its snapshot)."""
+    cur = await conn.execute("SELECT 'parley.checkpoints'::regclass::oid")
+    ((oid,),) = await cur.fetchall()
+    return int(oid)
