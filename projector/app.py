@@ -146,14 +146,15 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
                 raise Problem(400, "invalid-range", "Give after_seq or before_seq, not both")
 
             async def read(conn: queries.AsyncConn) -> dict[str, Any]:
-                if not await queries.is_or_was_participant(conn, user, conversation_id):
+                last_seq = await queries.seen_up_to(conn, user, conversation_id)
+                if last_seq is None:
                     raise not_found()
                 items = await queries.messages(
                     conn, user, conversation_id, limit + 1, after_seq=after_seq, before_seq=before_seq
                 )
                 more, items = len(items) > limit, items[:limit]
                 following = "next_after_seq" if after_seq is not None else "next_before_seq"
-                return {"messages": items, following: items[-1].seq if more else None}
+                return {"messages": items, following: items[-1].seq if more else None, "last_seq": last_seq}
 
             return await exact(request, read)
 

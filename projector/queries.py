@@ -86,14 +86,6 @@ async def conversations(
     return [ConversationItem(*r) for r in await cur.fetchall()]
 
 
-async def is_or_was_participant(conn: AsyncConn, user: str, conversation_id: str) -> bool:
-    cur = await conn.execute(
-        "SELECT 1 FROM parley.memberships WHERE conversation_id = %s AND user_id = %s LIMIT 1",
-        (conversation_id, user),
-    )
-    return await cur.fetchone() is not None
-
-
 async def messages(
     conn: AsyncConn,
     user: str,
@@ -173,3 +165,16 @@ async def checkpoints_table(conn: AsyncConn) -> int:
     cur = await conn.execute("SELECT 'parley.checkpoints'::regclass::oid")
     ((oid,),) = await cur.fetchall()
     return int(oid)
+
+
+async def seen_up_to(conn: AsyncConn, user: str, conversation_id: str) -> int | None:
+    """The seq of the conversation's last event the user may see (its last seq while they are in, else
+    their removal's), or None when they never were a participant."""
+    cur = await conn.execute(
+        "SELECT CASE WHEN bool_or(s.left_seq IS NULL) THEN max(c.last_seq) ELSE max(s.left_seq) END "
+        "FROM parley.memberships s JOIN parley.conversations c USING (conversation_id) "
+        "WHERE s.conversation_id = %s AND s.user_id = %s",
+        (conversation_id, user),
+    )
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else int(row[0])
