@@ -1,4 +1,5 @@
-"""The query API: JWT-authenticated reads of the live read models, with read-your-writes on a log position.
+"""The query API: JWT-authenticated reads of the live read models, with read-your-writes on a log position
+or a fanout cursor; every answer carries the fanout cursor it is exact at (body `cursor`, X-Parley-Cursor).
 
 Served by the projector process in the worker's event loop, on its own pool (projector.reads). Every error
 is RFC 9457 problem+json: 4xx for whatever a client sends, 503 with Retry-After when Postgres is away or
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -19,7 +20,12 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from projector import queries
-from projector.exceptions import PositionFromAnotherEpoch, QueryTimeout, ReadsUnavailable
+from projector.exceptions import (
+    PositionFromAnotherEpoch,
+    QueryTimeout,
+    ReadModelsFromAnotherEpoch,
+    ReadsUnavailable,
+)
 from projector.history.http import add_history_route
 from projector.openapi import add_query_parameters
 from projector.params import (
@@ -30,9 +36,9 @@ from projector.params import (
     encode_cursor,
     not_found,
     parse_limit,
-    parse_position,
     parse_search,
     parse_seq,
+    parse_wait,
 )
 from projector.reads import Reads
 from projector.settings import ProjectorSettings
@@ -49,8 +55,11 @@ log = logging.getLogger(__name__)
 _encoder = msgspec.json.Encoder()
 
 
-def _json(value: Any) -> Response:
-    return Response(_encoder.encode(value), media_type="application/json")
+CURSOR_HEADER = "X-Parley-Cursor"
+
+
+def _json(value: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(_encoder.encode(value), media_type="application/json", headers=headers)
 
 
 def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> FastAPI:
@@ -75,14 +84,21 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
         finally:
             reads.slots.release(user)
 
-    async def wait_for_position(request: Request) -> None:
+    async def wait_for_position(request: Request) -> str:
+        """The log's epoch, once the read models have reached the request's `position` (a command's
+        position token or a fanout cursor), if it gives one."""
+        epoch = worker.epoch
+        if epoch is None:  # the app is served after the worker started: never seen
+            raise ReadsUnavailable("the log's epoch is not known yet")
         token = request.query_params.get("position") or request.headers.get("x-parley-position")
         if not token:
-            return
-        position = parse_position(token, settings.log.partitions)
+            return epoch
+        positions = parse_wait(token, settings.log.partitions)
         try:
-            if await reads.watcher.wait(position, settings.read_wait_s):
-                return
+            if positions[0].epoch != epoch:
+                raise PositionFromAnotherEpoch(epoch)
+            if await reads.watcher.wait(positions, settings.read_wait_s):
+                return epoch
         except PositionFromAnotherEpoch as exc:
             raise Problem(
                 409, "position-from-another-log", "Position from another log epoch", str(exc)
@@ -92,6 +108,14 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
             f"waited {settings.read_wait_s:g}s", **{"Retry-After": "1"},
         )  # fmt: skip
 
+    async def exact(
+        request: Request, read: Callable[[queries.AsyncConn], Awaitable[dict[str, Any]]]
+    ) -> Response:
+        """`read`'s answer from one snapshot, with the fanout cursor it is exact at (body and header)."""
+        answer, cursor = await reads.exact(await wait_for_position(request), read)
+        answer["cursor"] = cursor
+        return _json(answer, {CURSOR_HEADER: cursor})
+
     @app.get("/v1/conversations", tags=["queries"], summary="My conversations, most recent activity first")
     async def list_conversations(request: Request) -> Response:
         async with reading(request) as user:
@@ -100,13 +124,15 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
             after = decode_cursor(cursor) if cursor else None
             archived_raw = request.query_params.get("archived")
             archived = None if archived_raw is None else archived_raw.lower() in ("1", "true", "yes")
-            await wait_for_position(request)
-            async with reads.connection() as conn:
+
+            async def read(conn: queries.AsyncConn) -> dict[str, Any]:
                 items = await queries.conversations(conn, user, limit + 1, after, archived)
-        more = len(items) > limit
-        items = items[:limit]
-        next_cursor = encode_cursor(items[-1].last_activity_at, items[-1].conversation_id) if more else None
-        return _json({"conversations": items, "next_cursor": next_cursor})
+                more, items = len(items) > limit, items[:limit]
+                last = items[-1] if more else None
+                following = encode_cursor(last.last_activity_at, last.conversation_id) if last else None
+                return {"conversations": items, "next_cursor": following}
+
+            return await exact(request, read)
 
     @app.get("/v1/conversations/{conversation_id}/messages", tags=["queries"],
              summary="A conversation's messages by sequence (participants only)")  # fmt: skip
@@ -118,21 +144,19 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
             before_seq = parse_seq("before_seq", request.query_params.get("before_seq"))
             if after_seq is not None and before_seq is not None:
                 raise Problem(400, "invalid-range", "Give after_seq or before_seq, not both")
-            await wait_for_position(request)
-            async with reads.connection() as conn:
-                if not await queries.is_or_was_participant(conn, user, conversation_id):
+
+            async def read(conn: queries.AsyncConn) -> dict[str, Any]:
+                last_seq = await queries.seen_up_to(conn, user, conversation_id)
+                if last_seq is None:
                     raise not_found()
                 items = await queries.messages(
                     conn, user, conversation_id, limit + 1, after_seq=after_seq, before_seq=before_seq
                 )
-        more = len(items) > limit
-        items = items[:limit]
-        answer: dict[str, Any] = {"messages": items}
-        if after_seq is not None:
-            answer["next_after_seq"] = items[-1].seq if more else None
-        else:
-            answer["next_before_seq"] = items[-1].seq if more else None
-        return _json(answer)
+                more, items = len(items) > limit, items[:limit]
+                following = "next_after_seq" if after_seq is not None else "next_before_seq"
+                return {"messages": items, following: items[-1].seq if more else None, "last_seq": last_seq}
+
+            return await exact(request, read)
 
     add_history_route(
         app, authorize=lambda request: verifier.verify(parse_bearer(request.headers.get("authorization"))),
@@ -143,9 +167,11 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
     @app.get("/v1/unread", tags=["queries"], summary="My total unread count")
     async def unread(request: Request) -> Response:
         async with reading(request) as user:
-            await wait_for_position(request)
-            async with reads.connection() as conn:
-                return _json({"unread": await queries.total_unread(conn, user)})
+
+            async def read(conn: queries.AsyncConn) -> dict[str, Any]:
+                return {"unread": await queries.total_unread(conn, user)}
+
+            return await exact(request, read)
 
     @app.get("/v1/search", tags=["queries"], summary="Search the messages I can see")
     async def search(request: Request) -> Response:
@@ -153,10 +179,12 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
             text = parse_search(request.query_params.get("q"), settings.search_max_chars,
                                 settings.search_max_terms)  # fmt: skip
             limit = parse_limit(request.query_params.get("limit"), 20)
-            await wait_for_position(request)
+
+            async def read(conn: queries.AsyncConn) -> dict[str, Any]:
+                return {"messages": await queries.search(conn, user, text, limit)}
+
             try:
-                async with reads.connection() as conn:
-                    return _json({"messages": await queries.search(conn, user, text, limit)})
+                return await exact(request, read)
             except QueryTimeout:  # the words are what make a search slow: retrying will not help
                 detail = "the search ran past its time limit; use fewer or rarer words"
                 raise Problem(422, "query-too-expensive", "Search too expensive", detail) from None
@@ -217,6 +245,13 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
         log.warning("query %s %r: %s", request.method, request.url.path, exc)  # not for the client's eyes
         return problem_response(503, "unavailable", "The read models are unavailable",
                                 headers={"Retry-After": "1"})  # fmt: skip
+
+    @app.exception_handler(ReadModelsFromAnotherEpoch)
+    async def another_epoch(request: Request, exc: ReadModelsFromAnotherEpoch) -> Response:
+        log.warning("query %s %r: %s", request.method, request.url.path, exc)
+        return problem_response(503, "read-models-from-another-log",
+                                "The read models follow another epoch of the log than the log's",
+                                str(exc), headers={"Retry-After": "1"})  # fmt: skip
 
     @app.exception_handler(QueryTimeout)
     async def timed_out(_request: Request, exc: QueryTimeout) -> Response:

@@ -126,3 +126,18 @@ class PositionFromAnotherEpoch(ReadError):
     def __init__(self, checkpoint_epoch: str) -> None:
         super().__init__(f"the read models follow epoch {checkpoint_epoch}")
         self.checkpoint_epoch = checkpoint_epoch
+
+
+class ReadModelsFromAnotherEpoch(ReadError):
+    """Raised when a partition's read models follow another epoch than the log's: no position of this log
+    is one they are exact at (the log was recreated; the projector stops that partition)."""
+
+    def __init__(self, partition: int, checkpoint_epoch: str, log_epoch: str) -> None:
+        super().__init__(f"partition {partition}'s read models follow epoch {checkpoint_epoch}, "
+                         f"the log is at {log_epoch}")  # fmt: skip
+        self.partition, self.checkpoint_epoch, self.log_epoch = partition, checkpoint_epoch, log_epoch
+
+
+class SchemaSwapped(ReadError):
+    """Raised when a rebuild swapped the read models in between the statements of one snapshot: the rows may
+    come from another schema than the checkpoints, so the read is done again."""

@@ -22,8 +22,17 @@ def _query(name: str, schema: dict[str, Any], description: str, required: bool =
     return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
 
 
+_CURSOR = {
+    "X-Parley-Cursor": {
+        "description": "The fanout cursor the answer is exact at (also its `cursor` field)",
+        "schema": {"type": "string"},
+    }
+}
+
+
 def _waits() -> list[dict[str, Any]]:
-    text = "A position token from a command's answer: wait until the read models include it."
+    text = ("A command's `position_token`, or a fanout cursor (one position per partition): wait until the "
+            "read models include it.")  # fmt: skip
     return [
         _query("position", {"type": "string"}, text),
         {"name": "X-Parley-Position", "in": "header", "required": False, "schema": {"type": "string"},
@@ -63,4 +72,5 @@ def add_query_parameters(schema: dict[str, Any], max_limit: int) -> dict[str, An
         operation["parameters"] = parameters + _waits()
         operation["security"] = BEARER
         operation["responses"].update(problem_responses(_ERRORS))
+        operation["responses"]["200"]["headers"] = _CURSOR
     return schema

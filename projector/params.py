@@ -9,6 +9,8 @@ from datetime import datetime
 
 import msgspec
 
+from events.cursor import MAX_CURSOR_CHARS as MAX_FANOUT_CURSOR_CHARS
+from events.cursor import decode_cursor as decode_fanout_cursor
 from events.ids import is_valid_conversation_id, is_valid_id
 from events.position import LogPosition
 
@@ -142,3 +144,26 @@ def parse_position(token: str, partitions: int) -> LogPosition:
     if not 0 <= position.partition < partitions:
         raise Problem(400, "invalid-position", "Invalid log position", "no such partition")
     return position
+
+
+def parse_wait(token: str, partitions: int) -> list[LogPosition]:
+    """What a read must wait for: a command's `position_token` (one position; it has dots) or a fanout
+    cursor (base64url, no dots: one position per partition).
+
+    Raises:
+        Problem: 400 `invalid-position`.
+    """
+    if "." in token:
+        return [parse_position(token, partitions)]
+    if len(token) > MAX_FANOUT_CURSOR_CHARS:
+        raise Problem(400, "invalid-position", "Invalid log position", "too long")
+    try:
+        wire = decode_fanout_cursor(token)
+    except ValueError as exc:
+        raise Problem(400, "invalid-position", "Invalid log position", str(exc)) from None
+    if not is_valid_id(wire.epoch):
+        raise Problem(400, "invalid-position", "Invalid log position", "not an epoch")
+    if len(wire.positions) != partitions:
+        detail = f"a cursor of {len(wire.positions)} partitions; the log has {partitions}"
+        raise Problem(400, "invalid-position", "Invalid log position", detail)
+    return [LogPosition(p, stream_id, wire.epoch) for p, stream_id in enumerate(wire.positions)]

@@ -86,14 +86,6 @@ async def conversations(
     return [ConversationItem(*r) for r in await cur.fetchall()]
 
 
-async def is_or_was_participant(conn: AsyncConn, user: str, conversation_id: str) -> bool:
-    cur = await conn.execute(
-        "SELECT 1 FROM parley.memberships WHERE conversation_id = %s AND user_id = %s LIMIT 1",
-        (conversation_id, user),
-    )
-    return await cur.fetchone() is not None
-
-
 async def messages(
     conn: AsyncConn,
     user: str,
@@ -158,3 +150,31 @@ async def checkpoints(conn: AsyncConn) -> dict[int, tuple[str | None, str]]:
     """Every partition's checkpoint: {partition: (epoch, stream_id)}."""
     cur = await conn.execute("SELECT partition, epoch, stream_id FROM parley.checkpoints")
     return {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
+
+
+async def snapshot_checkpoints(conn: AsyncConn) -> tuple[dict[int, tuple[str | None, str]], int | None]:
+    """`checkpoints`, and the oid of the table they were read from (None when it is empty)."""
+    cur = await conn.execute("SELECT partition, epoch, stream_id, tableoid FROM parley.checkpoints")
+    rows = await cur.fetchall()
+    return {row[0]: (row[1], row[2]) for row in rows}, (int(rows[0][3]) if rows else None)
+
+
+async def checkpoints_table(conn: AsyncConn) -> int:
+    """The oid `parley.checkpoints` names now: another one than earlier in a transaction means a rebuild
+    swapped the schema in between (a statement resolves names when it runs, whatever its snapshot)."""
+    cur = await conn.execute("SELECT 'parley.checkpoints'::regclass::oid")
+    ((oid,),) = await cur.fetchall()
+    return int(oid)
+
+
+async def seen_up_to(conn: AsyncConn, user: str, conversation_id: str) -> int | None:
+    """The seq of the conversation's last event the user may see (its last seq while they are in, else
+    their removal's), or None when they never were a participant."""
+    cur = await conn.execute(
+        "SELECT CASE WHEN bool_or(s.left_seq IS NULL) THEN max(c.last_seq) ELSE max(s.left_seq) END "
+        "FROM parley.memberships s JOIN parley.conversations c USING (conversation_id) "
+        "WHERE s.conversation_id = %s AND s.user_id = %s",
+        (conversation_id, user),
+    )
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else int(row[0])

@@ -1,7 +1,8 @@
 """The query API's own resources, apart from the projection worker's: a connection pool with a statement
 timeout, one checkpoint watcher that every position waiter shares, and a per-user cap on reads in flight.
 
-So no number of readers, waiting or searching, takes a connection the worker or another user needs.
+So no number of readers, waiting or searching, takes a connection the worker or another user needs. Every
+read is one read-only REPEATABLE READ snapshot that also yields the fanout cursor its rows are exact at.
 """
 
 from __future__ import annotations
@@ -9,38 +10,72 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg.errors
+from psycopg import IsolationLevel
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from events.cursor import encode_cursor
 from events.position import LogPosition, parse_stream_id
 from projector import queries
-from projector.exceptions import PositionFromAnotherEpoch, QueryTimeout, ReadsUnavailable
+from projector.exceptions import (
+    PositionFromAnotherEpoch,
+    QueryTimeout,
+    ReadModelsFromAnotherEpoch,
+    ReadsUnavailable,
+    SchemaSwapped,
+)
 from projector.settings import ProjectorSettings
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.02  # how often the watcher reads the checkpoints while anyone waits
 RESTART_MAX_S = 5.0
+SNAPSHOT_ATTEMPTS = 3  # a read straddling a rebuild's swap is done again; two swaps in a row are unheard of
+NOTHING = "0-0"  # the stream id before every entry
 
 Checkpoints = dict[int, tuple[str | None, str]]
+T = TypeVar("T")
 
 
 def reached(checkpoint: tuple[str | None, str] | None, position: LogPosition) -> bool:
-    """Whether the read models of `checkpoint` include `position`.
+    """Whether the read models of `checkpoint` include `position` (a partition without a checkpoint has
+    folded nothing, which includes only "0-0", a fanout cursor's position before every entry).
 
     Raises:
         PositionFromAnotherEpoch: the checkpoint follows another epoch of the log.
     """
     if checkpoint is None:
-        return False
+        return parse_stream_id(position.stream_id) == (0, 0)
     epoch, stream_id = checkpoint
     if epoch is not None and epoch != position.epoch:
         raise PositionFromAnotherEpoch(epoch)
     return parse_stream_id(stream_id) >= parse_stream_id(position.stream_id)
+
+
+def reached_all(checkpoints: Checkpoints, positions: Sequence[LogPosition]) -> bool:
+    """Whether the read models of `checkpoints` include every one of `positions` (see `reached`)."""
+    return all(reached(checkpoints.get(p.partition), p) for p in positions)
+
+
+def exact_cursor(checkpoints: Checkpoints, epoch: str, partitions: int) -> str:
+    """The fanout cursor that read models at `checkpoints` are exact at in the log of `epoch`: they hold
+    every event up to it and none after, so subscribing from it delivers exactly what they have not folded.
+    A partition without a checkpoint, or whose checkpoint has no epoch, has folded nothing: "0-0".
+
+    Raises:
+        ReadModelsFromAnotherEpoch: a partition's checkpoint is of another epoch: no position is exact.
+    """
+    positions = []
+    for partition in range(partitions):
+        checkpoint_epoch, stream_id = checkpoints.get(partition, (None, NOTHING))
+        if checkpoint_epoch is not None and checkpoint_epoch != epoch:
+            raise ReadModelsFromAnotherEpoch(partition, checkpoint_epoch, epoch)
+        positions.append(stream_id)
+    return encode_cursor(epoch, positions)
 
 
 class CheckpointWatcher:
@@ -51,7 +86,7 @@ class CheckpointWatcher:
     def __init__(self, reads: Reads) -> None:
         self._reads = reads
         self._known: Checkpoints = {}
-        self._waiters: dict[asyncio.Future[None], LogPosition] = {}
+        self._waiters: dict[asyncio.Future[None], Sequence[LogPosition]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -63,17 +98,18 @@ class CheckpointWatcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def wait(self, position: LogPosition, timeout_s: float) -> bool:
-        """Whether the read models reached `position` within `timeout_s`.
+    async def wait(self, positions: Sequence[LogPosition], timeout_s: float) -> bool:
+        """Whether the read models reached every one of `positions` within `timeout_s` (a position token
+        is one; a fanout cursor is one per partition).
 
         Raises:
-            PositionFromAnotherEpoch: the checkpoint follows another epoch of the log.
+            PositionFromAnotherEpoch: a checkpoint follows another epoch of the log.
         """
         with contextlib.suppress(PositionFromAnotherEpoch):  # what it knew may predate a new epoch
-            if reached(self._known.get(position.partition), position):
+            if reached_all(self._known, positions):
                 return True
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters[waiter] = position
+        self._waiters[waiter] = positions
         self._wake.set()
         try:
             await asyncio.wait_for(waiter, timeout_s)
@@ -116,11 +152,11 @@ class CheckpointWatcher:
             return await queries.checkpoints(conn)
 
     def _release(self) -> None:
-        for waiter, position in list(self._waiters.items()):
+        for waiter, positions in list(self._waiters.items()):
             if waiter.done():
                 continue
             try:
-                if reached(self._known.get(position.partition), position):
+                if reached_all(self._known, positions):
                     waiter.set_result(None)
             except PositionFromAnotherEpoch as exc:
                 waiter.set_exception(exc)
@@ -147,8 +183,9 @@ class UserSlots:
 
 
 class Reads:
-    """The query API's pool (its own, `query_pool_size` connections, each with the statement timeout),
-    its checkpoint watcher and its per-user slots; open it before serving, close it after."""
+    """The query API's pool (its own, `query_pool_size` connections, each with the statement timeout;
+    autocommit, and every transaction on them read-only REPEATABLE READ), its checkpoint watcher and its
+    per-user slots; open it before serving, close it after."""
 
     def __init__(self, settings: ProjectorSettings) -> None:
         self.settings = settings
@@ -157,6 +194,7 @@ class Reads:
             timeout=settings.query_pool_timeout_s, name="query",
             kwargs={"prepare_threshold": None, "autocommit": True,
                     "options": f"-c statement_timeout={settings.query_statement_timeout_ms}"},
+            configure=_snapshot_transactions,
         )  # fmt: skip
         self.watcher = CheckpointWatcher(self)
         self.slots = UserSlots(settings.query_max_concurrent_per_user)
@@ -191,3 +229,32 @@ class Reads:
             raise QueryTimeout(f"cancelled after {self.settings.query_statement_timeout_ms} ms") from exc
         except (PoolTimeout, psycopg.OperationalError) as exc:
             raise ReadsUnavailable(f"{type(exc).__name__}: {exc}".strip()) from exc
+
+    async def exact(self, epoch: str, read: Callable[[queries.AsyncConn], Awaitable[T]]) -> tuple[T, str]:
+        """What `read` returns from one snapshot of the read models, and the fanout cursor (log `epoch`)
+        of the checkpoints read in that snapshot: the rows are exactly the state at that cursor.
+
+        Raises:
+            ReadModelsFromAnotherEpoch: see `exact_cursor`.
+            ReadsUnavailable: also when every attempt straddled a rebuild's swap.
+            QueryTimeout: as `connection`; and whatever `read` raises.
+        """
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            try:
+                async with self.connection() as conn, conn.transaction():
+                    checkpoints, table = await queries.snapshot_checkpoints(conn)
+                    cursor = exact_cursor(checkpoints, epoch, self.settings.log.partitions)
+                    value = await read(conn)
+                    if table is not None and await queries.checkpoints_table(conn) != table:
+                        raise SchemaSwapped(f"parley.checkpoints was {table} at the start")
+                return value, cursor
+            except SchemaSwapped as exc:
+                log.info("read done again: %s", exc)
+        raise ReadsUnavailable(f"the read models were swapped during {SNAPSHOT_ATTEMPTS} reads in a row")
+
+
+async def _snapshot_transactions(conn: queries.AsyncConn) -> None:
+    """Statements outside a transaction stay autocommit; `conn.transaction()` opens one consistent
+    snapshot (BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY, one round trip)."""
+    await conn.set_isolation_level(IsolationLevel.REPEATABLE_READ)
+    await conn.set_read_only(True)

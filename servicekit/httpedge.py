@@ -32,7 +32,7 @@ SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
 CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, Idempotency-Key, X-Parley-Position, X-Correlation-Id, X-Causation-Id"
 )
-CORS_EXPOSE_HEADERS = "Idempotent-Replayed, Retry-After, WWW-Authenticate, Allow"
+CORS_EXPOSE_HEADERS = "Idempotent-Replayed, Retry-After, WWW-Authenticate, Allow, X-Parley-Cursor"
 CORS_ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE"
 CORS_MAX_AGE_S = 600
 LINGER_S = 2.0
