@@ -119,6 +119,7 @@ def add_query_parameters(
         operation["parameters"] = parameters
         operation["security"] = BEARER
         responses = operation["responses"]
+        responses.pop("422", None)  # FastAPI's validation answer: these routes parse their own parameters
         responses.update(problem_responses(_COMMON + errors))
         for status in ("429", "503"):
             if status in responses:

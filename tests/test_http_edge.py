@@ -275,6 +275,7 @@ async def test_the_openapi_documents_declare_parameters_security_errors_and_limi
         assert "too-many-reads" in responses["429"]["description"], path
         assert {"429", "503"} <= {s for s, r in responses.items() if "Retry-After" in r.get("headers", {})}
         assert "internal-error" in responses["500"]["description"], path
+    assert "422" not in query["paths"]["/v1/conversations/{conversation_id}/messages"]["get"]["responses"]
     search = query["paths"]["/v1/search"]["get"]
     assert "query-too-expensive" in search["responses"]["422"]["description"]
     q = next(p for p in search["parameters"] if p["name"] == "q")
