@@ -16,6 +16,7 @@ from events.exceptions import LogError
 from events.layout import LogLayout
 from events.log import EventLog
 from events.position import LogPosition
+from servicekit.redisclient import raise_first_error, run_script_once
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,12 @@ class AppendSettings:
 
 
 class Appender:
-    """Appends commands to the partitioned log; one script call per partition batch."""
+    """Appends commands to the partitioned log; one script call per partition batch.
+
+    The scripts that write (append, claim) are sent once (`servicekit.redisclient.send_once`): the
+    client's retry of a dead connection covers only connecting and the idle connection's PING, so a
+    command is never appended twice; a connection lost after sending is `LogUnavailable` (outcome unknown).
+    """
 
     def __init__(
         self, redis: aioredis.Redis, layout: LogLayout, settings: AppendSettings | None = None
@@ -119,12 +125,13 @@ class Appender:
     async def _flush_claims(self, _: None, commands: Sequence[Command]) -> list[bool | BaseException]:
         """Concurrent claims ride in one pipeline (one round trip, one fsync), one one-key script each."""
         ttl_ms = int((self.settings.idempotency_ttl_s + CLAIM_MARGIN_S) * 1000)
-        pipe = self.redis.pipeline(transaction=False)
-        for c in commands:
-            key = self.layout.idempotency_claim_key(c.actor, c.idempotency_key)
-            await self._claim_script(keys=[key], args=[c.fingerprint, ttl_ms], client=pipe)
+        calls = [
+            ([self.layout.idempotency_claim_key(c.actor, c.idempotency_key)], [c.fingerprint, ttl_ms])
+            for c in commands
+        ]
         try:
-            replies = await pipe.execute()
+            replies = await run_script_once(self.redis, self._claim_script, calls)
+            raise_first_error(replies)
         except redis.exceptions.RedisError as exc:
             log.error("claiming %d idempotency keys failed: %s", len(commands), exc)
             raise LogUnavailable(f"redis: {exc}") from exc
@@ -163,18 +170,20 @@ class Appender:
         return [self._result(partition, epoch, r) for r in replies]
 
     async def _call(self, keys: list[str], args: list[str | bytes]) -> list[list[bytes | int]]:
-        if self.settings.wait_replicas <= 0:
-            return await self._script(keys=keys, args=args)  # type: ignore[no-any-return]
-        pipe = self.redis.pipeline(transaction=False)
-        await self._script(keys=keys, args=args, client=pipe)
-        pipe.execute_command("WAIT", self.settings.wait_replicas, self.settings.wait_timeout_ms)
-        replies, acknowledged = await pipe.execute()
+        """One run of the script (sent once: a re-sent append could append twice), then WAIT if asked."""
+        wait = self.settings.wait_replicas
+        then = [("WAIT", wait, self.settings.wait_timeout_ms)] if wait > 0 else []
+        replies = await run_script_once(self.redis, self._script, [(keys, args)], then)
+        raise_first_error(replies)
+        if wait <= 0:
+            return replies[0]  # type: ignore[no-any-return]
+        appended, acknowledged = replies
         if int(acknowledged) < self.settings.wait_replicas:
             raise redis.exceptions.RedisError(
                 f"only {acknowledged} of {self.settings.wait_replicas} replicas acknowledged the "
                 "append within the timeout; it may still be applied"
             )
-        return replies  # type: ignore[no-any-return]
+        return appended  # type: ignore[no-any-return]
 
     async def _reopen(self, partition: int, reply: list[bytes | int]) -> None:
         reason = _text(reply[1])

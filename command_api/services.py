@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 
-import redis.asyncio as aioredis
-
 from command_api.append import Appender, AppendSettings
 from command_api.exceptions import LogUnavailable
 from command_api.ratelimit import RateLimiter
 from command_api.settings import CommandApiSettings
 from servicekit.auth import TokenVerifier
+from servicekit.redisclient import redis_client
 
 log = logging.getLogger(__name__)
+
+HEALTH_CHECK_S = 1.0
+"""A pooled connection idle this long is PINGed before reuse: appends are never retried once sent, so
+a connection a Redis restart killed must be found before an append is written to it."""
 
 
 class Services:
@@ -21,10 +24,9 @@ class Services:
     def __init__(self, settings: CommandApiSettings) -> None:
         self.settings = settings
         layout = settings.log.layout()
-        self.redis = aioredis.Redis.from_url(
-            settings.log.redis_url, socket_timeout=5, socket_connect_timeout=2,
-            max_connections=64, health_check_interval=30,
-        )  # fmt: skip
+        self.redis = redis_client(
+            settings.log.redis_url, 5, health_check_s=HEALTH_CHECK_S, max_connections=64
+        )
         self.appender = Appender(
             self.redis,
             layout,

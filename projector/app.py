@@ -238,7 +238,8 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
         )  # fmt: skip
 
     add_http_problem_handlers(app)
-    extend_openapi(app, lambda doc: add_query_parameters(doc, MAX_LIMIT))
+    extend_openapi(app, lambda doc: add_query_parameters(doc, MAX_LIMIT, settings.search_max_chars,
+                                                         settings.search_max_terms))  # fmt: skip
 
     @app.exception_handler(ReadsUnavailable)
     async def unavailable(request: Request, exc: ReadsUnavailable) -> Response:

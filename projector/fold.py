@@ -67,7 +67,7 @@ def _created(
     changes.touch(conv)
     for user in dict.fromkeys((event.actor, *payload.participants)):
         span = state.spans[user] = [Span(cid, user, event.seq, stream_id)]
-        inbox = state.inbox[user] = Inbox(user, cid, 0, 0, False, True, at)
+        inbox = state.inbox[user] = Inbox(user, cid, 0, 0, False, True, at, event.seq)
         changes.touch(span[0])
         changes.touch(inbox)
     return state
@@ -112,11 +112,15 @@ def _sent(
     state.messages[payload.message_id] = message
     changes.touch(message)
     inbox, touched = state.inbox, changes.touched[Inbox]
+    sent_at, seq = event.occurred_at, event.seq
     for user in state.current_members():  # the hot loop: `touch` inlined
         row = inbox[user]
         if user != actor:
             row.unread_count += 1
-        row.last_activity_at = at
+        row.message_count += 1
+        row.last_message_seq = seq
+        if sent_at > row.last_activity_at:
+            row.last_activity_at = sent_at
         if not row.dirty:
             row.dirty = True
             touched.append(row)
@@ -144,9 +148,12 @@ def _deleted(
     if conv.last_message_id == message.message_id:
         conv.last_message_preview = None
     for user, row in state.inbox.items():
-        if message.seq > row.read_seq and state.counts_for(user, message):
+        if not state.saw(user, message.seq):
+            continue
+        row.message_count -= 1
+        if message.seq > row.read_seq and message.author != user:
             row.unread_count -= 1
-            changes.touch(row)
+        changes.touch(row)
     if message.edited_at is not None:  # its versions lose their bodies too: a deletion is for everyone
         changes.purged.append(message)
     message.body, message.deleted_at = None, event.occurred_at
@@ -202,9 +209,12 @@ def _added(
     conv = state.conversation
     row = state.inbox.get(user)
     if row is None:
-        row = state.inbox[user] = Inbox(user, conv.conversation_id, 0, 0, False, True, conv.last_activity_at)
-    else:
-        row.is_member, row.archived, row.last_activity_at = True, False, conv.last_activity_at
+        at = max(conv.created_at, event.occurred_at)
+        row = state.inbox[user] = Inbox(user, conv.conversation_id, 0, 0, False, True, at, event.seq)
+    else:  # being added is activity the user sees; what happened while they were out is not
+        row.is_member, row.archived, row.joined_seq = True, False, event.seq
+        if event.occurred_at > row.last_activity_at:
+            row.last_activity_at = event.occurred_at
     changes.touch(row)
     span = Span(conv.conversation_id, user, event.seq, stream_id)
     state.spans.setdefault(user, []).append(span)

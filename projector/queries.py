@@ -8,6 +8,8 @@ from typing import Any
 import msgspec
 import psycopg
 
+from projector.fold import PREVIEW_CHARS
+
 AsyncConn = psycopg.AsyncConnection[Any]
 
 _VISIBLE = (
@@ -68,20 +70,44 @@ class MessageItem(msgspec.Struct):
     deleted_at: datetime | None
 
 
+# The inbox as each user sees it (projector/views.py `listed`): their own activity, count and latest
+# message from their inbox row. When that message was sent in their current span (the common case) they
+# see it as it is now, which the conversation row holds; otherwise it is read as they saw it, by key
+# (a NULL key: the index is not even searched in the common case).
+_LISTED_LAST = (
+    "LEFT JOIN LATERAL (SELECT m.message_id AS id, m.author, "
+    "left(CASE WHEN o.until_seq IS NULL THEN m.body ELSE o.body END, %(preview)s) AS preview "
+    f"FROM parley.messages m {_SEEN_VERSION} "
+    "WHERE m.conversation_id = i.conversation_id "
+    "AND m.seq = CASE WHEN i.last_message_seq <= i.joined_seq THEN i.last_message_seq END) p ON true"
+)
+
+
+def _listed(column: str) -> str:
+    return f"CASE WHEN i.last_message_seq > i.joined_seq THEN c.last_message_{column} ELSE p.{column} END"
+
+
+_CONVERSATIONS = (
+    "SELECT i.conversation_id, c.title, i.unread_count, i.archived, i.last_activity_at, i.message_count, "
+    f"c.last_seq, {_listed('id')}, i.last_message_seq, {_listed('author')}, {_listed('preview')} "
+    "FROM (SELECT * FROM parley.inbox i WHERE i.user_id = %(user)s AND i.is_member "
+    "AND (%(archived)s::boolean IS NULL OR i.archived = %(archived)s) "
+    "AND (%(at)s::timestamptz IS NULL OR (i.last_activity_at, i.conversation_id) < (%(at)s, %(id)s)) "
+    "ORDER BY i.last_activity_at DESC, i.conversation_id DESC LIMIT %(limit)s) i "
+    f"JOIN parley.conversations c USING (conversation_id) {_LISTED_LAST} "
+    "ORDER BY i.last_activity_at DESC, i.conversation_id DESC"
+)
+
+
 async def conversations(
     conn: AsyncConn, user: str, limit: int, after: tuple[datetime, str] | None, archived: bool | None
 ) -> list[ConversationItem]:
-    """The user's current conversations, most recent activity first, after the cursor (activity, id)."""
+    """The user's current conversations as they see them (`views.listed`), most recent activity first,
+    after the cursor (activity, id)."""
     cur = await conn.execute(
-        "SELECT i.conversation_id, c.title, i.unread_count, i.archived, i.last_activity_at, c.message_count, "
-        "c.last_seq, c.last_message_id, c.last_message_seq, c.last_message_author, c.last_message_preview "
-        "FROM parley.inbox i JOIN parley.conversations c USING (conversation_id) "
-        "WHERE i.user_id = %(user)s AND i.is_member "
-        "AND (%(archived)s::boolean IS NULL OR i.archived = %(archived)s) "
-        "AND (%(at)s::timestamptz IS NULL OR (i.last_activity_at, i.conversation_id) < (%(at)s, %(id)s)) "
-        "ORDER BY i.last_activity_at DESC, i.conversation_id DESC LIMIT %(limit)s",
+        _CONVERSATIONS,
         {"user": user, "archived": archived, "at": after[0] if after else None,
-         "id": after[1] if after else None, "limit": limit},
+         "id": after[1] if after else None, "limit": limit, "preview": PREVIEW_CHARS},
     )  # fmt: skip
     return [ConversationItem(*r) for r in await cur.fetchall()]
 

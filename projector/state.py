@@ -79,9 +79,13 @@ class Span(_Record, gc=False):
 
 
 class Inbox(_Record, gc=False):
-    """`inbox`: a user's read marker, unread count, archived flag and inbox order in one conversation.
+    """`inbox`: a user's read marker, unread count, archived flag and inbox order in one conversation, and
+    the conversation as this user sees it (`views.listed` is the rule).
 
     `unread_count` counts messages by others, not deleted, after `read_seq`, sent while the user was in.
+    `last_activity_at` is the latest of the creation, the user's (re-)additions and the messages they saw;
+    `message_count` counts those messages not deleted; `last_message_seq` is the latest of them (deleted
+    or not); `joined_seq` is where the user's latest span began.
     """
 
     user_id: str
@@ -91,6 +95,9 @@ class Inbox(_Record, gc=False):
     archived: bool
     is_member: bool
     last_activity_at: datetime
+    joined_seq: int
+    message_count: int = 0
+    last_message_seq: int | None = None
     dirty: bool = False
     stored: bool = False
 

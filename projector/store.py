@@ -184,10 +184,8 @@ class Store:
         for r in await cur.fetchall():
             states[r[0]].spans.setdefault(r[1], []).append(Span.loaded(r))
         cur = await conn.execute(
-            self._q(
-                "SELECT user_id, conversation_id, read_seq, unread_count, archived, is_member, "
-                "last_activity_at "
-                "FROM {s}.inbox WHERE conversation_id = ANY(%s)"
+            sql.SQL("SELECT {cols} FROM {s}.inbox WHERE conversation_id = ANY(%s)").format(
+                cols=sql.SQL(", ").join(map(sql.Identifier, Inbox.columns())), s=self._s
             ),
             (present,),
         )

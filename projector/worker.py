@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, NamedTuple
 
 import psycopg
-import redis.asyncio as aioredis
 import redis.exceptions
 from psycopg_pool import AsyncConnectionPool
 
@@ -42,6 +41,7 @@ from projector.settings import ProjectorSettings
 from projector.state import ConversationState, forget_bodies
 from projector.store import Store
 from servicekit.gcpacing import GcPacer
+from servicekit.redisclient import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +262,10 @@ class Worker:
         self.use_leases = use_leases
         self.observe = observe
         self.layout = settings.log.layout()
-        self.redis = aioredis.Redis.from_url(
-            settings.log.redis_url, socket_connect_timeout=2, health_check_interval=30,
-            max_connections=settings.log.partitions + 8,
-        )  # fmt: skip
+        # Everything the worker sends to Redis is a read or an idempotent trim: safe to retry.
+        self.redis = redis_client(
+            settings.log.redis_url, settings.block_ms / 1000 + 10, max_connections=settings.log.partitions + 8
+        )
         self.log = EventLog(self.redis, self.layout)
         self.store = store or Store()
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(

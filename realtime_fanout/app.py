@@ -8,12 +8,9 @@ import logging
 from typing import Any
 
 import psycopg
-import redis.asyncio as aioredis
 import redis.exceptions
 from fastapi import FastAPI
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -35,22 +32,9 @@ from servicekit.gcpacing import GcPacer
 from servicekit.health import add_health_routes
 from servicekit.httpedge import NO_DOC_PAGES
 from servicekit.lifespan import services_lifespan
+from servicekit.redisclient import redis_client
 
 log = logging.getLogger(__name__)
-
-REDIS_RETRIES = 3
-REDIS_HEALTH_CHECK_S = 15
-
-
-def redis_client(url: str, socket_timeout_s: float) -> aioredis.Redis:
-    """A client whose pooled connections survive a Redis restart: a command that meets a dead connection
-    (closed or reset by the restart; idle ones are PINGed first) is retried on a fresh one, with a short
-    backoff, before any error reaches a caller. Timeouts are not retried: a hung Redis shows at once."""
-    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), REDIS_RETRIES, (redis.exceptions.ConnectionError,))
-    return aioredis.Redis.from_url(
-        url, socket_timeout=socket_timeout_s, socket_connect_timeout=2, socket_keepalive=True,
-        health_check_interval=REDIS_HEALTH_CHECK_S, retry=retry,
-    )  # fmt: skip
 
 
 class Services:

@@ -19,11 +19,18 @@ import redis.asyncio as aioredis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from command_api.append import Appender, AppendSettings
+from command_api.bodies import CreateConversation, SendMessage
+from command_api.commands import Context, create_conversation_with_id, send_message
+from command_api.exceptions import LogUnavailable
+from command_api.services import HEALTH_CHECK_S
+from devstack.apiclient import ApiClient
 from devstack.ports import free_port
 from devstack.servers import RedisServer
 from events.codec import decode
 from events.layout import LogLayout
 from events.log import EventLog
+from events.schema import MessageSent
 from tests.conftest import DEV_SECRET
 
 
@@ -218,3 +225,71 @@ def test_token_cli_mints_only_in_dev_mode(api_env: dict[str, str]) -> None:
     refused = subprocess.run(run, env=prod, capture_output=True, text=True)
     assert refused.returncode == 2
     assert "PARLEY_DEV_MODE=1" in refused.stderr
+
+
+async def test_after_a_redis_restart_commands_succeed_and_none_is_applied_twice(
+    redis_proc: RedisServer, log_namespace: str
+) -> None:
+    """The pooled connections from before a restart are dead: the first commands after it (keyed or not)
+    are 202, or the documented 503 `log-unavailable`, never a 500, and none is in the log twice."""
+    env = {"REDIS_URL": redis_proc.url, "PARLEY_LOG_NAMESPACE": log_namespace, "PARLEY_PARTITIONS": "4",
+           "PARLEY_JWT_SECRET": DEV_SECRET, "PARLEY_DEV_MODE": "1", "PARLEY_RATE_LIMIT_PER_S": "0"}  # fmt: skip
+    async with ApiClient.running(env) as api:
+        cid = await api.create_conversation("alice", "bob")
+
+        async def burst(tag: str) -> list[httpx.Response]:
+            """Concurrent commands, so that the pool holds several connections; half of them keyed."""
+            return list(await asyncio.gather(*(
+                api.send("alice", cid, f"{tag}-{i}", {"Idempotency-Key": f"{tag}-{i}"} if i % 2 else None)
+                for i in range(8)
+            )))  # fmt: skip
+
+        assert {r.status_code for r in await burst("before")} == {202}
+        for restart in range(2):
+            if restart == 0:
+                redis_proc.stop()
+            else:
+                redis_proc.kill()  # no goodbye on the connections this time
+            redis_proc.start()
+            await asyncio.sleep(HEALTH_CHECK_S + 0.2 if restart == 0 else 0)  # idle: PINGed before use
+            answers = await burst(f"after{restart}")
+            for answer in answers:
+                if answer.status_code != 202:
+                    assert_log_unavailable(answer)
+            if restart == 0:
+                assert {r.status_code for r in answers} == {202}
+        bodies = [e.payload.body for e in await all_events(redis_proc.url, log_namespace)
+                  if isinstance(e.payload, MessageSent)]  # fmt: skip
+        assert len(bodies) == len(set(bodies))
+        assert (await api.send("alice", cid, "last")).status_code == 202
+
+
+def assert_log_unavailable(answer: httpx.Response) -> None:
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["type"] == "/problems/log-unavailable" and "retry-after" in answer.headers
+
+
+async def test_a_script_redis_forgot_is_loaded_and_run_once_and_wait_is_sent_with_it(
+    redis_client: aioredis.Redis, log_namespace: str
+) -> None:
+    """The append is sent once (`servicekit.redisclient.send_once`): a NOSCRIPT answer proves it did not
+    run, so it is loaded and sent again; WAIT rides in the same write."""
+    layout = LogLayout(log_namespace, 4)
+    appender = Appender(redis_client, layout)
+    await appender.open()
+    ann = Context("ann")
+    try:
+        await redis_client.script_flush()
+        created = await appender.append(create_conversation_with_id(ann, CreateConversation("t"), "noscript"))
+        await redis_client.script_flush()
+        await appender.append(send_message(ann, "noscript", SendMessage("once")))
+        waiting = Appender(redis_client, layout, AppendSettings(wait_replicas=1, wait_timeout_ms=50))
+        await waiting.open()
+        with pytest.raises(LogUnavailable, match="replicas"):  # no replica here: it may still be applied
+            await waiting.append(send_message(ann, "noscript", SendMessage("unreplicated")))
+        await waiting.close()
+    finally:
+        await appender.close()
+    log = EventLog(redis_client, layout)
+    events = [decode(e.data) for e in await log.read_after(created.position.partition, "0-0", 100)]
+    assert [e.seq for e in events if e.conversation_id == "noscript"] == [1, 2, 3]

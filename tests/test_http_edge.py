@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from devstack import pgadmin
 from devstack.ports import free_port
 from events.ids import CONVERSATION_ID_PATTERN
+from projector.settings import SEARCH_MAX_CHARS, SEARCH_MAX_TERMS
 from servicekit.exceptions import SettingError
 from servicekit.http_settings import HttpEdgeSettings
 from servicekit.httpedge import redact
@@ -269,6 +270,30 @@ async def test_the_openapi_documents_declare_parameters_security_errors_and_limi
             assert "application/problem+json" in operation["responses"][status]["content"], (path, status)
     limit = next(p for p in query["paths"]["/v1/search"]["get"]["parameters"] if p["name"] == "limit")
     assert limit["schema"]["maximum"] >= 1 and limit["schema"]["minimum"] == 1
+    for path in declared:  # every read may be refused for the user's reads in flight, or fail as a bug
+        responses = query["paths"][path]["get"]["responses"]
+        assert "too-many-reads" in responses["429"]["description"], path
+        assert {"429", "503"} <= {s for s, r in responses.items() if "Retry-After" in r.get("headers", {})}
+        assert "internal-error" in responses["500"]["description"], path
+    assert "422" not in query["paths"]["/v1/conversations/{conversation_id}/messages"]["get"]["responses"]
+    search = query["paths"]["/v1/search"]["get"]
+    assert "query-too-expensive" in search["responses"]["422"]["description"]
+    q = next(p for p in search["parameters"] if p["name"] == "q")
+    assert (q["required"], q["schema"]["maxLength"], q["schema"]["x-max-terms"]) == (
+        True, SEARCH_MAX_CHARS, SEARCH_MAX_TERMS,
+    )  # fmt: skip
+    history = query["paths"]["/v1/history"]["get"]
+    assert history["security"] == [{"bearer": []}]
+    assert "analyst-role-required" in history["responses"]["403"]["description"]
+    params = {p["name"]: p for p in history["parameters"]}
+    assert {"from", "to", "since", "until", "conversation", "type", "actor", "limit", "format"} <= set(params)
+    assert (
+        params["limit"]["schema"]["maximum"] == 1000
+        and "message_sent" in params["type"]["schema"]["items"]["enum"]
+    )
+    assert set(history["responses"]["200"]["content"]) == {"application/json", "application/x-ndjson"}
+    for status in ("400", "401", "409", "500", "503"):
+        assert "application/problem+json" in history["responses"][status]["content"], status
     schemas = command["components"]["schemas"]
     assert schemas["Id"]["pattern"] and schemas["Id"]["maxLength"] == 64
     assert schemas["CreateConversation"]["properties"]["title"]["maxLength"] == 200

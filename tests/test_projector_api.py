@@ -139,3 +139,49 @@ async def test_a_removed_participant_never_reads_or_finds_a_later_edit(
     at = {"X-Parley-Position": gone.position.token()}
     assert await view(dan) == [(None, "deleted")] and await view(headers("ann")) == [(None, "deleted")]
     assert await found(dan, "6pm") == [] and await found(dan, "noon") == []  # a deletion is for everyone
+
+
+async def test_the_inbox_shows_a_returning_or_new_participant_only_what_they_may_see(
+    served: tuple[httpx.AsyncClient, Appender],
+) -> None:
+    client, appender = served
+    ann = commands.Context("ann")
+    await appender.append(
+        commands.create_conversation_with_id(ann, bodies.CreateConversation("c", ["dan"]), "conv3")
+    )
+    await appender.append(commands.send_message(ann, "conv3", bodies.SendMessage("see you", message_id="m1")))
+    await appender.append(commands.send_message(ann, "conv3", bodies.SendMessage("bye", message_id="m2")))
+    await appender.append(commands.remove_participant(ann, "conv3", "dan"))
+    await appender.append(commands.edit_message(ann, "conv3", "m2", bodies.EditMessage("bye, edited")))
+    out = await appender.append(
+        commands.send_message(ann, "conv3", bodies.SendMessage("sent while dan is out", message_id="m3"))
+    )
+    await appender.append(commands.delete_message(ann, "conv3", "m1"))
+    await appender.append(commands.add_participant(ann, "conv3", bodies.AddParticipant("dan")))
+    last = await appender.append(commands.add_participant(ann, "conv3", bodies.AddParticipant("cat")))
+    at = {"X-Parley-Position": last.position.token()}
+
+    async def listed(user: str) -> dict[str, Any]:
+        r = await client.get("/v1/conversations", headers={**headers(user), **at})
+        assert r.status_code == 200, r.text
+        (conv,) = r.json()["conversations"]
+        return conv  # type: ignore[no-any-return]
+
+    dan, cat, owner = await listed("dan"), await listed("cat"), await listed("ann")
+    assert (owner["last_message_id"], owner["last_message_preview"], owner["message_count"]) == (
+        "m3", "sent while dan is out", 2,
+    )  # fmt: skip
+    # dan sees the last message he saw, as he saw it, and counts only those (m1 is deleted for everyone)
+    assert (dan["last_message_id"], dan["last_message_seq"], dan["last_message_author"]) == ("m2", 3, "ann")
+    assert (dan["last_message_preview"], dan["message_count"]) == ("bye", 1)
+    assert (cat["last_message_id"], cat["last_message_preview"], cat["message_count"]) == (None, None, 0)
+    sent_out = (await client.get("/v1/conversations/conv3/messages", headers={**headers("ann"), **at})).json()
+    out_at = next(m["sent_at"] for m in sent_out["messages"] if m["seq"] == out.seq)
+    assert owner["last_activity_at"] == out_at
+    assert dan["last_activity_at"] != out_at and cat["last_activity_at"] != out_at  # their addition, not m3
+
+    now = await appender.append(commands.send_message(ann, "conv3", bodies.SendMessage("welcome back")))
+    at = {"X-Parley-Position": now.position.token()}
+    for user, count in (("dan", 2), ("cat", 1), ("ann", 3)):
+        conv = await listed(user)
+        assert (conv["last_message_preview"], conv["message_count"]) == ("welcome back", count), user

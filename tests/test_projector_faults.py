@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,8 +20,9 @@ from test_projector_fold import T0, envelope
 from test_projector_query_limits import projector_running
 from test_projector_store import assert_equal_to_fold
 
+from command_api import bodies, commands
 from command_api.append import Appender
-from devstack.servers import PostgresServer
+from devstack.servers import PostgresServer, RedisServer
 from events import schema
 from events.codec import encode
 from events.config import LogSettings
@@ -421,3 +423,43 @@ async def test_a_partition_that_crashes_stops_loudly_instead_of_vanishing(
     finally:
         await worker._stop_all()
         await worker.close()
+
+
+async def test_after_a_redis_restart_no_partition_fails_on_a_dead_pooled_connection(
+    redis_proc: RedisServer, log_namespace: str, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis restarts between two steps of the worker (the test blocks the loop meanwhile), so every
+    pooled connection it holds is dead when it next runs: none of them may surface as an error."""
+    settings = settings_for(redis_proc.url, log_namespace, database_url)
+    writer = aioredis.Redis.from_url(redis_proc.url)  # the test's own writer: not under test
+    appender = Appender(writer, settings.log.layout())
+    await appender.open()
+    ann = commands.Context("ann")
+    ids = [f"r{i}" for i in range(4)]
+    try:
+        async with running(settings) as (worker, client):
+            for cid in ids:
+                await appender.append(
+                    commands.create_conversation_with_id(ann, bodies.CreateConversation("t"), cid)
+                )
+            await until(lambda: projected(worker, len(ids)))
+            assert (await client.get("/readyz")).status_code == 200  # its checks use pooled connections too
+            with caplog.at_level(logging.WARNING, "projector"):
+                redis_proc.stop()
+                redis_proc.start()
+                await writer.connection_pool.disconnect()
+                for cid in ids:
+                    await appender.append(commands.send_message(ann, cid, bodies.SendMessage("after")))
+                await until(lambda: projected(worker, 2 * len(ids)))
+                assert (await client.get("/readyz")).status_code == 200
+            assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+            assert all(p.retrying is None for p in worker.projectors.values())
+    finally:
+        await appender.close()
+        await writer.aclose()
+
+
+async def projected(worker: Worker, events: int) -> bool:
+    async with worker.pool.connection() as conn:
+        checkpoints = await worker.store.checkpoints(conn)
+    return sum(c.events_applied for c in checkpoints.values()) >= events

@@ -121,7 +121,9 @@ class Naive:
     creator: str
     created_at: datetime
     last_seq: int
-    spans: list[list[Any]] = field(default_factory=list)  # [user, joined, joined_sid, left, left_sid]
+    spans: list[list[Any]] = field(
+        default_factory=list
+    )  # [user, joined, joined_sid, left, left_sid, joined_at]
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)
     markers: dict[str, int] = field(default_factory=dict)
     archived: dict[str, bool] = field(default_factory=dict)
@@ -141,7 +143,7 @@ def naive_apply(convs: dict[str, Naive], env: schema.Envelope, sid: str) -> bool
             return False
         c = convs[env.conversation_id] = Naive(p.title, who, env.occurred_at, env.seq)
         for user in dict.fromkeys((who, *p.participants)):
-            c.spans.append([user, env.seq, sid, None, None])
+            c.spans.append([user, env.seq, sid, None, None, env.occurred_at])
             c.markers[user], c.archived[user] = 0, False
         return True
     if c is None or env.seq <= c.last_seq:
@@ -174,7 +176,7 @@ def naive_apply(convs: dict[str, Naive], env: schema.Envelope, sid: str) -> bool
     elif isinstance(p, schema.ParticipantAdded):
         ok = not c.member(p.user_id)
         if ok:
-            c.spans.append([p.user_id, env.seq, sid, None, None])
+            c.spans.append([p.user_id, env.seq, sid, None, None, env.occurred_at])
             c.markers.setdefault(p.user_id, 0)
             c.archived[p.user_id] = False
     elif isinstance(p, schema.ParticipantRemoved):
@@ -201,7 +203,7 @@ def naive_tables(convs: dict[str, Naive]) -> dict[str, dict[Any, Any]]:
             last[0] if last else None, last[1]["seq"] if last else None, last[1]["author"] if last else None,
             preview(last[1]["body"]) if last and last[1]["body"] is not None else None,
         ))  # fmt: skip
-        for user, joined, jsid, left, lsid in c.spans:
+        for user, joined, jsid, left, lsid, _ in c.spans:
             tables["memberships"][(cid, user, joined)] = Span.loaded((cid, user, joined, jsid, left, lsid))
         for mid, m in c.messages.items():
             for until, body, edited in m["replaced"]:
@@ -222,14 +224,16 @@ def naive_tables(convs: dict[str, Naive]) -> dict[str, dict[Any, Any]]:
                 )
             )
         for user, marker in c.markers.items():
-            end = max((s[3] or 10**9) for s in c.spans if s[0] == user)
             unread = sum(
                 1 for m in live if m["seq"] > marker and m["author"] != user and c.saw(user, m["seq"])
             )
-            seen_activity = max([c.created_at, *(m["at"] for m in c.messages.values() if m["seq"] < end)])
-            tables["inbox"][(user, cid)] = Inbox.loaded(
-                (user, cid, marker, unread, c.archived[user], c.member(user), seen_activity)
-            )
+            saw = [m for m in c.messages.values() if c.saw(user, m["seq"])]
+            joins = [s for s in c.spans if s[0] == user]
+            seen_activity = max([c.created_at, *(s[5] for s in joins), *(m["at"] for m in saw)])
+            tables["inbox"][(user, cid)] = Inbox.loaded((
+                user, cid, marker, unread, c.archived[user], c.member(user), seen_activity, joins[-1][1],
+                sum(1 for m in saw if m["deleted"] is None), max((m["seq"] for m in saw), default=None),
+            ))  # fmt: skip
     return tables
 
 

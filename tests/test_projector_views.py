@@ -1,5 +1,6 @@
-"""What a reader sees of edited messages: the query SQL against real Postgres equals `projector.views.seen`,
-over random histories written by the store in random batches (bodies known in the batch, or copied)."""
+"""What a reader sees of edited messages and of their inbox: the query SQL against real Postgres equals
+`projector.views.seen` and `listed`, over random histories written by the store in random batches (bodies
+known in the batch, or copied)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import psycopg
 from test_projector_fold import build_events, entry
 
+from events import schema
 from events.codec import decode
 from projector import queries
 from projector.exceptions import FoldError
@@ -16,9 +18,9 @@ from projector.fold import apply
 from projector.migrate import migrate
 from projector.model import fold_entries
 from projector.snapshot import read_tables
-from projector.state import Changes, ConversationState, Message, Span, Version
+from projector.state import Changes, Conversation, ConversationState, Message, Span, Version
 from projector.store import Store
-from projector.views import seen
+from projector.views import listed, seen
 
 USERS = ["ann", "bob", "cat", "dan"]
 WORDS = ["body", "edited", "0", "1", "2", "3", "5", "8"]
@@ -62,6 +64,7 @@ async def test_messages_and_search_show_each_reader_what_they_saw(database_url: 
             model = fold_entries(entries)
             assert await read_tables(conn, "parley") == model.tables
             await check_reads(conn, model.tables)
+            await check_inbox(conn, model.tables, [decode(en.data) for en in entries])
 
 
 async def check_reads(conn: psycopg.AsyncConnection[Any], tables: dict[str, dict[Any, Any]]) -> None:
@@ -83,3 +86,25 @@ async def check_reads(conn: psycopg.AsyncConnection[Any], tables: dict[str, dict
             want = {s for s, v in expected.items() if v.body is not None and word in v.body.split()}
             assert {h.seq for h in hits} == want, (user, word)
             assert all((h.body, h.state, h.edited_at) == expected[h.seq] for h in hits)
+
+
+async def check_inbox(
+    conn: psycopg.AsyncConnection[Any], tables: dict[str, dict[Any, Any]], events: list[schema.Envelope]
+) -> None:
+    conv = tables["conversations"].get(("c0",))
+    if not isinstance(conv, Conversation):
+        return
+    messages: list[Message] = list(tables["messages"].values())
+    versions: dict[int, list[Version]] = {}
+    for v in tables["message_versions"].values():
+        versions.setdefault(v.seq, []).append(v)
+    for user in USERS:
+        spans: list[Span] = [s for s in tables["memberships"].values() if s.user_id == user]
+        if not spans or spans[-1].left_seq is not None:  # the inbox lists current conversations only
+            continue
+        joins = {s.joined_seq for s in spans}
+        added_at = [e.occurred_at for e in events if e.conversation_id == "c0" and e.seq in joins]
+        want = listed(conv.created_at, messages, versions, spans, added_at)
+        (got,) = await queries.conversations(conn, user, 10, None, None)
+        assert (got.last_activity_at, got.message_count, got.last_message_id, got.last_message_seq,
+                got.last_message_author, got.last_message_preview) == want, user  # fmt: skip
