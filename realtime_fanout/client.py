@@ -222,6 +222,8 @@ class FanoutClient:
     async def _connection(self) -> AsyncIterator[Item]:
         token = await self._fresh_token()
         async with connect(self.url, open_timeout=self.open_timeout_s, close_timeout=2) as ws:
+            if self._closed:  # `close` came while this connection was opening: it had no socket to close
+                return
             self._ws = ws
             refresher: asyncio.Task[None] | None = None
             try:
