@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from devstack.ports import free_port
-from devstack.servers import RedisServer
+from devstack.servers import PostgresServer, RedisServer
 from projector.audit import log_events
 from projector.auditsource import gather
 from projector.settings import ProjectorSettings
@@ -401,3 +401,17 @@ async def test_fault_then_audit_is_green(
     inject, projectors = FAULTS[fault]
     async with stack(fault_redis, database_url, tmp_path, projectors) as s:
         await run_with_fault(s, tmp_path, inject)
+
+
+async def test_postgres_stopped_10_s_then_audit_is_green(fault_redis: RedisServer, tmp_path: Path) -> None:
+    """Postgres of our own, stopped for 10 s under load (the projector waits and retries), then started."""
+    with PostgresServer(tmp_path / "pg", fast=True) as pg:
+        database_url = pg.create_database("parley")
+
+        async def stop_postgres(_s: Stack) -> None:
+            await asyncio.to_thread(pg.stop)
+            await asyncio.sleep(10)
+            await asyncio.to_thread(pg.start)
+
+        async with stack(fault_redis, database_url, tmp_path) as s:
+            await run_with_fault(s, tmp_path, stop_postgres)
