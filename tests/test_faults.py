@@ -156,6 +156,7 @@ class Load:
     rng: random.Random
     accepted: list[dict[str, Any]] = field(default_factory=list)
     replays: int = 0
+    retries: int = 0  # attempts that failed (no answer, or 5xx) and were sent again with the same key
 
     async def command(self, http: httpx.AsyncClient, user: str, method: str, path: str,
                       body: Any = None) -> httpx.Response:  # fmt: skip
@@ -178,6 +179,7 @@ class Load:
                 self.replays += 1
                 break
             assert loop.time() < deadline, f"{method} {path} never answered"
+            self.retries += 1
             await asyncio.sleep(self.rng.uniform(0.05, 0.3))
         if answer.status_code == 202:
             self.accepted.append(answer.json())
@@ -268,7 +270,7 @@ async def subscriber(s: Stack, rec: Recorder, done: asyncio.Event, rng: random.R
             return
 
 
-async def run_with_fault(s: Stack, tmp: Path, inject: Callable[[Stack], Awaitable[None]]) -> None:
+async def run_with_fault(s: Stack, tmp: Path, inject: Callable[[Stack], Awaitable[None]]) -> Load:
     """The load and the subscribers around `inject`; then recovery, and the audit as oracle."""
     rng = random.Random(17)
     load = Load(f"http://127.0.0.1:{s.api.port}", s.token, rng)
@@ -291,13 +293,8 @@ async def run_with_fault(s: Stack, tmp: Path, inject: Callable[[Stack], Awaitabl
     await wait_projected(settings)
     received = tmp / "received.jsonl"
     write_received(received, recorders)
-    audit = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "projector", "audit", "--received", str(received), "--json",
-        env=s.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(audit.communicate(), 60)
-    report = json.loads(out) if out else {}
-    assert audit.returncode == 0, (out.decode(), err.decode())
+    code, report = await run_audit(s, received)
+    assert code == 0, report
     assert all(c["checked"] for c in report["checks"]), report
     if int(_redis_version(s.redis.binary).split(".")[0]) >= 7:  # the hole count ran, not its 6.2 stand-in
         assert not any("6.2" in note for c in report["checks"] for note in c["notes"]), report
@@ -307,6 +304,22 @@ async def run_with_fault(s: Stack, tmp: Path, inject: Callable[[Stack], Awaitabl
     assert sorted(set(acknowledged) - set(logged)) == []  # every 202 is in the log ...
     assert len(logged) == len(set(logged))  # ... exactly once
     assert all(any(ln["kind"] == "event" for ln in r.lines) for r in recorders)
+    # The oracle is not vacuous here: one event fewer in one subscriber's record is a violation.
+    lines = received.read_bytes().splitlines(keepends=True)
+    first_event = next(i for i, ln in enumerate(lines) if b'"kind":"event"' in ln)
+    (tmp / "short.jsonl").write_bytes(b"".join(lines[:first_event] + lines[first_event + 1 :]))
+    assert (await run_audit(s, tmp / "short.jsonl"))[0] == 1
+    return load
+
+
+async def run_audit(s: Stack, received: Path) -> tuple[int | None, Any]:
+    """`python -m projector audit --received FILE --json` against the stack: (exit code, report)."""
+    audit = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "projector", "audit", "--received", str(received), "--json",
+        env=s.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(audit.communicate(), 60)
+    return audit.returncode, json.loads(out) if out else err.decode()
 
 
 async def wait_projected(settings: ProjectorSettings, limit_s: float = 40) -> None:
@@ -371,12 +384,13 @@ async def freeze_projector_beyond_its_lease(s: Stack) -> None:
         s.projectors[0].signal(signal.SIGCONT)
 
 
-FAULTS: dict[str, tuple[Callable[[Stack], Awaitable[None]], int]] = {
-    "projector-kill-9": (kill_projector_repeatedly, 1),
-    "fanout-kill-9": (kill_fanout, 1),
-    "command-api-kill-9": (kill_command_api, 1),
-    "redis-kill-9": (kill_redis, 1),
-    "projector-sigstop": (freeze_projector_beyond_its_lease, 2),
+# fault: (injection, projector processes, whether writers must have had to retry)
+FAULTS: dict[str, tuple[Callable[[Stack], Awaitable[None]], int, bool]] = {
+    "projector-kill-9": (kill_projector_repeatedly, 1, False),
+    "fanout-kill-9": (kill_fanout, 1, False),
+    "command-api-kill-9": (kill_command_api, 1, True),
+    "redis-kill-9": (kill_redis, 1, True),
+    "projector-sigstop": (freeze_projector_beyond_its_lease, 2, False),
 }
 
 
@@ -398,9 +412,10 @@ def fault_redis(tmp_path: Path) -> Iterator[RedisServer]:
 async def test_fault_then_audit_is_green(
     fault: str, fault_redis: RedisServer, database_url: str, tmp_path: Path
 ) -> None:
-    inject, projectors = FAULTS[fault]
+    inject, projectors, retried = FAULTS[fault]
     async with stack(fault_redis, database_url, tmp_path, projectors) as s:
-        await run_with_fault(s, tmp_path, inject)
+        load = await run_with_fault(s, tmp_path, inject)
+    assert load.retries > 0 or not retried  # commands were in flight or refused while it was down
 
 
 async def test_postgres_stopped_10_s_then_audit_is_green(fault_redis: RedisServer, tmp_path: Path) -> None:
