@@ -374,6 +374,19 @@ async def kill_redis(s: Stack) -> None:
         await asyncio.to_thread(s.redis.start)
 
 
+async def cut_redis_connections(s: Stack) -> None:
+    """The network to Redis cut, as the services see it: every client connection killed, repeatedly."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(s.redis.url)
+    try:
+        for _ in range(5):
+            await asyncio.sleep(0.5)
+            await client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    finally:
+        await client.aclose()
+
+
 async def freeze_projector_beyond_its_lease(s: Stack) -> None:
     """SIGSTOP one of two projectors past its lease (the other takes over), then SIGCONT: the zombie must
     notice it lost its leases before writing anything."""
@@ -390,6 +403,7 @@ FAULTS: dict[str, tuple[Callable[[Stack], Awaitable[None]], int, bool]] = {
     "fanout-kill-9": (kill_fanout, 1, False),
     "command-api-kill-9": (kill_command_api, 1, True),
     "redis-kill-9": (kill_redis, 1, True),
+    "redis-connections-cut": (cut_redis_connections, 1, False),
     "projector-sigstop": (freeze_projector_beyond_its_lease, 2, False),
 }
 
