@@ -374,6 +374,19 @@ async def kill_redis(s: Stack) -> None:
         await asyncio.to_thread(s.redis.start)
 
 
+async def kill_redis_with_a_torn_aof_tail(s: Stack) -> None:
+    """kill -9 of Redis in the middle of writing a command to the AOF (a torn, never acknowledged write):
+    it loads the whole commands and truncates the torn one (`aof-load-truncated yes`, the default)."""
+    for _ in range(2):
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(s.redis.kill)
+        aof = max(s.redis.data_dir.rglob("*.aof"), key=lambda f: f.stat().st_mtime)
+        with aof.open("ab") as f:
+            f.write(b"*3\r\n$4\r\nXADD\r\n$11\r\nfaults:{p0")
+        await asyncio.to_thread(s.redis.start)
+    assert "truncated" in s.redis.log_path.read_text().lower()
+
+
 async def cut_redis_connections(s: Stack) -> None:
     """The network to Redis cut, as the services see it: every client connection killed, repeatedly."""
     import redis.asyncio as aioredis
@@ -403,6 +416,7 @@ FAULTS: dict[str, tuple[Callable[[Stack], Awaitable[None]], int, bool]] = {
     "fanout-kill-9": (kill_fanout, 1, False),
     "command-api-kill-9": (kill_command_api, 1, True),
     "redis-kill-9": (kill_redis, 1, True),
+    "redis-kill-9-torn-aof-tail": (kill_redis_with_a_torn_aof_tail, 1, True),
     "redis-connections-cut": (cut_redis_connections, 1, False),
     "projector-sigstop": (freeze_projector_beyond_its_lease, 2, False),
 }
