@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench bench-commands bench-projector bench-fanout clean
+.PHONY: run test test-faults lint typecheck bench bench-commands bench-projector bench-fanout clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fault suite (tests/test_faults.py): whole stacks of real processes killed under load, the audit as
+# oracle. A few minutes; plain `make test` leaves it out (pytest marker `faults`).
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,5 +1,6 @@
 """`python -m projector` runs the worker and the query API; `redrive` re-applies dead letters; `rebuild`
-rebuilds the read models beside the live ones and swaps them in; `trim` trims the streams once."""
+rebuilds the read models beside the live ones and swaps them in; `trim` trims the streams once; `audit` checks
+the deployment's guarantees (exit 0 all good, 1 a violation, 2 a bad request, 3 unreachable)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import sys
 from typing import Any
 
+from projector.exceptions import AuditError
 from servicekit.exceptions import ServiceKitError
 
 
@@ -113,6 +115,28 @@ async def trim_main(*, dry_run: bool) -> int:
     return 1 if any(s.error for s in statuses) else 0
 
 
+async def audit_main(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from projector.audit import run_checks
+    from projector.auditsource import gather, parse_window
+    from projector.settings import ProjectorSettings
+
+    audit = await gather(
+        ProjectorSettings.from_env(auth=False),
+        sample=args.sample,
+        seed=args.seed,
+        window=parse_window(args.since, args.until),
+        received=None if args.received is None else Path(args.received),
+    )
+    report = run_checks(audit)
+    if args.json:
+        sys.stdout.buffer.write(report.json() + b"\n")
+    else:
+        print(report.text())
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m projector")
     sub = parser.add_subparsers(dest="command")
@@ -124,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     part = sub.add_parser("rebuild-archive", help="(internal) one process of a rebuild's archive phase")
     part.add_argument("--schema", required=True)
     part.add_argument("--partitions", required=True, help="comma-separated partition numbers")
+    audit = sub.add_parser("audit", help="check the log, archive, read models; exit 1 on a violation")
+    audit.add_argument("--sample", type=int, metavar="N", help="fold-check N random conversations, not all")
+    audit.add_argument("--seed", type=int, default=0, help="which sample (default 0)")
+    audit.add_argument("--since", help="window start, unix ms or ISO 8601 (archive and seq checks)")
+    audit.add_argument("--until", help="window end (exclusive), unix ms or ISO 8601")
+    audit.add_argument("--received", metavar="FILE", help="JSONL of what clients received (README: Audit)")
+    audit.add_argument("--json", action="store_true", help="the report as JSON")
     from projector.history import cli as history_cli
 
     history_cli.add_parser(sub)
@@ -135,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging()
     try:
+        if args.command == "audit":
+            return asyncio.run(audit_main(args))
         if args.command == "redrive":
             return asyncio.run(redrive_main())
         if args.command == "rebuild":
@@ -148,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     except ServiceKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except AuditError as exc:
+        print(f"audit: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ ProjectorError
     ├── LeaseLost         the worker's lease on the partition expired; it stops until it wins the lease back
     └── LogGap            the stream was trimmed past the checkpoint: entries were lost before projection
 RebuildError              a rebuild cannot start or finish (another rebuild runs, the log is unreadable)
+AuditError                the audit cannot run (exit 2 or 3; a violation it finds is its report, exit 1)
+├── AuditRequestError     bad arguments: a malformed time window, an unreadable received-events file
+└── AuditUnreachable      Redis, Postgres or the log cannot be read
 ReadError                 the query API cannot answer a read (translated from the driver at reads.py)
 ├── ReadsUnavailable      Postgres unreachable, or no pooled connection free within the pool timeout
 ├── QueryTimeout          a query ran past the statement timeout
@@ -94,6 +97,22 @@ class LogGap(ProjectionStopped):
 
 class RebuildError(ProjectorError):
     """Raised when a rebuild cannot run (another one holds the lock) or cannot complete."""
+
+
+class AuditError(ProjectorError):
+    """The audit could not run; `exit_code` is what `python -m projector audit` exits with."""
+
+    exit_code = 2
+
+
+class AuditRequestError(AuditError):
+    """The audit was asked something malformed."""
+
+
+class AuditUnreachable(AuditError):
+    """The deployment to audit cannot be read."""
+
+    exit_code = 3
 
 
 class SelectionError(ProjectorError):

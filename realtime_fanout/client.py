@@ -9,6 +9,8 @@
 
 Connections that fail or close (1006, 1011, 1012, 4008, 4503, ...) are retried with exponential backoff and
 full jitter, resuming from the cursor after the last item handed out; so nothing is lost or repeated.
+Give it a `Recorder` and it notes what it subscribed from and received, for `python -m projector audit
+--received` (README: Audit).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -76,6 +79,38 @@ def items_of(frame: dict[str, Any]) -> list[Item]:
     return []
 
 
+@dataclass(slots=True)
+class Recorder:
+    """One subscriber's record: a line per (re)subscription with its cursor and per item received, in
+    the order received. Lines accumulate in memory; `lines_jsonl` is the audit's `--received` format."""
+
+    subscriber: str
+    user: str
+    lines: list[dict[str, Any]] = field(default_factory=list)
+
+    def subscribed(self, cursor: str | None, conversations: list[str] | None) -> None:
+        self._add("subscribe", cursor=cursor, conversations=conversations)
+
+    def received(self, item: Item) -> None:
+        if isinstance(item, Event):
+            self._add("event", event=item.event, cursor=item.cursor)
+        elif isinstance(item, Live):
+            self._add("live", cursor=item.cursor)
+        else:
+            self._add("resync", position=item.position, reason=item.reason)
+
+    def _add(self, kind: str, **fields: Any) -> None:
+        self.lines.append({"subscriber": self.subscriber, "user": self.user, "kind": kind, **fields})
+
+    def lines_jsonl(self) -> bytes:
+        return b"".join(msgspec.json.encode(line) + b"\n" for line in self.lines)
+
+
+def write_received(path: Path, recorders: list[Recorder]) -> None:
+    """Write several subscribers' records into one `--received` file."""
+    path.write_bytes(b"".join(r.lines_jsonl() for r in recorders))
+
+
 def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
     """Full jitter: uniform in [0, min(max_s, initial_s * 2**attempt)] for the attempt-th retry (from 0)."""
     return rng.uniform(0.0, min(max_s, initial_s * 2.0 ** min(attempt, 60)))
@@ -103,8 +138,10 @@ class FanoutClient:
         max_failures: int | None = None,
         open_timeout_s: float = 10.0,
         rng: random.Random | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.url = url
+        self.recorder = recorder
         self.cursor = cursor
         self.conversations = conversations
         self.refresh_margin_s = refresh_margin_s
@@ -158,6 +195,8 @@ class FanoutClient:
                         self.cursor = item.position
                     elif item.cursor is not None:
                         self.cursor = item.cursor
+                    if self.recorder is not None:
+                        self.recorder.received(item)
                     yield item
             except ConnectionClosed as closed:
                 self._raise_if_fatal(closed)
@@ -183,12 +222,16 @@ class FanoutClient:
     async def _connection(self) -> AsyncIterator[Item]:
         token = await self._fresh_token()
         async with connect(self.url, open_timeout=self.open_timeout_s, close_timeout=2) as ws:
+            if self._closed:  # `close` came while this connection was opening: it had no socket to close
+                return
             self._ws = ws
             refresher: asyncio.Task[None] | None = None
             try:
                 subscribe = {"type": "subscribe", "cursor": self.cursor, "conversations": self.conversations}
                 await ws.send(msgspec.json.encode({"type": "auth", "token": token}).decode())
                 await ws.send(msgspec.json.encode(subscribe).decode())
+                if self.recorder is not None:
+                    self.recorder.subscribed(self.cursor, self.conversations)
                 self.connects += 1
                 async for data in ws:
                     frame: dict[str, Any] = msgspec.json.decode(data)
