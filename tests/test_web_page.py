@@ -1,0 +1,363 @@
+"""The web chat page end to end: the real stack (Redis, Postgres, command API, projector, fanout as
+processes) driven by headless Chromium through Playwright; plus the page's HTTP edge (CSP, dev tokens)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from test_fanout_e2e import ROOT, fanout_env
+
+from command_api.app import create_app
+from command_api.settings import CommandApiSettings
+from devstack import pgadmin
+from devstack.ports import free_port
+from servicekit.httpedge import DEFAULT_CSP, EdgeMiddleware
+from servicekit.settings import Env
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]  # fmt: skip
+ARTIFACTS = ROOT / "tests" / "artifacts"
+WAIT_MS = 15_000
+SKIP_REASON = "BROWSER TEST SKIPPED: {} (run `make browser-deps`)"
+
+
+@dataclass
+class Stack:
+    """The three services on free ports, one log and one database; the fanout can be killed and restarted."""
+
+    env: dict[str, str]
+    ports: dict[str, int]
+    folder: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def page_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['command_api']}/"
+
+    def spawn(self, module: str) -> None:
+        with (self.folder / f"{module}.log").open("ab") as out:
+            self.procs[module] = subprocess.Popen(
+                [sys.executable, "-m", module], env=self.env, cwd=ROOT, stdout=out, stderr=out
+            )
+
+    def wait_ready(self, module: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.procs[module].poll() is None, f"{module} exited at start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.ports[module]}/readyz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{module} did not become ready")
+
+    def kill(self, module: str) -> None:
+        proc = self.procs.pop(module)
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    redis_server_url: str, database_server_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    name = f"web_{uuid.uuid4().hex[:8]}"
+    database_url = pgadmin.create_database(database_server_url, name)
+    ports = {"command_api": free_port(), "projector": free_port(), "realtime_fanout": free_port()}
+    page = f"http://127.0.0.1:{ports['command_api']}"
+    env = fanout_env(
+        redis_server_url, f"web{uuid.uuid4().hex[:6]}", DATABASE_URL=database_url,
+        PARLEY_API_PORT=str(ports["command_api"]), PARLEY_PROJECTOR_HTTP_PORT=str(ports["projector"]),
+        PARLEY_FANOUT_PORT=str(ports["realtime_fanout"]), PARLEY_ALLOWED_ORIGINS=page,
+        PARLEY_WEB_QUERY_URL=f"http://127.0.0.1:{ports['projector']}",
+        PARLEY_WEB_FANOUT_URL=f"ws://127.0.0.1:{ports['realtime_fanout']}/v1/stream",
+        PARLEY_PROJECTOR_BLOCK_MS="200", PARLEY_RATE_LIMIT_PER_S="0",
+    )  # fmt: skip
+    running = Stack(env, ports, tmp_path_factory.mktemp("web"))
+    try:
+        for module in ports:
+            running.spawn(module)
+        for module in ports:
+            running.wait_ready(module)
+        yield running
+    finally:
+        for proc in running.procs.values():
+            proc.kill()
+            proc.wait(10)
+        pgadmin.drop_database(database_server_url, name)
+
+
+# ---- the page's HTTP edge, no browser needed ----
+
+
+def test_the_page_has_one_strict_csp_naming_the_read_side_and_other_answers_keep_the_default(
+    stack: Stack,
+) -> None:
+    page = httpx.get(stack.page_url)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    policies = page.headers.get_list("content-security-policy")
+    assert len(policies) == 1, policies
+    csp = policies[0]
+    assert "script-src 'self'" in csp and "default-src 'none'" in csp and "'unsafe-inline'" not in csp
+    assert f"connect-src 'self' http://127.0.0.1:{stack.ports['projector']} " in csp
+    assert f"ws://127.0.0.1:{stack.ports['realtime_fanout']}" in csp
+    asset = httpx.get(stack.page_url + "web/app.js")
+    assert asset.headers["content-type"].startswith("text/javascript")
+    assert asset.headers.get_list("content-security-policy") == [csp]
+    for other in ("healthz", "web/nope.js", "openapi.json"):
+        assert httpx.get(stack.page_url + other).headers.get_list("content-security-policy") == [DEFAULT_CSP]
+
+
+def test_the_query_api_exposes_the_cursor_header_to_the_page(stack: Stack) -> None:
+    origin = stack.page_url.rstrip("/")
+    answer = httpx.get(f"http://127.0.0.1:{stack.ports['projector']}/healthz", headers={"Origin": origin})
+    assert answer.headers["access-control-allow-origin"] == origin
+    assert "X-Parley-Cursor" in answer.headers["access-control-expose-headers"]
+
+
+def _app(dev_mode: bool) -> Any:
+    env = {"PARLEY_JWT_SECRET": "s" * 40, "PARLEY_DEV_MODE": "1" if dev_mode else "0"}
+    return EdgeMiddleware(create_app(CommandApiSettings.from_env(Env(env))), ())
+
+
+async def test_dev_tokens_are_minted_only_in_dev_mode() -> None:
+    body = {"user_id": "alice"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=_app(True)), base_url="http://t") as http:
+        minted = await http.post("/dev/token", json=body)
+        assert minted.status_code == 200 and minted.json()["user_id"] == "alice"
+        assert (await http.post("/dev/token", json={"user_id": "no spaces"})).status_code == 422
+        assert (await http.post("/dev/token", json={"user": "x"})).status_code == 422
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=_app(False)), base_url="http://t") as http:
+        refused = await http.post("/dev/token", json=body)
+        assert refused.status_code == 404 and refused.json()["type"] == "/problems/not-found"
+        assert (await http.get("/web/config.json")).json()["dev_mode"] is False
+
+
+# ---- in Chromium ----
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip(SKIP_REASON.format("the playwright package is not installed"))
+    if not CHROMIUM.exists():
+        pytest.skip(SKIP_REASON.format(f"no Chromium at {CHROMIUM}"))
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@dataclass
+class User:
+    name: str
+    context: Any
+    page: Any
+    dialogs: list[str]
+
+    def expect(self, selector: str) -> Any:
+        from playwright.sync_api import expect
+
+        return expect(self.page.locator(selector))
+
+    def conversation(self, title: str) -> Any:
+        return self.page.locator(".conversation-item", has_text=title)
+
+    def open(self, title: str) -> None:
+        self.conversation(title).click()
+        self.expect("#conv-title").to_have_text(title)
+
+    def send(self, text: str) -> None:
+        box = self.page.locator("#composer-input")
+        box.fill(text)
+        box.press("Enter")
+
+    def bodies(self) -> list[str]:
+        texts: list[str] = self.page.locator("#message-list li[data-seq] .body").all_inner_texts()
+        return texts
+
+    def settled(self) -> None:
+        """Every message this page sent is confirmed (no optimistic one left)."""
+        self.expect("#message-list .pending").to_have_count(0)
+
+    def shot(self, name: str) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+@pytest.fixture
+def login(browser: Any, stack: Stack) -> Iterator[Callable[..., User]]:
+    contexts: list[Any] = []
+
+    def open_as(name: str, width: int = 1280, height: int = 800, shot: str | None = None) -> User:
+        context = browser.new_context(viewport={"width": width, "height": height})
+        context.set_default_timeout(WAIT_MS)
+        contexts.append(context)
+        page = context.new_page()
+        user = User(name, context, page, [])
+        page.on("dialog", lambda dialog: (user.dialogs.append(dialog.message), dialog.dismiss()))
+        page.goto(stack.page_url)
+        page.locator("#login-name").fill(name)
+        if shot:
+            user.shot(shot)
+        page.locator("#login-name").press("Enter")
+        user.expect("#connection").to_have_attribute("data-state", "live")
+        return user
+
+    yield open_as
+    for context in contexts:
+        context.close()
+
+
+def create(user: User, title: str, *people: str) -> None:
+    user.page.locator(".new-conversation summary").click()
+    user.page.locator("#create-title").fill(title)
+    user.page.locator("#create-people").fill(", ".join(people))
+    user.page.locator("#create-form button[type=submit]").click()
+    user.expect("#conv-title").to_have_text(title)
+
+
+def badge(user: User, title: str) -> Any:
+    return user.expect(f'.conversation-item:has-text("{title}") .unread')
+
+
+@pytest.mark.browser
+def test_an_offline_reader_catches_up_exactly_once_with_edits_deletes_and_unread(
+    login: Callable[..., User],
+) -> None:
+    alice, bob = login("alice", shot="desktop-login"), login("bob")
+    create(alice, "Offline test", "bob")
+    bob.expect('.conversation-item:has-text("Offline test")').to_be_visible()
+    bob.open("Offline test")  # from now on bob's page folds this conversation's events into its cache
+    create(bob, "Bob's notes")  # and looks at another one, so the first one's unread count grows
+
+    bob.context.set_offline(True)
+    bob.expect("#connection").to_have_attribute("data-state", "offline")
+    sent = [f"m{i:02d}" for i in range(1, 21)]
+    for text in sent:
+        alice.send(text)
+    alice.settled()
+    alice.expect("#message-list li[data-seq]").to_have_count(20)
+    expected = list(sent)
+    for index in (2, 6):  # edit m03 and m07
+        message = alice.page.locator("#message-list li[data-seq]").nth(index)
+        message.get_by_role("button", name="Edit").click()
+        alice.send(f"{sent[index]} edited")
+        expected[index] = f"{sent[index]} edited"
+    for index in (4, 9):  # delete m05 and m10
+        message = alice.page.locator("#message-list li[data-seq]").nth(index)
+        message.get_by_role("button", name="Delete").click()
+        message.get_by_role("button", name="Confirm delete").click()
+        expected[index] = "message deleted"
+    alice.expect('#message-list li[data-state="deleted"]').to_have_count(2)
+    alice.expect('#message-list li[data-state="edited"]').to_have_count(2)
+    alice.shot("desktop-conversation")
+
+    bob.context.set_offline(False)
+    bob.expect("#connection").to_have_attribute("data-state", "live")
+    badge(bob, "Offline test").to_have_text("18")
+    bob.expect('.conversation-item:has-text("Offline test") .preview').to_have_text("alice: m20")
+    bob.shot("desktop-conversation-list")
+    bob.open("Offline test")
+    bob.expect("#message-list li[data-seq]").to_have_count(20)
+    assert bob.bodies() == expected
+    seqs = bob.page.locator("#message-list li[data-seq]").evaluate_all("els => els.map(e => +e.dataset.seq)")
+    assert seqs == sorted(set(seqs))
+    badge(bob, "Offline test").to_be_hidden()
+    alice.expect("#message-list .receipt").to_have_text("Seen by bob")
+    assert alice.dialogs == bob.dialogs == []
+
+
+@pytest.mark.browser
+def test_the_page_reconnects_by_itself_when_the_fanout_restarts_and_loses_or_doubles_nothing(
+    login: Callable[..., User], stack: Stack
+) -> None:
+    alice, bob = login("alice"), login("bob")
+    create(alice, "Restart test", "bob")
+    alice.send("before")
+    bob.open("Restart test")
+    bob.expect("#message-list li[data-seq] .body").to_have_text(["before"])
+
+    stack.kill("realtime_fanout")
+    bob.expect("#connection").not_to_have_attribute("data-state", "live")
+    during = [f"during {i}" for i in range(5)]
+    for text in during:
+        alice.send(text)
+    alice.settled()
+    stack.spawn("realtime_fanout")
+    stack.wait_ready("realtime_fanout")
+    alice.send("after")
+    for user in (alice, bob):
+        user.expect("#connection").to_have_attribute("data-state", "live")
+        user.expect("#message-list li[data-seq]").to_have_count(7)
+        assert user.bodies() == ["before", *during, "after"]
+
+
+@pytest.mark.browser
+def test_typing_presence_and_read_receipts_show_and_clear(login: Callable[..., User]) -> None:
+    alice, bob = login("alice"), login("bob")
+    create(alice, "Signals", "bob")
+    alice.send("hello")  # alice acted here, so bob may see her presence (scope `engaged`)
+    bob.open("Signals")
+    alice.expect("#message-list .receipt").to_have_text("Seen by bob")
+    bob.page.reload()  # a fresh subscribe: the snapshot now holds alice
+    bob.page.locator("#login-name").fill("bob")
+    bob.page.locator("#login-name").press("Enter")
+    bob.expect('#presence li[data-user="alice"]').to_have_attribute("data-online", "true")
+    bob.open("Signals")
+    alice.page.locator("#composer-input").press_sequentially("typing a reply")
+    bob.expect("#typing").to_have_text("alice is typing…")
+    alice.page.locator("#composer-input").press("Enter")
+    bob.expect("#typing").to_have_text("")
+    bob.expect("#message-list li[data-seq] .body").to_have_text(["hello", "typing a reply"])
+    alice.expect("#message-list .receipt").to_have_text("Seen by bob")
+    bob.shot("desktop-signals")
+    alice.context.close()
+    bob.expect('#presence li[data-user="alice"]').to_have_attribute("data-online", "false")
+
+
+HOSTILE = [
+    "<img src=x onerror=alert(1)>",
+    "javascript:alert(2)",
+    "[click me](javascript:alert(3))",
+    "<script>alert(4)</script> and https://example.com/a?b=1 too",
+]
+
+
+@pytest.mark.browser
+def test_hostile_text_renders_literally_and_runs_nothing(login: Callable[..., User]) -> None:
+    alice, bob = login("alice"), login("bob", width=360, height=740)
+    create(alice, "Hostile", "bob")
+    for text in HOSTILE:
+        alice.send(text)
+    alice.settled()
+    bob.shot("mobile-conversation-list")
+    bob.open("Hostile")
+    bob.expect("#message-list li[data-seq]").to_have_count(len(HOSTILE))
+    assert bob.bodies() == HOSTILE
+    assert bob.page.locator("#message-list img, #message-list script").count() == 0
+    links = bob.page.locator("#message-list a")
+    assert links.evaluate_all("els => els.map(e => e.href)") == ["https://example.com/a?b=1"]
+    for body in bob.page.locator("#message-list .body").all()[:3]:
+        body.click()
+    bob.shot("mobile-conversation")
+    for user in (alice, bob):
+        assert user.page.evaluate("document.querySelectorAll('[onerror]').length") == 0
+    assert re.search(r"<img", bob.page.locator("#message-list").inner_text())
+    assert alice.dialogs == bob.dialogs == []
