@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench bench-commands bench-projector bench-fanout clean
+.PHONY: run test lint typecheck browser-deps bench bench-commands bench-projector bench-fanout clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# What the browser tests need: Debian's Chromium (Playwright drives /usr/bin/chromium; it never downloads a
+# browser) and the playwright package (a dev extra, installed with the venv). Without them those tests are skipped and counted.
+CHROMIUM := /usr/bin/chromium
+browser-deps: $(STAMP)
+	@test -x $(CHROMIUM) || { command -v apt-get >/dev/null && \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) sh -c 'apt-get update -qq && apt-get install -y -qq chromium'; } || \
+	  echo "browser-deps: could not install chromium; the browser tests will be skipped"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

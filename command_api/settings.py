@@ -12,7 +12,6 @@ from servicekit.exceptions import SettingError
 from servicekit.http_settings import EDGE_DEFAULTS, HttpEdgeSettings
 from servicekit.settings import Env
 
-
 DEFAULT_QUERY_URL = "http://127.0.0.1:8002"
 DEFAULT_FANOUT_URL = "ws://127.0.0.1:8001/v1/stream"
 

@@ -22,7 +22,7 @@ from servicekit.tokens import mint_token
 
 WEB_DIR = Path(__file__).with_name("web")
 MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-               ".css": "text/css; charset=utf-8"}  # fmt: skip
+               ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}  # fmt: skip
 DEV_TOKEN_TTL_S = 3600.0
 _encoder = msgspec.json.Encoder()
 
@@ -98,4 +98,6 @@ def add_web_routes(app: FastAPI, settings: CommandApiSettings) -> None:
             token = mint_token(settings.auth, body.user_id, ttl_s=DEV_TOKEN_TTL_S)
         except SettingError as exc:  # dev mode with only a public key: nothing to sign with
             return problem_response(404, "not-found", "Not found", str(exc))
-        return Response(_encoder.encode({"token": token, "user_id": body.user_id}), media_type="application/json")
+        return Response(
+            _encoder.encode({"token": token, "user_id": body.user_id}), media_type="application/json"
+        )

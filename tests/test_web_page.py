@@ -3,6 +3,7 @@ processes) driven by headless Chromium through Playwright; plus the page's HTTP 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from devstack.ports import free_port
 from servicekit.httpedge import DEFAULT_CSP, EdgeMiddleware
 from servicekit.settings import Env
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("PARLEY_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run",
@@ -85,7 +86,7 @@ def stack(
         PARLEY_FANOUT_PORT=str(ports["realtime_fanout"]), PARLEY_ALLOWED_ORIGINS=page,
         PARLEY_WEB_QUERY_URL=f"http://127.0.0.1:{ports['projector']}",
         PARLEY_WEB_FANOUT_URL=f"ws://127.0.0.1:{ports['realtime_fanout']}/v1/stream",
-        PARLEY_PROJECTOR_BLOCK_MS="200", PARLEY_RATE_LIMIT_PER_S="0",
+        PARLEY_PROJECTOR_BLOCK_MS="200", PARLEY_RATE_LIMIT_PER_S="0", PARLEY_HTTP_ACCESS_LOG="1",
     )  # fmt: skip
     running = Stack(env, ports, tmp_path_factory.mktemp("web"))
     try:
@@ -153,13 +154,16 @@ async def test_dev_tokens_are_minted_only_in_dev_mode() -> None:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     try:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import expect, sync_playwright
     except ImportError:
         pytest.skip(SKIP_REASON.format("the playwright package is not installed"))
     if not CHROMIUM.exists():
         pytest.skip(SKIP_REASON.format(f"no Chromium at {CHROMIUM}"))
+    expect.set_options(timeout=WAIT_MS)
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
         yield launched
         launched.close()
 
@@ -212,6 +216,11 @@ def login(browser: Any, stack: Stack) -> Iterator[Callable[..., User]]:
         page = context.new_page()
         user = User(name, context, page, [])
         page.on("dialog", lambda dialog: (user.dialogs.append(dialog.message), dialog.dismiss()))
+        page.on("console", lambda message: print(f"[{name}] {message.type}: {message.text}"))
+        page.on("requestfailed", lambda r: print(f"[{name}] failed: {r.method} {r.url} {r.failure}"))
+        page.on(
+            "response", lambda r: r.status >= 400 and print(f"[{name}] {r.status} {r.request.method} {r.url}")
+        )
         page.goto(stack.page_url)
         page.locator("#login-name").fill(name)
         if shot:
@@ -328,7 +337,7 @@ def test_typing_presence_and_read_receipts_show_and_clear(login: Callable[..., U
     bob.expect("#message-list li[data-seq] .body").to_have_text(["hello", "typing a reply"])
     alice.expect("#message-list .receipt").to_have_text("Seen by bob")
     bob.shot("desktop-signals")
-    alice.context.close()
+    alice.page.goto("about:blank")  # alice leaves: her only connection closes
     bob.expect('#presence li[data-user="alice"]').to_have_attribute("data-online", "false")
 
 
