@@ -87,6 +87,7 @@ def stack(
         PARLEY_WEB_QUERY_URL=f"http://127.0.0.1:{ports['projector']}",
         PARLEY_WEB_FANOUT_URL=f"ws://127.0.0.1:{ports['realtime_fanout']}/v1/stream",
         PARLEY_PROJECTOR_BLOCK_MS="200", PARLEY_RATE_LIMIT_PER_S="0", PARLEY_HTTP_ACCESS_LOG="1",
+        PARLEY_FANOUT_PRESENCE_TTL_S="3",  # the killed fanout's connections expire soon
     )  # fmt: skip
     running = Stack(env, ports, tmp_path_factory.mktemp("web"))
     try:
@@ -309,6 +310,8 @@ def test_the_page_reconnects_by_itself_when_the_fanout_restarts_and_loses_or_dou
     for text in during:
         alice.send(text)
     alice.settled()
+    bob.expect("#connection").to_have_attribute("data-state", "polling")  # the REST fallback meanwhile
+    bob.expect("#message-list li[data-seq]").to_have_count(6)
     stack.spawn("realtime_fanout")
     stack.wait_ready("realtime_fanout")
     alice.send("after")
@@ -370,3 +373,58 @@ def test_hostile_text_renders_literally_and_runs_nothing(login: Callable[..., Us
         assert user.page.evaluate("document.querySelectorAll('[onerror]').length") == 0
     assert re.search(r"<img", bob.page.locator("#message-list").inner_text())
     assert alice.dialogs == bob.dialogs == []
+
+
+def api_token(stack: Stack, user: str) -> str:
+    answer = httpx.post(stack.page_url + "dev/token", json={"user_id": user})
+    token: str = answer.json()["token"]
+    return token
+
+
+@pytest.mark.browser
+def test_scroll_back_reply_search_participants_and_archive(login: Callable[..., User], stack: Stack) -> None:
+    alice, bob = login("alice"), login("bob")
+    create(alice, "Paging", "bob")
+    conversation = alice.page.locator(".conversation-item", has_text="Paging").get_attribute(
+        "data-conversation-id"
+    )
+    auth = {"Authorization": f"Bearer {api_token(stack, 'alice')}"}
+    with httpx.Client(base_url=stack.page_url, headers=auth) as http:
+        for i in range(1, 61):  # more than a page (50), straight to the command API
+            sent = http.post(f"v1/conversations/{conversation}/messages", json={"body": f"p{i:02d}"})
+            assert sent.status_code == 202
+    bob.open("Paging")
+    bob.expect("#message-list li[data-seq]").to_have_count(50)
+    bob.page.locator("#older").click()
+    bob.expect("#message-list li[data-seq]").to_have_count(60)
+    assert bob.bodies() == [f"p{i:02d}" for i in range(1, 61)]
+    bob.expect("#older").to_be_hidden()
+
+    bob.page.locator("#message-list li[data-seq]").last.get_by_role("button", name="Reply").click()
+    bob.send("re: last")
+    bob.expect("#message-list li[data-seq] .quote").to_have_text(["↪ alice: p60"])
+    alice.open("Paging")
+    alice.expect("#message-list li[data-seq]:last-child .quote").to_have_text("↪ alice: p60")
+
+    bob.page.locator("#search-q").fill("p42")
+    bob.page.locator("#search-q").press("Enter")
+    bob.expect("#search-results .search-hit").to_have_count(1)
+    bob.expect("#search-results .search-hit .preview").to_have_text("alice: p42")
+
+    alice.page.locator(".participants summary").click()
+    alice.page.locator("#add-user").fill("carol")
+    alice.page.locator("#add-user").press("Enter")
+    alice.expect('#participants li:has-text("carol")').to_have_count(1)
+    alice.page.get_by_role("button", name="Remove carol").click()
+    alice.expect('#participants li:has-text("carol")').to_have_count(0)
+
+    bob.page.locator("#archive-toggle").click()
+    bob.expect("#archive-toggle").to_have_text("Unarchive")
+    bob.expect('#conversations .conversation-item:has-text("Paging")').to_have_count(0)
+    bob.page.locator("#tab-archived").click()
+    bob.expect('#conversations .conversation-item:has-text("Paging")').to_have_count(1)
+    bob.shot("desktop-archived")
+    bob.page.locator("#archive-toggle").click()
+    bob.expect('#conversations .conversation-item:has-text("Paging")').to_have_count(0)
+    bob.page.locator("#tab-inbox").click()
+    bob.expect('#conversations .conversation-item:has-text("Paging")').to_have_count(1)
