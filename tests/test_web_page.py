@@ -22,6 +22,8 @@ from command_api.app import create_app
 from command_api.settings import CommandApiSettings
 from devstack import pgadmin
 from devstack.ports import free_port
+from devstack.supervisor import Service, banner, child_env
+from servicekit.exceptions import SettingError
 from servicekit.httpedge import DEFAULT_CSP, EdgeMiddleware
 from servicekit.settings import Env
 
@@ -147,6 +149,23 @@ async def test_dev_tokens_are_minted_only_in_dev_mode() -> None:
         refused = await http.post("/dev/token", json=body)
         assert refused.status_code == 404 and refused.json()["type"] == "/problems/not-found"
         assert (await http.get("/web/config.json")).json()["dev_mode"] is False
+
+
+def test_make_run_allows_the_page_origin_and_points_the_page_at_moved_ports() -> None:
+    env = child_env({"PARLEY_API_PORT": "9000", "PARLEY_FANOUT_PORT": "9001"}, "redis://r", "pg://p", "s")
+    assert env["PARLEY_ALLOWED_ORIGINS"] == "http://127.0.0.1:9000, http://localhost:9000"
+    assert env["PARLEY_WEB_QUERY_URL"] == "http://127.0.0.1:8002"
+    assert env["PARLEY_WEB_FANOUT_URL"] == "ws://127.0.0.1:9001/v1/stream"
+    assert "Web chat page: http://127.0.0.1:8000/" in banner("r", "p", [Service("command_api", 8000)])
+
+
+def test_the_page_urls_must_be_nameable_in_a_csp() -> None:
+    base = {"PARLEY_JWT_SECRET": "s" * 40}
+    for key, value in [("PARLEY_WEB_QUERY_URL", "javascript:alert(1)"),
+                       ("PARLEY_WEB_FANOUT_URL", "ws://x; script-src *"),
+                       ("PARLEY_WEB_FRAME_ANCESTORS", "https://a.example, *")]:  # fmt: skip
+        with pytest.raises(SettingError, match=key):
+            CommandApiSettings.from_env(Env({**base, key: value}))
 
 
 # ---- in Chromium ----

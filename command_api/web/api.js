@@ -13,7 +13,8 @@ export class ApiError extends Error {
   }
 }
 
-const RETRIED = new Set([408, 429, 500, 502, 503, 504]);
+// No definite answer yet: the command may or may not have been appended; the same key makes a retry safe.
+const retried = (status) => status === 408 || status === 429 || status >= 500;
 const MAX_ATTEMPTS = 8;
 
 export function newKey() {
@@ -72,7 +73,7 @@ export class Api {
       try {
         return await this.fetchJson(path, init);
       } catch (err) {
-        const retry = !(err instanceof ApiError) || RETRIED.has(err.status);
+        const retry = !(err instanceof ApiError) || retried(err.status);
         if (!retry || attempt + 1 >= MAX_ATTEMPTS) throw err;
       }
       if (!navigator.onLine) await onlineAgain();

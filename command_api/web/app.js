@@ -348,10 +348,7 @@ class ChatApp {
     node.textContent = labels[state] || state;
     node.title = detail;
     if (state === "polling") this.startPolling();
-    if (state === "live") {
-      this.stopPolling();
-      this.pending.forEach((_, id) => id === this.current && this.renderMessages());
-    }
+    if (state === "live") this.stopPolling();
   }
 
   /** The REST fallback: while the WebSocket cannot be had, poll the query API. */
