@@ -220,6 +220,13 @@ class User:
         """Every message this page sent is confirmed (no optimistic one left)."""
         self.expect("#message-list .pending").to_have_count(0)
 
+    def reload(self) -> None:
+        """A fresh page: state from the query API only."""
+        self.page.reload()
+        self.page.locator("#login-name").fill(self.name)
+        self.page.locator("#login-name").press("Enter")
+        self.expect("#connection").to_have_attribute("data-state", "live")
+
     def shot(self, name: str) -> None:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
@@ -347,9 +354,7 @@ def test_typing_presence_and_read_receipts_show_and_clear(login: Callable[..., U
     alice.send("hello")  # alice acted here, so bob may see her presence (scope `engaged`)
     bob.open("Signals")
     alice.expect("#message-list .receipt").to_have_text("Seen by bob")
-    bob.page.reload()  # a fresh subscribe: the snapshot now holds alice
-    bob.page.locator("#login-name").fill("bob")
-    bob.page.locator("#login-name").press("Enter")
+    bob.reload()  # a fresh subscribe: the snapshot now holds alice
     bob.expect('#presence li[data-user="alice"]').to_have_attribute("data-online", "true")
     bob.open("Signals")
     alice.page.locator("#composer-input").press_sequentially("typing a reply")
@@ -412,6 +417,7 @@ def test_scroll_back_reply_search_participants_and_archive(login: Callable[..., 
         for i in range(1, 61):  # more than a page (50), straight to the command API
             sent = http.post(f"v1/conversations/{conversation}/messages", json={"body": f"p{i:02d}"})
             assert sent.status_code == 202
+    bob.reload()  # the history comes from the query API, a page at a time
     bob.open("Paging")
     bob.expect("#message-list li[data-seq]").to_have_count(50)
     bob.page.locator("#older").click()
@@ -447,3 +453,32 @@ def test_scroll_back_reply_search_participants_and_archive(login: Callable[..., 
     bob.expect('#conversations .conversation-item:has-text("Paging")').to_have_count(0)
     bob.page.locator("#tab-inbox").click()
     bob.expect('#conversations .conversation-item:has-text("Paging")').to_have_count(1)
+
+
+@pytest.mark.browser
+def test_a_send_whose_answer_is_lost_is_retried_with_its_key_and_appears_once(
+    login: Callable[..., User],
+) -> None:
+    alice, bob = login("alice"), login("bob")
+    create(alice, "Lost answer", "bob")
+    keys: list[str] = []
+
+    def lose_the_first_answer(route: Any) -> None:
+        keys.append(route.request.headers["idempotency-key"])
+        if len(keys) == 1:
+            route.fetch()  # the server appends the message; the page never hears back
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    alice.page.route("**/v1/conversations/*/messages", lose_the_first_answer)
+    alice.send("only once")
+    alice.settled()
+    deadline = time.monotonic() + 10
+    while len(keys) < 2 and time.monotonic() < deadline:  # the event may settle it before the retry
+        alice.page.wait_for_timeout(50)
+    bob.open("Lost answer")
+    for user in (alice, bob):
+        user.expect("#message-list li[data-seq]").to_have_count(1)
+        assert user.bodies() == ["only once"]
+    assert len(keys) >= 2 and len(set(keys)) == 1, keys

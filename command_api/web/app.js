@@ -113,16 +113,23 @@ class ChatApp {
   cacheOf(id) {
     let cache = this.caches.get(id);
     if (!cache) {
-      cache = { bySeq: new Map(), byId: new Map(), more: false, oldest: null, loaded: false };
+      cache = { bySeq: new Map(), byId: new Map(), overrides: new Map(), more: false, oldest: null, loaded: false };
       this.caches.set(id, cache);
     }
     return cache;
   }
 
+  /**
+   * A message from an event (`live`) or a query answer. Every event of a conversation is folded into its
+   * cache, opened or not, so an answer from read models that lag the fanout cannot hide one: a live
+   * fold made after the fetch started wins, and an edit or deletion of a message not yet cached is kept
+   * and laid over the answer's row.
+   */
   putMessage(cache, message, live) {
     const known = cache.bySeq.get(message.seq);
-    if (!live && known && known.liveAt >= cache.fetchStarted) return; // a newer live fold wins
+    if (!live && known && known.liveAt >= cache.fetchStarted) return;
     if (live) message.liveAt = performance.now();
+    else if (cache.overrides.has(message.message_id)) Object.assign(message, cache.overrides.get(message.message_id));
     cache.bySeq.set(message.seq, message);
     cache.byId.set(message.message_id, message.seq);
   }
@@ -241,7 +248,7 @@ class ChatApp {
       return;
     }
     conv.lastSeq = Math.max(conv.lastSeq || 0, event.seq);
-    const cache = this.caches.get(id);
+    const cache = this.cacheOf(id);
     switch (p.type) {
       case "conversation_created":
         conv.participants = new Set(p.participants);
@@ -263,26 +270,20 @@ class ChatApp {
           Object.assign(conv, { lastMessageSeq: event.seq, lastAuthor: event.actor, preview: p.body.slice(0, 140) });
         }
         conv.activity = Math.max(conv.activity || 0, at);
-        if (cache) {
-          this.putMessage(cache, {
-            conversation_id: id, seq: event.seq, message_id: p.message_id, author: event.actor, body: p.body,
-            state: "sent", reply_to: p.reply_to ?? null, sent_at: event.occurred_at, edited_at: null,
-          }, true);
-        }
+        this.putMessage(cache, {
+          conversation_id: id, seq: event.seq, message_id: p.message_id, author: event.actor, body: p.body,
+          state: "sent", reply_to: p.reply_to ?? null, sent_at: event.occurred_at, edited_at: null,
+        }, true);
         this.settlePending(id, p.message_id);
         this.noteTyping(id, event.actor, false);
         break;
       case "message_edited":
       case "message_deleted": {
-        const seq = cache ? cache.byId.get(p.message_id) : undefined;
+        const seq = cache.byId.get(p.message_id);
         const deleted = p.type === "message_deleted";
-        if (seq !== undefined) {
-          const m = cache.bySeq.get(seq);
-          this.putMessage(cache, {
-            ...m, body: deleted ? null : p.body, state: deleted ? "deleted" : "edited",
-            edited_at: deleted ? m.edited_at : event.occurred_at,
-          }, true);
-        }
+        const change = deleted ? { body: null, state: "deleted" } : { body: p.body, state: "edited", edited_at: event.occurred_at };
+        if (seq !== undefined) this.putMessage(cache, { ...cache.bySeq.get(seq), ...change }, true);
+        else cache.overrides.set(p.message_id, change);
         if (conv.lastMessageSeq !== null && (seq === conv.lastMessageSeq || seq === undefined)) {
           // Without the message cached the preview is refreshed from the query API.
           if (seq === undefined) this.reloadSoon();
