@@ -208,7 +208,8 @@ class User:
         self.expect("#conv-title").to_have_text(title)
 
     def send(self, text: str) -> None:
-        box = self.page.locator("#composer-input")
+        """Keyboard only: the labelled message box, Enter."""
+        box = self.page.get_by_label("Message", exact=True)
         box.fill(text)
         box.press("Enter")
 
@@ -249,7 +250,7 @@ def login(browser: Any, stack: Stack) -> Iterator[Callable[..., User]]:
             "response", lambda r: r.status >= 400 and print(f"[{name}] {r.status} {r.request.method} {r.url}")
         )
         page.goto(stack.page_url)
-        page.locator("#login-name").fill(name)
+        page.get_by_label("Your name").fill(name)
         if shot:
             user.shot(shot)
         page.locator("#login-name").press("Enter")
@@ -362,7 +363,8 @@ def test_typing_presence_and_read_receipts_show_and_clear(login: Callable[..., U
     alice.page.locator("#composer-input").press("Enter")
     bob.expect("#typing").to_have_text("")
     bob.expect("#message-list li[data-seq] .body").to_have_text(["hello", "typing a reply"])
-    alice.expect("#message-list .receipt").to_have_text("Seen by bob")
+    alice.expect("#message-list li[data-seq]:last-child .receipt").to_have_text("Seen by bob")
+    badge(bob, "Signals").to_be_hidden()
     bob.shot("desktop-signals")
     alice.page.goto("about:blank")  # alice leaves: her only connection closes
     bob.expect('#presence li[data-user="alice"]').to_have_attribute("data-online", "false")
@@ -378,7 +380,7 @@ HOSTILE = [
 
 @pytest.mark.browser
 def test_hostile_text_renders_literally_and_runs_nothing(login: Callable[..., User]) -> None:
-    alice, bob = login("alice"), login("bob", width=360, height=740)
+    alice, bob = login("alice"), login("bob", width=360, height=740, shot="mobile-login")
     create(alice, "Hostile", "bob")
     for text in HOSTILE:
         alice.send(text)

@@ -206,6 +206,7 @@ class ChatApp {
         if (frame.seq <= conv.unreadSeq) break; // the loaded count already includes that event
         Object.assign(conv, { unread: frame.unread, unreadSeq: frame.seq, readSeq: frame.read_seq });
         this.renderConversations();
+        if (conv.id === this.current && conv.unread) this.markReadSoon();
         break;
       }
       case "read":
