@@ -10,6 +10,7 @@ const TYPING_RESEND_MS = 2000;
 const TYPING_IDLE_MS = 3000;
 const TYPING_SHOW_MS = 8000;
 const PAGE = 50;
+const FRESH_FROM_EVENT_MS = 30000;
 const $ = (id) => document.getElementById(id);
 const path = (id) => encodeURIComponent(id);
 
@@ -88,6 +89,10 @@ class ChatApp {
         const old = this.convs.get(item.conversation_id);
         if (old) this.keepNewer(conv, old);
         fresh.set(item.conversation_id, conv);
+      }
+      for (const [id, conv] of this.convs) {
+        // Read models lag the fanout: a conversation an event just brought stays until they have it.
+        if (!fresh.has(id) && conv.fromEventAt > Date.now() - FRESH_FROM_EVENT_MS) fresh.set(id, conv);
       }
       this.convs = fresh;
       if (cursor && !this.cursor) this.cursor = cursor;
@@ -238,16 +243,14 @@ class ChatApp {
     const at = Date.parse(event.occurred_at);
     let conv = this.convs.get(id);
     if (p.type === "conversation_created" && !conv) {
-      conv = {
-        id, title: p.title, unread: 0, unreadSeq: 0, archived: false, activity: at, lastSeq: event.seq,
-        lastMessageSeq: null, lastAuthor: null, preview: null, participants: new Set(p.participants),
-      };
-      this.convs.set(id, conv);
+      conv = this.added(id, p.title, at, event.seq, p.participants);
     }
-    if (!conv) {
-      if (p.type === "participant_added" && p.user_id === this.me) this.reloadSoon();
-      return;
+    if (!conv && p.type === "participant_added" && p.user_id === this.me) {
+      // Added to a conversation that began before: its title and state come from the query API.
+      conv = this.added(id, id, at, event.seq, [event.actor, this.me]);
+      this.reloadSoon();
     }
+    if (!conv) return;
     conv.lastSeq = Math.max(conv.lastSeq || 0, event.seq);
     const cache = this.cacheOf(id);
     switch (p.type) {
@@ -310,6 +313,16 @@ class ChatApp {
       this.renderHeader();
       this.markReadSoon();
     }
+  }
+
+  /** A conversation the page learnt of before the query API has it. */
+  added(id, title, at, seq, participants) {
+    const conv = {
+      id, title, unread: 0, unreadSeq: 0, archived: false, activity: at, lastSeq: seq, lastMessageSeq: null,
+      lastAuthor: null, preview: null, participants: new Set(participants), fromEventAt: Date.now(),
+    };
+    this.convs.set(id, conv);
+    return conv;
   }
 
   noteParticipant(id, user) {
@@ -567,12 +580,7 @@ class ChatApp {
         () => this.api.command("POST", "/v1/conversations", { title, participants }), $("create-error"));
       if (!answer) return;
       const id = answer.body.conversation_id;
-      if (!this.convs.has(id)) {
-        this.convs.set(id, {
-          id, title, unread: 0, unreadSeq: 0, archived: false, activity: Date.now(), lastSeq: answer.body.seq,
-          lastMessageSeq: null, lastAuthor: null, preview: null, participants: new Set([this.me, ...participants]),
-        });
-      }
+      if (!this.convs.has(id)) this.added(id, title, Date.now(), answer.body.seq, [this.me, ...participants]);
       $("create-title").value = "";
       $("create-people").value = "";
       e.target.closest("details").open = false;
