@@ -445,6 +445,14 @@ def test_scroll_back_reply_search_participants_and_archive(login: Callable[..., 
     alice.page.get_by_role("button", name="Remove carol").click()
     alice.expect('#participants li:has-text("carol")').to_have_count(0)
 
+    create(alice, "Later")  # bob is added to a conversation that began without him
+    alice.send("before bob")
+    alice.page.locator("#add-user").fill("bob")  # the participants panel is still open
+    alice.page.locator("#add-user").press("Enter")
+    bob.expect('.conversation-item:has-text("Later") .preview').to_have_text("No messages yet")  # not his
+    alice.send("welcome bob")
+    bob.expect('.conversation-item:has-text("Later") .preview').to_have_text("alice: welcome bob")
+
     bob.page.locator("#archive-toggle").click()
     bob.expect("#archive-toggle").to_have_text("Unarchive")
     bob.expect('#conversations .conversation-item:has-text("Paging")').to_have_count(0)
@@ -484,9 +492,3 @@ def test_a_send_whose_answer_is_lost_is_retried_with_its_key_and_appears_once(
         user.expect("#message-list li[data-seq]").to_have_count(1)
         assert user.bodies() == ["only once"]
     assert len(keys) >= 2 and len(set(keys)) == 1, keys
-
-    create(alice, "Later")  # bob is added to a conversation that began without him
-    alice.send("before bob")
-    alice.page.locator("#add-user").fill("bob")  # the participants panel is still open
-    alice.page.locator("#add-user").press("Enter")
-    bob.expect('.conversation-item:has-text("Later") .preview').to_have_text("alice: before bob")

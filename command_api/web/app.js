@@ -11,6 +11,8 @@ const TYPING_IDLE_MS = 3000;
 const TYPING_SHOW_MS = 8000;
 const PAGE = 50;
 const FRESH_FROM_EVENT_MS = 30000;
+// A query API without `last_seq` (older than the Client contract): every folded event wins over its rows.
+const pageSeq = (answer) => answer.last_seq ?? -1;
 const $ = (id) => document.getElementById(id);
 const path = (id) => encodeURIComponent(id);
 
@@ -125,29 +127,32 @@ class ChatApp {
   }
 
   /**
-   * A message from an event (`live`) or a query answer. Every event of a conversation is folded into its
-   * cache, opened or not, so an answer from read models that lag the fanout cannot hide one: a live
-   * fold made after the fetch started wins, and an edit or deletion of a message not yet cached is kept
-   * and laid over the answer's row.
+   * A message as the event of seq `liveSeq` left it, or as a message page exact at `pageSeq` (its
+   * `last_seq`) shows it. Every event of a conversation is folded into its cache, opened or not, and the
+   * page wins only over what events up to `pageSeq` made (Client contract, step 4): an edit or deletion
+   * of a message not yet cached is kept and laid over the page's row when it came after the page.
    */
-  putMessage(cache, message, live) {
-    const known = cache.bySeq.get(message.seq);
-    if (!live && known && known.liveAt >= cache.fetchStarted) return;
-    if (live) message.liveAt = performance.now();
-    else if (cache.overrides.has(message.message_id)) Object.assign(message, cache.overrides.get(message.message_id));
+  putMessage(cache, message, liveSeq, pageSeq = null) {
+    if (liveSeq !== null) {
+      message.liveSeq = liveSeq;
+    } else {
+      const known = cache.bySeq.get(message.seq);
+      if (known && known.liveSeq > pageSeq) return;
+      const later = cache.overrides.get(message.message_id);
+      if (later && later.seq > pageSeq) Object.assign(message, later.change, { liveSeq: later.seq });
+    }
     cache.bySeq.set(message.seq, message);
     cache.byId.set(message.message_id, message.seq);
   }
 
-  /** The latest page of a conversation merged into its cache (events folded meanwhile win). */
+  /** The latest page of a conversation merged into its cache. */
   async loadLatest(id, token = null) {
     const cache = this.cacheOf(id);
-    cache.fetchStarted = performance.now();
     try {
       const answer = await this.api.query(`/v1/conversations/${path(id)}/messages`, { limit: PAGE },
         { token, cursor: this.cursor });
       for (const m of answer.body.messages) {
-        this.putMessage(cache, m, false);
+        this.putMessage(cache, m, null, pageSeq(answer.body));
         this.noteParticipant(id, m.author);
       }
       if (!cache.loaded) {
@@ -169,8 +174,7 @@ class ChatApp {
     try {
       const answer = await this.api.query(`/v1/conversations/${path(id)}/messages`,
         { limit: PAGE, before_seq: cache.oldest });
-      cache.fetchStarted = performance.now();
-      for (const m of answer.body.messages) this.putMessage(cache, m, false);
+      for (const m of answer.body.messages) this.putMessage(cache, m, null, pageSeq(answer.body));
       cache.more = answer.body.next_before_seq !== null;
       if (answer.body.messages.length) cache.oldest = answer.body.messages.at(-1).seq;
     } catch (err) {
@@ -192,9 +196,10 @@ class ChatApp {
         this.cursor = frame.cursor;
         break;
       case "live":
-        // The fanout sends `unread` only after events past its own seed, never for the ones before:
-        // the counts' baseline is reloaded after each (re)subscribe, and frames it already covers are dropped.
         this.cursor = frame.cursor;
+        // A resumed subscription gets no `unread` frame for events the fanout's own seed already counts
+        // (those up to the read models' checkpoint when it subscribed): the counts' baseline is reloaded
+        // after each (re)subscribe, and frames it already covers are dropped.
         this.reloadSoon();
         break;
       case "resync":
@@ -277,7 +282,7 @@ class ChatApp {
         this.putMessage(cache, {
           conversation_id: id, seq: event.seq, message_id: p.message_id, author: event.actor, body: p.body,
           state: "sent", reply_to: p.reply_to ?? null, sent_at: event.occurred_at, edited_at: null,
-        }, true);
+        }, event.seq);
         this.settlePending(id, p.message_id);
         this.noteTyping(id, event.actor, false);
         break;
@@ -286,8 +291,8 @@ class ChatApp {
         const seq = cache.byId.get(p.message_id);
         const deleted = p.type === "message_deleted";
         const change = deleted ? { body: null, state: "deleted" } : { body: p.body, state: "edited", edited_at: event.occurred_at };
-        if (seq !== undefined) this.putMessage(cache, { ...cache.bySeq.get(seq), ...change }, true);
-        else cache.overrides.set(p.message_id, change);
+        if (seq !== undefined) this.putMessage(cache, { ...cache.bySeq.get(seq), ...change }, event.seq);
+        else cache.overrides.set(p.message_id, { change, seq: event.seq });
         if (conv.lastMessageSeq !== null && (seq === conv.lastMessageSeq || seq === undefined)) {
           // Without the message cached the preview is refreshed from the query API.
           if (seq === undefined) this.reloadSoon();
@@ -415,7 +420,7 @@ class ChatApp {
         this.putMessage(cache, {
           conversation_id: id, seq: answer.body.seq, message_id: item.message_id, author: this.me,
           body: item.body, state: "sent", reply_to: item.reply_to, sent_at: new Date().toISOString(),
-        }, true);
+        }, answer.body.seq);
       }
       this.settlePending(id, item.message_id);
     } catch (err) {
