@@ -532,10 +532,13 @@ class ChatApp {
     $("composer-input").focus();
   }
 
+  /** A problem the user should know of, shown for a few seconds. */
   flash(text) {
-    const node = $("connection");
-    node.title = text;
-    console.warn(text);
+    const node = $("notice");
+    node.textContent = text;
+    node.hidden = false;
+    clearTimeout(this.noticeTimer);
+    this.noticeTimer = setTimeout(() => { node.hidden = true; }, 6000);
   }
 
   // ---- views ----
