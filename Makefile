@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-faults lint typecheck bench bench-commands bench-projector bench-fanout clean
+.PHONY: run test test-faults lint typecheck browser-deps bench bench-commands bench-projector bench-fanout clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ test: $(STAMP)
 # oracle. A few minutes; plain `make test` leaves it out (pytest marker `faults`).
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
+
+# What the browser tests need: Debian's Chromium (Playwright drives /usr/bin/chromium; it never downloads a
+# browser) and the playwright package (a dev extra, installed with the venv). Without them those tests are skipped and counted.
+CHROMIUM := /usr/bin/chromium
+browser-deps: $(STAMP)
+	@test -x $(CHROMIUM) || { command -v apt-get >/dev/null && \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) sh -c 'apt-get update -qq && apt-get install -y -qq chromium'; } || \
+	  echo "browser-deps: could not install chromium; the browser tests will be skipped"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -17,6 +17,7 @@ from command_api.dispatch import CommandDispatcher
 from command_api.openapi import add_command_paths
 from command_api.services import Services
 from command_api.settings import CommandApiSettings
+from command_api.web import add_web_routes
 from servicekit.health import add_health_routes
 from servicekit.httpedge import NO_DOC_PAGES
 from servicekit.lifespan import services_lifespan
@@ -55,6 +56,7 @@ def create_app(settings: CommandApiSettings | None = None) -> CommandApp:
         await services().redis.ping()
 
     add_health_routes(app, lambda _request: {"redis": redis_ready})
+    add_web_routes(app, settings)
     app.commands = CommandDispatcher(super(CommandApp, app).__call__, services)
     _install_error_handlers(app)
     extend_openapi(

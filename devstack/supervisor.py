@@ -104,12 +104,18 @@ def load_or_create_secret(path: Path) -> str:
 
 
 def child_env(base: Mapping[str, str], redis_url: str, database_url: str, jwt_secret: str) -> dict[str, str]:
-    """The environment every service gets: `base` plus the stack URLs and dev settings."""
+    """The environment every service gets: `base` plus the stack URLs and dev settings; the web page's
+    origin is allowed (CORS, WebSocket) and told where the query API and the fanout listen."""
     env = dict(base)
     env["REDIS_URL"] = redis_url
     env["DATABASE_URL"] = database_url
     env["PARLEY_DEV_MODE"] = "1"
     env["PARLEY_JWT_SECRET"] = jwt_secret
+    ports = {s.name: s.port for s in with_ports(list(SERVICES), env)}
+    page = f"http://127.0.0.1:{ports['command_api']}"
+    env.setdefault("PARLEY_ALLOWED_ORIGINS", f"{page}, http://localhost:{ports['command_api']}")
+    env.setdefault("PARLEY_WEB_QUERY_URL", f"http://127.0.0.1:{ports['projector']}")
+    env.setdefault("PARLEY_WEB_FANOUT_URL", f"ws://127.0.0.1:{ports['realtime_fanout']}/v1/stream")
     return env
 
 
@@ -125,5 +131,8 @@ def banner(redis_url: str, database_url: str, services: list[Service]) -> str:
         lines.append(f"  {service.name:<16} {where}")
     if not services:
         lines.append("  (no service modules found yet)")
+    page = next((s.port for s in services if s.name == "command_api"), None)
+    if page is not None:
+        lines += ["", f"Web chat page: http://127.0.0.1:{page}/"]
     lines += ["", "Try it:", f"  {FIRST_MESSAGE_HINT}", "", "Ctrl-C stops everything."]
     return "\n".join(lines)

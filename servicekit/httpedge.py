@@ -3,7 +3,8 @@
 Guarantees, at every service: a request head (request line and headers) larger than
 `max_header_bytes` is answered 431 before more of it is buffered; one not complete within
 `header_timeout_s` of its first byte is answered 408 (a connection that sends nothing is closed);
-every answer carries `SECURITY_HEADERS` and no `server` banner; browser origins are allowed only
+every answer carries `SECURITY_HEADERS` (an answer that sets its own Content-Security-Policy keeps
+it instead of the default) and no `server` banner; browser origins are allowed only
 when listed (CORS on HTTP, 403 on a WebSocket handshake); no log line carries a query value or a token.
 """
 
@@ -23,12 +24,17 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from servicekit.http_settings import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, HttpEdgeSettings
 from servicekit.problems import PROBLEM_MEDIA_TYPE, problem_body
 
-SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
+DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'"
+SERVER_HEADERS: tuple[tuple[str, str], ...] = (
     ("x-content-type-options", "nosniff"),
     ("cache-control", "no-store"),
-    ("content-security-policy", "default-src 'none'; frame-ancestors 'none'"),
     ("referrer-policy", "no-referrer"),
 )
+"""Added by uvicorn to every answer. The CSP is not among them: two CSP headers would both be enforced,
+so `EdgeMiddleware` adds `DEFAULT_CSP` only to an answer without its own (a page with its scripts)."""
+SECURITY_HEADERS: tuple[tuple[str, str], ...] = (*SERVER_HEADERS, ("content-security-policy", DEFAULT_CSP))
+_CSP = b"content-security-policy"
+_DEFAULT_CSP_HEADER = (_CSP, DEFAULT_CSP.encode())
 CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, Idempotency-Key, X-Parley-Position, X-Correlation-Id, X-Causation-Id"
 )
@@ -45,7 +51,7 @@ def refusal(status: int, slug: str, title: str, default_headers: Iterable[tuple[
     """A whole `connection: close` problem+json HTTP/1.1 answer, for refusals made below the ASGI app."""
     body = msgspec.json.encode(problem_body(status, slug, title))
     head = [f"HTTP/1.1 {status} {title}\r\n".encode()]
-    head += [name + b": " + value + b"\r\n" for name, value in default_headers]
+    head += [name + b": " + value + b"\r\n" for name, value in (*default_headers, _DEFAULT_CSP_HEADER)]
     head.append(f"content-type: {PROBLEM_MEDIA_TYPE}\r\ncontent-length: {len(body)}\r\n".encode())
     head.append(b"connection: close\r\n\r\n")
     return b"".join(head) + body
@@ -175,7 +181,8 @@ def http_protocol(settings: HttpEdgeSettings) -> type[asyncio.Protocol]:
 
 
 class EdgeMiddleware:
-    """Browser origins by one allow-list: CORS on HTTP routes, a 403 on a WebSocket handshake.
+    """Browser origins by one allow-list: CORS on HTTP routes, a 403 on a WebSocket handshake; the
+    default CSP on every HTTP answer that sets none.
 
     A request without `Origin` (a non-browser client) passes untouched. An allowed origin gets CORS
     answers (no credentials: tokens are bearer headers, never cookies); a foreign one gets none, and
@@ -187,12 +194,16 @@ class EdgeMiddleware:
         self.allowed = frozenset(allowed_origins)
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        """Not a coroutine: without `Origin` the app's own coroutine is returned, so a request (and a
-        WebSocket's whole life) holds no frame of this middleware."""
-        if scope["type"] != "lifespan":
-            for name, value in scope["headers"]:
-                if name == b"origin":
-                    return self._with_origin(scope, receive, send, value)
+        """Not a coroutine: a WebSocket without `Origin` gets the app's own coroutine, so its whole life
+        holds no frame of this middleware."""
+        kind = scope["type"]
+        if kind == "lifespan":
+            return self.app(scope, receive, send)
+        if kind == "http":
+            send = _with_default_csp(send)
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                return self._with_origin(scope, receive, send, value)
         return self.app(scope, receive, send)
 
     async def _with_origin(self, scope: Scope, receive: Receive, send: Send, origin: bytes) -> None:
@@ -221,6 +232,19 @@ class EdgeMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_cors)
+
+
+def _with_default_csp(send: Send) -> Send:
+    """`send` adding `DEFAULT_CSP` to an answer's head unless the answer names its own policy."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = message.get("headers", ())
+            if not any(name == _CSP for name, _ in headers):
+                message = {**message, "headers": [*headers, _DEFAULT_CSP_HEADER]}
+        await send(message)
+
+    return sending
 
 
 _PREFLIGHT = b"access-control-request-method"
@@ -309,7 +333,7 @@ def server_config(
     defaults: dict[str, Any] = {
         "loop": "uvloop", "ws": "none", "log_level": "info", "proxy_headers": False,
         "access_log": settings.access_log, "log_config": None, "server_header": False,
-        "headers": list(SECURITY_HEADERS), "http": http_protocol(settings), "interface": "asgi3",
+        "headers": list(SERVER_HEADERS), "http": http_protocol(settings), "interface": "asgi3",
     }  # fmt: skip
     defaults.update(options)
     return uvicorn.Config(EdgeMiddleware(app, settings.allowed_origins), host=host, port=port, **defaults)

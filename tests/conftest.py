@@ -125,3 +125,16 @@ async def api(api_env: dict[str, str]) -> AsyncIterator[ApiClient]:
     """An in-process command API (real Redis), with a client that mints tokens per user."""
     async with ApiClient.running(api_env) as client:
         yield client
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Browser tests skipped for want of Chromium or playwright are counted loudly, never passed."""
+    skipped = [
+        r for r in terminalreporter.stats.get("skipped", []) if "browser" in getattr(r, "keywords", {})
+    ]
+    if skipped:
+        terminalreporter.write_sep(
+            "!",
+            f"{len(skipped)} BROWSER TESTS SKIPPED: no Chromium or playwright (make browser-deps)",
+            red=True,
+        )
