@@ -367,10 +367,11 @@ async def kill_command_api(s: Stack) -> None:
 
 
 async def kill_redis(s: Stack) -> None:
+    """kill -9 of Redis, down for longer than the clients' reconnect retries ride over (about 1 s)."""
     for _ in range(2):
         await asyncio.sleep(1.0)
         await asyncio.to_thread(s.redis.kill)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(2.0)
         await asyncio.to_thread(s.redis.start)
 
 
@@ -383,6 +384,7 @@ async def kill_redis_with_a_torn_aof_tail(s: Stack) -> None:
         aof = max(s.redis.data_dir.rglob("*.aof"), key=lambda f: f.stat().st_mtime)
         with aof.open("ab") as f:
             f.write(b"*3\r\n$4\r\nXADD\r\n$11\r\nfaults:{p0")
+        await asyncio.sleep(2.0)
         await asyncio.to_thread(s.redis.start)
     assert "truncated" in s.redis.log_path.read_text().lower()
 
