@@ -5,15 +5,25 @@
 -- KEYS[1] = partition stream, KEYS[2] = partition meta (epoch)
 -- KEYS[1 + 2i], KEYS[2 + 2i] = conversation state hash, idempotency record of command i (1-based)
 -- ARGV[1] = expected epoch
--- ARGV[2 + 11(i-1) ..] = op, conversation id, actor, idempotency key, fingerprint, target, aux,
---                        expected seq, envelope JSON tail, idempotency ttl ms, memo
+-- ARGV[2 + 13(i-1) ..] = op, conversation id, actor, idempotency key, fingerprint, target, aux,
+--                        expected seq, envelope JSON tail, idempotency ttl ms, memo,
+--                        target's message field, aux's message field (command_api/statekeys.py)
 --
--- Conversation hash fields: seq, creator, m:<user> (member), g:<message> (author, "~author" once
--- deleted), r:<user> (read marker), a:<user> (archived for that user).
+-- Conversation hash fields: seq, creator, m:<user> (member), r:<user> (read marker), a:<user>
+-- (archived for that user), u:<user> (the author's ordinal, kept once they first post), n (ordinals
+-- given), k (messages in buckets), b (buckets, 1 when absent).
+-- Messages live in buckets, hashes named <conversation hash>#<bucket> in the same slot: field = the
+-- message field (command_api/statekeys.py; its last 3 bytes are its hash), value = the author's
+-- ordinal, negated once deleted. Buckets split one at a time (linear hashing) so each stays a small
+-- listpack. Written before buckets: g:<message> = author, "~author" once deleted, in the conversation
+-- hash (still read, never written for a new message).
 -- Result per command: {1, seq, stream id} appended | {2, stored answer} idempotent replay
 --                     | {0, reason, detail} refused.
 
-local ARGS_PER_COMMAND = 11
+local ARGS_PER_COMMAND = 13
+local MESSAGES_PER_BUCKET = 48  -- mean load that triggers a split; well under the listpack limit (128)
+local MAX_BUCKETS = 16777216    -- 2^24: the message hash has 24 bits
+local CHUNK = 1000              -- fields per HSET/HDEL when moving (Lua's unpack has a stack limit)
 
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
@@ -27,20 +37,90 @@ local function refuse(reason, detail)
   return {0, reason, detail or ''}
 end
 
+local function field_hash(field)
+  local a, b, c = string.byte(field, -3, -1)
+  return (a * 256 + b) * 256 + c
+end
+
+-- The largest power of two not above `buckets`.
+local function level(buckets)
+  local low = 1
+  while low * 2 <= buckets do low = low * 2 end
+  return low
+end
+
+local function bucket_key(ck, field)
+  local buckets = tonumber(redis.call('HGET', ck, 'b') or '1')
+  local low = level(buckets)
+  local h = field_hash(field)
+  local bucket = h % (low * 2)
+  if bucket >= buckets then bucket = h % low end
+  return ck .. '#' .. bucket
+end
+
+-- A message's author state: its bucket's value (an ordinal) and true, or a legacy g: value and false.
+local function message_state(ck, field, message_id)
+  local author = redis.call('HGET', bucket_key(ck, field), field)
+  if author then return author, true end
+  return redis.call('HGET', ck, 'g:' .. message_id), false
+end
+
+local function move(from, to, entries)
+  for first = 1, #entries, 2 * CHUNK do
+    local pairs_, fields = {}, {}
+    for i = first, math.min(first + 2 * CHUNK - 1, #entries), 2 do
+      pairs_[#pairs_ + 1] = entries[i]
+      pairs_[#pairs_ + 1] = entries[i + 1]
+      fields[#fields + 1] = entries[i]
+    end
+    redis.call('HSET', to, unpack(pairs_))
+    redis.call('HDEL', from, unpack(fields))
+  end
+end
+
+-- Split the next bucket in turn: its messages whose hash names the new bucket move there.
+local function split(ck, buckets)
+  local low = level(buckets)
+  local from = ck .. '#' .. (buckets - low)
+  local entries = redis.call('HGETALL', from)
+  local moving = {}
+  for i = 1, #entries, 2 do
+    if field_hash(entries[i]) % (low * 2) == buckets then
+      moving[#moving + 1] = entries[i]
+      moving[#moving + 1] = entries[i + 1]
+    end
+  end
+  move(from, ck .. '#' .. buckets, moving)
+  redis.call('HSET', ck, 'b', buckets + 1)
+end
+
+local function add_message(ck, field, ordinal)
+  redis.call('HSET', bucket_key(ck, field), field, ordinal)
+  local buckets = tonumber(redis.call('HGET', ck, 'b') or '1')
+  if redis.call('HINCRBY', ck, 'k', 1) > MESSAGES_PER_BUCKET * buckets and buckets < MAX_BUCKETS then
+    split(ck, buckets)
+  end
+end
+
 -- Refusals a participant may get, once the conversation is known to exist and have `actor` in it.
-local function decide(ck, op, actor, target, aux, seq)
+local function decide(ck, op, actor, target, aux, seq, tf, af)
   if op == 'create' then
     return nil
   elseif op == 'send' then
-    if redis.call('HEXISTS', ck, 'g:' .. target) == 1 then return refuse('message-id-taken') end
-    if aux ~= '' and redis.call('HEXISTS', ck, 'g:' .. aux) == 0 then
+    if message_state(ck, tf, target) then return refuse('message-id-taken') end
+    if aux ~= '' and not message_state(ck, af, aux) then
       return refuse('reply-target-not-found')
     end
   elseif op == 'edit' or op == 'delete' then
-    local author = redis.call('HGET', ck, 'g:' .. target)
+    local author, ordinal = message_state(ck, tf, target)
     if not author then return refuse('message-not-found') end
-    if string.sub(author, 1, 1) == '~' then return refuse('message-deleted') end
-    if author ~= actor then return refuse('not-the-author') end
+    local first = string.sub(author, 1, 1)
+    if first == '-' or first == '~' then return refuse('message-deleted') end
+    if ordinal then
+      if author ~= redis.call('HGET', ck, 'u:' .. actor) then return refuse('not-the-author') end
+    elseif author ~= actor then
+      return refuse('not-the-author')
+    end
   elseif op == 'add' then
     if redis.call('HEXISTS', ck, 'm:' .. target) == 1 then return refuse('already-a-participant') end
   elseif op == 'remove' then
@@ -63,16 +143,26 @@ local function decide(ck, op, actor, target, aux, seq)
   return nil
 end
 
-local function apply(ck, op, actor, target, aux, seq)
+local function apply(ck, op, actor, target, aux, seq, tf)
   if op == 'create' then
     redis.call('HSET', ck, 'creator', actor, 'm:' .. actor, '1')
     for user in string.gmatch(target, '[^,]+') do
       redis.call('HSET', ck, 'm:' .. user, '1')
     end
   elseif op == 'send' then
-    redis.call('HSET', ck, 'g:' .. target, actor)
+    local ordinal = redis.call('HGET', ck, 'u:' .. actor)
+    if not ordinal then
+      ordinal = redis.call('HINCRBY', ck, 'n', 1)
+      redis.call('HSET', ck, 'u:' .. actor, ordinal)
+    end
+    add_message(ck, tf, ordinal)
   elseif op == 'delete' then
-    redis.call('HSET', ck, 'g:' .. target, '~' .. actor)
+    local author, ordinal = message_state(ck, tf, target)
+    if ordinal then
+      redis.call('HSET', bucket_key(ck, tf), tf, '-' .. author)
+    else
+      redis.call('HSET', ck, 'g:' .. target, '~' .. actor)
+    end
   elseif op == 'add' then
     redis.call('HSET', ck, 'm:' .. target, '1')
   elseif op == 'remove' then
@@ -93,6 +183,7 @@ local function run(i)
   local idem, fingerprint = ARGV[base + 4], ARGV[base + 5]
   local target, aux, expected = ARGV[base + 6], ARGV[base + 7], ARGV[base + 8]
   local tail, ttl_ms, memo = ARGV[base + 9], ARGV[base + 10], ARGV[base + 11]
+  local tf, af = ARGV[base + 12], ARGV[base + 13]
 
   if idem ~= '' then
     local record = redis.call('GET', ik)
@@ -116,10 +207,10 @@ local function run(i)
   if expected ~= '' and tonumber(expected) ~= tonumber(seq or '0') then
     return refuse('sequence-mismatch', seq or '0')
   end
-  local refusal = decide(ck, op, actor, target, aux, seq)
+  local refusal = decide(ck, op, actor, target, aux, seq, tf, af)
   if refusal then return refusal end
 
-  apply(ck, op, actor, target, aux, seq)
+  apply(ck, op, actor, target, aux, seq, tf)
   local next_seq = tonumber(seq or '0') + 1
   redis.call('HSET', ck, 'seq', next_seq)
   local event = '{"seq":' .. next_seq .. ',' .. tail
