@@ -20,8 +20,14 @@ import redis.asyncio as aioredis
 
 from benchmarks.machine import describe
 from command_api.append import Appender, AppendSettings
-from command_api.bodies import CreateConversation, SendMessage
-from command_api.commands import Context, create_conversation_with_id, send_message
+from command_api.bodies import AddParticipant, CreateConversation, MarkRead, SendMessage
+from command_api.commands import (
+    Context,
+    add_participant,
+    create_conversation_with_id,
+    mark_read,
+    send_message,
+)
 from devstack.binaries import redis_server_binary
 from devstack.servers import RedisServer
 from events.config import LogSettings
@@ -139,11 +145,27 @@ async def measure(url: str, sizes: list[int]) -> None:
             )
         empty = await measure_empty(client, appender, layout)
         print(f"  a conversation of 3 members with no message: {empty} B (hash and key)")
+        for members in (10, 100):
+            print(f"  a conversation of {members} members, each with a read marker: "
+                  f"{await measure_members(client, appender, members):.0f} B per member")  # fmt: skip
         record, claim = await measure_idempotency(client, appender, 100)
         print(f"  idempotency, per keyed command: record {record:.0f} B + claim {claim:.0f} B (both expire)")
     finally:
         await appender.close()
         await client.aclose()
+
+
+async def measure_members(client: aioredis.Redis, appender: Appender, members: int) -> float:
+    """Bytes per member of a conversation whose members all mark it read (messages aside)."""
+    conversation_id = f"sizing-members-{members}"
+    await fill_conversation(appender, conversation_id, 0)
+    users = ["alice", "bob", "carol", *(f"member-{n:05d}" for n in range(members - 3))]
+    for user in users[3:]:
+        await appender.append(add_participant(Context("alice"), conversation_id, AddParticipant(user)))
+    for seq, user in enumerate(users, start=members - 2):
+        await appender.append(mark_read(Context(user), conversation_id, MarkRead(seq)))
+    state, _ = await conversation_bytes(client, appender.layout, conversation_id)
+    return state / members
 
 
 async def measure_empty(client: aioredis.Redis, appender: Appender, layout: LogLayout) -> int:
