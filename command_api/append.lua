@@ -11,7 +11,7 @@
 --
 -- Conversation hash fields: seq, creator, m:<user> (member), r:<user> (read marker), a:<user>
 -- (archived for that user), u:<user> (the author's ordinal, kept once they first post), n (ordinals
--- given), k (messages in buckets), b (buckets, 1 when absent).
+-- given), k (messages in buckets), b (buckets, 1 when absent), v = 2 (created with buckets: no g: field).
 -- Messages live in buckets, hashes named <conversation hash>#<bucket> in the same slot: field = the
 -- message field (command_api/statekeys.py; its last 3 bytes are its hash), value = the author's
 -- ordinal, negated once deleted. Buckets split one at a time (linear hashing) so each stays a small
@@ -49,20 +49,20 @@ local function level(buckets)
   return low
 end
 
-local function bucket_key(ck, field)
-  local buckets = tonumber(redis.call('HGET', ck, 'b') or '1')
-  local low = level(buckets)
+-- The bucket key of `field` among the conversation's buckets (statekeys.bucket_of says the same).
+local function bucket_key(c, field)
+  local low = level(c.buckets)
   local h = field_hash(field)
   local bucket = h % (low * 2)
-  if bucket >= buckets then bucket = h % low end
-  return ck .. '#' .. bucket
+  if bucket >= c.buckets then bucket = h % low end
+  return c.key .. '#' .. bucket
 end
 
 -- A message's author state: its bucket's value (an ordinal) and true, or a legacy g: value and false.
-local function message_state(ck, field, message_id)
-  local author = redis.call('HGET', bucket_key(ck, field), field)
-  if author then return author, true end
-  return redis.call('HGET', ck, 'g:' .. message_id), false
+local function message_state(c, field, message_id)
+  local author = redis.call('HGET', bucket_key(c, field), field)
+  if author or not c.legacy then return author, true end
+  return redis.call('HGET', c.key, 'g:' .. message_id), false
 end
 
 local function move(from, to, entries)
@@ -79,48 +79,44 @@ local function move(from, to, entries)
 end
 
 -- Split the next bucket in turn: its messages whose hash names the new bucket move there.
-local function split(ck, buckets)
-  local low = level(buckets)
-  local from = ck .. '#' .. (buckets - low)
+local function split(c)
+  local low = level(c.buckets)
+  local from = c.key .. '#' .. (c.buckets - low)
   local entries = redis.call('HGETALL', from)
   local moving = {}
   for i = 1, #entries, 2 do
-    if field_hash(entries[i]) % (low * 2) == buckets then
+    if field_hash(entries[i]) % (low * 2) == c.buckets then
       moving[#moving + 1] = entries[i]
       moving[#moving + 1] = entries[i + 1]
     end
   end
-  move(from, ck .. '#' .. buckets, moving)
-  redis.call('HSET', ck, 'b', buckets + 1)
+  move(from, c.key .. '#' .. c.buckets, moving)
+  redis.call('HSET', c.key, 'b', c.buckets + 1)
 end
 
-local function add_message(ck, field, ordinal)
-  redis.call('HSET', bucket_key(ck, field), field, ordinal)
-  local buckets = tonumber(redis.call('HGET', ck, 'b') or '1')
-  if redis.call('HINCRBY', ck, 'k', 1) > MESSAGES_PER_BUCKET * buckets and buckets < MAX_BUCKETS then
-    split(ck, buckets)
-  end
+-- The message count `k` is written with the sequence, after apply.
+local function add_message(c, field, ordinal)
+  redis.call('HSET', bucket_key(c, field), field, ordinal)
+  c.messages = c.messages + 1
+  if c.messages > MESSAGES_PER_BUCKET * c.buckets and c.buckets < MAX_BUCKETS then split(c) end
 end
 
 -- Refusals a participant may get, once the conversation is known to exist and have `actor` in it.
-local function decide(ck, op, actor, target, aux, seq, tf, af)
+local function decide(c, op, actor, target, aux, tf, af)
+  local ck = c.key
   if op == 'create' then
     return nil
   elseif op == 'send' then
-    if message_state(ck, tf, target) then return refuse('message-id-taken') end
-    if aux ~= '' and not message_state(ck, af, aux) then
+    if message_state(c, tf, target) then return refuse('message-id-taken') end
+    if aux ~= '' and not message_state(c, af, aux) then
       return refuse('reply-target-not-found')
     end
   elseif op == 'edit' or op == 'delete' then
-    local author, ordinal = message_state(ck, tf, target)
+    local author, ordinal = message_state(c, tf, target)
     if not author then return refuse('message-not-found') end
     local first = string.sub(author, 1, 1)
     if first == '-' or first == '~' then return refuse('message-deleted') end
-    if ordinal then
-      if author ~= redis.call('HGET', ck, 'u:' .. actor) then return refuse('not-the-author') end
-    elseif author ~= actor then
-      return refuse('not-the-author')
-    end
+    if author ~= (ordinal and c.ordinal or actor) then return refuse('not-the-author') end
   elseif op == 'add' then
     if redis.call('HEXISTS', ck, 'm:' .. target) == 1 then return refuse('already-a-participant') end
   elseif op == 'remove' then
@@ -130,7 +126,7 @@ local function decide(ck, op, actor, target, aux, seq, tf, af)
     if target ~= actor and actor ~= creator then return refuse('removal-forbidden') end
   elseif op == 'read' then
     local up_to = tonumber(target)
-    if up_to > tonumber(seq) then return refuse('read-beyond-end', seq) end
+    if up_to > tonumber(c.seq) then return refuse('read-beyond-end', c.seq) end
     local marker = redis.call('HGET', ck, 'r:' .. actor)
     if marker and up_to <= tonumber(marker) then return refuse('read-marker-not-advanced', marker) end
   elseif op == 'archive' then
@@ -143,23 +139,24 @@ local function decide(ck, op, actor, target, aux, seq, tf, af)
   return nil
 end
 
-local function apply(ck, op, actor, target, aux, seq, tf)
+local function apply(c, op, actor, target, tf)
+  local ck = c.key
   if op == 'create' then
-    redis.call('HSET', ck, 'creator', actor, 'm:' .. actor, '1')
+    redis.call('HSET', ck, 'creator', actor, 'm:' .. actor, '1', 'v', '2')
     for user in string.gmatch(target, '[^,]+') do
       redis.call('HSET', ck, 'm:' .. user, '1')
     end
   elseif op == 'send' then
-    local ordinal = redis.call('HGET', ck, 'u:' .. actor)
+    local ordinal = c.ordinal
     if not ordinal then
       ordinal = redis.call('HINCRBY', ck, 'n', 1)
       redis.call('HSET', ck, 'u:' .. actor, ordinal)
     end
-    add_message(ck, tf, ordinal)
+    add_message(c, tf, ordinal)
   elseif op == 'delete' then
-    local author, ordinal = message_state(ck, tf, target)
+    local author, ordinal = message_state(c, tf, target)
     if ordinal then
-      redis.call('HSET', bucket_key(ck, tf), tf, '-' .. author)
+      redis.call('HSET', bucket_key(c, tf), tf, '-' .. author)
     else
       redis.call('HSET', ck, 'g:' .. target, '~' .. actor)
     end
@@ -196,23 +193,33 @@ local function run(i)
     end
   end
 
-  local seq = redis.call('HGET', ck, 'seq')
+  local state = redis.call('HMGET', ck, 'seq', 'm:' .. actor, 'b', 'v', 'u:' .. actor, 'k')
+  local seq = state[1]
+  local c = {
+    key = ck, seq = seq, buckets = tonumber(state[3] or '1'), legacy = not state[4], ordinal = state[5],
+    messages = tonumber(state[6] or '0'),
+  }
+  local messages = c.messages
   if op == 'create' then
     -- Only the creator's own ids can collide: chosen ids live in the creator's namespace.
     if seq then return refuse('conversation-exists') end
-  elseif not seq or redis.call('HEXISTS', ck, 'm:' .. actor) == 0 then
+  elseif not seq or not state[2] then
     -- One answer, before any other check, so a stranger cannot tell this from a missing conversation.
     return refuse('conversation-not-found')
   end
   if expected ~= '' and tonumber(expected) ~= tonumber(seq or '0') then
     return refuse('sequence-mismatch', seq or '0')
   end
-  local refusal = decide(ck, op, actor, target, aux, seq, tf, af)
+  local refusal = decide(c, op, actor, target, aux, tf, af)
   if refusal then return refusal end
 
-  apply(ck, op, actor, target, aux, seq, tf)
+  apply(c, op, actor, target, tf)
   local next_seq = tonumber(seq or '0') + 1
-  redis.call('HSET', ck, 'seq', next_seq)
+  if c.messages ~= messages then
+    redis.call('HSET', ck, 'seq', next_seq, 'k', c.messages)
+  else
+    redis.call('HSET', ck, 'seq', next_seq)
+  end
   local event = '{"seq":' .. next_seq .. ',' .. tail
   -- Never trimmed here: only what the archive holds may leave the stream (see README, Trimming).
   local id = redis.call('XADD', KEYS[1], '*', 'e', event)
