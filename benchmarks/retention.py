@@ -4,8 +4,8 @@
 Starts its own Redis (appendfsync everysec) and Postgres, and a real projector process (`python -m projector`)
 whose retention task runs with a short window (PARLEY_RETAIN_STREAM_S=5, PARLEY_RETAIN_STREAM_EVENTS=1000, a
 pass a second). This process appends a constant rate of commands through the command API's `Appender` (the
-Lua decide-and-append script): sends, half of them with an Idempotency-Key whose record lives 10 s, and read
-markers. Every few seconds it prints Redis `used_memory`, the streams' entries and bytes, the idempotency
+Lua decide-and-append script): sends, half of them with an Idempotency-Key whose record lives 10 s (its claim
+70 s), and read markers. Every few seconds it prints Redis `used_memory`, the streams' entries and bytes, the idempotency
 records, and the write-side state of the conversations (which grows by the per-message sizing rule, README
 Operating); used_memory less that state is what the window bounds. Bounded in time and count.
 """
@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from benchmarks.machine import describe
 from benchmarks.processes import server
-from command_api.append import Appender, AppendSettings, Command
+from command_api.append import CLAIM_MARGIN_S, Appender, AppendSettings, Command
 from command_api.bodies import CreateConversation, MarkRead, SendMessage
 from command_api.commands import Context, create_conversation_with_id, mark_read, send_message
 from command_api.exceptions import CommandRefused
@@ -171,13 +171,18 @@ async def soak(redis_url: str, env: dict[str, str], args: argparse.Namespace) ->
 
 
 def summarize(samples: list[tuple[float, dict[str, int]]], load: Load, args: argparse.Namespace) -> None:
-    """The growth of used_memory (and of used_memory less the write-side state) over the second half."""
-    half = [s for t, s in samples if t >= args.seconds / 2]
+    """used_memory, and used_memory less the write-side state, once every window is full: the stream's
+    and the idempotency claims' (they live the record's TTL and CLAIM_MARGIN_S more)."""
+    full = RETAIN_S + IDEMPOTENCY_TTL_S + CLAIM_MARGIN_S
+    half = [s for t, s in samples if t >= full]
+    if len(half) < 2:
+        print(f"no summary: the windows fill at {full:.0f}s; run --seconds {full + 40:.0f} or more")
+        return
     first, last = half[0], half[-1]
     bounded = [s["used_memory"] - s["state_bytes"] for s in half]
     per_message = last["state_bytes"] / max(load.sent, 1)
     print(
-        f"second half ({len(half)} samples): used_memory {first['used_memory'] / 1024:,.0f} → "
+        f"from {full:.0f}s on ({len(half)} samples): used_memory {first['used_memory'] / 1024:,.0f} → "
         f"{last['used_memory'] / 1024:,.0f} KiB; used - state between {min(bounded) / 1024:,.0f} and "
         f"{max(bounded) / 1024:,.0f} KiB; stream entries {min(s['entries'] for s in half):,}-"
         f"{max(s['entries'] for s in half):,}; write-side state {per_message:.1f} B per message sent "
@@ -187,7 +192,7 @@ def summarize(samples: list[tuple[float, dict[str, int]]], load: Load, args: arg
 
 async def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.retention")
-    parser.add_argument("--seconds", type=float, default=100, help="length of the write load (at most 300)")
+    parser.add_argument("--seconds", type=float, default=130, help="length of the write load (at most 300)")
     parser.add_argument("--rate", type=float, default=1000, help="commands per second (at most 5000)")
     parser.add_argument("--every-s", type=float, default=5)
     args = parser.parse_args()
@@ -196,7 +201,7 @@ async def main() -> None:
     print(
         f"{args.rate:.0f} commands/s for {args.seconds:.0f}s into {CONVERSATIONS} conversations, {PARTITIONS} "
         f"partitions; window PARLEY_RETAIN_STREAM_S={RETAIN_S}, PARLEY_RETAIN_STREAM_EVENTS={RETAIN_EVENTS}; "
-        f"idempotency records live {IDEMPOTENCY_TTL_S:.0f}s"
+        f"idempotency records live {IDEMPOTENCY_TTL_S:.0f}s, claims {IDEMPOTENCY_TTL_S + CLAIM_MARGIN_S:.0f}s"
     )
     with tempfile.TemporaryDirectory(prefix="bench-retention-") as tmp:
         with (
