@@ -10,9 +10,7 @@ comes out in the same order, byte for byte, whether its entries were still in Re
 
 from __future__ import annotations
 
-import asyncio
 import bisect
-import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -56,17 +54,9 @@ class HistoryReader:
     """Pages of rows of one selection in one log epoch; `undecodable` counts stream entries left out."""
 
     def __init__(
-        self,
-        conn: AsyncConn,
-        log: EventLog,
-        epoch: str,
-        selection: Selection,
-        page: int = 10_000,
-        *,
-        prefetch: bool = False,
+        self, conn: AsyncConn, log: EventLog, epoch: str, selection: Selection, page: int = 10_000
     ) -> None:
         self.conn = conn
-        self.prefetch = prefetch
         self.log = log
         self.epoch = epoch
         self.selection = selection
@@ -89,40 +79,22 @@ class HistoryReader:
         stream = parse_stream_id(await self.log.head(partition))
         return max(stream, await self.archive_head(partition) or stream)
 
-    async def _archive_page(self, partition: int, after: StreamKey, until: StreamKey) -> list[Row]:
-        params = {
-            "epoch": self.epoch, "partition": partition, "after_ms": after[0], "after_seq": after[1],
-            "until_ms": until[0], "until_seq": until[1], "limit": self.page, **self._filters,
-        }  # fmt: skip
-        cur = self.conn.cursor(binary=True)
-        await cur.execute(self._page_sql, params)
-        return await cur.fetchall()
-
     async def _archive_pages(
         self, partition: int, after: StreamKey, until: StreamKey
     ) -> AsyncIterator[list[Row]]:
-        """Pages of the archive, the next one asked for before this one is handed on, so Postgres reads
-        and sends it while the caller renders this one (the connection runs one query at a time)."""
-        if not after < until:
-            return
-        ahead = asyncio.ensure_future(self._archive_page(partition, after, until))
-        try:
-            while True:
-                rows = await ahead
-                full = len(rows) == self.page and (rows[-1][0], rows[-1][1]) < until
-                if full:
-                    ahead = asyncio.ensure_future(
-                        self._archive_page(partition, (rows[-1][0], rows[-1][1]), until)
-                    )
-                if rows:
-                    yield rows
-                if not full:
-                    return
-        finally:
-            if not ahead.done():
-                ahead.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ahead
+        while after < until:
+            params = {
+                "epoch": self.epoch, "partition": partition, "after_ms": after[0], "after_seq": after[1],
+                "until_ms": until[0], "until_seq": until[1], "limit": self.page, **self._filters,
+            }  # fmt: skip
+            cur = self.conn.cursor(binary=True)
+            await cur.execute(self._page_sql, params)
+            rows: list[Row] = await cur.fetchall()
+            if rows:
+                yield rows
+            if len(rows) < self.page:
+                return
+            after = (rows[-1][0], rows[-1][1])
 
     def keep(self, partition: int, stream_id: str, data: bytes) -> Row | None:
         try:

@@ -48,7 +48,7 @@ class Source:
 async def open_reader(
     source: Source, selection: Selection, page: int = 10_000
 ) -> AsyncIterator[HistoryReader]:
-    """A reader of `selection` in the log's current epoch, on its own connection (so it prefetches).
+    """A reader of `selection` in the log's current epoch.
 
     Raises:
         HistoryUnavailable: a server cannot be reached or the log does not exist.
@@ -69,7 +69,7 @@ async def open_reader(
         except psycopg.OperationalError as exc:
             raise HistoryUnavailable(f"cannot reach the archive's Postgres: {exc}") from None
         async with conn:
-            yield HistoryReader(conn, log, epoch, selection, page, prefetch=True)
+            yield HistoryReader(conn, log, epoch, selection, page)
     finally:
         await client.aclose()
 
