@@ -30,9 +30,7 @@ from projector.settings import ProjectorSettings
 NAMESPACE, PARTITIONS = "bench", 8
 # The columns the replay's archive pages read (projector/history/reader.py), without its paging, its
 # merge or its order: a sequential scan, the cheapest way Postgres can send those rows.
-CEILING_SQL = (
-    "COPY (SELECT stream_ms, stream_seq, partition, stream_id, data FROM parley_store.event_archive) TO STDOUT"
-)
+CEILING_SQL = "COPY (SELECT stream_ms, stream_seq, partition, stream_id, data FROM parley_store.event_archive) TO STDOUT"
 FORMATS = {"text": "", "binary": " (FORMAT binary)"}  # text writes `data` (bytea) as hex
 
 

@@ -116,7 +116,12 @@ local function decide(c, op, actor, target, aux, tf, af)
     if not author then return refuse('message-not-found') end
     local first = string.sub(author, 1, 1)
     if first == '-' or first == '~' then return refuse('message-deleted') end
-    if author ~= (ordinal and c.ordinal or actor) then return refuse('not-the-author') end
+    if ordinal then
+      -- An actor who never posted has no ordinal (nil), so matches no message's.
+      if author ~= c.ordinal then return refuse('not-the-author') end
+    elseif author ~= actor then
+      return refuse('not-the-author')
+    end
   elseif op == 'add' then
     if redis.call('HEXISTS', ck, 'm:' .. target) == 1 then return refuse('already-a-participant') end
   elseif op == 'remove' then

@@ -166,6 +166,16 @@ async def test_the_state_per_message_stays_within_the_sizing_rule(appender: Appe
     assert sum(len(fields) for key, fields in state.items() if b"#" in key) == messages
 
 
+async def test_an_ordinal_is_never_mistaken_for_a_user_id(appender: Appender) -> None:
+    # User "1" never posted: alice's message holds her ordinal, "1", which must not read as user "1".
+    cid = "ordinals"
+    await appender.append(create_conversation_with_id(Context("alice"), CreateConversation("t", ["1"]), cid))
+    sent = send_message(Context("alice"), cid, SendMessage("x", message_id="m"))
+    assert await outcome(appender, sent) == "ok"
+    assert await outcome(appender, edit_message(Context("1"), cid, "m", EditMessage("y"))) == "not-the-author"
+    assert await outcome(appender, delete_message(Context("1"), cid, "m")) == "not-the-author"
+
+
 async def test_messages_written_before_buckets_are_still_decided(appender: Appender) -> None:
     cid = "legacy"
     await appender.append(
