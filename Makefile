@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-faults lint typecheck browser-deps bench bench-commands bench-projector bench-fanout clean
+.PHONY: run test test-faults lint typecheck browser-deps bench bench-commands bench-projector bench-fanout \
+        bench-history bench-retention bench-redis-sizing clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +52,16 @@ bench-projector: $(STAMP)
 bench-fanout: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.fanout
 
-bench: bench-commands bench-projector bench-fanout
+bench-history: $(STAMP)
+	$(BIN)/python -m benchmarks.history
+
+bench-retention: $(STAMP)
+	$(BIN)/python -m benchmarks.retention
+
+bench-redis-sizing: $(STAMP)
+	$(BIN)/python -m benchmarks.redis_sizing
+
+bench: bench-commands bench-projector bench-fanout bench-history bench-retention bench-redis-sizing
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

@@ -5,15 +5,25 @@
 -- KEYS[1] = partition stream, KEYS[2] = partition meta (epoch)
 -- KEYS[1 + 2i], KEYS[2 + 2i] = conversation state hash, idempotency record of command i (1-based)
 -- ARGV[1] = expected epoch
--- ARGV[2 + 11(i-1) ..] = op, conversation id, actor, idempotency key, fingerprint, target, aux,
---                        expected seq, envelope JSON tail, idempotency ttl ms, memo
+-- ARGV[2 + 13(i-1) ..] = op, conversation id, actor, idempotency key, fingerprint, target, aux,
+--                        expected seq, envelope JSON tail, idempotency ttl ms, memo,
+--                        target's message field, aux's message field (command_api/statekeys.py)
 --
--- Conversation hash fields: seq, creator, m:<user> (member), g:<message> (author, "~author" once
--- deleted), r:<user> (read marker), a:<user> (archived for that user).
+-- Conversation hash fields: seq, creator, m:<user> (member), r:<user> (read marker), a:<user>
+-- (archived for that user), u:<user> (the author's ordinal, kept once they first post), n (ordinals
+-- given), k (messages in buckets), b (buckets, 1 when absent), v = 2 (created with buckets: no g: field).
+-- Messages live in buckets, hashes named <conversation hash>#<bucket> in the same slot: field = the
+-- message field (command_api/statekeys.py; its last 3 bytes are its hash), value = the author's
+-- ordinal, negated once deleted. Buckets split one at a time (linear hashing) so each stays a small
+-- listpack. Written before buckets: g:<message> = author, "~author" once deleted, in the conversation
+-- hash (still read, never written for a new message).
 -- Result per command: {1, seq, stream id} appended | {2, stored answer} idempotent replay
 --                     | {0, reason, detail} refused.
 
-local ARGS_PER_COMMAND = 11
+local ARGS_PER_COMMAND = 13
+local MESSAGES_PER_BUCKET = 48  -- mean load that triggers a split; well under the listpack limit (128)
+local MAX_BUCKETS = 16777216    -- 2^24: the message hash has 24 bits
+local CHUNK = 1000              -- fields per HSET/HDEL when moving (Lua's unpack has a stack limit)
 
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
@@ -27,20 +37,91 @@ local function refuse(reason, detail)
   return {0, reason, detail or ''}
 end
 
+local function field_hash(field)
+  local a, b, c = string.byte(field, -3, -1)
+  return (a * 256 + b) * 256 + c
+end
+
+-- The largest power of two not above `buckets`.
+local function level(buckets)
+  local low = 1
+  while low * 2 <= buckets do low = low * 2 end
+  return low
+end
+
+-- The bucket key of `field` among the conversation's buckets (statekeys.bucket_of says the same).
+local function bucket_key(c, field)
+  local low = level(c.buckets)
+  local h = field_hash(field)
+  local bucket = h % (low * 2)
+  if bucket >= c.buckets then bucket = h % low end
+  return c.key .. '#' .. bucket
+end
+
+-- A message's author state: its bucket's value (an ordinal) and true, or a legacy g: value and false.
+local function message_state(c, field, message_id)
+  local author = redis.call('HGET', bucket_key(c, field), field)
+  if author or not c.legacy then return author, true end
+  return redis.call('HGET', c.key, 'g:' .. message_id), false
+end
+
+local function move(from, to, entries)
+  for first = 1, #entries, 2 * CHUNK do
+    local pairs_, fields = {}, {}
+    for i = first, math.min(first + 2 * CHUNK - 1, #entries), 2 do
+      pairs_[#pairs_ + 1] = entries[i]
+      pairs_[#pairs_ + 1] = entries[i + 1]
+      fields[#fields + 1] = entries[i]
+    end
+    redis.call('HSET', to, unpack(pairs_))
+    redis.call('HDEL', from, unpack(fields))
+  end
+end
+
+-- Split the next bucket in turn: its messages whose hash names the new bucket move there.
+local function split(c)
+  local low = level(c.buckets)
+  local from = c.key .. '#' .. (c.buckets - low)
+  local entries = redis.call('HGETALL', from)
+  local moving = {}
+  for i = 1, #entries, 2 do
+    if field_hash(entries[i]) % (low * 2) == c.buckets then
+      moving[#moving + 1] = entries[i]
+      moving[#moving + 1] = entries[i + 1]
+    end
+  end
+  move(from, c.key .. '#' .. c.buckets, moving)
+  redis.call('HSET', c.key, 'b', c.buckets + 1)
+end
+
+-- The message count `k` is written with the sequence, after apply.
+local function add_message(c, field, ordinal)
+  redis.call('HSET', bucket_key(c, field), field, ordinal)
+  c.messages = c.messages + 1
+  if c.messages > MESSAGES_PER_BUCKET * c.buckets and c.buckets < MAX_BUCKETS then split(c) end
+end
+
 -- Refusals a participant may get, once the conversation is known to exist and have `actor` in it.
-local function decide(ck, op, actor, target, aux, seq)
+local function decide(c, op, actor, target, aux, tf, af)
+  local ck = c.key
   if op == 'create' then
     return nil
   elseif op == 'send' then
-    if redis.call('HEXISTS', ck, 'g:' .. target) == 1 then return refuse('message-id-taken') end
-    if aux ~= '' and redis.call('HEXISTS', ck, 'g:' .. aux) == 0 then
+    if message_state(c, tf, target) then return refuse('message-id-taken') end
+    if aux ~= '' and not message_state(c, af, aux) then
       return refuse('reply-target-not-found')
     end
   elseif op == 'edit' or op == 'delete' then
-    local author = redis.call('HGET', ck, 'g:' .. target)
+    local author, ordinal = message_state(c, tf, target)
     if not author then return refuse('message-not-found') end
-    if string.sub(author, 1, 1) == '~' then return refuse('message-deleted') end
-    if author ~= actor then return refuse('not-the-author') end
+    local first = string.sub(author, 1, 1)
+    if first == '-' or first == '~' then return refuse('message-deleted') end
+    if ordinal then
+      -- An actor who never posted has no ordinal (nil), so matches no message's.
+      if author ~= c.ordinal then return refuse('not-the-author') end
+    elseif author ~= actor then
+      return refuse('not-the-author')
+    end
   elseif op == 'add' then
     if redis.call('HEXISTS', ck, 'm:' .. target) == 1 then return refuse('already-a-participant') end
   elseif op == 'remove' then
@@ -50,7 +131,7 @@ local function decide(ck, op, actor, target, aux, seq)
     if target ~= actor and actor ~= creator then return refuse('removal-forbidden') end
   elseif op == 'read' then
     local up_to = tonumber(target)
-    if up_to > tonumber(seq) then return refuse('read-beyond-end', seq) end
+    if up_to > tonumber(c.seq) then return refuse('read-beyond-end', c.seq) end
     local marker = redis.call('HGET', ck, 'r:' .. actor)
     if marker and up_to <= tonumber(marker) then return refuse('read-marker-not-advanced', marker) end
   elseif op == 'archive' then
@@ -63,16 +144,27 @@ local function decide(ck, op, actor, target, aux, seq)
   return nil
 end
 
-local function apply(ck, op, actor, target, aux, seq)
+local function apply(c, op, actor, target, tf)
+  local ck = c.key
   if op == 'create' then
-    redis.call('HSET', ck, 'creator', actor, 'm:' .. actor, '1')
+    redis.call('HSET', ck, 'creator', actor, 'm:' .. actor, '1', 'v', '2')
     for user in string.gmatch(target, '[^,]+') do
       redis.call('HSET', ck, 'm:' .. user, '1')
     end
   elseif op == 'send' then
-    redis.call('HSET', ck, 'g:' .. target, actor)
+    local ordinal = c.ordinal
+    if not ordinal then
+      ordinal = redis.call('HINCRBY', ck, 'n', 1)
+      redis.call('HSET', ck, 'u:' .. actor, ordinal)
+    end
+    add_message(c, tf, ordinal)
   elseif op == 'delete' then
-    redis.call('HSET', ck, 'g:' .. target, '~' .. actor)
+    local author, ordinal = message_state(c, tf, target)
+    if ordinal then
+      redis.call('HSET', bucket_key(c, tf), tf, '-' .. author)
+    else
+      redis.call('HSET', ck, 'g:' .. target, '~' .. actor)
+    end
   elseif op == 'add' then
     redis.call('HSET', ck, 'm:' .. target, '1')
   elseif op == 'remove' then
@@ -93,6 +185,7 @@ local function run(i)
   local idem, fingerprint = ARGV[base + 4], ARGV[base + 5]
   local target, aux, expected = ARGV[base + 6], ARGV[base + 7], ARGV[base + 8]
   local tail, ttl_ms, memo = ARGV[base + 9], ARGV[base + 10], ARGV[base + 11]
+  local tf, af = ARGV[base + 12], ARGV[base + 13]
 
   if idem ~= '' then
     local record = redis.call('GET', ik)
@@ -105,23 +198,33 @@ local function run(i)
     end
   end
 
-  local seq = redis.call('HGET', ck, 'seq')
+  local state = redis.call('HMGET', ck, 'seq', 'm:' .. actor, 'b', 'v', 'u:' .. actor, 'k')
+  local seq = state[1]
+  local c = {
+    key = ck, seq = seq, buckets = tonumber(state[3] or '1'), legacy = not state[4], ordinal = state[5],
+    messages = tonumber(state[6] or '0'),
+  }
+  local messages = c.messages
   if op == 'create' then
     -- Only the creator's own ids can collide: chosen ids live in the creator's namespace.
     if seq then return refuse('conversation-exists') end
-  elseif not seq or redis.call('HEXISTS', ck, 'm:' .. actor) == 0 then
+  elseif not seq or not state[2] then
     -- One answer, before any other check, so a stranger cannot tell this from a missing conversation.
     return refuse('conversation-not-found')
   end
   if expected ~= '' and tonumber(expected) ~= tonumber(seq or '0') then
     return refuse('sequence-mismatch', seq or '0')
   end
-  local refusal = decide(ck, op, actor, target, aux, seq)
+  local refusal = decide(c, op, actor, target, aux, tf, af)
   if refusal then return refusal end
 
-  apply(ck, op, actor, target, aux, seq)
+  apply(c, op, actor, target, tf)
   local next_seq = tonumber(seq or '0') + 1
-  redis.call('HSET', ck, 'seq', next_seq)
+  if c.messages ~= messages then
+    redis.call('HSET', ck, 'seq', next_seq, 'k', c.messages)
+  else
+    redis.call('HSET', ck, 'seq', next_seq)
+  end
   local event = '{"seq":' .. next_seq .. ',' .. tail
   -- Never trimmed here: only what the archive holds may leave the stream (see README, Trimming).
   local id = redis.call('XADD', KEYS[1], '*', 'e', event)

@@ -12,6 +12,7 @@ import redis.exceptions
 
 from command_api.batching import MicroBatcher
 from command_api.exceptions import CommandRefused, LogUnavailable
+from command_api.statekeys import message_field
 from events.exceptions import LogError
 from events.layout import LogLayout
 from events.log import EventLog
@@ -154,7 +155,7 @@ class Appender:
             args += [
                 c.op, c.conversation_id, c.actor, c.idempotency_key, c.fingerprint,
                 c.target, c.aux, "" if c.expected_seq is None else str(c.expected_seq),
-                c.event_tail, ttl_ms, c.memo,
+                c.event_tail, ttl_ms, c.memo, *_message_fields(c),
             ]  # fmt: skip
         try:
             replies = await self._call(keys, args)
@@ -210,6 +211,16 @@ class Appender:
             seq, stream_id, memo = _text(reply[1]).split("\n", 2)
             return Appended(int(seq), LogPosition(partition, stream_id, epoch), memo, replayed=True)
         return CommandRefused(_text(reply[1]), _text(reply[2]))
+
+
+def _message_fields(command: Command) -> tuple[bytes, bytes]:
+    """The hash fields of the message a send, edit or delete names, and of the message a send replies to."""
+    if command.op not in _MESSAGE_OPS:
+        return b"", b""
+    return message_field(command.target), message_field(command.aux) if command.aux else b""
+
+
+_MESSAGE_OPS = frozenset({"send", "edit", "delete"})
 
 
 def _is_log_failure(reply: list[bytes | int]) -> bool:

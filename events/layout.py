@@ -46,6 +46,11 @@ class LogLayout:
         """Write-side state of a conversation: seq, creator, members, messages, read markers."""
         return f"{self._tag(partition)}:c:{conversation_id}"
 
+    def message_bucket_key(self, partition: int, conversation_id: str, bucket: int) -> str:
+        """One bucket of a conversation's messages (author, deleted) in the write side: append.lua names
+        it so; '#' is in no conversation id."""
+        return f"{self.conversation_key(partition, conversation_id)}#{bucket}"
+
     def idempotency_key(self, partition: int, user_id: str, key: str) -> str:
         return f"{self._tag(partition)}:idem:{user_id}:{key}"
 

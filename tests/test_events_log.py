@@ -126,6 +126,7 @@ def test_every_key_of_a_partition_shares_its_hash_tag(
         layout.stream_key(p),
         layout.partition_meta_key(p),
         layout.conversation_key(p, conversation_id),
+        layout.message_bucket_key(p, conversation_id, data.draw(st.integers(min_value=0, max_value=2**24))),
         layout.idempotency_key(p, user_id, idem_key),
     ]
     for key in keys:
