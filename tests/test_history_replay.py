@@ -27,7 +27,7 @@ from events.exceptions import DecodeError
 from events.log import LogEntry
 from events.position import parse_stream_id
 from projector import history
-from projector.history import columns
+from projector.history import columns, sinks
 from projector.settings import ProjectorSettings
 from projector.worker import Worker
 from projector.workload import Workload
@@ -236,6 +236,47 @@ async def test_csv_and_parquet_hold_the_same_events(log: Log, tmp_path: Path) ->
     assert days and all(d.startswith("day=") for d in days)
     total = sum(pq.read_table(tmp_path / "days" / d / "part-0.parquet").num_rows for d in days)
     assert total == table.num_rows
+
+
+async def test_parquet_holds_every_value_of_the_jsonl_export(log: Log, tmp_path: Path) -> None:
+    """Every column of every row equals the JSON Lines export's value, whatever the writer's row groups
+    and encodings."""
+    code, jsonl, err = await replay(log.env, "--with-position")
+    assert code == 0, err
+    code, _, err = await replay(log.env, "--format", "parquet", "--output", str(tmp_path / "all.parquet"))
+    assert code == 0, err
+    table = pq.read_table(tmp_path / "all.parquet")
+    assert table.schema == columns.SCHEMA
+    payload_names = [name for name, _ in columns.PAYLOAD_FIELDS]
+    want = []
+    for line in jsonl.splitlines():
+        wrapped = json.loads(line)
+        event = wrapped["event"]
+        _, partition, stream_id = wrapped["position"].split(".")
+        row = {"position": wrapped["position"], "partition": int(partition), "stream_id": stream_id}
+        row |= {name: event.get(name) for name, _ in columns.ENVELOPE_FIELDS}
+        row["occurred_at"] = datetime.fromisoformat(event["occurred_at"])
+        row["type"] = event["payload"]["type"]
+        row |= {name: event["payload"].get(name) for name in payload_names}
+        want.append(row)
+    assert len(want) == table.num_rows > 300
+    assert table.to_pylist() == want
+
+    # Pages gathered into row groups spanning pages: the same table.
+    lines = [json.dumps(json.loads(line)["event"]).encode() + b"\n" for line in jsonl.splitlines()]
+    writer = sinks._Parquet(tmp_path / "grouped.parquet", row_group_rows=100)
+    for at in range(0, len(want), 37):
+        rows = want[at : at + 37]
+        writer.write_batch(
+            columns.record_batch(
+                b"".join(lines[at : at + 37]),
+                [r["position"] for r in rows], [r["partition"] for r in rows], [r["stream_id"] for r in rows],
+            )
+        )  # fmt: skip
+    writer.close()
+    grouped = pq.ParquetFile(tmp_path / "grouped.parquet")
+    assert grouped.metadata.num_row_groups == -(-len(want) // 111)
+    assert grouped.read().equals(table)
 
 
 async def test_follow_continues_past_the_head_without_a_gap(log: Log) -> None:

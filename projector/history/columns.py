@@ -70,6 +70,11 @@ _PARSE = pa_json.ParseOptions(explicit_schema=_JSON_SCHEMA, unexpected_field_beh
 _READ = pa_json.ReadOptions(block_size=1 << 26)
 
 SCHEMA = pa.schema([*POSITION_COLUMNS, *ENVELOPE_FIELDS, ("type", pa.string()), *PAYLOAD_FIELDS])
+# Columns whose values repeat across events, which Parquet dictionary-encodes; the others hold a value per
+# event (ids, times, texts), which a dictionary cannot shrink and only slows to write.
+_PER_EVENT = {"position", "stream_id", "event_id", "occurred_at", "correlation_id", "causation_id",
+              "idempotency_key", "seq", "message_id", "body"}  # fmt: skip
+REPEATING = tuple(n for n in SCHEMA.names if n not in _PER_EVENT)
 
 
 def record_batch(

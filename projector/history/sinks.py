@@ -81,14 +81,35 @@ class _Csv:
         self.writer.close()
 
 
+ROW_GROUP_ROWS = 131_072  # rows gathered into one Parquet row group (a replay page holds fewer)
+
+
 class _Parquet:
-    def __init__(self, where: str | Path | BinaryIO) -> None:
-        self.writer = pq.ParquetWriter(where, columns.SCHEMA, compression="zstd")
+    """Row groups of at least `row_group_rows` rows (but the last), fewer and larger than a replay's pages;
+    dictionary encoding only for the columns whose values repeat."""
+
+    def __init__(self, where: str | Path | BinaryIO, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+        self.row_group_rows = row_group_rows
+        self.writer = pq.ParquetWriter(
+            where, columns.SCHEMA, compression="zstd", use_dictionary=list(columns.REPEATING)
+        )
+        self.pending: list[pa.RecordBatch] = []
+        self.rows = 0
 
     def write_batch(self, batch: pa.RecordBatch) -> None:
-        self.writer.write_batch(batch)
+        self.pending.append(batch)
+        self.rows += batch.num_rows
+        if self.rows >= self.row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            table = pa.Table.from_batches(self.pending, columns.SCHEMA)
+            self.writer.write_table(table, row_group_size=max(self.rows, 1))
+        self.pending, self.rows = [], 0
 
     def close(self) -> None:
+        self._flush()
         self.writer.close()
 
 
