@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import subprocess
 import sys
 import time
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,10 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_fanout_e2e import ROOT, fanout_env, token
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from command_api.bodies import TEXT_PATTERN, clean_text
+from command_api.exceptions import CommandInvalid
 from devstack import pgadmin
 from devstack.ports import free_port
 from events.ids import CONVERSATION_ID_PATTERN
@@ -365,3 +371,13 @@ def test_allowed_origins_are_origins() -> None:
     assert settings.allowed_origins == ("https://app.example", "http://localhost:3000")
     with pytest.raises(SettingError, match="PARLEY_ALLOWED_ORIGINS"):
         HttpEdgeSettings.from_env(Env({"PARLEY_ALLOWED_ORIGINS": "app.example"}))
+
+
+@given(st.text(max_size=20))
+def test_the_declared_text_pattern_is_what_the_command_api_accepts(text: str) -> None:
+    try:
+        clean_text(text, "body", 100)
+        accepted = True
+    except CommandInvalid as refused:
+        accepted = refused.reason == "text-too-long"
+    assert accepted == (re.fullmatch(TEXT_PATTERN, unicodedata.normalize("NFC", text)) is not None)
