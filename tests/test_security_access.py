@@ -133,5 +133,8 @@ async def test_each_kind_of_user_gets_exactly_what_the_readme_grants(services: S
             assert _words_in(seen) == (grant.messages or set()), (user, seen[:500])
             if grant.messages is None:
                 assert cid not in seen, user
+            foreign = await _stream_from_the_start(services, user, "feedface" * 4)  # another log's epoch
+            assert '"reason": "foreign-epoch"' in foreign, (user, foreign[:300])
+            assert _words_in(foreign) <= (grant.messages or set()), (user, foreign[:500])
         for user in ("carol", "dave"):  # the re-added participant and the late joiner may post again
             await api.command(user, "POST", f"/v1/conversations/{cid}/messages", {"body": "back"})

@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from test_fanout_e2e import SECRET, token
-from test_http_edge import Services
+from test_http_edge import Services, running_services
 from test_http_edge import services as services  # the real processes, one set per module
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -212,3 +212,48 @@ async def test_malformed_and_oversize_bodies_are_4xx_problems(services: Services
             assert 400 <= answer.status_code < 500, (name, answer.status_code, answer.text[:200])
             _assert_problem(answer, answer.status_code, name)
         assert (await http.get(f"http://127.0.0.1:{services.command_api}/healthz")).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def rs_services(
+    redis_server_url: str, database_server_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Services]:
+    """The services verifying RS256 tokens against a public key, with no shared secret."""
+    folder = tmp_path_factory.mktemp("rs")
+    key = folder / "public.pem"
+    key.write_bytes(RSA_PUBLIC_PEM)
+    with running_services(
+        redis_server_url, database_server_url, folder, PARLEY_JWT_SECRET="", PARLEY_JWT_PUBLIC_KEY=str(key),
+        PARLEY_JWT_ALGORITHMS="RS256",
+    ) as ports:  # fmt: skip
+        yield ports
+
+
+async def test_a_public_key_used_as_an_hmac_secret_is_refused_where_rs256_is_expected(
+    rs_services: Services,
+) -> None:
+    """The classic confusion: the verifier holds an RSA public key, the attacker HMACs with it."""
+    forged = {"hs256-keyed-with-public-key": _hs_with_public_key(_claims()), "alg-none": _unsigned(_claims()),
+              "hs256-shared-secret": _hs256(_claims())}  # fmt: skip
+    genuine = jwt.encode(_claims(), RSA_KEY, algorithm="RS256")
+    async with httpx.AsyncClient(timeout=10) as http:
+        for port in (rs_services.command_api, rs_services.query_api):
+            for method, path in _routes(port):
+                url = f"http://127.0.0.1:{port}{path}"
+                body = None if method in {"GET", "DELETE"} else {"title": "t", "body": "b", "user_id": "bob"}
+                for name, bad in forged.items():
+                    answer = await http.request(
+                        method, url, json=body, headers={"Authorization": f"Bearer {bad}"}
+                    )
+                    _assert_problem(answer, 401, (method, path, name))
+                good = await http.request(
+                    method, url, json=body, headers={"Authorization": f"Bearer {genuine}"}
+                )
+                assert good.status_code != 401, (method, path, good.text[:300])
+    base = f"ws://127.0.0.1:{rs_services.fanout}/v1/stream"
+    for name, bad in forged.items():
+        assert await _close_code(f"{base}?token={bad}", None) == 4401, name
+    async with connect(f"{base}?token={genuine}") as ws:
+        await ws.send(json.dumps({"type": "subscribe"}))
+        async with asyncio.timeout(5):
+            assert json.loads(await ws.recv())["type"]
