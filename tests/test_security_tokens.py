@@ -257,3 +257,13 @@ async def test_a_public_key_used_as_an_hmac_secret_is_refused_where_rs256_is_exp
         await ws.send(json.dumps({"type": "subscribe"}))
         async with asyncio.timeout(5):
             assert json.loads(await ws.recv())["type"]
+
+
+def test_no_refused_token_reached_a_log(services: Services, rs_services: Services) -> None:
+    """Run last in this module: the logs of every refusal above hold no token, nor a part of one."""
+    logs = {path: path.read_text() for path in [*services.logs, *rs_services.logs]}
+    assert all(logs.values()), "the services logged nothing"
+    for bad in BAD_TOKENS.values():
+        parts = [part for part in bad.split(".") if len(part) >= 16]
+        for path, text in logs.items():
+            assert bad not in text and not any(part in text for part in parts), path.name
