@@ -15,7 +15,10 @@ from command_api.exceptions import CommandInvalid
 from events.ids import is_valid_conversation_id, is_valid_id
 
 # C0 controls but tab and newline, DEL, C1 controls.
-_FORBIDDEN_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROLS = r"\x00-\x08\x0b-\x1f\x7f-\x9f"
+_FORBIDDEN_CONTROLS = re.compile(f"[{_CONTROLS}]")
+TEXT_PATTERN = rf"^[^{_CONTROLS}]*[^{_CONTROLS}\s][^{_CONTROLS}]*$"
+"""The texts clean_text accepts but for their length (no control character, not blank), for OpenAPI."""
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
 _IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 MAX_TITLE_CHARS = 200

@@ -8,7 +8,7 @@ import msgspec
 
 from command_api import bodies
 from command_api.responses import Accepted
-from command_api.routes import ROUTES
+from command_api.routes import ROUTES, CommandRoute
 from events.ids import CONVERSATION_ID_PATTERN, ID_PATTERN
 from servicekit.openapi import BEARER, REF, add_components, problem_responses
 
@@ -38,9 +38,13 @@ _PARAMETERS: list[dict[str, Any]] = [
 def _field_limits(max_body_chars: int) -> tuple[tuple[str, str, dict[str, Any]], ...]:
     """(schema, field, keywords): the limits msgspec cannot carry, checked in bodies.py and commands.py."""
     optional_id = {"anyOf": [_ID, {"type": "null"}]}
-    text = {"minLength": 1, "maxLength": max_body_chars}
+    text = {"minLength": 1, "maxLength": max_body_chars, "pattern": bodies.TEXT_PATTERN}
     return (
-        ("CreateConversation", "title", {"minLength": 1, "maxLength": bodies.MAX_TITLE_CHARS}),
+        (
+            "CreateConversation",
+            "title",
+            {"minLength": 1, "maxLength": bodies.MAX_TITLE_CHARS, "pattern": bodies.TEXT_PATTERN},
+        ),
         ("CreateConversation", "participants", {"items": _ID, "maxItems": bodies.MAX_PARTICIPANTS}),
         ("CreateConversation", "conversation_id", optional_id),
         ("AddParticipant", "user_id", _ID),
@@ -50,6 +54,23 @@ def _field_limits(max_body_chars: int) -> tuple[tuple[str, str, dict[str, Any]],
         ("EditMessage", "body", text),
         ("MarkRead", "up_to_seq", {"minimum": 0}),
     )
+
+
+_YIELDS = {"create_conversation": ("conversation_id",), "send_message": ("conversation_id", "message_id")}
+"""The ids a command's 202 answer names, which other routes take as path parameters."""
+
+
+def _links(route: CommandRoute) -> dict[str, Any]:
+    """OpenAPI links from `route`'s 202 to every other route whose path ids its answer names."""
+    yields = _YIELDS.get(route.op, ())
+    return {
+        target.op: {
+            "operationId": target.op,
+            "parameters": {name: f"$response.body#/{name}" for name in target.pattern.groupindex},
+        }
+        for target in ROUTES
+        if target is not route and target.pattern.groupindex and set(target.pattern.groupindex) <= set(yields)
+    }
 
 
 def add_command_paths(schema: dict[str, Any], max_body_chars: int, max_request_bytes: int) -> dict[str, Any]:
@@ -90,6 +111,8 @@ def add_command_paths(schema: dict[str, Any], max_body_chars: int, max_request_b
             "parameters": path_params + _PARAMETERS,
             "responses": responses,
         }
+        if links := _links(route):
+            operation["responses"] = {**responses, "202": {**responses["202"], "links": links}}
         if route.body is not None:
             ref = {"$ref": REF.format(name=route.body.__name__)}
             operation["requestBody"] = {

@@ -4,9 +4,12 @@ security headers, origins and CORS, OpenAPI documents, and no token in any log l
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import subprocess
 import sys
 import time
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,10 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_fanout_e2e import ROOT, fanout_env, token
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from command_api.bodies import TEXT_PATTERN, clean_text
+from command_api.exceptions import CommandInvalid
 from devstack import pgadmin
 from devstack.ports import free_port
 from events.ids import CONVERSATION_ID_PATTERN
@@ -60,21 +67,20 @@ async def _until_up(ports: list[int], procs: list[subprocess.Popen[bytes]]) -> N
                 await asyncio.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def services(
-    redis_server_url: str, database_server_url: str, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def running_services(
+    redis_server_url: str, database_server_url: str, folder: Path, **extra: str
 ) -> Iterator[Services]:
-    """`python -m command_api`, `python -m projector` and `python -m realtime_fanout` on one log."""
+    """`python -m command_api`, `python -m projector` and `python -m realtime_fanout` on one log
+    (`extra`: more PARLEY_* settings), killed and their database dropped on exit."""
     name = f"edge_{uuid.uuid4().hex[:8]}"
     database_url = pgadmin.create_database(database_server_url, name)
     ports = Services(free_port(), free_port(), free_port(), [])
     env = fanout_env(
         redis_server_url, f"edge{uuid.uuid4().hex[:6]}", DATABASE_URL=database_url,
         PARLEY_API_PORT=str(ports.command_api), PARLEY_PROJECTOR_HTTP_PORT=str(ports.query_api),
-        PARLEY_FANOUT_PORT=str(ports.fanout), PARLEY_HTTP_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
-        PARLEY_ALLOWED_ORIGINS=f"{ALLOWED}, https://other.example", PARLEY_HTTP_ACCESS_LOG="1",
+        PARLEY_FANOUT_PORT=str(ports.fanout), **extra,
     )  # fmt: skip
-    folder = tmp_path_factory.mktemp("edge")
     procs = []
     for module in ("command_api", "projector", "realtime_fanout"):
         path = folder / f"{module}.log"
@@ -91,6 +97,18 @@ def services(
             proc.kill()
             proc.wait(10)
         pgadmin.drop_database(database_server_url, name)
+
+
+@pytest.fixture(scope="module")
+def services(
+    redis_server_url: str, database_server_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Services]:
+    with running_services(
+        redis_server_url, database_server_url, tmp_path_factory.mktemp("edge"),
+        PARLEY_HTTP_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
+        PARLEY_ALLOWED_ORIGINS=f"{ALLOWED}, https://other.example", PARLEY_HTTP_ACCESS_LOG="1",
+    ) as ports:  # fmt: skip
+        yield ports
 
 
 @dataclass
@@ -353,3 +371,13 @@ def test_allowed_origins_are_origins() -> None:
     assert settings.allowed_origins == ("https://app.example", "http://localhost:3000")
     with pytest.raises(SettingError, match="PARLEY_ALLOWED_ORIGINS"):
         HttpEdgeSettings.from_env(Env({"PARLEY_ALLOWED_ORIGINS": "app.example"}))
+
+
+@given(st.text(max_size=20))
+def test_the_declared_text_pattern_is_what_the_command_api_accepts(text: str) -> None:
+    try:
+        clean_text(text, "body", 100)
+        accepted = True
+    except CommandInvalid as refused:
+        accepted = refused.reason == "text-too-long"
+    assert accepted == (re.fullmatch(TEXT_PATTERN, unicodedata.normalize("NFC", text)) is not None)
