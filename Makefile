@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: run test test-faults lint typecheck browser-deps bench bench-commands bench-projector bench-fanout \
-        bench-history bench-retention bench-redis-sizing clean
+        bench-history bench-retention bench-redis-sizing bench-soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ bench-retention: $(STAMP)
 
 bench-redis-sizing: $(STAMP)
 	$(BIN)/python -m benchmarks.redis_sizing
+
+# Not in `bench`: 10 minutes of steady mixed load with a kill -9 a minute; SOAK_ARGS="--duration 60" to shorten.
+bench-soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
 bench: bench-commands bench-projector bench-fanout bench-history bench-retention bench-redis-sizing
 

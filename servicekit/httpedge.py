@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from servicekit.http_settings import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, HttpEdgeSettings
+from servicekit.metrics import HTTP_RESPONSES
 from servicekit.problems import PROBLEM_MEDIA_TYPE, problem_body
 
 DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'"
@@ -235,10 +236,12 @@ class EdgeMiddleware:
 
 
 def _with_default_csp(send: Send) -> Send:
-    """`send` adding `DEFAULT_CSP` to an answer's head unless the answer names its own policy."""
+    """`send` adding `DEFAULT_CSP` to an answer's head unless the answer names its own policy, and
+    counting the answer by status code (`parley_http_responses_total`)."""
 
     async def sending(message: Message) -> None:
         if message["type"] == "http.response.start":
+            HTTP_RESPONSES.labels(str(message["status"])).inc()
             headers = message.get("headers", ())
             if not any(name == _CSP for name, _ in headers):
                 message = {**message, "headers": [*headers, _DEFAULT_CSP_HEADER]}

@@ -6,12 +6,14 @@ included) and every 202 is in the log exactly once."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
 import shutil
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
@@ -21,6 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from devstack.ports import free_port
 from devstack.servers import PostgresServer, RedisServer
@@ -98,25 +102,29 @@ class Stack:
     projectors: list[Service]
     fanouts: list[Service]
     auth: AuthSettings
+    issued_ago_s: float = 0.0
 
     def services(self) -> list[Service]:
         return [self.api, *self.projectors, *self.fanouts]
 
     def token(self, user: str) -> str:
-        return mint_token(self.auth, user, ttl_s=3600)
+        """A token valid for an hour, issued `issued_ago_s` ago (valid on a clock stepped back by less)."""
+        now = time.time() - self.issued_ago_s
+        return mint_token(self.auth, user, ttl_s=3600 + self.issued_ago_s, now=now)
 
 
 @asynccontextmanager
 async def stack(
-    redis: RedisServer, database_url: str, tmp: Path, projectors: int = 1
-) -> AsyncIterator[Stack]:
+    redis: RedisServer, database_url: str, tmp: Path, projectors: int = 1, *,
+    api_env: dict[str, str] | None = None, issued_ago_s: float = 0.0, **extra_env: str,
+) -> AsyncIterator[Stack]:  # fmt: skip
     env = {
         **os.environ, "REDIS_URL": redis.url, "DATABASE_URL": database_url,
         "PARLEY_LOG_NAMESPACE": "faults", "PARLEY_PARTITIONS": str(PARTITIONS),
         "PARLEY_JWT_SECRET": DEV_SECRET, "PARLEY_DEV_MODE": "1", "PARLEY_RATE_LIMIT_PER_S": "0",
         "PARLEY_PROJECTOR_BATCH": "20", "PARLEY_PROJECTOR_BLOCK_MS": "100",
         "PARLEY_PROJECTOR_LEASE_TTL_S": str(LEASE_TTL_S), "PARLEY_PROJECTOR_RETRY_MAX_S": "0.5",
-        "PARLEY_FANOUT_READ_BLOCK_MS": "200",
+        "PARLEY_FANOUT_READ_BLOCK_MS": "200", **extra_env,
     }  # fmt: skip
 
     def service(module: str, setting: str, name: str, ready: str = "/readyz", **extra: str) -> Service:
@@ -124,11 +132,11 @@ async def stack(
         return Service(module, {**env, setting: str(port), **extra}, port, tmp / f"{name}.log", ready)
 
     s = Stack(
-        redis, env, service("command_api", "PARLEY_API_PORT", "api", "/healthz"),
+        redis, env, service("command_api", "PARLEY_API_PORT", "api", "/healthz", **(api_env or {})),
         [service("projector", "PARLEY_PROJECTOR_HTTP_PORT", f"projector{i}",
                  PARLEY_PROJECTOR_WORKER_ID=f"projector-{i}") for i in range(projectors)],
         [service("realtime_fanout", "PARLEY_FANOUT_PORT", f"fanout{i}") for i in range(2)],
-        AuthSettings.from_env(Env(env)),
+        AuthSettings.from_env(Env(env)), issued_ago_s,
     )  # fmt: skip
     try:
         await s.api.start()
@@ -460,3 +468,91 @@ async def test_postgres_stopped_10_s_then_audit_is_green(fault_redis: RedisServe
 
         async with stack(fault_redis, database_url, tmp_path) as s:
             await run_with_fault(s, tmp_path, stop_postgres)
+
+
+LEEWAY_S = 10.0
+
+
+async def fanout_auth(port: int, token: str) -> tuple[int | str, str]:
+    """The fanout's answer to a first `auth` frame: `authenticated`, or the close code; and the frames."""
+    frames = []
+    async with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+        await ws.send(json.dumps({"type": "auth", "token": token}))
+        try:
+            while True:
+                frames.append(str(await asyncio.wait_for(ws.recv(), 10)))
+                if json.loads(frames[-1])["type"] == "authenticated":
+                    return "authenticated", "".join(frames)
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None
+            return closed.rcvd.code, "".join(frames)
+
+
+async def test_tokens_within_the_leeway_pass_and_beyond_it_are_refused_everywhere(
+    fault_redis: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    """Issuer and service clocks skewed: a token expired or not yet valid by less than PARLEY_JWT_LEEWAY_S
+    passes on the command API, the query API and the fanout; by more, it is refused (401 / close 4401)."""
+    async with stack(fault_redis, database_url, tmp_path, PARLEY_JWT_LEEWAY_S=str(LEEWAY_S)) as s:
+        within, beyond = LEEWAY_S * 0.4, LEEWAY_S * 3
+        cases = {  # (skew, ok): a token expired `skew` ago, then one valid from `skew` on
+            "expired-token": [(within, True), (beyond, False)],
+            "token-not-yet-valid": [(within, True), (beyond, False)],
+        }
+        async with httpx.AsyncClient() as http:
+            for slug, skews in cases.items():
+                for skew, ok in skews:
+                    now = time.time() - 60 - skew if slug == "expired-token" else time.time() + skew
+                    token = mint_token(s.auth, USERS[0], ttl_s=60, now=now)
+                    auth = {"Authorization": f"Bearer {token}"}
+                    command = await http.post(f"http://127.0.0.1:{s.api.port}/v1/conversations",
+                                              json={"title": "skew", "participants": USERS[1:2]},
+                                              headers=auth)  # fmt: skip
+                    query = await http.get(f"http://127.0.0.1:{s.projectors[0].port}/v1/conversations",
+                                           headers=auth)  # fmt: skip
+                    ws, frames = await fanout_auth(s.fanouts[0].port, token)
+                    got = (command.status_code, query.status_code, ws)
+                    if ok:
+                        assert got == (202, 200, "authenticated"), (slug, skew, command.text, query.text)
+                    else:
+                        assert got == (401, 401, 4401), (slug, skew)
+                        assert slug in command.text and slug in query.text and slug in frames, frames
+
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+STEP_BACK_S = 300
+
+
+@pytest.mark.skipif(
+    not LIBFAKETIME.exists(),
+    reason=f"libfaketime not installed ({LIBFAKETIME}; Debian: apt-get install faketime)",
+)
+async def test_the_api_host_clock_stepped_back_under_load_keeps_order_and_ids(
+    fault_redis: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    """The command API under libfaketime, its wall clock stepped back 5 min, then 5 more, mid-load: the
+    audit is green (seq 1..n, archive in stream order, ids unique, nothing lost), stream ids (Redis's clock)
+    keep increasing, and only `occurred_at` (the API host's clock) goes back."""
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    faked = {
+        "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME_TIMESTAMP_FILE": str(offset),
+        "FAKETIME_CACHE_DURATION": "1",  # the file is read again every second
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",  # a stepped wall clock; asyncio's timers keep CLOCK_MONOTONIC
+    }  # fmt: skip
+
+    async def step_back(s: Stack) -> None:
+        for step in (1, 2):
+            await asyncio.sleep(1.0)
+            offset.write_text(f"-{STEP_BACK_S * step}\n")
+
+    async with stack(fault_redis, database_url, tmp_path, api_env=faked, issued_ago_s=3 * STEP_BACK_S) as s:
+        await run_with_fault(s, tmp_path, step_back)
+        events = log_events(await gather(ProjectorSettings.from_env(Env(s.env), auth=False)))
+    backwards = 0
+    for partition in range(PARTITIONS):
+        mine = [pe for pe in events if pe.partition == partition]
+        assert [pe.key for pe in mine] == sorted({pe.key for pe in mine})  # stream ids increase
+        times = [pe.event.occurred_at for pe in mine]
+        backwards += sum((a - b).total_seconds() > STEP_BACK_S * 0.8 for a, b in itertools.pairwise(times))
+    assert backwards >= 2  # the steps did happen: occurred_at went back twice or more in log order
