@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-faults lint typecheck browser-deps bench bench-commands bench-projector bench-fanout \
+.PHONY: run test test-faults lint typecheck test-deps browser-deps bench bench-commands bench-projector bench-fanout \
         bench-history bench-retention bench-redis-sizing bench-soak clean
 
 $(STAMP): pyproject.toml
@@ -24,13 +24,19 @@ test: $(STAMP)
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
 
-# What the browser tests need: Debian's Chromium (Playwright drives /usr/bin/chromium; it never downloads a
-# browser) and the playwright package (a dev extra, installed with the venv). Without them those tests are skipped and counted.
-CHROMIUM := /usr/bin/chromium
-browser-deps: $(STAMP)
-	@test -x $(CHROMIUM) || { command -v apt-get >/dev/null && \
-	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) sh -c 'apt-get update -qq && apt-get install -y -qq chromium'; } || \
-	  echo "browser-deps: could not install chromium; the browser tests will be skipped"
+# What some tests need from Debian (never a download from elsewhere): Chromium for the browser tests
+# (Playwright drives /usr/bin/chromium), promtool (package prometheus) for the alert rules, libfaketime
+# (package faketime) for the clock-step fault. Without them those tests are skipped and counted.
+TEST_TOOLS := /usr/bin/chromium:chromium /usr/bin/promtool:prometheus /usr/bin/faketime:faketime
+test-deps: $(STAMP)
+	@missing=""; for t in $(TEST_TOOLS); do test -x "$${t%%:*}" || missing="$$missing $${t##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  { command -v apt-get >/dev/null && \
+	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) sh -c "apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing"; } || \
+	  echo "test-deps: could not install$$missing; the tests that need them will be skipped"; \
+	fi
+
+browser-deps: test-deps
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
