@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import psycopg
 import redis.asyncio as aioredis
 from test_projector_fold import envelope
-from test_projector_store import PARTITIONS, settings_for, wait_caught_up
+from test_projector_store import PARTITIONS, project_until_caught_up, settings_for
 
 from command_api.append import Appender
 from devstack.apiclient import ApiClient
@@ -23,7 +22,6 @@ from events.layout import LogLayout
 from events.log import LogEntry
 from projector.audit import AuditInput, PartitionInput, Window, check_archive, check_received, run_checks
 from projector.auditsource import gather
-from projector.worker import Worker
 from projector.workload import Workload
 from realtime_fanout.client import Event, Live, Recorder
 from tests.conftest import DEV_SECRET
@@ -54,16 +52,9 @@ async def test_audit_green_then_each_injected_fault_found(
             assert answer.status_code == 202
         await Workload(seed=3).append(appender, 300)
         await redis_client.xadd(layout.stream_key(1), {"e": b"\xffnot an event"})
-        worker = Worker(settings)
-        await worker.start()
-        stop = asyncio.Event()
-        task = asyncio.create_task(worker.run(stop))
         try:
-            await wait_caught_up(worker)
+            await project_until_caught_up(settings)
         finally:
-            stop.set()
-            await task
-            await worker.close()
             await appender.close()
 
         report = run_checks(await gather(settings))

@@ -18,7 +18,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 import redis.asyncio as aioredis
-from test_projector_store import settings_for, wait_caught_up, whole_log
+from test_projector_store import project_until_caught_up, settings_for, whole_log
 
 from command_api.append import Appender
 from events.codec import current_bytes, decode
@@ -29,7 +29,6 @@ from events.position import parse_stream_id
 from projector import history
 from projector.history import columns, sinks
 from projector.settings import ProjectorSettings
-from projector.worker import Worker
 from projector.workload import Workload
 
 PARTITIONS = 4
@@ -55,16 +54,7 @@ async def log(
     epoch = await appender.open()
     workload = Workload(seed=7)
     await workload.append(appender, 300)
-    worker = Worker(settings)
-    await worker.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        await wait_caught_up(worker)
-    finally:
-        stop.set()
-        await task
-        await worker.close()
+    await project_until_caught_up(settings)
     await workload.append(appender, 80)
     env = {**os.environ, **settings.child_env()}
     try:

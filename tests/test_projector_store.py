@@ -48,6 +48,20 @@ async def wait_caught_up(worker: Worker) -> None:
     await asyncio.wait_for(loop(), 30)
 
 
+async def project_until_caught_up(settings: ProjectorSettings) -> None:
+    """Run a worker until it has projected (and archived) everything in the log, then stop it."""
+    worker = Worker(settings)
+    await worker.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await wait_caught_up(worker)
+    finally:
+        stop.set()
+        await task
+        await worker.close()
+
+
 async def assert_equal_to_fold(database_url: str, log: EventLog) -> None:
     await assert_equal_to_fold_of(database_url, await whole_log(log))
 
