@@ -24,8 +24,8 @@ from benchmarks.machine import describe
 from benchmarks.projector import fill_log, project
 from devstack.binaries import redis_server_binary
 from devstack.servers import PostgresServer, RedisServer
-from events.config import LogSettings
 from projector.settings import ProjectorSettings
+from servicekit.log_settings import LogSettings
 
 NAMESPACE, PARTITIONS = "bench", 8
 # The columns the replay's archive pages read (projector/history/reader.py), without its paging, its

@@ -28,12 +28,12 @@ from devstack.process import tree_cpu_seconds
 from devstack.servers import PostgresServer, RedisServer
 from events import schema
 from events.codec import encode
-from events.config import LogSettings
 from events.ids import new_event_id, new_object_id
 from events.log import EventLog
 from projector.rebuild import rebuild
 from projector.settings import DEFAULT_BATCH, ProjectorSettings
 from projector.worker import Worker
+from servicekit.log_settings import LogSettings
 
 WORDS = ("hello", "lunch", "deploy", "meeting", "coffee", "release", "bug", "friday", "budget", "pizza",
          "tomorrow", "review", "ship", "done", "thanks", "later", "call", "plan", "ok", "see")  # fmt: skip

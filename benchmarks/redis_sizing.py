@@ -30,8 +30,8 @@ from command_api.commands import (
 )
 from devstack.binaries import redis_server_binary
 from devstack.servers import RedisServer
-from events.config import LogSettings
 from events.layout import LogLayout
+from servicekit.log_settings import LogSettings
 
 BODY = "see you at the release review on friday, bring coffee"
 IN_FLIGHT = 256

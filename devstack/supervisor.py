@@ -9,6 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from command_api.settings import CommandApiSettings
+from projector.settings import ProjectorSettings
+from realtime_fanout.settings import FanoutSettings
+from servicekit.settings import EnvSettings, setting_of
+
 REDIS_PORT = 6380
 POSTGRES_PORT = 5433
 DATABASE_NAME = "parley"
@@ -37,10 +42,16 @@ class Service:
     port_setting: str | None = None
 
 
+def _service(name: str, settings: type[EnvSettings], port_field: str) -> Service:
+    """The service `name`, its port and the variable that moves it, as its settings declare them."""
+    setting, port = setting_of(settings, port_field)
+    return Service(name, port, setting)
+
+
 SERVICES: tuple[Service, ...] = (
-    Service("command_api", 8000, "PARLEY_API_PORT"),
-    Service("projector", 8002, "PARLEY_PROJECTOR_HTTP_PORT"),
-    Service("realtime_fanout", 8001, "PARLEY_FANOUT_PORT"),
+    _service("command_api", CommandApiSettings, "port"),
+    _service("projector", ProjectorSettings, "http_port"),
+    _service("realtime_fanout", FanoutSettings, "port"),
 )
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from servicekit.exceptions import SettingError
-from servicekit.settings import Env
+from servicekit.settings import Env, EnvSettings, read_settings, setting
 
 SECRET = "PARLEY_JWT_SECRET"
 PUBLIC_KEY = "PARLEY_JWT_PUBLIC_KEY"
@@ -24,53 +25,10 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 _PEM_PREFIX = "-----BEGIN"
 
 
-@dataclass(frozen=True)
-class AuthSettings:
-    """Validated token settings: `secret` XOR (`public_key_pem` / `jwks_json`), never both kinds."""
-
-    algorithms: tuple[str, ...]
-    secret: str | None = field(default=None, repr=False)
-    public_key_pem: str | None = None
-    jwks_json: str | None = None
-    issuer: str = "parley"
-    audience: str = "parley"
-    leeway_s: float = 30.0
-    dev_mode: bool = False
-
-    @classmethod
-    def from_env(cls, env: Env) -> AuthSettings:
-        """Read the PARLEY_JWT_* settings; SettingError names the key that is missing or unsafe."""
-        secret = env.optional_str(SECRET)
-        public_key = _read_public_key(env.optional_str(PUBLIC_KEY))
-        jwks_json = _read_file(JWKS_FILE, env.optional_str(JWKS_FILE))
-        dev_mode = env.bool(DEV_MODE, False)
-        asymmetric = public_key is not None or jwks_json is not None
-        if secret is None and not asymmetric:
-            raise SettingError(SECRET, f"no key material: set {SECRET}, {PUBLIC_KEY} or {JWKS_FILE}")
-        if secret is not None and asymmetric:
-            raise SettingError(SECRET, f"cannot be combined with {PUBLIC_KEY} or {JWKS_FILE}")
-        if public_key is not None and jwks_json is not None:
-            raise SettingError(JWKS_FILE, f"cannot be combined with {PUBLIC_KEY}; set only one")
-        default = ("RS256", "ES256") if asymmetric else ("HS256",)
-        algorithms = _check_algorithms(env.csv(ALGORITHMS, default), asymmetric=asymmetric)
-        if secret is not None and not dev_mode:
-            _check_secret_length(secret, algorithms)
-        return cls(
-            algorithms=algorithms,
-            secret=secret,
-            public_key_pem=public_key,
-            jwks_json=jwks_json,
-            issuer=env.str(ISSUER, "parley"),
-            audience=env.str(AUDIENCE, "parley"),
-            leeway_s=env.float(LEEWAY_S, 30.0, minimum=0.0),
-            dev_mode=dev_mode,
-        )
-
-
-def _read_public_key(value: str | None) -> str | None:
+def _read_public_key(key: str, value: str | None) -> str | None:
     if value is None or value.lstrip().startswith(_PEM_PREFIX):
         return value
-    return _read_file(PUBLIC_KEY, value)
+    return _read_file(key, value)
 
 
 def _read_file(key: str, path: str | None) -> str | None:
@@ -80,6 +38,39 @@ def _read_file(key: str, path: str | None) -> str | None:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise SettingError(key, f"cannot read {path!r}: {error}") from None
+
+
+@dataclass(frozen=True)
+class AuthSettings(EnvSettings):
+    """Validated token settings: `secret` XOR (`public_key_pem` / `jwks_json`), never both kinds."""
+
+    algorithms: tuple[str, ...]
+    """PARLEY_JWT_ALGORITHMS: its default depends on the kind of key material (see `from_env`)."""
+    secret: str | None = setting(SECRET, None, repr=False)
+    public_key_pem: str | None = setting(PUBLIC_KEY, None, check=_read_public_key)
+    jwks_json: str | None = setting(JWKS_FILE, None, check=_read_file)
+    issuer: str = setting(ISSUER, "parley")
+    audience: str = setting(AUDIENCE, "parley")
+    leeway_s: float = setting(LEEWAY_S, 30.0, minimum=0.0)
+    dev_mode: bool = setting(DEV_MODE, False)
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> Self:
+        """Read the PARLEY_JWT_* settings; SettingError names the key that is missing or unsafe."""
+        values = read_settings(cls, env := env or Env())
+        secret, public_key, jwks_json = values["secret"], values["public_key_pem"], values["jwks_json"]
+        asymmetric = public_key is not None or jwks_json is not None
+        if secret is None and not asymmetric:
+            raise SettingError(SECRET, f"no key material: set {SECRET}, {PUBLIC_KEY} or {JWKS_FILE}")
+        if secret is not None and asymmetric:
+            raise SettingError(SECRET, f"cannot be combined with {PUBLIC_KEY} or {JWKS_FILE}")
+        if public_key is not None and jwks_json is not None:
+            raise SettingError(JWKS_FILE, f"cannot be combined with {PUBLIC_KEY}; set only one")
+        default = ("RS256", "ES256") if asymmetric else ("HS256",)
+        algorithms = _check_algorithms(env.csv(ALGORITHMS, default), asymmetric=asymmetric)
+        if secret is not None and not values["dev_mode"]:
+            _check_secret_length(secret, algorithms)
+        return cls(algorithms=algorithms, **values)
 
 
 def _check_algorithms(algorithms: tuple[str, ...], *, asymmetric: bool) -> tuple[str, ...]:

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTING_DIRS = ("events", "command_api", "projector", "realtime_fanout", "servicekit", "devstack")
 CHECKED_VARIABLE = re.compile(r"^(PARLEY_[A-Z0-9_]+|REDIS_URL|DATABASE_URL)$")
 ENV_CALL = re.compile(
-    r"env\.(?:str|int|float|bool|choice|csv|optional_str|raw)\(\s*(?:\"([A-Z0-9_]+)\"|([A-Z_][A-Z0-9_]*)\b)"
+    r"(?:\bsetting|env\.(?:str|int|float|bool|choice|csv|optional_str|raw))\("
+    r"\s*(?:\"([A-Z0-9_]+)\"|([A-Z_][A-Z0-9_]*)\b)"
 )
 CONSTANT = re.compile(r"^([A-Z_][A-Z0-9_]*)\s*(?::\s*[^=]+)?=\s*\"([A-Z0-9_]+)\"\s*$", re.MULTILINE)
 
@@ -40,7 +41,8 @@ def project_packages() -> frozenset[str]:
 
 @cache
 def setting_keys() -> frozenset[str]:
-    """Every key the sources read through `Env`: literal keys, and module constants passed by name."""
+    """Every key the sources declare (`setting(...)`) or read through `Env`: literal keys, and module
+    constants passed by name."""
     keys: set[str] = set()
     for directory in SETTING_DIRS:
         for path in sorted((ROOT / directory).rglob("*.py")):

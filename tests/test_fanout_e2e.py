@@ -31,7 +31,6 @@ from command_api.bodies import AddParticipant, CreateConversation, EditMessage, 
 from command_api.commands import Context
 from devstack.ports import free_port
 from events.codec import decode, encode
-from events.config import LogSettings
 from events.log import EventLog
 from events.schema import MessageSent as SentPayload
 from projector.migrate import migrate
@@ -39,6 +38,7 @@ from realtime_fanout.client import Event, FanoutClient, Live
 from realtime_fanout.cursor import Cursor
 from realtime_fanout.membership import UserMemberships
 from servicekit.auth_settings import AuthSettings
+from servicekit.log_settings import LogSettings
 from servicekit.tokens import mint_token
 
 SECRET = "0123456789abcdef0123456789abcdef-fanout-secret"

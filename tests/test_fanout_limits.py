@@ -19,9 +19,9 @@ from websockets.exceptions import ConnectionClosed
 
 from command_api.append import Appender
 from devstack.servers import RedisServer
-from events.config import LogSettings
 from realtime_fanout import closecodes
 from realtime_fanout.frames import MAX_CLIENT_MESSAGE_BYTES
+from servicekit.log_settings import LogSettings
 
 __all__ = ["appender", "make_fanout"]
 

@@ -16,7 +16,6 @@ import redis.asyncio as aioredis
 from test_fanout_e2e import PARTITIONS, Client, Log, appender, archive_everything, make_fanout
 
 from command_api.append import Appender
-from events.config import LogSettings
 from realtime_fanout.exceptions import ProtocolViolation
 from realtime_fanout.frames import (
     PresenceSnapshotFrame,
@@ -38,6 +37,7 @@ from realtime_fanout.signals import (
     presence_visible,
     typing_recipients,
 )
+from servicekit.log_settings import LogSettings
 
 __all__ = ["appender", "make_fanout"]
 

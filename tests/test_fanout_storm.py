@@ -14,12 +14,12 @@ from test_fanout_e2e import PARTITIONS, Client, Log, appender, archive_everythin
 
 from command_api.append import Appender
 from events.codec import decode
-from events.config import LogSettings
 from events.log import EventLog
 from events.position import parse_stream_id
 from events.schema import MessageSent
 from realtime_fanout.cursor import Cursor
 from realtime_fanout.pageflights import Page, PageFlights
+from servicekit.log_settings import LogSettings
 
 __all__ = ["appender", "make_fanout"]  # fixtures
 

@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from events.codec import encode
-from events.config import LogSettings
 from events.log import LogEntry
 from events.schema import (
     AnyPayload,
@@ -33,6 +32,7 @@ from realtime_fanout.membership import MembershipIndex
 from realtime_fanout.session import Session
 from realtime_fanout.unread import UnreadSeed, UnreadTracker, seed_of
 from realtime_fanout.unreadseed import usable_positions
+from servicekit.log_settings import LogSettings
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 USERS = ("u", "v", "w")

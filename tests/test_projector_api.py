@@ -12,12 +12,12 @@ import redis.asyncio as aioredis
 
 from command_api import bodies, commands
 from command_api.append import Appender
-from events.config import LogSettings
 from projector.app import create_app
 from projector.reads import Reads
 from projector.settings import ProjectorSettings
 from projector.worker import Worker
 from servicekit.auth_settings import AuthSettings
+from servicekit.log_settings import LogSettings
 from servicekit.tokens import mint_token
 
 AUTH = AuthSettings(algorithms=("HS256",), secret="api-test-secret-api-test-secret-0123", dev_mode=True)

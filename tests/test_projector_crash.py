@@ -16,11 +16,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from command_api.append import Appender
-from events.config import LogSettings
 from events.log import EventLog
 from projector.model import fold_entries
 from projector.snapshot import archive_keys, check_search_column, dead_letter_keys, read_tables
 from projector.workload import Workload
+from servicekit.log_settings import LogSettings
 
 PARTITIONS = 4
 pytestmark = pytest.mark.slow

@@ -25,7 +25,6 @@ from command_api.append import Appender
 from devstack.servers import PostgresServer, RedisServer
 from events import schema
 from events.codec import encode
-from events.config import LogSettings
 from events.log import EventLog
 from events.position import parse_stream_id
 from projector.app import create_app
@@ -35,6 +34,7 @@ from projector.settings import ProjectorSettings
 from projector.store import Store
 from projector.worker import Worker
 from projector.workload import Workload
+from servicekit.log_settings import LogSettings
 
 PARTITIONS = 2
 

@@ -26,7 +26,6 @@ from test_projector_api import AUTH, headers
 
 from command_api import bodies, commands
 from command_api.append import Appender
-from events.config import LogSettings
 from events.position import LogPosition
 from projector import params, queries
 from projector.app import create_app
@@ -35,6 +34,7 @@ from projector.reads import Reads, reached
 from projector.settings import ProjectorSettings
 from projector.worker import Worker
 from servicekit.exceptions import SettingError
+from servicekit.log_settings import LogSettings
 from servicekit.settings import Env
 
 

@@ -14,7 +14,6 @@ from test_projector_api import AUTH, headers
 from test_projector_store import assert_equal_to_fold, wait_caught_up, whole_log
 
 from command_api.append import Appender
-from events.config import LogSettings
 from projector import queries
 from projector.app import create_app
 from projector.reads import Reads
@@ -23,6 +22,7 @@ from projector.settings import ProjectorSettings
 from projector.store import Store
 from projector.worker import Worker
 from projector.workload import Workload
+from servicekit.log_settings import LogSettings
 
 PARTITIONS = 4
 pytestmark = pytest.mark.slow

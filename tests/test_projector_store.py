@@ -11,7 +11,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from command_api.append import Appender
-from events.config import LogSettings
 from events.log import EventLog, LogEntry
 from projector.batch import Batch
 from projector.exceptions import CheckpointMoved, EpochMismatch
@@ -22,6 +21,7 @@ from projector.snapshot import archive_keys, check_search_column, dead_letter_ke
 from projector.store import Store
 from projector.worker import Worker
 from projector.workload import Workload
+from servicekit.log_settings import LogSettings
 
 PARTITIONS = 4
 

@@ -28,7 +28,6 @@ from command_api import bodies, commands
 from command_api.append import Appender
 from command_api.exceptions import CommandRefused
 from devstack.ports import free_port
-from events.config import LogSettings
 from events.cursor import decode_cursor, encode_cursor
 from events.position import LogPosition
 from projector.exceptions import ReadModelsFromAnotherEpoch
@@ -36,6 +35,7 @@ from projector.migrate import migrate
 from projector.params import Problem, parse_wait
 from projector.reads import Reads, exact_cursor, reached, reached_all
 from projector.settings import ProjectorSettings
+from servicekit.log_settings import LogSettings
 
 __all__ = ["appender", "make_fanout", "served"]  # fixtures
 

@@ -19,7 +19,6 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from events.codec import current_bytes
-from events.config import LogSettings
 from events.exceptions import LogError
 from events.log import EventLog
 from events.position import parse_stream_id
@@ -27,6 +26,7 @@ from projector.exceptions import SelectionError
 from projector.history.reader import HistoryReader, Row
 from projector.history.selection import Selection, StreamKey, check_epoch, key_text
 from projector.history.sinks import Page
+from servicekit.log_settings import LogSettings
 
 T = TypeVar("T")
 COUNT_SQL_LIMIT = 5_000_000  # past this a progress bar's total is not worth a full count
