@@ -1,4 +1,6 @@
-"""The whole read model in memory: a full fold of log entries, the reference Postgres must equal."""
+"""The whole read model in memory: a full fold of log entries, the reference Postgres must equal.
+
+Production code of the audit (`projector.audit` compares the read models with it); tests use it too."""
 
 from __future__ import annotations
 

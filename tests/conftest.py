@@ -13,9 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from devstack import pgadmin
-from devstack.apiclient import ApiClient
 from devstack.binaries import redis_server_binary
 from devstack.servers import PostgresServer, RedisServer
+from tests.apiclient import ApiClient
 
 
 def _unique(prefix: str) -> str:

@@ -14,7 +14,6 @@ from test_projector_fold import envelope
 from test_projector_store import PARTITIONS, project_until_caught_up, settings_for
 
 from command_api.append import Appender
-from devstack.apiclient import ApiClient
 from events import schema
 from events.codec import encode
 from events.cursor import encode_cursor
@@ -22,9 +21,10 @@ from events.layout import LogLayout
 from events.log import LogEntry
 from projector.audit import AuditInput, PartitionInput, Window, check_archive, check_received, run_checks
 from projector.auditsource import gather
-from projector.workload import Workload
 from realtime_fanout.client import Event, Live, Recorder
+from tests.apiclient import ApiClient
 from tests.conftest import DEV_SECRET
+from tests.workload import Workload
 
 
 def audit_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from command_api.routes import ROUTES
-from devstack.apiclient import ApiClient
 from events.codec import decode
 from events.schema import (
     ConversationArchived,
@@ -19,6 +18,7 @@ from events.schema import (
     ParticipantAdded,
     ParticipantRemoved,
 )
+from tests.apiclient import ApiClient
 
 PROBLEM = "application/problem+json"
 

@@ -24,13 +24,13 @@ from command_api.bodies import CreateConversation, SendMessage
 from command_api.commands import Context, create_conversation_with_id, send_message
 from command_api.exceptions import LogUnavailable
 from command_api.services import HEALTH_CHECK_S
-from devstack.apiclient import ApiClient
 from devstack.ports import free_port
 from devstack.servers import RedisServer
 from events.codec import decode
 from events.layout import LogLayout
 from events.log import EventLog
 from events.schema import MessageSent
+from tests.apiclient import ApiClient
 from tests.conftest import DEV_SECRET
 
 

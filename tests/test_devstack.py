@@ -20,7 +20,6 @@ import redis
 import redis.asyncio as aioredis
 
 from devstack import pgadmin
-from devstack.apiclient import ApiClient
 from devstack.ports import LOOPBACK, free_port, is_listening, port_is_free, preferred_or_free_port
 from devstack.process import child_pids, group_alive
 from devstack.servers import PostgresServer, RedisServer
@@ -35,6 +34,7 @@ from devstack.supervisor import (
     plan_servers,
     resolve_jwt_secret,
 )
+from tests.apiclient import ApiClient
 
 
 def test_free_port_is_bindable_and_preferred_falls_back() -> None:

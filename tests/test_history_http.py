@@ -18,8 +18,8 @@ from test_projector_store import settings_for, wait_caught_up, whole_log
 
 from command_api.append import Appender
 from events.codec import decode
-from projector.workload import Workload
 from servicekit.tokens import mint_token
+from tests.workload import Workload
 
 pytestmark = pytest.mark.slow
 

@@ -29,7 +29,7 @@ from events.position import parse_stream_id
 from projector import history
 from projector.history import columns, sinks
 from projector.settings import ProjectorSettings
-from projector.workload import Workload
+from tests.workload import Workload
 
 PARTITIONS = 4
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ from projector import queries
 from projector.model import fold_entries
 from projector.snapshot import read_tables
 from projector.worker import Worker
-from projector.workload import Workload
+from tests.workload import Workload
 
 pytestmark = pytest.mark.slow
 

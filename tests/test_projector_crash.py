@@ -18,9 +18,10 @@ import redis.asyncio as aioredis
 from command_api.append import Appender
 from events.log import EventLog
 from projector.model import fold_entries
-from projector.snapshot import archive_keys, check_search_column, dead_letter_keys, read_tables
-from projector.workload import Workload
+from projector.snapshot import read_tables
 from servicekit.log_settings import LogSettings
+from tests.storeprobe import archive_keys, check_search_column, dead_letter_keys
+from tests.workload import Workload
 
 PARTITIONS = 4
 pytestmark = pytest.mark.slow

@@ -33,8 +33,8 @@ from projector.redrive import redrive
 from projector.settings import ProjectorSettings
 from projector.store import Store
 from projector.worker import Worker
-from projector.workload import Workload
 from servicekit.log_settings import LogSettings
+from tests.workload import Workload
 
 PARTITIONS = 2
 

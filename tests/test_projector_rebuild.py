@@ -21,8 +21,8 @@ from projector.rebuild import rebuild
 from projector.settings import ProjectorSettings
 from projector.store import Store
 from projector.worker import Worker
-from projector.workload import Workload
 from servicekit.log_settings import LogSettings
+from tests.workload import Workload
 
 PARTITIONS = 4
 pytestmark = pytest.mark.slow

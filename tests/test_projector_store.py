@@ -17,11 +17,12 @@ from projector.exceptions import CheckpointMoved, EpochMismatch
 from projector.migrate import migrate
 from projector.model import fold_entries
 from projector.settings import ProjectorSettings
-from projector.snapshot import archive_keys, check_search_column, dead_letter_keys, read_tables
+from projector.snapshot import read_tables
 from projector.store import Store
 from projector.worker import Worker
-from projector.workload import Workload
 from servicekit.log_settings import LogSettings
+from tests.storeprobe import archive_keys, check_search_column, dead_letter_keys
+from tests.workload import Workload
 
 PARTITIONS = 4
 
