@@ -1,4 +1,4 @@
-"""An async client of the fanout stream: iterate items; it reconnects, resumes and refreshes its token itself.
+"""The Python client of the fanout stream; `__all__` is its public surface (README: Client library).
 
     async with FanoutClient(url, get_token) as client:
         async for item in client:
@@ -30,17 +30,35 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from realtime_fanout import closecodes
-from realtime_fanout.exceptions import ClientGaveUp, ClientRejected
+from realtime_fanout.exceptions import ClientError, ClientGaveUp, ClientRejected
+
+__all__ = [
+    "ClientError",
+    "ClientGaveUp",
+    "ClientRejected",
+    "Event",
+    "FanoutClient",
+    "Item",
+    "Live",
+    "Recorder",
+    "Resync",
+    "TokenProvider",
+    "write_received",
+]
 
 log = logging.getLogger(__name__)
 
 TokenProvider = Callable[[], Awaitable[str]]
+"""An async function returning a current bearer token; called at each connect and before each expiry."""
 FATAL_CODES = frozenset({closecodes.PROTOCOL_ERROR, closecodes.FORBIDDEN})
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One event envelope; `cursor` is the resume point after it (set on the last event of each frame)."""
+    """One event the user may see, in log order per conversation, each exactly once per subscription.
+
+    `event` is the envelope as the log holds it in the current schema (README: Events); `cursor` is the
+    resume point just after it, set on the last event of each server frame (None on the others)."""
 
     event: dict[str, Any]
     cursor: str | None
@@ -48,7 +66,8 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Resync:
-    """The cursor could not be served (`reason`); reload state, the stream continues after `position`."""
+    """The cursor could not be served (`reason`: `malformed-cursor`, `foreign-epoch`, `history-gone`):
+    reload state (the query API), the stream continues after `position`, which is now `client.cursor`."""
 
     position: str
     reason: str
@@ -62,6 +81,7 @@ class Live:
 
 
 Item = Event | Resync | Live
+"""What iterating a `FanoutClient` yields."""
 
 
 def items_of(frame: dict[str, Any]) -> list[Item]:
@@ -81,17 +101,20 @@ def items_of(frame: dict[str, Any]) -> list[Item]:
 
 @dataclass(slots=True)
 class Recorder:
-    """One subscriber's record: a line per (re)subscription with its cursor and per item received, in
-    the order received. Lines accumulate in memory; `lines_jsonl` is the audit's `--received` format."""
+    """What one subscriber received, for the audit: a line per (re)subscription with its cursor and per
+    item received, in the order received. Lines accumulate in memory; `lines_jsonl` is the audit's
+    `--received` format."""
 
     subscriber: str
     user: str
     lines: list[dict[str, Any]] = field(default_factory=list)
 
     def subscribed(self, cursor: str | None, conversations: list[str] | None) -> None:
+        """Note a (re)subscription from `cursor` (the client calls this)."""
         self._add("subscribe", cursor=cursor, conversations=conversations)
 
     def received(self, item: Item) -> None:
+        """Note one item handed out (the client calls this)."""
         if isinstance(item, Event):
             self._add("event", event=item.event, cursor=item.cursor)
         elif isinstance(item, Live):
@@ -103,6 +126,7 @@ class Recorder:
         self.lines.append({"subscriber": self.subscriber, "user": self.user, "kind": kind, **fields})
 
     def lines_jsonl(self) -> bytes:
+        """The record as JSON lines, the audit's `--received` format."""
         return b"".join(msgspec.json.encode(line) + b"\n" for line in self.lines)
 
 
@@ -123,7 +147,19 @@ def refresh_delay(expires_at: float, now: float, margin_s: float) -> float:
 
 
 class FanoutClient:
-    """One logical subscription over successive WebSocket connections; `cursor` is where it resumes."""
+    """One logical subscription over successive WebSocket connections; iterate it for `Item`s.
+
+    Guaranteed: across reconnects every event the user may see after the starting cursor comes once, in
+    order per conversation, unless a `Resync` says history was lost. `cursor` is where it resumes: just
+    after the last item handed out that carried a cursor (every `Live` and `Resync`, the last `Event` of
+    each server frame); persist it after such an item and a later `cursor=` repeats nothing.
+    Connections that fail or close are retried with exponential backoff and full jitter, except a close
+    that retrying cannot fix (`ClientRejected`). `token` is a fixed string or a `TokenProvider`, asked
+    again at each connect and `refresh_margin_s` before expiry (at half the remaining lifetime for short
+    tokens). `conversations` limits the subscription to those ids (None: all the user's).
+    `max_failures` consecutive failed attempts without a frame end it with `ClientGaveUp` (None: retry
+    for ever). `connects` and `refreshes` count connections made and tokens refreshed.
+    """
 
     def __init__(
         self,
@@ -166,7 +202,8 @@ class FanoutClient:
         return self.items()
 
     async def close(self) -> None:
-        """Stop for good: the iteration ends after the current connection is closed (1000)."""
+        """Stop for good, whatever the client is doing (also mid-reconnect): the iteration ends after the
+        current connection is closed (1000)."""
         self._closed = True
         if self._ws is not None:
             await self._ws.close()
@@ -180,7 +217,7 @@ class FanoutClient:
         return self._token if isinstance(self._token, str) else await self._token()
 
     async def items(self) -> AsyncIterator[Item]:
-        """Every item of the subscription, across reconnects.
+        """Every item of the subscription, across reconnects (what `async for item in client` iterates).
 
         Raises:
             ClientRejected: the server closed with 4400/4403 (or 4401 while the token is a fixed string).
