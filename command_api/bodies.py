@@ -139,13 +139,14 @@ def check_expected_seq(value: str) -> int:
 
 
 def check_idempotency_key(value: str | None) -> str:
-    """The Idempotency-Key header, or "" when absent; printable ASCII, at most 255 characters."""
+    """The Idempotency-Key header, or "" when absent; 1-255 visible ASCII characters (`!` to `~`, no space:
+    HTTP strips whitespace at either end of a header value, so no key may depend on it)."""
     if value is None:
         return ""
     if not _IDEMPOTENCY_KEY.fullmatch(value):
         raise CommandInvalid(
             "invalid-idempotency-key",
-            "Idempotency-Key must be 1-255 printable ASCII characters without spaces",
+            "Idempotency-Key must be 1-255 visible ASCII characters (! to ~, no space)",
             status=400,
         )
     return value

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import inspect
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -93,3 +95,108 @@ def test_the_client_library_section_names_each_public_name_and_each_is_documente
             value
         ):  # its own docstring, not its base's (not the aliases Item, TokenProvider)
             assert value.__dict__.get("__doc__"), f"{name} has no docstring"
+
+
+def slug_table(heading: str) -> dict[int, set[str]]:
+    """{status: slugs} of the first `| status | slugs |` table after `heading` (each backticked word)."""
+    text = README[README.index(heading) :]
+    text = text[text.index("| status | slugs |") :]
+    rows: dict[int, set[str]] = {}
+    for line in text.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        statuses, slugs = line.split("|")[1:3]
+        for status in re.findall(r"\d{3}", statuses):
+            rows[int(status)] = set(re.findall(r"`([a-z][a-z-]*)`", slugs))
+    return rows
+
+
+def slugs_raised(path: Path, callees: set[str]) -> dict[int, set[str]]:
+    """{status: slugs} of every `callee(<int>, "<slug>", ...)` call in the module at `path`."""
+    found: dict[int, set[str]] = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and len(node.args) >= 2):
+            continue
+        name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+        status, slug = node.args[0], node.args[1]
+        if name in callees and isinstance(status, ast.Constant) and isinstance(slug, ast.Constant):
+            found.setdefault(status.value, set()).add(slug.value)
+    return found
+
+
+def merged(*tables: dict[int, set[str]]) -> dict[int, set[str]]:
+    out: dict[int, set[str]] = {}
+    for table in tables:
+        for status, slugs in table.items():
+            out.setdefault(status, set()).update(slugs)
+    return out
+
+
+def test_the_query_api_error_table_lists_exactly_the_slugs_the_code_answers() -> None:
+    """Every slug of the query API's routes (projector/*.py, history aside), by status; 401 is the shared
+    token check's (the command API's table lists those)."""
+    from projector.params import Problem, parse_seq
+
+    raised = [
+        slugs_raised(p, {"Problem", "problem_response"}) for p in sorted((ROOT / "projector").glob("*.py"))
+    ]
+    computed: dict[int, set[str]] = {}
+    for name in ("after_seq", "before_seq"):  # parse_seq makes its slug from the parameter's name
+        try:
+            parse_seq(name, "x")
+        except Problem as problem:
+            computed.setdefault(problem.status, set()).add(problem.slug)
+    framework = {404: {"not-found"}, 405: {"method-not-allowed"}}  # servicekit.problems, for every service
+    code = merged(*raised, computed, framework)
+    readme = slug_table("### Query API")
+    code.pop(401, None)
+    readme.pop(401, None)
+    assert readme == code
+
+
+def test_the_history_route_lists_exactly_the_slugs_the_code_answers() -> None:
+    history = ROOT / "projector" / "history"
+    code = slugs_raised(history / "http.py", {"problem"})
+    for node in ast.walk(ast.parse((history / "selection.py").read_text())):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", "") == "SelectionError"
+            and len(node.args) == 2
+        ):
+            reason = node.args[1]
+            assert isinstance(reason, ast.Constant), ast.unparse(node)
+            code.setdefault(409 if reason.value == "position-from-another-log" else 400, set()).add(
+                reason.value
+            )
+    section = README[README.index("### Over HTTP: `GET /v1/history`") :]
+    line = section[section.index("- Errors (problem+json):") :].split("\n\n")[0]
+    readme = {
+        int(status): set(re.findall(r"`([a-z][a-z-]*)`", slugs))
+        for status, slugs in re.findall(r"(\d{3}) ((?:`[a-z-]+`(?:,\s*)?)+)", line)
+    }
+    assert readme == code
+
+
+def test_the_refusals_said_to_carry_current_seq_are_the_ones_that_do() -> None:
+    from command_api.problems import _SEQ_DETAIL
+
+    sentence = README[README.index("Three refusals carry an integer `current_seq`") :].split(".\n")[0]
+    said = {slug for slug in re.findall(r"`([a-z][a-z-]*)`", sentence) if slug != "current_seq"}
+    assert said == set(_SEQ_DETAIL)
+    assert f"{['', 'One', 'Two', 'Three', 'Four'][len(said)]} refusals" in sentence
+
+
+def test_the_idempotency_key_rule_is_the_one_the_readme_states() -> None:
+    from command_api.bodies import check_idempotency_key
+    from command_api.exceptions import CommandInvalid
+
+    assert "the key 1\u2013255 visible ASCII characters (`!` to `~`)" in README
+
+    def accepted(key: str) -> bool:
+        try:
+            return check_idempotency_key(key) == key
+        except CommandInvalid:
+            return False
+
+    assert [c for c in map(chr, range(256)) if accepted(c)] == [chr(c) for c in range(0x21, 0x7F)]
+    assert accepted("k" * 255) and not accepted("k" * 256) and not accepted("") and not accepted("a b")
