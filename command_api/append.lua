@@ -1,13 +1,14 @@
 -- Decide and append a batch of commands for ONE partition, atomically per command.
+-- The rules it applies are specified once, in Python: command_api/rules.py (`decide`); this script is
+-- their atomic executor, checked against them (tests/test_commands_rules_script.py).
 -- Every precondition is checked before any write, so a refused command changes nothing.
 -- Runs on Redis 6.2 and 7.x (Lua 5.1, effects replication).
 --
 -- KEYS[1] = partition stream, KEYS[2] = partition meta (epoch)
 -- KEYS[1 + 2i], KEYS[2 + 2i] = conversation state hash, idempotency record of command i (1-based)
--- ARGV[1] = expected epoch
--- ARGV[2 + 13(i-1) ..] = op, conversation id, actor, idempotency key, fingerprint, target, aux,
---                        expected seq, envelope JSON tail, idempotency ttl ms, memo,
---                        target's message field, aux's message field (command_api/statekeys.py)
+-- ARGV[1] = expected epoch, ARGV[2] = idempotency ttl ms
+-- Then per command: op, n, actor, idempotency key, fingerprint, expected seq, envelope JSON tail, memo,
+-- and the n arguments of its operation, named in OPERATIONS (command_api/append.py sends them so).
 --
 -- Conversation hash fields: seq, creator, m:<user> (member), r:<user> (read marker), a:<user>
 -- (archived for that user), u:<user> (the author's ordinal, kept once they first post), n (ordinals
@@ -20,7 +21,19 @@
 -- Result per command: {1, seq, stream id} appended | {2, stored answer} idempotent replay
 --                     | {0, reason, detail} refused.
 
-local ARGS_PER_COMMAND = 13
+local HEADER = 8
+-- Each operation's own arguments, in order; `create` takes one per participant instead.
+local OPERATIONS = {
+  create = {},
+  send = {'message_id', 'message_field', 'reply_to', 'reply_field'},
+  edit = {'message_id', 'message_field'},
+  delete = {'message_id', 'message_field'},
+  add = {'user_id'},
+  remove = {'user_id'},
+  read = {'up_to_seq'},
+  archive = {},
+  unarchive = {},
+}
 local MESSAGES_PER_BUCKET = 48  -- mean load that triggers a split; well under the listpack limit (128)
 local MAX_BUCKETS = 16777216    -- 2^24: the message hash has 24 bits
 local CHUNK = 1000              -- fields per HSET/HDEL when moving (Lua's unpack has a stack limit)
@@ -102,17 +115,17 @@ local function add_message(c, field, ordinal)
 end
 
 -- Refusals a participant may get, once the conversation is known to exist and have `actor` in it.
-local function decide(c, op, actor, target, aux, tf, af)
+local function decide(c, op, actor, a)
   local ck = c.key
   if op == 'create' then
     return nil
   elseif op == 'send' then
-    if message_state(c, tf, target) then return refuse('message-id-taken') end
-    if aux ~= '' and not message_state(c, af, aux) then
+    if message_state(c, a.message_field, a.message_id) then return refuse('message-id-taken') end
+    if a.reply_field ~= '' and not message_state(c, a.reply_field, a.reply_to) then
       return refuse('reply-target-not-found')
     end
   elseif op == 'edit' or op == 'delete' then
-    local author, ordinal = message_state(c, tf, target)
+    local author, ordinal = message_state(c, a.message_field, a.message_id)
     if not author then return refuse('message-not-found') end
     local first = string.sub(author, 1, 1)
     if first == '-' or first == '~' then return refuse('message-deleted') end
@@ -123,14 +136,15 @@ local function decide(c, op, actor, target, aux, tf, af)
       return refuse('not-the-author')
     end
   elseif op == 'add' then
-    if redis.call('HEXISTS', ck, 'm:' .. target) == 1 then return refuse('already-a-participant') end
+    if redis.call('HEXISTS', ck, 'm:' .. a.user_id) == 1 then return refuse('already-a-participant') end
   elseif op == 'remove' then
-    if redis.call('HEXISTS', ck, 'm:' .. target) == 0 then return refuse('participant-not-found') end
+    local user = a.user_id
+    if redis.call('HEXISTS', ck, 'm:' .. user) == 0 then return refuse('participant-not-found') end
     local creator = redis.call('HGET', ck, 'creator')
-    if target == creator then return refuse('creator-cannot-leave') end
-    if target ~= actor and actor ~= creator then return refuse('removal-forbidden') end
+    if user == creator then return refuse('creator-cannot-leave') end
+    if user ~= actor and actor ~= creator then return refuse('removal-forbidden') end
   elseif op == 'read' then
-    local up_to = tonumber(target)
+    local up_to = tonumber(a.up_to_seq)
     if up_to > tonumber(c.seq) then return refuse('read-beyond-end', c.seq) end
     local marker = redis.call('HGET', ck, 'r:' .. actor)
     if marker and up_to <= tonumber(marker) then return refuse('read-marker-not-advanced', marker) end
@@ -138,39 +152,39 @@ local function decide(c, op, actor, target, aux, tf, af)
     if redis.call('HEXISTS', ck, 'a:' .. actor) == 1 then return refuse('already-archived') end
   elseif op == 'unarchive' then
     if redis.call('HEXISTS', ck, 'a:' .. actor) == 0 then return refuse('not-archived') end
-  else
-    return refuse('unknown-operation', op)
   end
   return nil
 end
 
-local function apply(c, op, actor, target, tf)
+local function apply(c, op, actor, a)
   local ck = c.key
   if op == 'create' then
-    redis.call('HSET', ck, 'creator', actor, 'm:' .. actor, '1', 'v', '2')
-    for user in string.gmatch(target, '[^,]+') do
-      redis.call('HSET', ck, 'm:' .. user, '1')
+    local fields = {'creator', actor, 'v', '2', 'm:' .. actor, '1'}
+    for _, user in ipairs(a.participants) do
+      fields[#fields + 1] = 'm:' .. user
+      fields[#fields + 1] = '1'
     end
+    redis.call('HSET', ck, unpack(fields))
   elseif op == 'send' then
     local ordinal = c.ordinal
     if not ordinal then
       ordinal = redis.call('HINCRBY', ck, 'n', 1)
       redis.call('HSET', ck, 'u:' .. actor, ordinal)
     end
-    add_message(c, tf, ordinal)
+    add_message(c, a.message_field, ordinal)
   elseif op == 'delete' then
-    local author, ordinal = message_state(c, tf, target)
+    local author, ordinal = message_state(c, a.message_field, a.message_id)
     if ordinal then
-      redis.call('HSET', bucket_key(c, tf), tf, '-' .. author)
+      redis.call('HSET', bucket_key(c, a.message_field), a.message_field, '-' .. author)
     else
-      redis.call('HSET', ck, 'g:' .. target, '~' .. actor)
+      redis.call('HSET', ck, 'g:' .. a.message_id, '~' .. actor)
     end
   elseif op == 'add' then
-    redis.call('HSET', ck, 'm:' .. target, '1')
+    redis.call('HSET', ck, 'm:' .. a.user_id, '1')
   elseif op == 'remove' then
-    redis.call('HDEL', ck, 'm:' .. target, 'a:' .. target)
+    redis.call('HDEL', ck, 'm:' .. a.user_id, 'a:' .. a.user_id)
   elseif op == 'read' then
-    redis.call('HSET', ck, 'r:' .. actor, target)
+    redis.call('HSET', ck, 'r:' .. actor, a.up_to_seq)
   elseif op == 'archive' then
     redis.call('HSET', ck, 'a:' .. actor, '1')
   elseif op == 'unarchive' then
@@ -178,14 +192,25 @@ local function apply(c, op, actor, target, tf)
   end
 end
 
-local function run(i)
-  local base = 1 + ARGS_PER_COMMAND * (i - 1)
+-- The named arguments of the operation whose n arguments start at ARGV[at].
+local function arguments(op, at, n)
+  local a = {}
+  if op == 'create' then
+    a.participants = {}
+    for j = 0, n - 1 do a.participants[j + 1] = ARGV[at + j] end
+  else
+    for j, name in ipairs(OPERATIONS[op]) do a[name] = ARGV[at + j - 1] end
+  end
+  return a
+end
+
+local function run(i, at, ttl_ms)
   local ck, ik = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
-  local op, actor = ARGV[base + 1], ARGV[base + 3]
-  local idem, fingerprint = ARGV[base + 4], ARGV[base + 5]
-  local target, aux, expected = ARGV[base + 6], ARGV[base + 7], ARGV[base + 8]
-  local tail, ttl_ms, memo = ARGV[base + 9], ARGV[base + 10], ARGV[base + 11]
-  local tf, af = ARGV[base + 12], ARGV[base + 13]
+  local op, n, actor = ARGV[at], tonumber(ARGV[at + 1]), ARGV[at + 2]
+  local idem, fingerprint, expected = ARGV[at + 3], ARGV[at + 4], ARGV[at + 5]
+  local tail, memo = ARGV[at + 6], ARGV[at + 7]
+  if not OPERATIONS[op] then return refuse('unknown-operation', op) end
+  local a = arguments(op, at + HEADER, n)
 
   if idem ~= '' then
     local record = redis.call('GET', ik)
@@ -215,10 +240,10 @@ local function run(i)
   if expected ~= '' and tonumber(expected) ~= tonumber(seq or '0') then
     return refuse('sequence-mismatch', seq or '0')
   end
-  local refusal = decide(c, op, actor, target, aux, tf, af)
+  local refusal = decide(c, op, actor, a)
   if refusal then return refusal end
 
-  apply(c, op, actor, target, tf)
+  apply(c, op, actor, a)
   local next_seq = tonumber(seq or '0') + 1
   if c.messages ~= messages then
     redis.call('HSET', ck, 'seq', next_seq, 'k', c.messages)
@@ -235,8 +260,10 @@ local function run(i)
 end
 
 local results = {}
-local count = (#ARGV - 1) / ARGS_PER_COMMAND
-for i = 1, count do
-  results[i] = run(i)
+local at, i = 3, 1
+while at <= #ARGV do
+  results[i] = run(i, at, ARGV[2])
+  at = at + HEADER + tonumber(ARGV[at + 1])
+  i = i + 1
 end
 return results

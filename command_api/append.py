@@ -6,12 +6,15 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
+from typing import assert_never
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from command_api.batching import MicroBatcher
 from command_api.exceptions import CommandRefused, LogUnavailable
+from command_api.rules import Add, Archive, Create, Delete, Edit, Operation, Read, Remove, Send, Unarchive
+from command_api.rules import Command as Command  # re-exported: callers build commands and hand them here
 from command_api.statekeys import message_field
 from events.exceptions import LogError
 from events.layout import LogLayout
@@ -25,22 +28,6 @@ APPEND_SCRIPT = files("command_api").joinpath("append.lua").read_text()
 CLAIM_SCRIPT = files("command_api").joinpath("claim.lua").read_text()
 CLAIM_MARGIN_S = 60
 """A claim outlives the partition's idempotency record, written after it, by this much."""
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """One decided-in-Redis command; `target`/`aux` carry the op's subject (see append.lua)."""
-
-    op: str
-    conversation_id: str
-    actor: str
-    event_tail: bytes
-    memo: str
-    fingerprint: str = ""
-    idempotency_key: str = ""
-    target: str = ""
-    aux: str = ""
-    expected_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +130,7 @@ class Appender:
         if epoch is None:
             epoch = await self.open()
         keys = [self.layout.stream_key(partition), self.layout.partition_meta_key(partition)]
-        ttl_ms = str(int(self.settings.idempotency_ttl_s * 1000))
-        args: list[str | bytes] = [epoch]
+        args: list[str | bytes] = [epoch, str(int(self.settings.idempotency_ttl_s * 1000))]
         for c in commands:
             keys.append(self.layout.conversation_key(partition, c.conversation_id))
             keys.append(
@@ -152,10 +138,10 @@ class Appender:
                 if c.idempotency_key
                 else self.layout.conversation_key(partition, c.conversation_id)
             )
+            own = operation_args(c.operation)
             args += [
-                c.op, c.conversation_id, c.actor, c.idempotency_key, c.fingerprint,
-                c.target, c.aux, "" if c.expected_seq is None else str(c.expected_seq),
-                c.event_tail, ttl_ms, c.memo, *_message_fields(c),
+                c.op, str(len(own)), c.actor, c.idempotency_key, c.fingerprint,
+                "" if c.expected_seq is None else str(c.expected_seq), c.event_tail, c.memo, *own,
             ]  # fmt: skip
         try:
             replies = await self._call(keys, args)
@@ -213,14 +199,24 @@ class Appender:
         return CommandRefused(_text(reply[1]), _text(reply[2]))
 
 
-def _message_fields(command: Command) -> tuple[bytes, bytes]:
-    """The hash fields of the message a send, edit or delete names, and of the message a send replies to."""
-    if command.op not in _MESSAGE_OPS:
-        return b"", b""
-    return message_field(command.target), message_field(command.aux) if command.aux else b""
-
-
-_MESSAGE_OPS = frozenset({"send", "edit", "delete"})
+def operation_args(operation: Operation) -> list[str | bytes]:
+    """The operation's own arguments to the append script, in the order its OPERATIONS table names them."""
+    match operation:
+        case Create(participants):
+            return list(participants)
+        case Send(message_id, reply_to):
+            reply_field = b"" if reply_to is None else message_field(reply_to)
+            return [message_id, message_field(message_id), reply_to or "", reply_field]
+        case Edit(message_id) | Delete(message_id):
+            return [message_id, message_field(message_id)]
+        case Add(user_id) | Remove(user_id):
+            return [user_id]
+        case Read(up_to_seq):
+            return [str(up_to_seq)]
+        case Archive() | Unarchive():
+            return []
+        case _:
+            assert_never(operation)
 
 
 def _is_log_failure(reply: list[bytes | int]) -> bool:

@@ -1,7 +1,7 @@
 """Turn validated requests into log commands and their events: pure, no I/O.
 
-Each builder returns the `Command` the append script decides on, with the event it will append
-(its envelope minus `seq`) and the memo an idempotent replay answers with.
+Each builder returns the `Command` the append script decides on (its operation typed, `rules.py`), with
+the event it will append (its envelope minus `seq`) and the memo an idempotent replay answers with.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from command_api.append import Command
+from command_api import rules
 from command_api.bodies import (
     MAX_PARTICIPANTS,
     MAX_TITLE_CHARS,
@@ -27,6 +27,7 @@ from command_api.bodies import (
     clean_text,
 )
 from command_api.exceptions import CommandInvalid
+from command_api.rules import Command, Operation
 from events import schema
 from events.codec import encode_unsequenced_tail
 from events.ids import chosen_conversation_id, new_event_id, new_object_id
@@ -68,13 +69,11 @@ def _fingerprint(*parts: object) -> str:
 
 def _command(
     ctx: Context,
-    op: str,
+    operation: Operation,
     conversation_id: str,
     payload: schema.AnyPayload,
     fingerprint_parts: tuple[object, ...],
     *,
-    target: str = "",
-    aux: str = "",
     message_id: str | None = None,
 ) -> Command:
     check_conversation_id(conversation_id)
@@ -91,17 +90,15 @@ def _command(
         payload=payload,
     )
     return Command(
-        op=op,
         conversation_id=conversation_id,
         actor=ctx.actor,
+        operation=operation,
         event_tail=encode_unsequenced_tail(envelope),
         memo=_memo_encoder.encode(Memo(event_id, message_id)).decode(),
-        fingerprint=_fingerprint(op, conversation_id, ctx.expected_seq, *fingerprint_parts)
+        fingerprint=_fingerprint(operation.OP, conversation_id, ctx.expected_seq, *fingerprint_parts)
         if ctx.idempotency_key
         else "",
         idempotency_key=ctx.idempotency_key,
-        target=target,
-        aux=aux,
         expected_seq=ctx.expected_seq,
     )
 
@@ -129,21 +126,20 @@ def create_conversation_with_id(ctx: Context, body: CreateConversation, conversa
     participants = tuple(dict.fromkeys([ctx.actor, *others]))
     payload = schema.ConversationCreated(title=title, participants=participants)
     return _command(
-        ctx, "create", conversation_id, payload, (title, participants, body.conversation_id),
-        target=",".join(participants),
-    )  # fmt: skip
+        ctx, rules.Create(participants), conversation_id, payload, (title, participants, body.conversation_id)
+    )
 
 
 def add_participant(ctx: Context, conversation_id: str, body: AddParticipant) -> Command:
     user_id = check_id(body.user_id, "user_id")
     payload = schema.ParticipantAdded(user_id=user_id)
-    return _command(ctx, "add", conversation_id, payload, (user_id,), target=user_id)
+    return _command(ctx, rules.Add(user_id), conversation_id, payload, (user_id,))
 
 
 def remove_participant(ctx: Context, conversation_id: str, user_id: str) -> Command:
     check_id(user_id, "user_id")
     payload = schema.ParticipantRemoved(user_id=user_id)
-    return _command(ctx, "remove", conversation_id, payload, (user_id,), target=user_id)
+    return _command(ctx, rules.Remove(user_id), conversation_id, payload, (user_id,))
 
 
 def send_message(ctx: Context, conversation_id: str, body: SendMessage) -> Command:
@@ -155,9 +151,13 @@ def send_message(ctx: Context, conversation_id: str, body: SendMessage) -> Comma
         message_id = new_object_id()
     payload = schema.MessageSent(message_id=message_id, body=text, reply_to=reply_to)
     return _command(
-        ctx, "send", conversation_id, payload, (text, reply_to, body.message_id),
-        target=message_id, aux=reply_to or "", message_id=message_id,
-    )  # fmt: skip
+        ctx,
+        rules.Send(message_id, reply_to),
+        conversation_id,
+        payload,
+        (text, reply_to, body.message_id),
+        message_id=message_id,
+    )
 
 
 def edit_message(ctx: Context, conversation_id: str, message_id: str, body: EditMessage) -> Command:
@@ -165,30 +165,28 @@ def edit_message(ctx: Context, conversation_id: str, message_id: str, body: Edit
     text = clean_text(body.body, "body", ctx.max_body_chars)
     payload = schema.MessageEdited(message_id=message_id, body=text)
     return _command(
-        ctx, "edit", conversation_id, payload, (message_id, text),
-        target=message_id, message_id=message_id,
-    )  # fmt: skip
+        ctx, rules.Edit(message_id), conversation_id, payload, (message_id, text), message_id=message_id
+    )
 
 
 def delete_message(ctx: Context, conversation_id: str, message_id: str) -> Command:
     check_id(message_id, "message_id")
     payload = schema.MessageDeleted(message_id=message_id)
     return _command(
-        ctx, "delete", conversation_id, payload, (message_id,),
-        target=message_id, message_id=message_id,
-    )  # fmt: skip
+        ctx, rules.Delete(message_id), conversation_id, payload, (message_id,), message_id=message_id
+    )
 
 
 def mark_read(ctx: Context, conversation_id: str, body: MarkRead) -> Command:
     if body.up_to_seq < 1:
         raise CommandInvalid("invalid-body", "up_to_seq must be at least 1")
     payload = schema.MessagesRead(up_to_seq=body.up_to_seq)
-    return _command(ctx, "read", conversation_id, payload, (body.up_to_seq,), target=str(body.up_to_seq))
+    return _command(ctx, rules.Read(body.up_to_seq), conversation_id, payload, (body.up_to_seq,))
 
 
 def archive(ctx: Context, conversation_id: str) -> Command:
-    return _command(ctx, "archive", conversation_id, schema.ConversationArchived(), ())
+    return _command(ctx, rules.Archive(), conversation_id, schema.ConversationArchived(), ())
 
 
 def unarchive(ctx: Context, conversation_id: str) -> Command:
-    return _command(ctx, "unarchive", conversation_id, schema.ConversationUnarchived(), ())
+    return _command(ctx, rules.Unarchive(), conversation_id, schema.ConversationUnarchived(), ())
