@@ -17,6 +17,8 @@ from devstack.apiclient import ApiClient
 from devstack.binaries import redis_server_binary
 from devstack.servers import PostgresServer, RedisServer
 
+pytest_plugins = ["tests.cluster_fixtures"]
+
 
 def _unique(prefix: str) -> str:
     return prefix + uuid.uuid4().hex[:10]
