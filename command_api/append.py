@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import assert_never
 
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from command_api.batching import MicroBatcher
@@ -20,7 +19,7 @@ from events.exceptions import LogError
 from events.layout import LogLayout
 from events.log import EventLog
 from events.position import LogPosition
-from servicekit.redisclient import raise_first_error, run_script_once
+from servicekit.redisclient import RedisClient, raise_first_error, run_script_once, slot_group
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +55,7 @@ class Appender:
     command is never appended twice; a connection lost after sending is `LogUnavailable` (outcome unknown).
     """
 
-    def __init__(
-        self, redis: aioredis.Redis, layout: LogLayout, settings: AppendSettings | None = None
-    ) -> None:
+    def __init__(self, redis: RedisClient, layout: LogLayout, settings: AppendSettings | None = None) -> None:
         self.redis = redis
         self.layout = layout
         self.settings = settings or AppendSettings()
@@ -68,7 +65,7 @@ class Appender:
         self._batcher: MicroBatcher[int, Command, Appended] = MicroBatcher(
             self._flush, self.settings.max_batch
         )
-        self._claims: MicroBatcher[None, Command, bool] = MicroBatcher(
+        self._claims: MicroBatcher[int, Command, bool] = MicroBatcher(
             self._flush_claims, self.settings.max_batch
         )
 
@@ -103,15 +100,17 @@ class Appender:
     async def _claim(self, command: Command) -> None:
         """Bind the user's key to this request on every partition at once (a partition's script sees
         only its own records): one more round trip, for keyed commands only."""
-        if not await self._claims.submit(None, command):
+        claim_key = self.layout.idempotency_claim_key(command.actor, command.idempotency_key)
+        if not await self._claims.submit(slot_group(self.redis, claim_key), command):
             raise CommandRefused("idempotency-key-reused")
 
     async def close(self) -> None:
         await self._batcher.close()
         await self._claims.close()
 
-    async def _flush_claims(self, _: None, commands: Sequence[Command]) -> list[bool | BaseException]:
-        """Concurrent claims ride in one pipeline (one round trip, one fsync), one one-key script each."""
+    async def _flush_claims(self, _: int, commands: Sequence[Command]) -> list[bool | BaseException]:
+        """Concurrent claims ride in one pipeline (one round trip, one fsync), one one-key script each; on a
+        cluster, one pipeline per user's slot."""
         ttl_ms = int((self.settings.idempotency_ttl_s + CLAIM_MARGIN_S) * 1000)
         calls = [
             ([self.layout.idempotency_claim_key(c.actor, c.idempotency_key)], [c.fingerprint, ttl_ms])

@@ -5,25 +5,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib.resources import files
 
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from command_api.batching import MicroBatcher
 from command_api.exceptions import LogUnavailable, RateLimited
 from events.layout import LogLayout
+from servicekit.redisclient import RedisClient, slot_group
 
 RATE_LIMIT_SCRIPT = files("command_api").joinpath("ratelimit.lua").read_text()
 
 
 class RateLimiter:
     """`check(user)` takes one token or raises `RateLimited`; checks of concurrent requests share
-    one script call. A rate of 0 disables limiting.
+    one script call (on a cluster, those of users whose buckets share a slot). A rate of 0 disables limiting.
     """
 
-    def __init__(self, redis: aioredis.Redis, layout: LogLayout, per_s: float, burst: int) -> None:
+    def __init__(self, redis: RedisClient, layout: LogLayout, per_s: float, burst: int) -> None:
         self.layout = layout
         self.per_s = per_s
         self.burst = burst
+        self.redis = redis
         self._script = redis.register_script(RATE_LIMIT_SCRIPT)
         self._batcher: MicroBatcher[int, str, int] = MicroBatcher(self._flush, max_batch=512)
 
@@ -34,7 +35,8 @@ class RateLimiter:
         """
         if self.per_s <= 0:
             return
-        wait_ms = await self._batcher.submit(0, user_id)
+        group = slot_group(self.redis, self.layout.rate_limit_key(user_id))
+        wait_ms = await self._batcher.submit(group, user_id)
         if wait_ms > 0:
             raise RateLimited(wait_ms / 1000)
 

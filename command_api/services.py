@@ -25,8 +25,9 @@ class Services:
         self.settings = settings
         layout = settings.log.layout()
         self.redis = redis_client(
-            settings.log.redis_url, 5, health_check_s=HEALTH_CHECK_S, max_connections=64
-        )
+            settings.log.redis_url, 5, cluster=settings.log.redis_cluster, health_check_s=HEALTH_CHECK_S,
+            max_connections=64,
+        )  # fmt: skip
         self.appender = Appender(
             self.redis,
             layout,

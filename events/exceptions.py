@@ -6,6 +6,7 @@ EventsError
 └── LogError
     ├── LogNotInitialized   the log's metadata is missing (never created, or Redis lost its data)
     ├── PartitionMismatch   the configured partition count differs from the log's
+    ├── TagsMismatch        the configured partition tag scheme differs from the log's
     └── EpochChanged        the log was recreated since a reader's position was taken
 """
 
@@ -39,6 +40,18 @@ class PartitionMismatch(LogError):
         super().__init__(
             f"log was created with {actual} partitions, configuration says {configured}; "
             "the partition count is fixed once a log exists"
+        )
+        self.configured = configured
+        self.actual = actual
+
+
+class TagsMismatch(LogError):
+    """Raised when the configured partition tag scheme (PARLEY_PARTITION_TAGS) differs from the log's."""
+
+    def __init__(self, configured: str, actual: str) -> None:
+        super().__init__(
+            f"log keys use partition tags {actual!r}, configuration says {configured!r}; "
+            f"set PARLEY_PARTITION_TAGS={actual} (see README, Redis Cluster)"
         )
         self.configured = configured
         self.actual = actual

@@ -5,15 +5,19 @@ Appending is the command API's job (`command_api/append.py`); this module is wha
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
+import redis.exceptions
 import uuid_utils
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from events.exceptions import EpochChanged, LogNotInitialized, PartitionMismatch
+from events.exceptions import EpochChanged, LogNotInitialized, PartitionMismatch, TagsMismatch
 from events.layout import LogLayout
+from servicekit.redisclient import RedisClient, refresh_topology
 
 
 class LogEntry(msgspec.Struct, frozen=True, gc=False):
@@ -32,10 +36,24 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+class TopologyChanged(redis.exceptions.ConnectionError):
+    """A cluster node no longer serves a partition it was asked for (failover, slot migration): the
+    topology was learned again; read again, grouped anew (`EventLog.node_groups`)."""
+
+
+_MOVED = (
+    redis.exceptions.MovedError,
+    redis.exceptions.AskError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.SlotNotCoveredError,
+)
+
+
 class EventLog:
     """Opens the log and reads its partitions; every call talks to Redis, nothing is cached but the epoch."""
 
-    def __init__(self, redis: aioredis.Redis, layout: LogLayout) -> None:
+    def __init__(self, redis: RedisClient, layout: LogLayout) -> None:
         self.redis = redis
         self.layout = layout
         self.epoch: str | None = None
@@ -48,18 +66,23 @@ class EventLog:
             PartitionMismatch: the log has another partition count than the layout.
         """
         meta_key = self.layout.meta_key()
-        if create:
+        meta = await self._meta()
+        if create and "epoch" not in meta:
             pipe = self.redis.pipeline(transaction=True)
             pipe.hsetnx(meta_key, "epoch", uuid_utils.uuid7().hex)
             pipe.hsetnx(meta_key, "partitions", str(self.layout.partitions))
             pipe.hsetnx(meta_key, "created_at_ms", str(int(time.time() * 1000)))
+            pipe.hsetnx(meta_key, "tags", self.layout.tags)
             await pipe.execute()
-        meta = {_text(k): _text(v) for k, v in (await self.redis.hgetall(meta_key)).items()}
+            meta = await self._meta()
         if "epoch" not in meta:
             raise LogNotInitialized(f"no log at {meta_key}")
         actual = int(meta.get("partitions", "0"))
         if actual != self.layout.partitions:
             raise PartitionMismatch(self.layout.partitions, actual)
+        tags = meta.get("tags", "plain")  # a log made before the field had the plain `{pN}` tags
+        if tags != self.layout.tags:
+            raise TagsMismatch(self.layout.tags, tags)
         epoch = meta["epoch"]
         if create:
             pipe = self.redis.pipeline(transaction=False)
@@ -75,6 +98,9 @@ class EventLog:
         self.epoch = epoch
         return epoch
 
+    async def _meta(self) -> dict[str, str]:
+        return {_text(k): _text(v) for k, v in (await self.redis.hgetall(self.layout.meta_key())).items()}
+
     async def check_epoch(self, expected: str) -> None:
         """Raise `EpochChanged` unless the log still has epoch `expected`."""
         actual = await self.redis.hget(self.layout.meta_key(), "epoch")
@@ -87,16 +113,56 @@ class EventLog:
         """Entries of `partition` strictly after `after_id` ("0-0" for the start), oldest first."""
         return await self.read_many({partition: after_id}, count, block_ms)
 
+    def node_groups(self, partitions: Sequence[int]) -> list[list[int]]:
+        """`partitions` grouped by the Redis node serving them, as the client knows the topology now: one
+        group on a single Redis, one per master on a cluster (read each with one `read_many`)."""
+        if not isinstance(self.redis, RedisCluster):
+            return [list(partitions)] if partitions else []
+        groups: dict[str, list[int]] = {}
+        for p in partitions:
+            groups.setdefault(self._node(p).name, []).append(p)
+        return list(groups.values())
+
+    def _node(self, partition: int) -> ClusterNode:
+        assert isinstance(self.redis, RedisCluster)
+        slot = self.redis.keyslot(self.layout.stream_key(partition))
+        return self.redis.nodes_manager.get_node_from_slot(slot)
+
+    async def _on_node(self, partition: int, command: bytes, *args: Any) -> Any:
+        """Run a raw read on the node serving `partition`; a refusal (MOVED, ASK, CLUSTERDOWN) or a lost
+        node relearns the topology and raises `TopologyChanged`."""
+        assert isinstance(self.redis, RedisCluster)
+        if self.redis._initialize:
+            await self.redis.initialize()
+        try:
+            return await self._node(partition).execute_command(command, *args)
+        except (*_MOVED, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            await refresh_topology(self.redis)
+            raise TopologyChanged(f"partition {partition}: {type(exc).__name__}: {exc}") from exc
+
     async def read_many(
         self, after: dict[int, str], count: int, block_ms: int | None = None
     ) -> list[LogEntry]:
-        """Entries of several partitions, each strictly after its id, in one XREAD; per partition in order."""
+        """Entries of several partitions, each strictly after its id, in one XREAD; per partition in order.
+        On a cluster, one XREAD per node serving them (block only with partitions of one node: the reply
+        waits for the slowest node)."""
         args: list[str | int] = ["COUNT", count]
         if block_ms is not None:
             args += ["BLOCK", block_ms]
+        if isinstance(self.redis, RedisCluster):
+            groups = self.node_groups(list(after))
+            if len(groups) > 1:
+                parts = await asyncio.gather(
+                    *(self.read_many({p: after[p] for p in g}, count, block_ms) for g in groups)
+                )
+                return [e for part in parts for e in part]
         keys = {self.layout.stream_key(p): p for p in after}
         args += ["STREAMS", *keys, *after.values()]
-        reply: Any = await self.redis.execute_command(_RAW_XREAD, *args)  # type: ignore[no-untyped-call]
+        reply: Any
+        if isinstance(self.redis, RedisCluster):
+            reply = await self._on_node(next(iter(after)), _RAW_XREAD, *args) if after else None
+        else:
+            reply = await self.redis.execute_command(_RAW_XREAD, *args)  # type: ignore[no-untyped-call]
         if not reply:
             return []
         entries: list[LogEntry] = []
@@ -113,7 +179,11 @@ class EventLog:
         args: list[str | int] = [self.layout.stream_key(partition), start_id, end_id]
         if count is not None:
             args += ["COUNT", count]
-        items: Any = await self.redis.execute_command(_RAW_XRANGE, *args)  # type: ignore[no-untyped-call]
+        items: Any
+        if isinstance(self.redis, RedisCluster):
+            items = await self._on_node(partition, _RAW_XRANGE, *args)
+        else:
+            items = await self.redis.execute_command(_RAW_XRANGE, *args)  # type: ignore[no-untyped-call]
         return [_raw_entry(partition, item) for item in items]
 
     async def head(self, partition: int) -> str:

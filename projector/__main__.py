@@ -90,14 +90,14 @@ async def rebuild_archive_main(schema: str, partitions: list[int]) -> int:
 
 
 async def trim_main(*, dry_run: bool) -> int:
-    import redis.asyncio as aioredis
     from psycopg_pool import AsyncConnectionPool
 
     from projector.retention import Retention
     from projector.settings import ProjectorSettings
+    from servicekit.redisclient import redis_client
 
     settings = ProjectorSettings.from_env(auth=False)
-    redis = aioredis.Redis.from_url(settings.log.redis_url, socket_connect_timeout=2)
+    redis = redis_client(settings.log.redis_url, 30, cluster=settings.log.redis_cluster)
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         settings.database_url, min_size=1, max_size=1, open=False
     )

@@ -12,7 +12,6 @@ from typing import Any
 
 import msgspec
 import psycopg
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from events.exceptions import LogError
@@ -22,6 +21,7 @@ from projector.audit import parse_idempotency_record as parse_record
 from projector.exceptions import AuditRequestError, AuditUnreachable
 from projector.settings import ProjectorSettings
 from projector.snapshot import read_tables
+from servicekit.redisclient import RedisClient, redis_client
 
 PAGE = 10_000
 
@@ -38,7 +38,7 @@ def read_received(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
-async def _idempotency(redis: aioredis.Redis, log: EventLog) -> list[IdempotencyRecord]:
+async def _idempotency(redis: RedisClient, log: EventLog) -> list[IdempotencyRecord]:
     records: list[IdempotencyRecord] = []
     for p in range(log.layout.partitions):
         prefix = log.layout.idempotency_key(p, "", "")[:-1]  # `{ns}:{pN}:idem:`
@@ -92,7 +92,7 @@ async def gather(
 ) -> AuditInput:
     """Read everything the checks need. Raises AuditUnreachable when Redis, Postgres or the log is missing."""
     lines = None if received is None else read_received(received)
-    client = aioredis.Redis.from_url(settings.log.redis_url, socket_connect_timeout=5, socket_timeout=30)
+    client = redis_client(settings.log.redis_url, 30, cluster=settings.log.redis_cluster)
     try:
         log = EventLog(client, settings.log.layout())
         epoch = await log.open(create=False)

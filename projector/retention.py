@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-import redis.asyncio as aioredis
 import redis.exceptions
 from psycopg_pool import AsyncConnectionPool
 
@@ -28,6 +27,7 @@ from events.position import parse_stream_id
 from projector import metrics
 from projector.settings import ProjectorSettings
 from projector.store import Store
+from servicekit.redisclient import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class PartitionStatus:
 class Retention:
     """Trims every partition's stream of one log, reading the archive's head and checkpoints from Postgres."""
 
-    redis: aioredis.Redis
+    redis: RedisClient
     layout: LogLayout
     pool: AsyncConnectionPool[Any]
     window: Window
@@ -173,9 +173,7 @@ class Retention:
     statuses: dict[int, PartitionStatus] = field(default_factory=dict)
 
     @classmethod
-    def of(
-        cls, settings: ProjectorSettings, redis: aioredis.Redis, pool: AsyncConnectionPool[Any]
-    ) -> Retention:
+    def of(cls, settings: ProjectorSettings, redis: RedisClient, pool: AsyncConnectionPool[Any]) -> Retention:
         window = Window(settings.retain_stream_s, settings.retain_stream_events)
         return cls(
             redis, settings.log.layout(), pool, window, settings.retention_interval_s, settings.retry_max_s

@@ -264,8 +264,9 @@ class Worker:
         self.layout = settings.log.layout()
         # Everything the worker sends to Redis is a read or an idempotent trim: safe to retry.
         self.redis = redis_client(
-            settings.log.redis_url, settings.block_ms / 1000 + 10, max_connections=settings.log.partitions + 8
-        )
+            settings.log.redis_url, settings.block_ms / 1000 + 10, cluster=settings.log.redis_cluster,
+            max_connections=settings.log.partitions + 8,
+        )  # fmt: skip
         self.log = EventLog(self.redis, self.layout)
         self.store = store or Store()
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(

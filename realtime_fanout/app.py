@@ -44,8 +44,9 @@ class Services:
         self.settings = settings
         layout = settings.log.layout()
         url = settings.log.redis_url
-        self.redis = redis_client(url, 10)
-        self.reader_redis = redis_client(url, settings.read_block_ms / 1000 + 10)
+        cluster = settings.log.redis_cluster
+        self.redis = redis_client(url, 10, cluster=cluster)
+        self.reader_redis = redis_client(url, settings.read_block_ms / 1000 + 10, cluster=cluster)
         self.pool: AsyncConnectionPool[Any] | None = None
         archive: Archive | None = None
         self.seeder: UnreadSeeder | None = None

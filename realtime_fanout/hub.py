@@ -14,7 +14,6 @@ import contextlib
 import logging
 from typing import Protocol
 
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from events.layout import LogLayout
@@ -26,6 +25,7 @@ from realtime_fanout.exceptions import HubUnavailable
 from realtime_fanout.item import Item, act_of, decode_entry, may_change_membership
 from realtime_fanout.membership import PRIVATE_PAYLOADS, MembershipIndex, Span
 from realtime_fanout.metrics import DELIVERIES, ENTRIES_READ
+from servicekit.redisclient import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Hub:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         layout: LogLayout,
         *,
         block_ms: int = 5_000,

@@ -1,21 +1,21 @@
 -- Presence across fanout processes, atomically: a user is online while they hold an unexpired connection.
 -- KEYS[1] = expiry zset (member "<conn> <user>", score = expires_at ms), KEYS[2] = online hash (user -> 1),
 -- KEYS[3] = last-seen hash (user -> ms). Per user, ARGV[2]..':c:'..user is a zset (conn -> expires_at ms);
--- every key shares the hash tag in ARGV[2].
--- ARGV: [1] op, [2] key prefix, [3] pub/sub channel, [4] ttl ms, then per op:
+-- every key shares the hash tag in ARGV[2], and so does the channel (SPUBLISH names it like a key).
+-- ARGV: [1] op, [2] key prefix, [3] pub/sub channel, [4] ttl ms, [5] PUBLISH or SPUBLISH, then per op:
 --   touch: conn, user, conn, user, ...  add or refresh connections for ttl; returns how many went online
 --   leave: conn, user                   forget one connection; returns 1 when the user went offline
 --   sweep: limit                        forget at most `limit` expired connections; returns {seen, offline}
 -- Transitions flip the online hash, so each is published exactly once, in order, as JSON
 -- {"type":"presence","user_id":U,"online":B,"last_seen":ms|null}. Time is the server's (TIME).
 local expiry, online, seen = KEYS[1], KEYS[2], KEYS[3]
-local op, prefix, channel, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local op, prefix, channel, ttl, publisher = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local function publish(user, is_online, last_seen)
   local msg = {type = 'presence', user_id = user, online = is_online, last_seen = last_seen or cjson.null}
-  redis.call('PUBLISH', channel, cjson.encode(msg))
+  redis.call(publisher, channel, cjson.encode(msg))
 end
 
 local function drop(user, conn)
@@ -40,7 +40,7 @@ end
 if op == 'touch' then
   local went = 0
   local expires = now + ttl
-  for i = 5, #ARGV, 2 do
+  for i = 6, #ARGV, 2 do
     local conn, user = ARGV[i], ARGV[i + 1]
     redis.call('ZADD', prefix .. ':c:' .. user, expires, conn)
     redis.call('ZADD', expiry, expires, conn .. ' ' .. user)
@@ -51,11 +51,11 @@ if op == 'touch' then
   end
   return went
 elseif op == 'leave' then
-  local conn, user = ARGV[5], ARGV[6]
+  local conn, user = ARGV[6], ARGV[7]
   drop(user, conn)
   return settle(user, now)
 elseif op == 'sweep' then
-  local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[5]))
+  local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[6]))
   local offline = 0
   for i = 1, #due, 2 do
     local member, expires = due[i], tonumber(due[i + 1])

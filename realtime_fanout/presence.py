@@ -10,7 +10,8 @@ from __future__ import annotations
 from importlib.resources import files
 
 import msgspec
-import redis.asyncio as aioredis
+
+from servicekit.redisclient import RedisClient
 
 PRESENCE_SCRIPT = files("realtime_fanout").joinpath("presence.lua").read_text()
 
@@ -24,23 +25,40 @@ class PresenceEntry(msgspec.Struct, frozen=True):
 
 
 def signals_channel(namespace: str) -> str:
-    """The one pub/sub channel of a log namespace: typing and presence signals for every process."""
-    return f"{namespace}:signals"
+    """The one pub/sub channel of a log namespace: typing and presence signals for every process. It is
+    in the presence keys' slot, so presence.lua may SPUBLISH to it on a cluster."""
+    return f"{namespace}:{PRESENCE_TAG}:signals"
+
+
+PRESENCE_TAG = "{presence}"
+"""Every presence key and the signals channel share one slot (README, Redis Cluster: why one is enough)."""
 
 
 class PresenceStore:
     """The Redis side of presence for one log namespace; every call is one atomic script or read."""
 
-    def __init__(self, redis: aioredis.Redis, namespace: str, ttl_s: float) -> None:
+    def __init__(self, redis: RedisClient, namespace: str, ttl_s: float) -> None:
         self.redis = redis
         self.ttl_ms = max(1, round(ttl_s * 1000))
-        self.prefix = f"{namespace}:{{presence}}"
+        self.prefix = f"{namespace}:{PRESENCE_TAG}"
+        self.sharded = False
+        """Publish with SPUBLISH (a Redis 7 cluster; `SignalBus` decides) rather than PUBLISH."""
         self.channel = signals_channel(namespace)
         self._keys = [f"{self.prefix}:expiry", f"{self.prefix}:online", f"{self.prefix}:seen"]
         self._script = redis.register_script(PRESENCE_SCRIPT)
 
     async def _run(self, op: str, *args: str | int) -> object:
-        return await self._script(keys=self._keys, args=[op, self.prefix, self.channel, self.ttl_ms, *args])
+        publisher = "SPUBLISH" if self.sharded else "PUBLISH"
+        return await self._script(
+            keys=self._keys, args=[op, self.prefix, self.channel, self.ttl_ms, publisher, *args]
+        )
+
+    async def publish(self, payload: bytes) -> None:
+        """Publish one signal on the channel, sharded when the presence transitions are."""
+        if self.sharded:
+            await self.redis.spublish(self.channel, payload)
+        else:
+            await self.redis.publish(self.channel, payload)
 
     async def touch(self, connections: list[tuple[str, str]]) -> int:
         """Add or refresh (conn_id, user_id) records for one TTL; returns how many users went online."""

@@ -9,10 +9,11 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
 from realtime_fanout.frames import PresenceFrame, PresenceSnapshotFrame, Typing, TypingFrame, encode_frame
 from realtime_fanout.hub import Hub
@@ -31,6 +32,7 @@ from realtime_fanout.signals import (
     presence_visible,
     typing_recipients,
 )
+from servicekit.redisclient import RedisClient, refresh_topology
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class SignalBus:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         hub: Hub,
         *,
         typing_ttl_s: float,
@@ -138,7 +140,7 @@ class SignalBus:
             return
         payload = encode_signal(TypingSignal(cid, user, message.state))
         try:
-            await self.redis.publish(self.store.channel, payload)
+            await self.store.publish(payload)
         except redis.exceptions.RedisError as exc:
             SIGNAL_ERRORS.labels("publish").inc()
             log.warning("typing publish failed: %s", exc)
@@ -172,22 +174,39 @@ class SignalBus:
                     conn.signal(frame, presence=False)
                     SIGNALS_DELIVERED.labels("typing").inc()
 
+    async def _sharded(self) -> bool:
+        """Sharded pub/sub on a Redis 7 cluster: one master carries the channel, not every node. A 6.2
+        cluster has no SPUBLISH: classic PUBLISH, which every node forwards to every other."""
+        if not isinstance(self.redis, RedisCluster):
+            return False
+        info = await self.redis.info("server", target_nodes=RedisCluster.RANDOM)
+        return int(str(info["redis_version"]).split(".")[0]) >= 7
+
     async def _listen(self) -> None:
         backoff = 0.1
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.store.channel)
+                self.store.sharded = await self._sharded()
+                receive: Callable[..., Awaitable[dict[str, Any] | None]]
+                if self.store.sharded and isinstance(pubsub, ClusterPubSub):
+                    await pubsub.ssubscribe(self.store.channel)
+                    receive = pubsub.get_sharded_message
+                else:
+                    await pubsub.subscribe(self.store.channel)
+                    receive = pubsub.get_message
                 self.subscribed.set()
                 backoff = 0.1
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=POLL_S)
-                    if message is not None and message.get("type") == "message":
+                    message = await receive(ignore_subscribe_messages=True, timeout=POLL_S)
+                    if message is not None and message.get("type") in ("message", "smessage"):
                         self.on_message(message["data"])
             except redis.exceptions.RedisError as exc:
                 self.subscribed.clear()
                 SIGNAL_ERRORS.labels("subscribe").inc()
                 log.warning("signal subscription failed (%s); retrying in %.1fs", exc, backoff)
+                if isinstance(self.redis, RedisCluster):
+                    await refresh_topology(self.redis)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from events.layout import LogLayout
+from events.layout import LogLayout, TagScheme
 from servicekit.settings import EnvSettings, setting
 
 
@@ -15,6 +15,8 @@ class LogSettings(EnvSettings):
     redis_url: str = setting("REDIS_URL", "redis://127.0.0.1:6379/0")
     namespace: str = setting("PARLEY_LOG_NAMESPACE", "parley")
     partitions: int = setting("PARLEY_PARTITIONS", 8, minimum=1)
+    redis_cluster: bool = setting("PARLEY_REDIS_CLUSTER", False)
+    partition_tags: TagScheme = setting("PARLEY_PARTITION_TAGS", "spread")
 
     def layout(self) -> LogLayout:
-        return LogLayout(self.namespace, self.partitions)
+        return LogLayout(self.namespace, self.partitions, self.partition_tags)

@@ -7,15 +7,22 @@ vanished without closing, and a connection error is retried on a fresh connectio
 timeout is not retried: a hung Redis shows at once). Retrying re-sends the command: right for reads,
 PINGs, script loading and writes whose repetition is harmless, wrong for a write that may have run. Such
 a command goes through `send_once`, which retries only what happens before any of its bytes are written
-(connecting, the health-check PING)."""
+(connecting, the health-check PING).
+
+With `cluster=True` the client is a `RedisCluster` that learns the topology from the node the URL names
+and follows MOVED/ASK; `send_once` then goes to the node serving one routing key's slot, and resends only
+what a node refused without running it (MOVED, ASK, TRYAGAIN, CLUSTERDOWN)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -30,38 +37,49 @@ except ImportError:  # pragma: no cover - older redis-py always checks
 
 REDIS_RETRIES = 3
 REDIS_HEALTH_CHECK_S = 15.0
+CLUSTER_REDIRECTS = 8
+"""How often `send_once` follows a refusal (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) before giving up."""
 Command = Sequence[Any]
+RedisClient: TypeAlias = aioredis.Redis | RedisCluster
+"""A single Redis or a Redis Cluster: every service takes either (`redis_client(..., cluster=)`)."""
+_REFUSED = (
+    redis.exceptions.MovedError,
+    redis.exceptions.AskError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
 
 
 def redis_client(
     url: str,
     socket_timeout_s: float | None,
     *,
+    cluster: bool = False,
     health_check_s: float = REDIS_HEALTH_CHECK_S,
     max_connections: int | None = None,
-) -> aioredis.Redis:
-    """A client on `url` whose dead pooled connections are replaced before a caller sees an error.
+) -> RedisClient:
+    """A client on `url` whose dead pooled connections are replaced before a caller sees an error; with
+    `cluster`, on the Redis Cluster one of whose nodes `url` names (`max_connections` is then per node).
 
     `socket_timeout_s` bounds each reply (None: no bound; a blocking read needs more than its block time).
     """
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), REDIS_RETRIES, (redis.exceptions.ConnectionError,))
-    return aioredis.Redis.from_url(
-        url, socket_timeout=socket_timeout_s, socket_connect_timeout=2, socket_keepalive=True,
-        health_check_interval=health_check_s, retry=retry, max_connections=max_connections, **_POOL_OPTIONS,
-    )  # fmt: skip
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout_s, "socket_connect_timeout": 2, "socket_keepalive": True,
+        "health_check_interval": health_check_s, "retry": retry,
+    }  # fmt: skip
+    if cluster:
+        return RedisCluster.from_url(url, max_connections=max_connections or 100, **options)
+    return aioredis.Redis.from_url(url, max_connections=max_connections, **options, **_POOL_OPTIONS)
 
 
-async def send_once(client: aioredis.Redis, commands: Sequence[Command]) -> list[Any]:
-    """Send `commands` in one write on one pooled connection, and read a reply for each (an error reply
-    as its `ResponseError`). They are never re-sent: only connecting and the idle connection's PING are
-    retried, before anything is written.
+def slot_group(client: RedisClient, key: str) -> int:
+    """What batches of one-slot work are keyed by: `key`'s slot on a cluster, 0 (one batch) otherwise."""
+    return client.keyslot(key) if isinstance(client, RedisCluster) else 0
 
-    Raises:
-        redis.exceptions.ConnectionError, redis.exceptions.TimeoutError: the connection failed; once the
-            commands were written, whether they ran is unknown.
-    """
-    pool = client.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+
+async def _exchange(conn: Connection, commands: Sequence[Command]) -> list[Any]:
+    """Write `commands` at once on `conn` and read a reply for each, an error reply as its exception."""
     try:
         await conn.send_packed_command(conn.pack_commands(commands))
         replies: list[Any] = []
@@ -74,30 +92,94 @@ async def send_once(client: aioredis.Redis, commands: Sequence[Command]) -> list
     except BaseException:
         await conn.disconnect()  # replies may be pending on it
         raise
+
+
+async def send_once(client: RedisClient, commands: Sequence[Command], route: Any = None) -> list[Any]:
+    """Send `commands` in one write on one pooled connection, and read a reply for each (an error reply
+    as its `ResponseError`). They are never re-sent: only connecting and the idle connection's PING are
+    retried, before anything is written. On a cluster they go to the node serving `route`'s slot (every
+    key they name must be in that slot); what the node refused unrun is sent again where it points.
+
+    Raises:
+        redis.exceptions.ConnectionError, redis.exceptions.TimeoutError: the connection failed; once the
+            commands were written, whether they ran is unknown.
+    """
+    if isinstance(client, RedisCluster):
+        return await _send_once_cluster(client, commands, route)
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        return await _exchange(conn, commands)
     finally:
         await pool.release(conn)
 
 
+async def _send_once_cluster(client: RedisCluster, commands: Sequence[Command], route: Any) -> list[Any]:
+    if route is None:
+        raise ValueError("send_once on a cluster needs a routing key")
+    if client._initialize:
+        await client.initialize()
+    slot = client.keyslot(route)
+    asking: ClusterNode | None = None
+    for attempt in range(CLUSTER_REDIRECTS):
+        node = asking or client.nodes_manager.get_node_from_slot(slot)
+        sent = [("ASKING",), *commands] if asking is not None else list(commands)
+        conn = node.acquire_connection()
+        try:
+            replies = await _exchange(conn, sent)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            await refresh_topology(client)  # a failover: the next call goes to the promoted replica
+            raise
+        finally:
+            node.release(conn)
+        if asking is not None:
+            replies, asking = replies[1:], None
+        first = replies[0] if replies else None
+        if not isinstance(first, _REFUSED):
+            return replies
+        if isinstance(first, redis.exceptions.MovedError):
+            await client.nodes_manager.move_slot(first)
+        elif isinstance(first, redis.exceptions.AskError):
+            asking = client.get_node(first.host, first.port) or ClusterNode(
+                first.host, first.port, **client.nodes_manager.connection_kwargs
+            )
+        else:
+            await asyncio.sleep(0.05 * (attempt + 1))
+            if isinstance(first, redis.exceptions.ClusterDownError):
+                await refresh_topology(client)
+    raise redis.exceptions.ClusterError(f"slot {slot}: still refused after {CLUSTER_REDIRECTS} redirects")
+
+
+async def refresh_topology(client: RedisCluster) -> None:
+    """Learn the slots' owners again (after a failover); a cluster still electing leaves the old map."""
+    try:
+        await client.nodes_manager.initialize()
+    except redis.exceptions.RedisError:
+        client._initialize = True
+
+
 async def run_script_once(
-    client: aioredis.Redis,
+    client: RedisClient,
     script: AsyncScript,
     calls: Sequence[tuple[Sequence[Any], Sequence[Any]]],
     then: Sequence[Command] = (),
 ) -> list[Any]:
     """Run `script` once per `(keys, args)` in `calls`, then `then`, in one write (`send_once`); returns
     every reply, an error reply as its exception. A call Redis answers NOSCRIPT did not run: the script is
-    loaded and only those calls are sent again (with `then`, whose replies are the second ones)."""
+    loaded and only those calls are sent again (with `then`, whose replies are the second ones). On a
+    cluster every key of every call must be in one slot (the first key's routes them)."""
 
     def evalsha(keys: Sequence[Any], args: Sequence[Any]) -> Command:
         return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
-    replies = await send_once(client, [*(evalsha(k, a) for k, a in calls), *then])
+    route = calls[0][0][0] if calls and calls[0][0] else None
+    replies = await send_once(client, [*(evalsha(k, a) for k, a in calls), *then], route)
     missing = [
         i for i, r in enumerate(replies[: len(calls)]) if isinstance(r, redis.exceptions.NoScriptError)
     ]
     if missing:
         await client.script_load(script.script)
-        again = await send_once(client, [*(evalsha(*calls[i]) for i in missing), *then])
+        again = await send_once(client, [*(evalsha(*calls[i]) for i in missing), *then], route)
         for i, reply in zip(missing, again, strict=False):
             replies[i] = reply
         replies[len(calls) :] = again[len(missing) :]

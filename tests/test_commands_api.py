@@ -19,8 +19,11 @@ from events.schema import (
     ParticipantRemoved,
 )
 from tests.apiclient import ApiClient
+from tests.conftest import CONTRACT_REDIS_AND_CLUSTERS
 
 PROBLEM = "application/problem+json"
+on_clusters_too = pytest.mark.parametrize("contract_redis_url", CONTRACT_REDIS_AND_CLUSTERS, indirect=True)
+"""What Redis decides runs on a Redis Cluster too; the HTTP edge's checks (media types, bodies) do not."""
 
 
 async def log_of(api: ApiClient, conversation_id: str) -> list:  # type: ignore[type-arg]
@@ -40,6 +43,7 @@ def assert_problem(answer, status: int, slug: str) -> dict:  # type: ignore[no-u
     return body  # type: ignore[no-any-return]
 
 
+@on_clusters_too
 async def test_create_conversation_answers_position_and_appends_one_event(api: ApiClient) -> None:
     answer = await api.post(
         "alice", "/v1/conversations", {"title": "Lunch", "participants": ["bob", "carol"]}
@@ -88,6 +92,7 @@ async def answers_to(api: ApiClient, user: str, cid: str, mid: str, query: str, 
 
 @pytest.mark.parametrize("query", ["", "?expected_seq=0", "?expected_seq=5", "?expected_seq=%C2%B2"])
 @pytest.mark.parametrize("key", ["", "k"])
+@on_clusters_too
 async def test_a_stranger_cannot_tell_a_conversation_from_a_missing_one(
     api: ApiClient, query: str, key: str
 ) -> None:
@@ -112,6 +117,7 @@ async def test_a_stranger_cannot_tell_a_conversation_from_a_missing_one(
     assert len(await log_of(api, cid)) == 5
 
 
+@on_clusters_too
 async def test_chosen_conversation_ids_live_in_their_creators_namespace(api: ApiClient) -> None:
     """A taken id only ever collides with one's own conversation: nobody learns another's ids exist."""
     body = {"title": "x", "conversation_id": "team-42"}
@@ -133,6 +139,7 @@ async def test_chosen_conversation_ids_live_in_their_creators_namespace(api: Api
     assert [e.seq for e in await log_of(api, "alice:team-42")] == [1, 2, 3]
 
 
+@on_clusters_too
 async def test_message_lifecycle(api: ApiClient) -> None:
     cid = await api.create_conversation("alice", "bob")
     sent = await api.send("alice", cid, "  cafe\u0301 ")
@@ -152,6 +159,7 @@ async def test_message_lifecycle(api: ApiClient) -> None:
     assert events[4].payload == MessageDeleted(message_id=mid)
 
 
+@on_clusters_too
 async def test_message_refusals(api: ApiClient) -> None:
     cid = await api.create_conversation("alice", "bob")
     mid = (await api.send("alice", cid)).json()["message_id"]
@@ -272,6 +280,7 @@ async def test_other_media_types_are_415(api: ApiClient, media_type: str) -> Non
     assert len(await log_of(api, cid)) == 1
 
 
+@on_clusters_too
 async def test_participants(api: ApiClient) -> None:
     cid = await api.create_conversation("alice", "bob")
     participants = f"/v1/conversations/{cid}/participants"
@@ -303,6 +312,7 @@ async def test_participants(api: ApiClient) -> None:
     ]
 
 
+@on_clusters_too
 async def test_read_markers_and_archive(api: ApiClient) -> None:
     cid = await api.create_conversation("alice", "bob")
     await api.send("alice", cid)
@@ -324,6 +334,7 @@ async def test_read_markers_and_archive(api: ApiClient) -> None:
     assert events[3].payload == ConversationArchived() and events[3].actor == "bob"
 
 
+@on_clusters_too
 async def test_expected_sequence(api: ApiClient) -> None:
     cid = await api.create_conversation("alice")
     path = f"/v1/conversations/{cid}/messages"
@@ -333,6 +344,7 @@ async def test_expected_sequence(api: ApiClient) -> None:
     assert ok.status_code == 202 and ok.json()["seq"] == 2
 
 
+@on_clusters_too
 async def test_idempotent_retry_returns_the_original_answer(api: ApiClient) -> None:
     cid = await api.create_conversation("alice")
     key = {"Idempotency-Key": "send-1"}
@@ -362,6 +374,7 @@ async def conversations_on_two_partitions(api: ApiClient, user: str) -> tuple[st
     return first, second
 
 
+@on_clusters_too
 async def test_an_idempotency_key_is_the_users_across_partitions(api: ApiClient) -> None:
     """The same user and key on conversations of two partitions: the second request is 422, not a
     second event (each partition's script sees only its own records)."""
@@ -384,6 +397,7 @@ async def test_an_idempotency_key_is_the_users_across_partitions(api: ApiClient)
     assert (await api.send("bob", second, "once", headers=key)).status_code == 404  # bob's key is his own
 
 
+@on_clusters_too
 async def test_a_refused_command_binds_its_key_and_may_be_retried(api: ApiClient) -> None:
     first, second = await conversations_on_two_partitions(api, "alice")
     key = {"Idempotency-Key": "refused"}
@@ -396,6 +410,7 @@ async def test_a_refused_command_binds_its_key_and_may_be_retried(api: ApiClient
     assert retried.status_code == 202 and "idempotent-replayed" not in retried.headers
 
 
+@on_clusters_too
 async def test_idempotency_keys_expire(api_env: dict[str, str]) -> None:
     async with ApiClient.running({**api_env, "PARLEY_IDEMPOTENCY_TTL_S": "1"}) as api:
         cid = await api.create_conversation("alice")
@@ -410,6 +425,7 @@ async def test_idempotency_keys_expire(api_env: dict[str, str]) -> None:
         assert second.json()["seq"] == 3
 
 
+@on_clusters_too
 async def test_fifty_concurrent_sends_get_sequences_without_gap(api: ApiClient) -> None:
     cid = await api.create_conversation("alice")
     answers = await asyncio.gather(*(api.send("alice", cid, f"m{i}") for i in range(50)))
@@ -420,6 +436,7 @@ async def test_fifty_concurrent_sends_get_sequences_without_gap(api: ApiClient) 
     assert {e.event_id for e in events[1:]} == {a.json()["event_ids"][0] for a in answers}
 
 
+@on_clusters_too
 async def test_concurrent_edit_and_delete_resolve_to_one_order(api: ApiClient) -> None:
     cid = await api.create_conversation("alice")
     path = f"/v1/conversations/{cid}/messages"
@@ -443,6 +460,7 @@ async def test_concurrent_edit_and_delete_resolve_to_one_order(api: ApiClient) -
             assert e.payload.message_id not in deleted  # never an edit after the delete
 
 
+@on_clusters_too
 async def test_rate_limit_answers_429_with_retry_after(api_env: dict[str, str]) -> None:
     env = {**api_env, "PARLEY_RATE_LIMIT_PER_S": "1", "PARLEY_RATE_LIMIT_BURST": "3"}
     async with ApiClient.running(env) as api:

@@ -14,7 +14,7 @@ from events import schema
 from events.codec import decode
 from events.exceptions import EpochChanged, LogNotInitialized, PartitionMismatch
 from events.ids import ID_PATTERN
-from events.layout import LogLayout
+from events.layout import TAG_SCHEMES, LogLayout, partition_tag
 from events.log import EventLog
 from events.position import LogPosition, parse_stream_id
 
@@ -120,7 +120,7 @@ def test_partition_for_is_stable_across_processes() -> None:
 def test_every_key_of_a_partition_shares_its_hash_tag(
     conversation_id: str, user_id: str, idem_key: str, partitions: int, data: st.DataObject
 ) -> None:
-    layout = LogLayout("ns-1.x", partitions)
+    layout = LogLayout("ns-1.x", partitions, data.draw(st.sampled_from(TAG_SCHEMES)))
     p = data.draw(st.integers(min_value=0, max_value=partitions - 1))
     keys = [
         layout.stream_key(p),
@@ -129,9 +129,10 @@ def test_every_key_of_a_partition_shares_its_hash_tag(
         layout.message_bucket_key(p, conversation_id, data.draw(st.integers(min_value=0, max_value=2**24))),
         layout.idempotency_key(p, user_id, idem_key),
     ]
+    tag = partition_tag(p, layout.tags)
     for key in keys:
-        assert key.startswith(f"ns-1.x:{{p{p}}}:")
-    assert {key_slot(key) for key in keys} == {key_slot(f"{{p{p}}}")}
+        assert key.startswith(f"ns-1.x:{{{tag}}}:")
+    assert {key_slot(key) for key in keys} == {key_slot(f"{{{tag}}}")}
 
 
 def test_layout_refuses_bad_namespaces_and_partition_counts() -> None:

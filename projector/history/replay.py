@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from events.codec import current_bytes
@@ -27,6 +26,7 @@ from projector.history.reader import HistoryReader, Row
 from projector.history.selection import Selection, StreamKey, check_epoch, key_text
 from projector.history.sinks import Page
 from servicekit.log_settings import LogSettings
+from servicekit.redisclient import redis_client
 
 T = TypeVar("T")
 COUNT_SQL_LIMIT = 5_000_000  # past this a progress bar's total is not worth a full count
@@ -54,7 +54,7 @@ async def open_reader(
         HistoryUnavailable: a server cannot be reached or the log does not exist.
         SelectionError: the selection's positions are from another epoch.
     """
-    client = aioredis.Redis.from_url(source.log.redis_url)
+    client = redis_client(source.log.redis_url, None, cluster=source.log.redis_cluster)
     try:
         log = EventLog(client, source.log.layout())
         try:
