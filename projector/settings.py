@@ -18,6 +18,8 @@ QUERY_POOL_SIZE = 8
 QUERY_POOL_TIMEOUT_S = 2.0
 QUERY_STATEMENT_TIMEOUT_MS = 2000
 QUERY_MAX_CONCURRENT_PER_USER = 8
+QUERY_REPLICA_MAX_LAG_S = 2.0
+QUERY_REPLICA_CHECK_S = 0.5
 SEARCH_MAX_CHARS = 256
 SEARCH_MAX_TERMS = 16
 RETAIN_STREAM_S = 24 * 3600.0
@@ -41,6 +43,9 @@ class ProjectorSettings:
     query_pool_timeout_s: float = QUERY_POOL_TIMEOUT_S
     query_statement_timeout_ms: int = QUERY_STATEMENT_TIMEOUT_MS
     query_max_concurrent_per_user: int = QUERY_MAX_CONCURRENT_PER_USER
+    query_database_urls: tuple[str, ...] = ()
+    query_replica_max_lag_s: float = QUERY_REPLICA_MAX_LAG_S
+    query_replica_check_s: float = QUERY_REPLICA_CHECK_S
     search_max_chars: int = SEARCH_MAX_CHARS
     search_max_terms: int = SEARCH_MAX_TERMS
     lease_ttl_s: float = 5.0
@@ -91,6 +96,13 @@ class ProjectorSettings:
             ),
             query_max_concurrent_per_user=env.int(
                 "PARLEY_QUERY_MAX_CONCURRENT_PER_USER", QUERY_MAX_CONCURRENT_PER_USER, minimum=1
+            ),
+            query_database_urls=env.csv("PARLEY_QUERY_DATABASE_URLS"),
+            query_replica_max_lag_s=env.float(
+                "PARLEY_QUERY_REPLICA_MAX_LAG_S", QUERY_REPLICA_MAX_LAG_S, minimum=0
+            ),
+            query_replica_check_s=env.float(
+                "PARLEY_QUERY_REPLICA_CHECK_S", QUERY_REPLICA_CHECK_S, minimum=0.05
             ),
             search_max_chars=env.int("PARLEY_SEARCH_MAX_CHARS", SEARCH_MAX_CHARS, minimum=1),
             search_max_terms=env.int("PARLEY_SEARCH_MAX_TERMS", SEARCH_MAX_TERMS, minimum=1),
