@@ -21,6 +21,7 @@ class HttpEdgeSettings:
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     allowed_origins: tuple[str, ...] = ()
     access_log: bool = False
+    reuse_port: bool = False
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> HttpEdgeSettings:
@@ -30,6 +31,7 @@ class HttpEdgeSettings:
             header_timeout_s=env.float("PARLEY_HTTP_HEADER_TIMEOUT_S", DEFAULT_HEADER_TIMEOUT_S, minimum=0.1),
             allowed_origins=_origins(env.csv("PARLEY_ALLOWED_ORIGINS")),
             access_log=env.bool("PARLEY_HTTP_ACCESS_LOG", False),
+            reuse_port=env.bool("PARLEY_HTTP_REUSE_PORT", False),
         )
 
 
