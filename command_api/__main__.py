@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from command_api.app import create_app
     from command_api.settings import CommandApiSettings
-    from servicekit.httpedge import configure_logging, server_config
+    from servicekit.httpedge import configure_logging, edge_sockets, server_config
 
     configure_logging()
     try:
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     except ServiceKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.Server(server_config(create_app(settings), settings.http, settings.host, settings.port)).run()
+    config = server_config(create_app(settings), settings.http, settings.host, settings.port)
+    uvicorn.Server(config).run(sockets=edge_sockets(settings.http, settings.host, settings.port))
     return 0
 
 

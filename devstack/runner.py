@@ -21,6 +21,7 @@ from devstack.supervisor import (
     DATABASE_NAME,
     POSTGRES_PORT,
     REDIS_PORT,
+    BadRunSetting,
     Service,
     available_services,
     banner,
@@ -28,6 +29,8 @@ from devstack.supervisor import (
     plan_servers,
     resolve_jwt_secret,
     with_ports,
+    worker_count,
+    worker_env,
 )
 
 SERVICE_STOP_TIMEOUT = 10.0
@@ -125,21 +128,25 @@ def main() -> int:
     running: list[RunningService] = []
     with contextlib.ExitStack() as stack:
         try:
+            workers = worker_count(os.environ)
             redis_url, database_url = _start_servers(stack, os.environ)
             secret = resolve_jwt_secret(os.environ, DATA_DIR / "jwt-secret")
-            env = child_env(os.environ, redis_url, database_url, secret)
+            env = worker_env(child_env(os.environ, redis_url, database_url, secret), workers)
             stack.callback(_stop_services, running)
             services = with_ports(available_services(), env)
             for service in services:
-                running.append(_start_service(service, env))
+                running.extend(_start_service(service, env) for _ in range(workers))
             _wait_listening(running)
-            print(banner(redis_url, database_url, services), flush=True)
+            print(banner(redis_url, database_url, services, workers), flush=True)
             if not running:
                 signal.pause()
             return _supervise(running)
         except Shutdown as exc:
             print(f"devstack: {exc}, stopping", flush=True)
             return 0
+        except BadRunSetting as exc:
+            print(f"devstack: {exc}", file=sys.stderr)
+            return 2
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -201,3 +201,51 @@ class PostgresServer(ChildServer):
     def __enter__(self) -> PostgresServer:
         self.start()
         return self
+
+
+REPLICATION_ROLE = "replicator"
+
+
+class PostgresStandby(PostgresServer):
+    """A hot standby streaming from `primary` on its own port: on first start, `pg_basebackup -R` copies
+    the primary as the `REPLICATION_ROLE` role (created if missing; initdb's pg_hba trusts replication
+    from loopback), and the copy starts in recovery, read-only, replaying the primary's WAL."""
+
+    name = "postgres-standby"
+
+    def __init__(
+        self, primary: PostgresServer, data_dir: Path, port: int | None = None, **options: Any
+    ) -> None:
+        """`options` as `PostgresServer`'s."""
+        super().__init__(data_dir, port, **options)
+        self.primary = primary
+
+    def _prepare(self) -> None:
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._basebackup()
+        super()._prepare()
+
+    def _basebackup(self) -> None:
+        run_as = pg_run_as()
+        give_dir(self.data_dir, run_as)
+        with psycopg.connect(self.primary.url, autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (REPLICATION_ROLE,)).fetchone()
+            if exists is None:
+                conn.execute(f"CREATE ROLE {REPLICATION_ROLE} WITH REPLICATION LOGIN")
+        cmd = [
+            str(postgres_bindir() / "pg_basebackup"), "-h", LOOPBACK, "-p", str(self.primary.port),
+            "-U", REPLICATION_ROLE, "-D", str(self.data_dir), "-R", "-X", "stream", "-c", "fast",
+        ]  # fmt: skip
+        if self.fast:
+            cmd.append("--no-sync")
+        result = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False, timeout=120,
+            user=run_as.uid, group=run_as.gid, extra_groups=run_as.extra_groups,
+        )  # fmt: skip
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).decode(errors="replace")
+            raise ServerStartError(f"pg_basebackup failed ({result.returncode}):\n{output[-3000:]}")
+
+    def __enter__(self) -> PostgresStandby:
+        self.start()
+        return self

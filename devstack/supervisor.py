@@ -55,6 +55,32 @@ SERVICES: tuple[Service, ...] = (
 )
 
 
+WORKERS_SETTING = "PARLEY_RUN_WORKERS"
+MAX_WORKERS = 16
+
+
+class BadRunSetting(ValueError):
+    """A `make run` setting has a value it cannot use."""
+
+
+def worker_count(env: Mapping[str, str]) -> int:
+    """How many processes of each service `make run` starts: PARLEY_RUN_WORKERS (default 1).
+
+    Raises:
+        BadRunSetting: the setting is not a whole number from 1 to 16.
+    """
+    value = env.get(WORKERS_SETTING, "").strip() or "1"
+    if not value.isdigit() or not 1 <= int(value) <= MAX_WORKERS:
+        raise BadRunSetting(f"{WORKERS_SETTING} must be a number from 1 to {MAX_WORKERS}, got {value!r}")
+    return int(value)
+
+
+def worker_env(env: Mapping[str, str], workers: int) -> dict[str, str]:
+    """The environment of every service when `workers` processes of each run: they share each service's
+    port by SO_REUSEPORT (so the web page, the banner and a client's URL stay the same)."""
+    return {**env, "PARLEY_HTTP_REUSE_PORT": "1"} if workers > 1 else dict(env)
+
+
 def with_ports(services: list[Service], env: Mapping[str, str]) -> list[Service]:
     """`services` with each port taken from its setting in `env` when set."""
     resolved = []
@@ -130,16 +156,17 @@ def child_env(base: Mapping[str, str], redis_url: str, database_url: str, jwt_se
     return env
 
 
-def banner(redis_url: str, database_url: str, services: list[Service]) -> str:
+def banner(redis_url: str, database_url: str, services: list[Service], workers: int = 1) -> str:
     """The startup banner: where everything listens and how to send a first message."""
     lines = [
         f"{BANNER_READY}",
         f"  redis      {redis_url}",
         f"  postgres   {database_url}",
     ]
+    processes = f" ({workers} processes, one port)" if workers > 1 else ""
     for service in services:
         where = f"http://127.0.0.1:{service.port}" if service.port else "(no port)"
-        lines.append(f"  {service.name:<16} {where}")
+        lines.append(f"  {service.name:<16} {where}{processes}")
     if not services:
         lines.append("  (no service modules found yet)")
     page = next((s.port for s in services if s.name == "command_api"), None)

@@ -21,7 +21,7 @@ async def serve() -> int:
     from projector.reads import Reads
     from projector.settings import ProjectorSettings
     from projector.worker import Worker
-    from servicekit.httpedge import server_config
+    from servicekit.httpedge import edge_sockets, server_config
 
     settings = ProjectorSettings.from_env()
     worker = Worker(settings)
@@ -39,7 +39,8 @@ async def serve() -> int:
     app = create_app(settings, worker, reads)
     config = server_config(app, settings.http, settings.http_host, settings.http_port, lifespan="off")
     server = uvicorn.Server(config)
-    http = asyncio.create_task(server.serve(), name="http")
+    sockets = edge_sockets(settings.http, settings.http_host, settings.http_port)
+    http = asyncio.create_task(server.serve(sockets=sockets), name="http")
     http.add_done_callback(lambda _t: stop.set())
     try:
         await worker.run(stop)

@@ -40,7 +40,7 @@ from projector.params import (
     parse_seq,
     parse_wait,
 )
-from projector.reads import Reads
+from projector.reads import Reads, ReadTarget
 from projector.settings import ProjectorSettings
 from projector.worker import Worker
 from servicekit.auth import TokenVerifier, parse_bearer
@@ -84,9 +84,9 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
         finally:
             reads.slots.release(user)
 
-    async def wait_for_position(request: Request) -> str:
-        """The log's epoch, once the read models have reached the request's `position` (a command's
-        position token or a fanout cursor), if it gives one."""
+    async def wait_for_position(request: Request, target: ReadTarget) -> str:
+        """The log's epoch, once the read models on `target` have reached the request's `position` (a
+        command's position token or a fanout cursor), if it gives one."""
         epoch = worker.epoch
         if epoch is None:  # the app is served after the worker started: never seen
             raise ReadsUnavailable("the log's epoch is not known yet")
@@ -97,7 +97,7 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
         try:
             if positions[0].epoch != epoch:
                 raise PositionFromAnotherEpoch(epoch)
-            if await reads.watcher.wait(positions, settings.read_wait_s):
+            if await target.watcher.wait(positions, settings.read_wait_s):
                 return epoch
         except PositionFromAnotherEpoch as exc:
             raise Problem(
@@ -111,8 +111,10 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
     async def exact(
         request: Request, read: Callable[[queries.AsyncConn], Awaitable[dict[str, Any]]]
     ) -> Response:
-        """`read`'s answer from one snapshot, with the fanout cursor it is exact at (body and header)."""
-        answer, cursor = await reads.exact(await wait_for_position(request), read)
+        """`read`'s answer from one snapshot, with the fanout cursor it is exact at (body and header); the
+        position wait and the snapshot are on one server, so a replica answers with what it has replayed."""
+        target = reads.target()
+        answer, cursor = await target.exact(await wait_for_position(request, target), read)
         answer["cursor"] = cursor
         return _json(answer, {CURSOR_HEADER: cursor})
 
@@ -211,7 +213,8 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
             raise RuntimeError(f"lagging {lag:.1f}s behind the log (limit {settings.max_lag_s:g}s)")
 
     def details() -> dict[str, object]:
-        """Per-partition position and lag (as measured by the readiness check), and stopped partitions."""
+        """Per-partition position and lag (as measured by the readiness check), stopped partitions, and
+        each replica's state (one that is not serving is skipped, the primary serving when none is)."""
         lags = worker.lags
         return {
             "partitions": {
@@ -221,6 +224,7 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
                 for p, pr in sorted(worker.projectors.items())
             },
             "retention": worker.retention.status(),
+            **({"replicas": reads.replicas.status()} if reads.replicas else {}),
         }  # fmt: skip
 
     add_health_routes(app, lambda _r: {"postgres": postgres_ready, "redis": redis_ready,

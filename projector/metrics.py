@@ -68,3 +68,13 @@ RETENTION_ERRORS = Counter(
 RETENTION_LAST_PASS = Gauge(
     "parley_retention_last_pass_timestamp_seconds", "When the last retention pass ended"
 )
+QUERY_READS = Counter(
+    "parley_query_reads", "Query API snapshot reads, by the server that answered them", ["target"]
+)
+REPLICA_SERVING = Gauge(
+    "parley_query_replica_serving", "1 while a streaming replica serves the query API's reads", ["replica"]
+)
+REPLICA_LAG_SECONDS = Gauge(
+    "parley_query_replica_lag_seconds", "A replica's replay lag behind the primary's WAL (NaN: unknown)",
+    ["replica"],
+)  # fmt: skip

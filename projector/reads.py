@@ -1,5 +1,6 @@
-"""The query API's own resources, apart from the projection worker's: a connection pool with a statement
-timeout, one checkpoint watcher that every position waiter shares, and a per-user cap on reads in flight.
+"""The query API's own resources, apart from the projection worker's: per server it reads (the primary, or
+each streaming replica) a connection pool with a statement timeout and one checkpoint watcher that every
+position waiter on that server shares; and a per-user cap on reads in flight.
 
 So no number of readers, waiting or searching, takes a connection the worker or another user needs. Every
 read is one read-only REPEATABLE READ snapshot that also yields the fanout cursor its rows are exact at.
@@ -28,6 +29,8 @@ from projector.exceptions import (
     ReadsUnavailable,
     SchemaSwapped,
 )
+from projector.metrics import QUERY_READS
+from projector.replicas import Health, Replicas
 from projector.settings import ProjectorSettings
 
 log = logging.getLogger(__name__)
@@ -83,7 +86,7 @@ class CheckpointWatcher:
     whose position it passed; an idle watcher reads nothing. A failed read is retried; a crash of the
     loop itself is logged and the loop restarted (with backoff), so waiters are never left unserved."""
 
-    def __init__(self, reads: Reads) -> None:
+    def __init__(self, reads: ReadTarget) -> None:
         self._reads = reads
         self._known: Checkpoints = {}
         self._waiters: dict[asyncio.Future[None], Sequence[LogPosition]] = {}
@@ -182,22 +185,26 @@ class UserSlots:
             self._in_flight[user] = held
 
 
-class Reads:
-    """The query API's pool (its own, `query_pool_size` connections, each with the statement timeout;
-    autocommit, and every transaction on them read-only REPEATABLE READ), its checkpoint watcher and its
-    per-user slots; open it before serving, close it after."""
+class ReadTarget:
+    """One Postgres server the query API reads, the primary or a streaming replica: its pool (its own,
+    `query_pool_size` connections, each with the statement timeout; autocommit, and every transaction on
+    them read-only REPEATABLE READ) and its checkpoint watcher, which reads that server's checkpoints, so a
+    position wait on it is answered once that server itself has the position. `health` is a replica's
+    state at its last check (None for the primary)."""
 
-    def __init__(self, settings: ProjectorSettings) -> None:
+    def __init__(self, name: str, url: str, settings: ProjectorSettings) -> None:
+        self.name = name
+        self.url = url
         self.settings = settings
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            settings.database_url, min_size=1, max_size=settings.query_pool_size, open=False,
-            timeout=settings.query_pool_timeout_s, name="query",
+            url, min_size=1, max_size=settings.query_pool_size, open=False,
+            timeout=settings.query_pool_timeout_s, name=f"query-{name}",
             kwargs={"prepare_threshold": None, "autocommit": True,
                     "options": f"-c statement_timeout={settings.query_statement_timeout_ms}"},
             configure=_snapshot_transactions,
         )  # fmt: skip
         self.watcher = CheckpointWatcher(self)
-        self.slots = UserSlots(settings.query_max_concurrent_per_user)
+        self.health: Health | None = None
 
     async def open(self) -> None:
         await self.pool.open(wait=False)
@@ -207,16 +214,10 @@ class Reads:
         await self.watcher.stop()
         await self.pool.close(timeout=3)
 
-    async def __aenter__(self) -> Reads:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        await self.close()
-
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[queries.AsyncConn]:
-        """A pooled query connection; driver errors of availability come out as this layer's.
+        """A pooled query connection; driver errors of availability come out as this layer's (and a
+        replica that fails so is skipped until a check finds it well again).
 
         Raises:
             ReadsUnavailable: Postgres is unreachable, or no connection freed up within the pool timeout.
@@ -227,8 +228,13 @@ class Reads:
                 yield conn
         except psycopg.errors.QueryCanceled as exc:
             raise QueryTimeout(f"cancelled after {self.settings.query_statement_timeout_ms} ms") from exc
+        except psycopg.errors.SerializationFailure as exc:  # a replica cancelled it replaying the primary
+            raise ReadsUnavailable(f"{self.name}: {type(exc).__name__}: {exc}".strip()) from exc
         except (PoolTimeout, psycopg.OperationalError) as exc:
-            raise ReadsUnavailable(f"{type(exc).__name__}: {exc}".strip()) from exc
+            reason = f"{self.name}: {type(exc).__name__}: {exc}".strip()
+            if self.health is not None and isinstance(exc, psycopg.OperationalError):
+                self.health = Health(False, f"a read failed: {reason}")
+            raise ReadsUnavailable(reason) from exc
 
     async def exact(self, epoch: str, read: Callable[[queries.AsyncConn], Awaitable[T]]) -> tuple[T, str]:
         """What `read` returns from one snapshot of the read models, and the fanout cursor (log `epoch`)
@@ -239,6 +245,7 @@ class Reads:
             ReadsUnavailable: also when every attempt straddled a rebuild's swap.
             QueryTimeout: as `connection`; and whatever `read` raises.
         """
+        QUERY_READS.labels(self.name).inc()
         for _ in range(SNAPSHOT_ATTEMPTS):
             try:
                 async with self.connection() as conn, conn.transaction():
@@ -251,6 +258,71 @@ class Reads:
             except SchemaSwapped as exc:
                 log.info("read done again: %s", exc)
         raise ReadsUnavailable(f"the read models were swapped during {SNAPSHOT_ATTEMPTS} reads in a row")
+
+
+class Reads:
+    """The query API's read side: the primary (`database_url`) and the streaming replicas
+    (`query_database_urls`), each a `ReadTarget`; `target()` picks the server a request is served by, a
+    serving replica in turn or else the primary. Also the per-user slots. Open it before serving, close it
+    after."""
+
+    def __init__(self, settings: ProjectorSettings) -> None:
+        self.settings = settings
+        self.primary = ReadTarget("primary", settings.database_url, settings)
+        urls = settings.query_database_urls
+        self.replicas = (
+            Replicas([ReadTarget(f"replica-{i}", url, settings) for i, url in enumerate(urls)], self.primary,
+                     settings.query_replica_max_lag_s, settings.query_replica_check_s)
+            if urls else None
+        )  # fmt: skip
+        self.slots = UserSlots(settings.query_max_concurrent_per_user)
+
+    @property
+    def targets(self) -> list[ReadTarget]:
+        return [self.primary, *(self.replicas.targets if self.replicas else ())]
+
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        """The primary's pool."""
+        return self.primary.pool
+
+    @property
+    def watcher(self) -> CheckpointWatcher:
+        """The primary's checkpoint watcher."""
+        return self.primary.watcher
+
+    def target(self) -> ReadTarget:
+        """The server to serve the next request from: a serving replica, each in turn, or the primary."""
+        return (self.replicas.choose() if self.replicas else None) or self.primary
+
+    async def open(self) -> None:
+        for target in self.targets:
+            await target.open()
+        if self.replicas:
+            self.replicas.start()
+
+    async def close(self) -> None:
+        if self.replicas:
+            await self.replicas.stop()
+        for target in self.targets:
+            await target.close()
+
+    async def __aenter__(self) -> Reads:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[queries.AsyncConn]:
+        """A pooled query connection on `target()` (see `ReadTarget.connection`)."""
+        async with self.target().connection() as conn:
+            yield conn
+
+    async def exact(self, epoch: str, read: Callable[[queries.AsyncConn], Awaitable[T]]) -> tuple[T, str]:
+        """`ReadTarget.exact` on `target()`."""
+        return await self.target().exact(epoch, read)
 
 
 async def _snapshot_transactions(conn: queries.AsyncConn) -> None:

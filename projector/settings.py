@@ -19,6 +19,8 @@ QUERY_POOL_SIZE = 8
 QUERY_POOL_TIMEOUT_S = 2.0
 QUERY_STATEMENT_TIMEOUT_MS = 2000
 QUERY_MAX_CONCURRENT_PER_USER = 8
+QUERY_REPLICA_MAX_LAG_S = 2.0
+QUERY_REPLICA_CHECK_S = 0.5
 SEARCH_MAX_CHARS = 256
 SEARCH_MAX_TERMS = 16
 RETAIN_STREAM_S = 24 * 3600.0
@@ -51,6 +53,9 @@ class ProjectorSettings(EnvSettings):
     query_max_concurrent_per_user: int = setting(
         "PARLEY_QUERY_MAX_CONCURRENT_PER_USER", QUERY_MAX_CONCURRENT_PER_USER, minimum=1
     )
+    query_database_urls: tuple[str, ...] = setting("PARLEY_QUERY_DATABASE_URLS", ())
+    query_replica_max_lag_s: float = setting("PARLEY_QUERY_REPLICA_MAX_LAG_S", QUERY_REPLICA_MAX_LAG_S, minimum=0)
+    query_replica_check_s: float = setting("PARLEY_QUERY_REPLICA_CHECK_S", QUERY_REPLICA_CHECK_S, minimum=0.05)
     search_max_chars: int = setting("PARLEY_SEARCH_MAX_CHARS", SEARCH_MAX_CHARS, minimum=1)
     search_max_terms: int = setting("PARLEY_SEARCH_MAX_TERMS", SEARCH_MAX_TERMS, minimum=1)
     lease_ttl_s: float = setting("PARLEY_PROJECTOR_LEASE_TTL_S", 5.0, minimum=0.5)

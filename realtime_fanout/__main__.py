@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     from realtime_fanout.app import create_app
     from realtime_fanout.settings import FanoutSettings
     from realtime_fanout.wsproto import protocol_class
-    from servicekit.httpedge import configure_logging, server_config
+    from servicekit.httpedge import configure_logging, edge_sockets, server_config
 
     configure_logging()
     try:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         ws_ping_timeout=settings.ping_timeout_s, timeout_graceful_shutdown=5,
         ws_max_size=settings.max_message_bytes,  # refused (1009) from the frame header, never buffered
     )  # fmt: skip
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=edge_sockets(settings.http, settings.host, settings.port))
     return 0
 
 

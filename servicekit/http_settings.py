@@ -30,6 +30,7 @@ class HttpEdgeSettings(EnvSettings):
     header_timeout_s: float = setting("PARLEY_HTTP_HEADER_TIMEOUT_S", DEFAULT_HEADER_TIMEOUT_S, minimum=0.1)
     allowed_origins: tuple[str, ...] = setting("PARLEY_ALLOWED_ORIGINS", (), check=_origins)
     access_log: bool = setting("PARLEY_HTTP_ACCESS_LOG", False)
+    reuse_port: bool = setting("PARLEY_HTTP_REUSE_PORT", False)
 
 
 EDGE_DEFAULTS = HttpEdgeSettings()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -340,3 +341,21 @@ def server_config(
     }  # fmt: skip
     defaults.update(options)
     return uvicorn.Config(EdgeMiddleware(app, settings.allowed_origins), host=host, port=port, **defaults)
+
+
+def edge_sockets(settings: HttpEdgeSettings, host: str, port: int) -> list[socket.socket] | None:
+    """With `reuse_port`, the service's socket bound (not yet listening: uvicorn listens once the app has
+    started) with SO_REUSEPORT, so several processes of one service share host:port and the kernel spreads
+    new connections over them (Linux lets only processes of the same user join a port); else None, and
+    uvicorn binds as usual."""
+    if not settings.reuse_port:
+        return None
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    sock.set_inheritable(False)
+    return [sock]

@@ -27,12 +27,15 @@ from devstack.supervisor import (
     BANNER_READY,
     FIRST_MESSAGE_HINT,
     SERVICES,
+    BadRunSetting,
     Service,
     available_services,
     banner,
     child_env,
     plan_servers,
     resolve_jwt_secret,
+    worker_count,
+    worker_env,
 )
 from tests.apiclient import ApiClient
 
@@ -161,6 +164,28 @@ def test_devstack_runs_services_and_stops_them_on_sigint(
     code, output, children = _run_devstack_until_banner(tmp_path, env)
     assert code == 0, output
     assert len(children) == len(available_services())
+    assert not [pid for pid in children if group_alive(pid)]
+
+
+def test_run_workers_is_how_many_processes_of_each_service_share_its_port() -> None:
+    assert worker_count({}) == 1 and worker_count({"PARLEY_RUN_WORKERS": "3"}) == 3
+    for bad in ("0", "x", "17", "-1"):
+        with pytest.raises(BadRunSetting, match="PARLEY_RUN_WORKERS"):
+            worker_count({"PARLEY_RUN_WORKERS": bad})
+    assert "PARLEY_HTTP_REUSE_PORT" not in worker_env({}, 1)
+    assert worker_env({"A": "b"}, 2) == {"A": "b", "PARLEY_HTTP_REUSE_PORT": "1"}
+
+
+@pytest.mark.skipif(not available_services(), reason="no service module has a __main__ yet")
+def test_devstack_runs_two_processes_of_each_service(
+    tmp_path: Path, redis_server_url: str, database_url: str
+) -> None:
+    env = {**os.environ, "REDIS_URL": redis_server_url, "DATABASE_URL": database_url, **_free_service_ports(),
+           "PARLEY_RUN_WORKERS": "2"}  # fmt: skip
+    code, output, children = _run_devstack_until_banner(tmp_path, env)
+    assert code == 0, output
+    assert len(children) == 2 * len(available_services())
+    assert "(2 processes, one port)" in output
     assert not [pid for pid in children if group_alive(pid)]
 
 
