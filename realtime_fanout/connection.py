@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 
 import psycopg
 import redis.exceptions
@@ -75,6 +76,11 @@ class UserSlots:
         held = self._held.pop(user_id, 0) - 1
         if held > 0:
             self._held[user_id] = held
+
+
+def _failure(tasks: Iterable[asyncio.Future[None]]) -> BaseException | None:
+    """The error one of the finished `tasks` ended with, if any."""
+    return next((exc for task in tasks if (exc := task.exception()) is not None), None)
 
 
 class Connection:
@@ -343,9 +349,13 @@ class Connection:
             writer.cancel()
             reader.cancel()
             await asyncio.gather(writer, reader, return_exceptions=True)
-        for task in done:
-            if task is not self._done and (exc := task.exception()) is not None:
-                raise exc
+        failed = _failure(done - {self._done})
+        del writer, reader, done  # a task's exception holds its traceback, which holds this frame
+        if failed is not None:
+            try:
+                raise failed
+            finally:
+                del failed  # else the raised error's traceback holds this frame, which holds the error
         if self._expired:
             raise Closing(closecodes.UNAUTHORIZED, "token-expired", "send a fresh auth before expiry")
 

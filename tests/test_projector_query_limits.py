@@ -12,7 +12,7 @@ import random
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import httpx
@@ -36,6 +36,7 @@ from projector.worker import Worker
 from servicekit.exceptions import SettingError
 from servicekit.log_settings import LogSettings
 from servicekit.settings import Env
+from tests.inprocess import uvicorn_serving
 
 
 @dataclasses.dataclass
@@ -109,22 +110,10 @@ def is_problem(r: httpx.Response, status: int, slug: str) -> bool:
     )  # fmt: skip
 
 
-@asynccontextmanager
-async def uvicorn_on(app: FastAPI) -> AsyncIterator[int]:
+def uvicorn_on(app: FastAPI) -> AbstractAsyncContextManager[int]:
     """`app` served by a real uvicorn on a free loopback port (keep-alive behaviour is the server's)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           access_log=False, lifespan="off"))  # fmt: skip
-    task = asyncio.create_task(server.serve())
-    try:
-        for _ in range(500):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        assert server.started
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+    return uvicorn_serving(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                  access_log=False, lifespan="off"))  # fmt: skip
 
 
 async def exchange(
