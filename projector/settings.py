@@ -54,8 +54,12 @@ class ProjectorSettings(EnvSettings):
         "PARLEY_QUERY_MAX_CONCURRENT_PER_USER", QUERY_MAX_CONCURRENT_PER_USER, minimum=1
     )
     query_database_urls: tuple[str, ...] = setting("PARLEY_QUERY_DATABASE_URLS", ())
-    query_replica_max_lag_s: float = setting("PARLEY_QUERY_REPLICA_MAX_LAG_S", QUERY_REPLICA_MAX_LAG_S, minimum=0)
-    query_replica_check_s: float = setting("PARLEY_QUERY_REPLICA_CHECK_S", QUERY_REPLICA_CHECK_S, minimum=0.05)
+    query_replica_max_lag_s: float = setting(
+        "PARLEY_QUERY_REPLICA_MAX_LAG_S", QUERY_REPLICA_MAX_LAG_S, minimum=0
+    )
+    query_replica_check_s: float = setting(
+        "PARLEY_QUERY_REPLICA_CHECK_S", QUERY_REPLICA_CHECK_S, minimum=0.05
+    )
     search_max_chars: int = setting("PARLEY_SEARCH_MAX_CHARS", SEARCH_MAX_CHARS, minimum=1)
     search_max_terms: int = setting("PARLEY_SEARCH_MAX_TERMS", SEARCH_MAX_TERMS, minimum=1)
     lease_ttl_s: float = setting("PARLEY_PROJECTOR_LEASE_TTL_S", 5.0, minimum=0.5)

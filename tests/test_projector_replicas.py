@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from devstack.apiclient import ApiClient
 from prometheus_client import REGISTRY
 
-from devstack.apiclient import ApiClient
 from devstack.servers import PostgresServer, PostgresStandby
 from projector.app import create_app
 from projector.reads import Reads

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 import psycopg
-
 from devstack.apiclient import ApiClient
+
 from devstack.ports import free_port
 from projector.settings import ProjectorSettings
 from servicekit.auth_settings import AuthSettings
