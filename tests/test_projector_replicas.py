@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from devstack.apiclient import ApiClient
 from prometheus_client import REGISTRY
 
 from devstack.servers import PostgresServer, PostgresStandby
@@ -23,6 +22,7 @@ from projector.replicas import PrimaryProgress, judge, parse_lsn
 from projector.settings import ProjectorSettings
 from projector.worker import Worker
 from servicekit.settings import Env
+from tests.apiclient import ApiClient
 from tests.conftest import DEV_SECRET
 
 WRITERS = 4

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import httpx
 import psycopg
-from devstack.apiclient import ApiClient
 
 from devstack.ports import free_port
 from projector.settings import ProjectorSettings
 from servicekit.auth_settings import AuthSettings
 from servicekit.settings import Env
 from servicekit.tokens import mint_token
+from tests.apiclient import ApiClient
 from tests.conftest import DEV_SECRET
 from tests.listening import listens
 from tests.test_faults import PARTITIONS, Service, wait_projected
