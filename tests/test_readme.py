@@ -12,11 +12,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from test_fanout_e2e import ROOT, Log, appender, make_fanout, token  # noqa: F401 (fixtures)
-
 from command_api.append import Appender
 from events.catalog import markdown
 from realtime_fanout import client
+from tests.test_fanout_e2e import ROOT, Log, appender, make_fanout, token  # noqa: F401 (fixtures)
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -120,6 +119,7 @@ def slugs_raised(path: Path, callees: set[str]) -> dict[int, set[str]]:
         name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
         status, slug = node.args[0], node.args[1]
         if name in callees and isinstance(status, ast.Constant) and isinstance(slug, ast.Constant):
+            assert isinstance(status.value, int) and isinstance(slug.value, str), ast.unparse(node)
             found.setdefault(status.value, set()).add(slug.value)
     return found
 
@@ -164,7 +164,7 @@ def test_the_history_route_lists_exactly_the_slugs_the_code_answers() -> None:
             and len(node.args) == 2
         ):
             reason = node.args[1]
-            assert isinstance(reason, ast.Constant), ast.unparse(node)
+            assert isinstance(reason, ast.Constant) and isinstance(reason.value, str), ast.unparse(node)
             code.setdefault(409 if reason.value == "position-from-another-log" else 400, set()).add(
                 reason.value
             )
