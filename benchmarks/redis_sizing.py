@@ -52,7 +52,7 @@ class Sizing:
 
 
 async def key_bytes(client: aioredis.Redis, key: str) -> int:
-    return int(await client.execute_command("MEMORY", "USAGE", key, "SAMPLES", "0") or 0)
+    return int(await client.memory_usage(key, samples=0) or 0)
 
 
 async def conversation_bytes(

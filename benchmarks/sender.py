@@ -10,6 +10,7 @@ import asyncio
 import json
 import sys
 import time
+from typing import Any
 
 import msgspec
 
@@ -34,14 +35,14 @@ async def _connection(
         writer.close()
 
 
-async def main(plan: dict[str, object]) -> dict[int, int]:
-    port, rate = int(plan["port"]), float(plan["rate_per_s"])  # type: ignore[call-overload, arg-type]
-    sends: list[tuple[str, str, str]] = [tuple(s) for s in plan["sends"]]  # type: ignore[attr-defined, misc]
+async def main(plan: dict[str, Any]) -> dict[int, int]:
+    port, rate = int(plan["port"]), float(plan["rate_per_s"])
+    sends: list[tuple[str, str, str]] = [(s[0], s[1], s[2]) for s in plan["sends"]]
     queue: asyncio.Queue[tuple[str, str, str] | None] = asyncio.Queue()
     statuses: dict[int, int] = {}
     workers = [
         asyncio.create_task(_connection(port, queue, statuses)) for _ in range(int(plan["connections"]))
-    ]  # type: ignore[call-overload]
+    ]
     started = time.perf_counter()
     for n, item in enumerate(sends):
         delay = started + n / rate - time.perf_counter()

@@ -7,11 +7,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import psycopg
 import redis.asyncio as aioredis
-from test_projector_fold import envelope
-from test_projector_store import PARTITIONS, project_until_caught_up, settings_for
 
 from command_api.append import Appender
 from events import schema
@@ -24,6 +23,9 @@ from projector.auditsource import gather
 from realtime_fanout.client import Event, Live, Recorder
 from tests.apiclient import ApiClient
 from tests.conftest import DEV_SECRET
+from tests.rawredis import Entries
+from tests.test_projector_fold import envelope
+from tests.test_projector_store import PARTITIONS, project_until_caught_up, settings_for
 from tests.workload import Workload
 
 
@@ -73,8 +75,8 @@ async def test_audit_green_then_each_injected_fault_found(
                                "AND seq = 2", (cid,))  # fmt: skip
         p = layout.partition_for(cid)
         await redis_client.set(layout.idempotency_key(p, "ann", "ghost"), b"fp\n9\n1-1\n")
-        first = (await redis_client.xrange(layout.stream_key(p), "-", "+", count=1))[0]
-        await redis_client.xadd(layout.stream_key(p), first[1])
+        first = cast(Entries, await redis_client.xrange(layout.stream_key(p), "-", "+", count=1))[0]
+        await redis_client.xadd(layout.stream_key(p), {k: v for k, v in first[1].items()})
         done = audit_cli(env)
         assert done.returncode == 1, done.stdout + done.stderr
         assert "tampered" in done.stdout

@@ -11,6 +11,7 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -58,7 +59,7 @@ async def state_of(appender: Appender, conversation_id: str) -> dict[bytes, dict
     key = layout.conversation_key(partition, conversation_id)
     pattern = layout.message_bucket_key(partition, conversation_id, 0)[:-1] + "*"
     keys = [key.encode(), *[k async for k in client.scan_iter(match=pattern, count=1000)]]
-    return {k: await client.hgetall(k) for k in keys}
+    return {k: cast("dict[bytes, bytes]", await client.hgetall(k)) for k in keys}
 
 
 async def outcome(appender: Appender, command: Command) -> str:
@@ -159,7 +160,7 @@ async def test_the_state_per_message_stays_within_the_sizing_rule(appender: Appe
     state = await state_of(appender, cid)
     total = 0
     for key in state:
-        total += int(await client.execute_command("MEMORY", "USAGE", key, "SAMPLES", "0"))
+        total += int(await client.memory_usage(key, samples=0) or 0)
         if b"#" in key:
             assert await client.object("encoding", key) in (b"listpack", b"ziplist")
     assert total / messages <= BYTES_PER_MESSAGE, f"{total / messages:.1f} bytes per message"

@@ -22,7 +22,7 @@ optional_ids = st.none() | ids
 utc_datetimes = st.datetimes(timezones=st.just(UTC))
 seqs = st.integers(min_value=1, max_value=2**63 - 1)
 # What an event may hold: decoding refuses NUL (Postgres text cannot store it).
-texts = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+texts = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"))
 
 PAYLOAD_STRATEGIES: dict[type[schema.Payload], st.SearchStrategy[Any]] = {
     schema.ConversationCreated: st.builds(

@@ -165,6 +165,7 @@ async def test_a_v1_event_written_to_the_log_reads_back_as_v2(
         "payload": {"type": "message_sent", "message_id": "m1", "text": "héllo ✓"},
     }
     stream_id = await redis_client.xadd(layout.stream_key(partition), {"e": msgspec.json.encode(v1)})
+    assert isinstance(stream_id, bytes)
 
     entries = await log.read_after(partition, "0-0", count=10)
     assert [(e.partition, e.stream_id) for e in entries] == [(partition, stream_id.decode())]

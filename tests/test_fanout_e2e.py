@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import msgspec
@@ -40,6 +40,7 @@ from realtime_fanout.membership import UserMemberships
 from servicekit.auth_settings import AuthSettings
 from servicekit.log_settings import LogSettings
 from servicekit.tokens import mint_token
+from tests.rawredis import Entries
 
 SECRET = "0123456789abcdef0123456789abcdef-fanout-secret"
 AUTH = AuthSettings(algorithms=("HS256",), secret=SECRET, dev_mode=True)
@@ -237,7 +238,7 @@ async def test_an_entry_no_reader_may_decode_is_skipped_with_a_log_line(
     fanout = await make_fanout()
     bob = await Client.open(fanout.url, "bob")
     key = appender.layout.stream_key(appender.layout.partition_for("room"))
-    good = decode((await redis_client.xrange(key, "-", "+", count=1))[0][1][b"e"])
+    good = decode(cast(Entries, await redis_client.xrange(key, "-", "+", count=1))[0][1][b"e"])
     payload = msgspec.structs.replace(good, seq=2**63, payload=SentPayload("m-huge", "beyond bigint"))
     await redis_client.xadd(key, {"e": encode(payload)})
     await redis_client.xadd(key, {"e": encode(msgspec.structs.replace(payload, seq=2, actor="alice\x00"))})
@@ -793,10 +794,9 @@ async def test_resumes_straddling_a_retention_trim_are_gapless_and_duplicate_fre
 ) -> None:  # fmt: skip
     """The projector's retention trims the room's stream to its last 3 entries while alice is connected and
     bob is away; both resume from cursors older than the trim point: archive, then stream, no gap, no repeat."""
-    from test_projector_api import AUTH as PROJECTOR_AUTH
-    from test_projector_faults import running
-
     from projector.settings import ProjectorSettings
+    from tests.test_projector_api import AUTH as PROJECTOR_AUTH
+    from tests.test_projector_faults import running
 
     log = Log(appender)
     await log.create("room", "alice", "bob")

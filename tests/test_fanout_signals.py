@@ -13,7 +13,6 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from test_fanout_e2e import PARTITIONS, Client, Log, appender, archive_everything, make_fanout
 
 from command_api.append import Appender
 from realtime_fanout.exceptions import ProtocolViolation
@@ -38,6 +37,7 @@ from realtime_fanout.signals import (
     typing_recipients,
 )
 from servicekit.log_settings import LogSettings
+from tests.test_fanout_e2e import PARTITIONS, Client, Log, appender, archive_everything, make_fanout
 
 __all__ = ["appender", "make_fanout"]
 

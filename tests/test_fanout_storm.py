@@ -4,13 +4,13 @@ and from the archive, and every client still gets exactly its events."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from test_fanout_e2e import PARTITIONS, Client, Log, appender, archive_everything, make_fanout
 
 from command_api.append import Appender
 from events.codec import decode
@@ -20,6 +20,7 @@ from events.schema import MessageSent
 from realtime_fanout.cursor import Cursor
 from realtime_fanout.pageflights import Page, PageFlights
 from servicekit.log_settings import LogSettings
+from tests.test_fanout_e2e import PARTITIONS, Client, Log, appender, archive_everything, make_fanout
 
 __all__ = ["appender", "make_fanout"]  # fixtures
 
@@ -89,10 +90,10 @@ async def test_a_reconnect_storm_reads_each_page_once(
     for k in (1, 2, 3, 5, 7, 9, 11, 13, 15, 17):
         cursor = start.copy()
         cursor.advance(room, later[k - 1].stream_id, parse_stream_id(later[k - 1].stream_id))
-        after = [decode(e.data) for e in later[k:]]
+        events = [decode(e.data) for e in later[k:]]
         nearby[cursor.encode()] = [
             e.payload.body
-            for e in after
+            for e in events
             if e.conversation_id == "room" and isinstance(e.payload, MessageSent)
         ]
 
@@ -138,7 +139,7 @@ async def test_page_flights_share_in_flight_and_lingering_reads() -> None:
         await release.wait()
         return Page([], (after, 0), f"{after + 10}-0", (after + 10, 0), full=True)
 
-    calls = [flights.read(0, (k, 0), None, lambda k=k: read(k)) for k in (1, 1, 4, 1)]
+    calls = [flights.read(0, (k, 0), None, functools.partial(read, k)) for k in (1, 1, 4, 1)]
     tasks = [asyncio.create_task(c) for c in calls]
     await asyncio.sleep(0)
     release.set()

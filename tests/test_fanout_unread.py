@@ -280,7 +280,7 @@ def test_own_archive_reaches_every_connection_of_the_actor_only() -> None:
 
 
 def test_a_read_model_snapshot_seeds_only_partitions_at_or_after_the_hub() -> None:
-    rows = {0: ("e", "5-0"), 1: ("e", "2-0"), 2: ("old", "9-0")}
+    rows: dict[int, tuple[str | None, str]] = {0: ("e", "5-0"), 1: ("e", "2-0"), 2: ("old", "9-0")}
     positions, lagging = usable_positions(rows, "e", ["4-0", "3-0", "1-0", "0-0"])
     assert positions == [(5, 0), None, None, (0, 0)] and lagging  # ahead; behind; foreign epoch; empty
     assert usable_positions({2: ("old", "9-0")}, "e", ["0-0", "1-0", "1-0"]) == ([(0, 0), None, None], False)

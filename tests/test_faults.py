@@ -405,7 +405,7 @@ async def cut_redis_connections(s: Stack) -> None:
     try:
         for _ in range(5):
             await asyncio.sleep(0.5)
-            await client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            await client.client_kill_filter(_type="normal", skipme=True)
     finally:
         await client.aclose()
 

@@ -11,14 +11,14 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from test_history_replay import expected
-from test_projector_api import AUTH, headers
-from test_projector_query_limits import projector_running
-from test_projector_store import settings_for, wait_caught_up, whole_log
 
 from command_api.append import Appender
 from events.codec import decode
 from servicekit.tokens import mint_token
+from tests.test_history_replay import expected
+from tests.test_projector_api import AUTH, headers
+from tests.test_projector_query_limits import projector_running
+from tests.test_projector_store import settings_for, wait_caught_up, whole_log
 from tests.workload import Workload
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,6 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 import redis.asyncio as aioredis
-from test_projector_store import project_until_caught_up, settings_for, whole_log
 
 from command_api.append import Appender
 from events.codec import current_bytes, decode
@@ -29,6 +28,7 @@ from events.position import parse_stream_id
 from projector import history
 from projector.history import columns, sinks
 from projector.settings import ProjectorSettings
+from tests.test_projector_store import project_until_caught_up, settings_for, whole_log
 from tests.workload import Workload
 
 PARTITIONS = 4

@@ -10,8 +10,6 @@ from typing import Any
 import psycopg
 import pytest
 import redis.asyncio as aioredis
-from test_history_replay import projector_cli, trim_to_archive
-from test_projector_store import settings_for, wait_caught_up, whole_log
 
 from command_api.append import Appender
 from events.cursor import encode_cursor
@@ -20,6 +18,8 @@ from projector import queries
 from projector.model import fold_entries
 from projector.snapshot import read_tables
 from projector.worker import Worker
+from tests.test_history_replay import projector_cli, trim_to_archive
+from tests.test_projector_store import settings_for, wait_caught_up, whole_log
 from tests.workload import Workload
 
 pytestmark = pytest.mark.slow

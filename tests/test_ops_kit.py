@@ -13,13 +13,13 @@ import httpx
 import pytest
 import yaml
 from prometheus_client import REGISTRY
-from test_http_edge import Services, services  # noqa: F401  (the three services, as real processes)
 
 import command_api.metrics
 import projector.metrics
 import realtime_fanout.metrics
 import servicekit.metrics
 from realtime_fanout.closecodes import SLOW_CONSUMER
+from tests.test_http_edge import Services, services  # noqa: F401  (the three services, as real processes)
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "ops" / "prometheus" / "alerts.yml"

@@ -15,17 +15,13 @@ import httpx
 import psycopg
 import pytest
 import redis.asyncio as aioredis
-from test_projector_api import AUTH
-from test_projector_fold import T0, envelope
-from test_projector_query_limits import projector_running
-from test_projector_store import assert_equal_to_fold
 
 from command_api import bodies, commands
 from command_api.append import Appender
 from devstack.servers import PostgresServer, RedisServer
 from events import schema
 from events.codec import encode
-from events.log import EventLog
+from events.log import EventLog, LogEntry
 from events.position import parse_stream_id
 from projector.app import create_app
 from projector.reads import Reads
@@ -34,6 +30,10 @@ from projector.settings import ProjectorSettings
 from projector.store import Store
 from projector.worker import Worker
 from servicekit.log_settings import LogSettings
+from tests.test_projector_api import AUTH
+from tests.test_projector_fold import T0, envelope
+from tests.test_projector_query_limits import projector_running
+from tests.test_projector_store import assert_equal_to_fold
 from tests.workload import Workload
 
 PARTITIONS = 2
@@ -401,7 +401,7 @@ async def test_a_partition_that_crashes_stops_loudly_instead_of_vanishing(
     worker = Worker(settings)
     await worker.start()
 
-    async def bug(*_: Any) -> list[Any]:
+    async def bug(partition: int, after_id: str, count: int, block_ms: int | None = None) -> list[LogEntry]:
         raise RuntimeError("a bug in the read path")
 
     worker.log.read_after = bug  # type: ignore[method-assign]  # stands for any unforeseen exception

@@ -67,7 +67,7 @@ def test_delete_removes_body_preview_and_unread() -> None:
     conv = model.tables["conversations"][("c",)]
     assert isinstance(conv, Conversation)
     assert conv.last_message_preview is None and conv.message_count == 0
-    assert model.tables["inbox"][("bob", "c")].unread_count == 0  # type: ignore[union-attr]
+    assert model.tables["inbox"][("bob", "c")].unread_count == 0
 
 
 def test_removed_participant_span_and_rejoin() -> None:
@@ -82,7 +82,7 @@ def test_removed_participant_span_and_rejoin() -> None:
     assert spans == [("c", "ann", 1), ("c", "bob", 1), ("c", "bob", 4)]
     first = model.tables["memberships"][("c", "bob", 1)]
     assert isinstance(first, Span) and first.left_seq == 2 and first.left_stream_id == "1001-0"
-    assert model.tables["inbox"][("bob", "c")].unread_count == 1  # type: ignore[union-attr]
+    assert model.tables["inbox"][("bob", "c")].unread_count == 1
 
 
 def test_delete_of_message_sent_while_away_does_not_touch_unread() -> None:
@@ -93,7 +93,7 @@ def test_delete_of_message_sent_while_away_does_not_touch_unread() -> None:
         envelope("c", 4, "ann", schema.MessageSent("m2", "unseen")),
         envelope("c", 5, "ann", schema.MessageDeleted("m2")),
     )
-    assert model.tables["inbox"][("bob", "c")].unread_count == 1  # type: ignore[union-attr]
+    assert model.tables["inbox"][("bob", "c")].unread_count == 1
 
 
 def test_contradicting_events_are_fold_errors() -> None:
@@ -102,7 +102,7 @@ def test_contradicting_events_are_fold_errors() -> None:
         apply(None, envelope("c", 1, "ann", schema.MessageSent("m", "x")), "1-0", Changes())
     model = run(created, envelope("c", 2, "ann", schema.MessageEdited("nope", "x")))
     assert list(model.dead_letters) == [(0, "1001-0")]
-    assert model.tables["conversations"][("c",)].last_seq == 1  # type: ignore[union-attr]
+    assert model.tables["conversations"][("c",)].last_seq == 1
 
 
 def test_undecodable_bytes_are_dead_letters() -> None:

@@ -22,7 +22,6 @@ import pytest
 import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI
-from test_projector_api import AUTH, headers
 
 from command_api import bodies, commands
 from command_api.append import Appender
@@ -37,6 +36,7 @@ from servicekit.exceptions import SettingError
 from servicekit.log_settings import LogSettings
 from servicekit.settings import Env
 from tests.inprocess import uvicorn_serving
+from tests.test_projector_api import AUTH, headers
 
 
 @dataclasses.dataclass

@@ -10,8 +10,6 @@ import httpx
 import psycopg
 import pytest
 import redis.asyncio as aioredis
-from test_projector_api import AUTH, headers
-from test_projector_store import assert_equal_to_fold, wait_caught_up, whole_log
 
 from command_api.append import Appender
 from projector import queries
@@ -22,6 +20,8 @@ from projector.settings import ProjectorSettings
 from projector.store import Store
 from projector.worker import Worker
 from servicekit.log_settings import LogSettings
+from tests.test_projector_api import AUTH, headers
+from tests.test_projector_store import assert_equal_to_fold, wait_caught_up, whole_log
 from tests.workload import Workload
 
 PARTITIONS = 4

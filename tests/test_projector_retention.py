@@ -15,8 +15,6 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
-from test_projector_faults import fetch, running, settings_for, until, wait_caught_up
-from test_projector_store import assert_equal_to_fold_of, whole_log
 
 from command_api import commands
 from command_api.append import Appender
@@ -30,6 +28,8 @@ from projector.rebuild import REBUILD_LOCK_KEY, rebuild
 from projector.retention import Bound, Decision, Retention, StreamInfo, Window, settle, trim_bound
 from projector.settings import ProjectorSettings
 from projector.worker import PartitionProjector, Worker
+from tests.test_projector_faults import fetch, running, settings_for, until, wait_caught_up
+from tests.test_projector_store import assert_equal_to_fold_of, whole_log
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_000_000_000  # ms

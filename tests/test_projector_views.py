@@ -8,7 +8,6 @@ import random
 from typing import Any
 
 import psycopg
-from test_projector_fold import build_events, entry
 
 from events import schema
 from events.codec import decode
@@ -21,6 +20,7 @@ from projector.snapshot import read_tables
 from projector.state import Changes, Conversation, ConversationState, Message, Span, Version
 from projector.store import Store
 from projector.views import listed, seen
+from tests.test_projector_fold import build_events, entry
 
 USERS = ["ann", "bob", "cat", "dan"]
 WORDS = ["body", "edited", "0", "1", "2", "3", "5", "8"]

@@ -12,11 +12,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from test_fanout_e2e import ROOT, Log, appender, make_fanout, token  # noqa: F401 (fixtures)
-
 from command_api.append import Appender
 from events.catalog import markdown
 from realtime_fanout import client
+from tests.test_fanout_e2e import ROOT, Log, appender, make_fanout, token  # noqa: F401 (fixtures)
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -120,6 +119,7 @@ def slugs_raised(path: Path, callees: set[str]) -> dict[int, set[str]]:
         name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
         status, slug = node.args[0], node.args[1]
         if name in callees and isinstance(status, ast.Constant) and isinstance(slug, ast.Constant):
+            assert isinstance(status.value, int) and isinstance(slug.value, str), ast.unparse(node)
             found.setdefault(status.value, set()).add(slug.value)
     return found
 
@@ -164,7 +164,7 @@ def test_the_history_route_lists_exactly_the_slugs_the_code_answers() -> None:
             and len(node.args) == 2
         ):
             reason = node.args[1]
-            assert isinstance(reason, ast.Constant), ast.unparse(node)
+            assert isinstance(reason, ast.Constant) and isinstance(reason.value, str), ast.unparse(node)
             code.setdefault(409 if reason.value == "position-from-another-log" else 400, set()).add(
                 reason.value
             )
@@ -200,3 +200,50 @@ def test_the_idempotency_key_rule_is_the_one_the_readme_states() -> None:
 
     assert [c for c in map(chr, range(256)) if accepted(c)] == [chr(c) for c in range(0x21, 0x7F)]
     assert accepted("k" * 255) and not accepted("k" * 256) and not accepted("") and not accepted("a b")
+
+
+def documented_defaults() -> dict[str, list[str]]:
+    """What the README gives as each variable's default: the first word of its cell in a `| variable |
+    default |` row (`A` / `_B` rows name A and A with its last words replaced, one value each side of
+    ` / `), or the first word in the parentheses after it in prose (`` `A` (default: why) ``)."""
+    found: dict[str, list[str]] = {}
+    for line in README.splitlines():
+        row = re.match(r"^\| ((?:`[A-Z_][A-Z0-9_]*`[^|`]*)+)\| ([^|]*) \|", line)
+        if not row:
+            continue
+        names: list[str] = []
+        for name in re.findall(r"`([A-Z_][A-Z0-9_]*)`", row.group(1)):
+            if name.startswith("_") and names:  # `PARLEY_X_HOST` / `_PORT`
+                name = "_".join(names[-1].split("_")[: -name.count("_")]) + name
+            names.append(name)
+        values = row.group(2).split(" / ")
+        if len(values) == len(names):
+            for name, value in zip(names, values, strict=True):
+                found.setdefault(name, []).append(value)
+    for prose in re.finditer(r"`([A-Z_][A-Z0-9_]*)` \((?=([^)]*))", README):  # nested: `A` (1, `B` (2))
+        found.setdefault(prose.group(1), []).append(prose.group(2))
+    return found
+
+
+def as_default(text: str, like: object) -> object:
+    """The README's words read as a value of the type of `like`, or None when they are not one."""
+    word = text.strip().strip("`").split("`")[0].split()[0].rstrip(":;,") if text.strip() else ""
+    if isinstance(like, bool):
+        return {"1": True, "0": False}.get(word)
+    if isinstance(like, int | float):
+        unit = {"KiB": 1024, "MiB": 1024**2}.get(text.split()[1] if len(text.split()) > 1 else "", 1)
+        return float(word) * unit if re.fullmatch(r"\d+(\.\d+)?", word) else None
+    return word or None
+
+
+def test_the_readme_gives_each_setting_its_declared_default() -> None:
+    from tests.test_settings import CLASSES, declared
+
+    documented = documented_defaults()
+    for cls in CLASSES:
+        for _name, variable, default, _hint in declared(cls):
+            assert variable in README or variable in documented, f"README does not mention {variable}"
+            if default is None or default == () or not isinstance(default, bool | int | float | str):
+                continue  # unset by default, or computed (the worker id)
+            said = [as_default(text, default) for text in documented.get(variable, [])]
+            assert default in said, f"{variable}: the code's default is {default!r}, README says {said}"

@@ -12,16 +12,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import msgspec
 import psycopg
 import pytest
 import redis.asyncio as aioredis
-from test_fanout_e2e import PARTITIONS, ROOT, Client, appender, fanout_env, make_fanout, token
-from test_projector_api import AUTH, headers
-from test_projector_query_limits import Served, is_problem, served
 from websockets.asyncio.client import connect
 
 from command_api import bodies, commands
@@ -36,6 +33,10 @@ from projector.params import Problem, parse_wait
 from projector.reads import Reads, exact_cursor, reached, reached_all
 from projector.settings import ProjectorSettings
 from servicekit.log_settings import LogSettings
+from tests.rawredis import Entries
+from tests.test_fanout_e2e import PARTITIONS, ROOT, Client, appender, fanout_env, make_fanout, token
+from tests.test_projector_api import AUTH, headers
+from tests.test_projector_query_limits import Served, is_problem, served
 
 __all__ = ["appender", "make_fanout", "served"]  # fixtures
 
@@ -252,7 +253,7 @@ async def log_head(redis: aioredis.Redis, namespace: str, epoch: str) -> str:
     layout = LogSettings("", namespace, PARTITIONS).layout()
     heads = []
     for p in range(PARTITIONS):
-        last = await redis.xrevrange(layout.stream_key(p), count=1)
+        last = cast(Entries, await redis.xrevrange(layout.stream_key(p), count=1))
         heads.append(last[0][0].decode() if last else "0-0")
     return encode_cursor(epoch, heads)
 

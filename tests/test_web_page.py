@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-from test_fanout_e2e import ROOT, fanout_env
 
 from command_api.app import create_app
 from command_api.settings import CommandApiSettings
@@ -26,6 +25,7 @@ from devstack.supervisor import Service, banner, child_env
 from servicekit.exceptions import SettingError
 from servicekit.httpedge import DEFAULT_CSP, EdgeMiddleware
 from servicekit.settings import Env
+from tests.test_fanout_e2e import ROOT, fanout_env
 
 CHROMIUM = Path(os.environ.get("PARLEY_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -243,7 +243,12 @@ def login(browser: Any, stack: Stack) -> Iterator[Callable[..., User]]:
         contexts.append(context)
         page = context.new_page()
         user = User(name, context, page, [])
-        page.on("dialog", lambda dialog: (user.dialogs.append(dialog.message), dialog.dismiss()))
+
+        def on_dialog(dialog: Any) -> None:
+            user.dialogs.append(dialog.message)
+            dialog.dismiss()
+
+        page.on("dialog", on_dialog)
         page.on("console", lambda message: print(f"[{name}] {message.type}: {message.text}"))
         page.on("requestfailed", lambda r: print(f"[{name}] failed: {r.method} {r.url} {r.failure}"))
         page.on(

@@ -28,6 +28,7 @@ def create_app(redis_url: str) -> FastAPI:
         stream_id = await client.xadd(
             "naive:log", {"c": conversation_id, "id": str(uuid.uuid4()), "b": message.body}
         )
+        assert isinstance(stream_id, bytes)
         return {"stream_id": stream_id.decode()}
 
     return app
