@@ -91,6 +91,7 @@ async def main() -> None:
             }  # fmt: skip
             parquet = Path(tmp) / "replay.parquet"
             for _ in range(args.rounds):
+                load_before = os.getloadavg()[0]
                 copies = {
                     fmt: await asyncio.wait_for(ceiling(database_url, fmt), args.limit_s) for fmt in FORMATS
                 }
@@ -105,7 +106,9 @@ async def main() -> None:
                     print(
                         f"replay, {name}: {rate:,.0f} events/s ({seconds:.2f}s), {rate / top:.0%} of the ceiling"
                     )
-                print(f"  Parquet file: {parquet.stat().st_size / 1e6:,.0f} MB", flush=True)
+                print(f"  Parquet file: {parquet.stat().st_size / 1e6:,.0f} MB; load average (1 min) "
+                      f"{load_before:.1f} before the ceiling, {os.getloadavg()[0]:.1f} after the replays",
+                      flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

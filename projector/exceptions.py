@@ -5,6 +5,7 @@ ProjectorError
 ├── FoldCrashed           applying an event raised something else (a bug): the batch is retried entry by entry
 ├── MigrationError        a migration file is malformed or the recorded history disagrees with the files
 ├── SelectionError        a replay request is malformed (position, time, type, empty range, foreign epoch)
+├── ExportError           a replay's output cannot be written (the file, the directory, the writer process)
 └── ProjectionStopped     a partition's projection must stop rather than skip events
     ├── EpochMismatch     the log's epoch differs from the checkpoint's: the log was recreated or lost
     ├── CheckpointMoved   the checkpoint is not where this worker's state was built (another writer moved it)
@@ -42,6 +43,10 @@ class FoldCrashed(ProjectorError):
 
 class MigrationError(ProjectorError):
     """Raised when migrations cannot be applied safely."""
+
+
+class ExportError(ProjectorError):
+    """Raised when a replay cannot write its output: the message says what failed and why."""
 
 
 class ProjectionStopped(ProjectorError):

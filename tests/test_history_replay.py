@@ -26,7 +26,7 @@ from events.exceptions import DecodeError
 from events.log import LogEntry
 from events.position import parse_stream_id
 from projector import history
-from projector.history import columns, sinks
+from projector.history import columns, tables
 from projector.settings import ProjectorSettings
 from tests.test_projector_store import project_until_caught_up, settings_for, whole_log
 from tests.workload import Workload
@@ -254,7 +254,7 @@ async def test_parquet_holds_every_value_of_the_jsonl_export(log: Log, tmp_path:
 
     # Pages gathered into row groups spanning pages: the same table.
     lines = [json.dumps(json.loads(line)["event"]).encode() + b"\n" for line in jsonl.splitlines()]
-    writer = sinks._Parquet(tmp_path / "grouped.parquet", row_group_rows=100)
+    writer = tables._Parquet(tmp_path / "grouped.parquet", row_group_rows=100)
     for at in range(0, len(want), 37):
         rows = want[at : at + 37]
         writer.write_batch(

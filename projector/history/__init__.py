@@ -12,17 +12,18 @@ Both read the archive in Postgres, then the live streams in Redis, from `DATABAS
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import Any
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from events.codec import decode
 from events.schema import Envelope
-from projector.history import columns, replay
+from projector.history import replay
 from projector.history.replay import Source
 from projector.history.selection import select
 from projector.history.sinks import Page
 from projector.settings import ProjectorSettings
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = ["Source", "events", "table"]
 
@@ -66,8 +67,8 @@ def events(
         SelectionError: the selection is malformed (`HistoryUnavailable`: a server is unreachable).
     """
     for page in _pages(source, _filters(start, end, since, until, conversation, types, actor)):
-        for position, line in zip(page.positions, page.lines, strict=True):
-            yield position, decode(line)
+        for row in page.rows:
+            yield page.position(row), decode(row[4])
 
 
 def table(
@@ -76,9 +77,13 @@ def table(
     source: Source | None = None,
 ) -> pa.Table:  # fmt: skip
     """The selected events as a pyarrow Table with the export's columns (`projector.history.columns`)."""
+    import pyarrow as pa
+
+    from projector.history import columns
+
     batches = [
-        columns.record_batch(b"".join(page.lines), page.positions, page.partitions, page.stream_ids)
+        columns.rows_batch(page.epoch, page.rows)
         for page in _pages(source, _filters(start, end, since, until, conversation, types, actor))
-        if page.lines
+        if page.rows
     ]
     return pa.Table.from_batches(batches, schema=columns.SCHEMA)

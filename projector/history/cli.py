@@ -3,7 +3,7 @@ as they were, for analysts.
 
 stdout carries nothing but events (JSON Lines unless `--output` names a file); errors go to stderr, one
 line, no traceback. Exit codes: 0 done (or interrupted while following), 2 bad request, 3 a server is
-unreachable or the log missing.
+unreachable or the log missing, 4 the output could not be written.
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ import sys
 from pathlib import Path
 from typing import BinaryIO
 
-from projector.exceptions import SelectionError
+from projector.exceptions import ExportError, SelectionError
 from projector.history import replay
 from projector.history.selection import select
-from projector.history.sinks import FORMATS, JsonLinesSink, Sink, TableSink
+from projector.history.sinks import FORMATS, JsonLinesSink, Sink
 from projector.settings import ProjectorSettings
 from servicekit.settings import Env
 
 EXIT_BAD_REQUEST = 2
 EXIT_UNAVAILABLE = 3
+EXIT_UNWRITABLE = 4
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,12 +69,23 @@ def _sink(args: argparse.Namespace) -> Sink:
     if args.format == "parquet" and not args.output:
         raise SelectionError("Parquet is written to a file or directory: give --output")
     if args.format == "jsonl":
-        out: BinaryIO = open(args.output, "wb") if args.output else sys.stdout.buffer
+        try:
+            out: BinaryIO = open(args.output, "wb") if args.output else sys.stdout.buffer
+        except OSError as exc:
+            raise ExportError(f"cannot write {args.output}: {exc}") from None
         return JsonLinesSink(out, with_position=args.with_position, flush=args.follow)
     if args.by_day:
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-        return TableSink(args.format, args.output, by_day=True)
-    return TableSink(args.format, args.output or sys.stdout.buffer)
+        try:
+            Path(args.output).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ExportError(f"cannot create {args.output}: {exc}") from None
+    from projector.history.tables import TableSink, TableThreadSink
+
+    try:
+        table = TableSink(args.format, args.output or sys.stdout.buffer, by_day=args.by_day)
+    except OSError as exc:
+        raise ExportError(f"cannot write {args.output}: {exc}") from None
+    return TableThreadSink(table)
 
 
 def _progress_wanted(args: argparse.Namespace) -> bool:
@@ -102,10 +114,11 @@ async def _run(args: argparse.Namespace, source: replay.Source) -> int:
         try:
             async for page in replay.pages(reader, follow=args.follow):
                 sink.write(page)
+                await sink.drain()
                 if bar is not None:
-                    bar.update(len(page.lines))
+                    bar.update(len(page.rows))
         finally:
-            sink.close()
+            await sink.close()
             if bar is not None:
                 bar.close()
         if reader.undecodable:
@@ -160,3 +173,6 @@ def main(args: argparse.Namespace, env: Env | None = None) -> int:
     except SelectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_REQUEST
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNWRITABLE

@@ -8,14 +8,19 @@ columns. Types: text -> string, integers -> int64, timestamps -> timestamp[us, U
 from __future__ import annotations
 
 import io
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
-from events.schema import PAYLOAD_TYPES, Envelope
+from events.codec import current_bytes
+from events.schema import CURRENT_VERSIONS, PAYLOAD_TYPES, Envelope
+
+if TYPE_CHECKING:
+    from projector.history.reader import Row
 
 POSITION_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("position", pa.string()),
@@ -77,21 +82,81 @@ _PER_EVENT = {"position", "stream_id", "event_id", "occurred_at", "correlation_i
 REPEATING = tuple(n for n in SCHEMA.names if n not in _PER_EVENT)
 
 
-def record_batch(
-    lines: bytes, positions: list[str], partitions: list[int], stream_ids: list[str]
-) -> pa.RecordBatch:
-    """The table rows of newline-terminated event lines (current schema), in `SCHEMA`'s column order."""
-    parsed = pa_json.read_json(io.BytesIO(lines), read_options=_READ, parse_options=_PARSE)
+def _parse(lines: bytes) -> pa.Table:
+    return pa_json.read_json(io.BytesIO(lines), read_options=_READ, parse_options=_PARSE)
+
+
+def _assemble(parsed: pa.Table, position: Any, partition: Any, stream_id: Any) -> pa.RecordBatch:
     payload = parsed.column("payload").combine_chunks()
     columns: list[Any] = [
-        pa.array(positions, pa.string()),
-        pa.array(partitions, pa.int32()),
-        pa.array(stream_ids, pa.string()),
+        position,
+        partition,
+        stream_id,
         *(parsed.column(name).combine_chunks() for name, _ in ENVELOPE_FIELDS),
         payload.field("type"),
         *(payload.field(name) for name, _ in PAYLOAD_FIELDS),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=SCHEMA)
+
+
+def record_batch(
+    lines: bytes, positions: list[str], partitions: list[int], stream_ids: list[str]
+) -> pa.RecordBatch:
+    """The table rows of newline-terminated event lines (current schema), in `SCHEMA`'s column order."""
+    return _assemble(
+        _parse(lines),
+        pa.array(positions, pa.string()),
+        pa.array(partitions, pa.int32()),
+        pa.array(stream_ids, pa.string()),
+    )
+
+
+_TYPES = pa.array(sorted(CURRENT_VERSIONS))
+_VERSIONS = pa.array([CURRENT_VERSIONS[t] for t in sorted(CURRENT_VERSIONS)], pa.int64())
+
+
+def _all_current(parsed: pa.Table, rows: int) -> bool:
+    """Whether `parsed` holds `rows` events, each of its type's current schema version."""
+    if parsed.num_rows != rows:
+        return False
+    kinds = parsed.column("payload").combine_chunks().field("type")
+    wanted = pc.take(_VERSIONS, pc.index_in(kinds, value_set=_TYPES))
+    same = pc.equal(parsed.column("schema_version"), wanted)
+    return bool(pc.all(pc.fill_null(same, False)).as_py())
+
+
+def rows_batch(epoch: str, rows: list[Row]) -> pa.RecordBatch:
+    """The table rows of archive or stream rows: `stored_batch` of their stored bytes."""
+    stored = [r[4] for r in rows]
+    return stored_batch(
+        epoch,
+        pa.array([r[2] for r in rows], pa.int32()),
+        pa.array([r[3] for r in rows], pa.string()),
+        b"\n".join(stored),
+        lambda: stored,
+    )
+
+
+def stored_batch(
+    epoch: str, partition: pa.Array, stream_id: pa.Array, joined: bytes, stored: Callable[[], list[bytes]]
+) -> pa.RecordBatch:
+    """The table rows of events as stored (`joined` by newlines; `stored()` one by one), as `record_batch`
+    of their current-schema lines: pyarrow parses the stored bytes as they are when every event is of its
+    type's current version (checked on the parsed columns), else their upcast lines (`current_bytes`), so
+    on the usual path no event is decoded in Python.
+
+    Raises:
+        DecodeError: an event is not valid (`pyarrow.ArrowInvalid`: its JSON is not of its schema).
+    """
+    position = pc.binary_join_element_wise(epoch, pc.cast(partition, pa.string()), stream_id, ".")
+    try:
+        parsed = _parse(joined)
+        current = _all_current(parsed, len(partition))
+    except pa.ArrowInvalid:
+        current = False
+    if not current:
+        parsed = _parse(b"".join([current_bytes(data) + b"\n" for data in stored()]))
+    return _assemble(parsed, position, partition, stream_id)
 
 
 def csv_schema() -> pa.Schema:

@@ -18,12 +18,12 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from events.codec import current_bytes
 from events.cursor import encode_cursor
 from events.log import EventLog
 from projector.exceptions import SelectionError
 from projector.history.reader import HistoryReader, Row
 from projector.history.selection import MAX_SEQ, StreamKey, check_epoch, key_text, select
+from projector.history.sinks import positioned
 from servicekit.auth import Principal
 
 NDJSON = "application/x-ndjson"
@@ -51,12 +51,6 @@ def next_from(epoch: str, partitions: int, last: Row) -> str:
     before = (ms, seq - 1) if seq > 0 else (ms - 1, MAX_SEQ)
     keys: list[StreamKey] = [(ms, seq) if p <= partition else before for p in range(partitions)]
     return encode_cursor(epoch, [key_text(k) for k in keys])
-
-
-def _item(epoch: str, row: Row) -> bytes:
-    return b'{"position":"%s.%d.%s","event":%s}' % (
-        epoch.encode(), row[2], row[3].encode(), current_bytes(row[4]),
-    )  # fmt: skip
 
 
 def add_history_route(
@@ -124,7 +118,7 @@ def add_history_route(
 
             async def body() -> AsyncIterator[bytes]:
                 async for found in rows(5000):
-                    yield b"".join(_item(current, r) + b"\n" for r in found)
+                    yield b"".join(positioned(current, r) + b"\n" for r in found)
 
             return StreamingResponse(body(), media_type=NDJSON)
 
@@ -141,7 +135,7 @@ def add_history_route(
         more = len(taken) >= limit
         cursor = next_from(current, layout.partitions, taken[-1]) if taken else None
         payload = b'{"events":[%s],"next_from":%s,"more":%s}' % (
-            b",".join(_item(current, r) for r in taken),
+            b",".join(positioned(current, r) for r in taken),
             b'"%s"' % cursor.encode() if cursor else b"null",
             b"true" if more else b"false",
         )

@@ -10,6 +10,7 @@ comes out in the same order, byte for byte, whether its entries were still in Re
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from events.position import parse_stream_id
 from projector.history.selection import Selection, StreamKey, key_text
 
 AsyncConn = psycopg.AsyncConnection[Any]
+BlockingConn = psycopg.Connection[Any]
 # (stream ms, stream seq, partition, stream id, log bytes): tuples sort in replay order.
 Row = tuple[int, int, int, str, bytes]
 
@@ -51,12 +53,19 @@ def _page_sql(selection: Selection) -> str:
 
 
 class HistoryReader:
-    """Pages of rows of one selection in one log epoch; `undecodable` counts stream entries left out."""
+    """Pages of rows of one selection in one log epoch; `undecodable` counts stream entries left out.
+
+    With `archive`, a blocking connection, archive pages are fetched on a worker thread, the next while the
+    last is handed out: psycopg's blocking fetch waits in C and takes half the CPU of its asyncio one, which
+    is most of a bulk replay's reading.
+    """
 
     def __init__(
-        self, conn: AsyncConn, log: EventLog, epoch: str, selection: Selection, page: int = 10_000
-    ) -> None:
+        self, conn: AsyncConn, log: EventLog, epoch: str, selection: Selection, page: int = 10_000,
+        archive: BlockingConn | None = None,
+    ) -> None:  # fmt: skip
         self.conn = conn
+        self.archive = archive
         self.log = log
         self.epoch = epoch
         self.selection = selection
@@ -79,22 +88,59 @@ class HistoryReader:
         stream = parse_stream_id(await self.log.head(partition))
         return max(stream, await self.archive_head(partition) or stream)
 
+    def _params(self, partition: int, after: StreamKey, until: StreamKey) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "partition": partition, "after_ms": after[0], "after_seq": after[1],
+            "until_ms": until[0], "until_seq": until[1], "limit": self.page, **self._filters,
+        }  # fmt: skip
+
+    async def _fetch(self, params: dict[str, Any]) -> list[Row]:
+        cur = self.conn.cursor(binary=True)
+        await cur.execute(self._page_sql, params)
+        rows: list[Row] = await cur.fetchall()
+        return rows
+
+    def _fetch_blocking(self, params: dict[str, Any]) -> list[Row]:
+        assert self.archive is not None
+        cur = self.archive.cursor(binary=True)
+        cur.execute(self._page_sql, params)
+        rows: list[Row] = cur.fetchall()
+        return rows
+
     async def _archive_pages(
         self, partition: int, after: StreamKey, until: StreamKey
     ) -> AsyncIterator[list[Row]]:
-        while after < until:
-            params = {
-                "epoch": self.epoch, "partition": partition, "after_ms": after[0], "after_seq": after[1],
-                "until_ms": until[0], "until_seq": until[1], "limit": self.page, **self._filters,
-            }  # fmt: skip
-            cur = self.conn.cursor(binary=True)
-            await cur.execute(self._page_sql, params)
-            rows: list[Row] = await cur.fetchall()
-            if rows:
-                yield rows
-            if len(rows) < self.page:
-                return
-            after = (rows[-1][0], rows[-1][1])
+        if self.archive is None:
+            while after < until:
+                rows = await self._fetch(self._params(partition, after, until))
+                if rows:
+                    yield rows
+                if len(rows) < self.page:
+                    return
+                after = (rows[-1][0], rows[-1][1])
+            return
+        if after >= until:
+            return
+        fetching: asyncio.Future[list[Row]] | None = None
+        try:
+            fetching = asyncio.ensure_future(
+                asyncio.to_thread(self._fetch_blocking, self._params(partition, after, until))
+            )
+            while fetching is not None:
+                rows = await fetching
+                fetching = None
+                after = (rows[-1][0], rows[-1][1]) if rows else until
+                if len(rows) == self.page and after < until:
+                    fetching = asyncio.ensure_future(
+                        asyncio.to_thread(self._fetch_blocking, self._params(partition, after, until))
+                    )
+                if rows:
+                    yield rows
+        finally:
+            if fetching is not None:  # let the thread finish with the connection before anyone closes it
+                await asyncio.wait([fetching])
+                if not fetching.cancelled():
+                    fetching.exception()
 
     def keep(self, partition: int, stream_id: str, data: bytes) -> Row | None:
         try:

@@ -1,7 +1,8 @@
-"""Replay a selection of the log into a sink: connect, check the epoch, read, render, follow the head.
+"""Replay a selection of the log into a sink: connect, check the epoch, read pages, follow the head.
 
-Rendering turns each entry into its current-schema JSON (`events.codec.current_bytes`), so a replay is
-upcast and, for a bounded selection, byte-identical however often it runs and whatever was trimmed.
+Pages hold the rows as stored; each sink renders them in the current schema (`events.codec.current_bytes`,
+or `columns.rows_batch` for tables), so a replay is upcast and, for a bounded selection, byte-identical
+however often it runs and whatever was trimmed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any, TypeVar
 import psycopg
 import redis.exceptions
 
-from events.codec import current_bytes
 from events.exceptions import LogError
 from events.log import EventLog
 from events.position import parse_stream_id
@@ -42,6 +42,10 @@ class Source:
 
     log: LogSettings
     database_url: str
+
+
+def _connect_blocking(database_url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(database_url, autocommit=True)
 
 
 @asynccontextmanager
@@ -69,19 +73,16 @@ async def open_reader(
         except psycopg.OperationalError as exc:
             raise HistoryUnavailable(f"cannot reach the archive's Postgres: {exc}") from None
         async with conn:
-            yield HistoryReader(conn, log, epoch, selection, page)
+            try:
+                archive = await asyncio.to_thread(_connect_blocking, source.database_url)
+            except psycopg.OperationalError as exc:
+                raise HistoryUnavailable(f"cannot reach the archive's Postgres: {exc}") from None
+            try:
+                yield HistoryReader(conn, log, epoch, selection, page, archive)
+            finally:
+                await asyncio.to_thread(archive.close)
     finally:
         await client.aclose()
-
-
-def render(epoch: str, rows: list[Row]) -> Page:
-    """Each row's current-schema JSON line and position."""
-    return Page(
-        lines=[current_bytes(r[4]) + b"\n" for r in rows],
-        positions=[f"{epoch}.{r[2]}.{r[3]}" for r in rows],
-        partitions=[r[2] for r in rows],
-        stream_ids=[r[3] for r in rows],
-    )
 
 
 async def count(reader: HistoryReader) -> int | None:
@@ -104,17 +105,17 @@ async def count(reader: HistoryReader) -> int | None:
 
 
 async def pages(reader: HistoryReader, *, follow: bool = False, block_ms: int = 1000) -> AsyncIterator[Page]:
-    """Rendered pages of the selection; with `follow`, then every new event as it is appended, forever."""
+    """Pages of the selection; with `follow`, then every new event as it is appended, forever."""
     sel = reader.selection
     if not follow:
         async for rows in reader.pages():
-            yield render(reader.epoch, rows)
+            yield Page(reader.epoch, rows)
         return
     heads = {p: await reader.head(p) for p in sel.partitions}
     async for rows in reader.pages(heads):
-        yield render(reader.epoch, rows)
+        yield Page(reader.epoch, rows)
     async for rows in _tail(reader, heads, block_ms):
-        yield render(reader.epoch, rows)
+        yield Page(reader.epoch, rows)
 
 
 async def _tail(
