@@ -6,11 +6,7 @@ serves health, metrics and the OpenAPI document. Every error is RFC 9457 problem
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from command_api.dispatch import CommandDispatcher
@@ -22,9 +18,7 @@ from servicekit.health import add_health_routes
 from servicekit.httpedge import NO_DOC_PAGES
 from servicekit.lifespan import services_lifespan
 from servicekit.openapi import extend_openapi
-from servicekit.problems import add_http_problem_handlers, problem_response
-
-log = logging.getLogger(__name__)
+from servicekit.problems import AnswerUnexpected, add_http_problem_handlers
 
 
 class CommandApp(FastAPI):
@@ -67,8 +61,4 @@ def create_app(settings: CommandApiSettings | None = None) -> CommandApp:
 
 def _install_error_handlers(app: FastAPI) -> None:
     add_http_problem_handlers(app)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(500, "internal-error", "Internal server error")
+    app.add_middleware(AnswerUnexpected, service="command")

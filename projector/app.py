@@ -17,7 +17,6 @@ import msgspec
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from projector import queries
 from projector.exceptions import (
@@ -48,7 +47,12 @@ from servicekit.exceptions import AuthError
 from servicekit.health import add_health_routes
 from servicekit.httpedge import NO_DOC_PAGES
 from servicekit.openapi import extend_openapi
-from servicekit.problems import add_http_problem_handlers, bearer_challenge, problem_response
+from servicekit.problems import (
+    AnswerUnexpected,
+    add_http_problem_handlers,
+    bearer_challenge,
+    problem_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +80,13 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
     async def reading(request: Request) -> AsyncIterator[str]:
         """The authenticated user, holding one of their read slots until the answer is ready."""
         user = verifier.verify(parse_bearer(request.headers.get("authorization"))).user_id
-        if not reads.slots.try_acquire(user):
+        if not reads.slots.take(user):
             detail = f"at most {reads.slots.limit} at a time per user"
             raise Problem(429, "too-many-reads", "Too many reads in flight", detail, **{"Retry-After": "1"})
         try:
             yield user
         finally:
-            reads.slots.release(user)
+            reads.slots.give_back(user)
 
     async def wait_for_position(request: Request, target: ReadTarget) -> str:
         """The log's epoch, once the read models on `target` have reached the request's `position` (a
@@ -263,32 +267,5 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
         return problem_response(503, "query-timeout", "The read models are too busy to answer in time",
                                 str(exc), headers={"Retry-After": "1"})  # fmt: skip
 
-    app.add_middleware(AnswerUnexpected)
+    app.add_middleware(AnswerUnexpected, service="query")
     return app
-
-
-class AnswerUnexpected:
-    """A bug answers 500 problem+json and is logged, and the connection stays usable: Starlette's own
-    last-resort handler re-raises after answering, and the server then drops the keep-alive connection."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def sending(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        except Exception:
-            log.exception("query %s %r failed", scope["method"], scope["path"])
-            if started:  # too late for an answer: the server closes the connection
-                raise
-            await problem_response(500, "internal-error", "Internal server error")(scope, receive, send)

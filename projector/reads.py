@@ -32,11 +32,12 @@ from projector.exceptions import (
 from projector.metrics import QUERY_READS
 from projector.replicas import Health, Replicas
 from projector.settings import ProjectorSettings
+from servicekit.slots import UserSlots
+from servicekit.supervisor import Policy, Supervisor
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.02  # how often the watcher reads the checkpoints while anyone waits
-RESTART_MAX_S = 5.0
 SNAPSHOT_ATTEMPTS = 3  # a read straddling a rebuild's swap is done again; two swaps in a row are unheard of
 NOTHING = "0-0"  # the stream id before every entry
 
@@ -84,7 +85,7 @@ def exact_cursor(checkpoints: Checkpoints, epoch: str, partitions: int) -> str:
 class CheckpointWatcher:
     """Reads every partition's checkpoint once per `POLL_S` while anyone waits, and wakes the waiters
     whose position it passed; an idle watcher reads nothing. A failed read is retried; a crash of the
-    loop itself is logged and the loop restarted (with backoff), so waiters are never left unserved."""
+    loop itself is its supervisor's (policy RESTART, with backoff), so waiters are never left unserved."""
 
     def __init__(self, reads: ReadTarget) -> None:
         self._reads = reads
@@ -93,8 +94,8 @@ class CheckpointWatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._supervise(), name="checkpoint-watcher")
+    def start(self, supervisor: Supervisor) -> None:
+        self._task = supervisor.spawn("checkpoint-watcher", self._watch, Policy.RESTART, context=self._where)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -122,19 +123,11 @@ class CheckpointWatcher:
         finally:
             self._waiters.pop(waiter, None)
 
-    async def _supervise(self) -> None:
-        delay = 0.1
-        while True:
-            try:
-                await self._watch()
-            except Exception:  # a bug in the loop: say so, and serve the waiters again
-                log.exception("checkpoint watcher crashed (%d waiting); restarting in %.1fs",
-                              len(self._waiters), delay)  # fmt: skip
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RESTART_MAX_S)
-                self._wake.set()
+    def _where(self) -> str:
+        return f"{len(self._waiters)} waiting"
 
     async def _watch(self) -> None:
+        self._wake.set()  # a restart after a crash serves whoever waits at once
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -165,26 +158,6 @@ class CheckpointWatcher:
                 waiter.set_exception(exc)
 
 
-class UserSlots:
-    """At most `limit` reads in flight per user; a request beyond is refused rather than queued."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._in_flight: dict[str, int] = {}
-
-    def try_acquire(self, user: str) -> bool:
-        held = self._in_flight.get(user, 0)
-        if held >= self.limit:
-            return False
-        self._in_flight[user] = held + 1
-        return True
-
-    def release(self, user: str) -> None:
-        held = self._in_flight.pop(user) - 1
-        if held:
-            self._in_flight[user] = held
-
-
 class ReadTarget:
     """One Postgres server the query API reads, the primary or a streaming replica: its pool (its own,
     `query_pool_size` connections, each with the statement timeout; autocommit, and every transaction on
@@ -203,12 +176,13 @@ class ReadTarget:
                     "options": f"-c statement_timeout={settings.query_statement_timeout_ms}"},
             configure=_snapshot_transactions,
         )  # fmt: skip
+        self.supervisor = Supervisor("query")
         self.watcher = CheckpointWatcher(self)
         self.health: Health | None = None
 
     async def open(self) -> None:
         await self.pool.open(wait=False)
-        self.watcher.start()
+        self.watcher.start(self.supervisor)
 
     async def close(self) -> None:
         await self.watcher.stop()

@@ -42,6 +42,7 @@ from projector.state import ConversationState, forget_bodies
 from projector.store import Store
 from servicekit.gcpacing import GcPacer
 from servicekit.redisclient import redis_client
+from servicekit.supervisor import Policy, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,14 @@ class PartitionProjector:
             raise EpochMismatch(self.partition, cp.epoch, self.worker.epoch)
         self.position, self.applied, self.version = cp.stream_id, cp.events_applied, cp.version
 
+    def crashed(self, exc: BaseException) -> None:
+        """A bug ended `run` (its supervisor, policy STOP, logged it): the partition stops, never skips."""
+        metrics.STOPPED.labels(str(self.partition)).set(1)
+        self.stopped = f"crashed: {type(exc).__name__}: {exc}"
+
     async def run(self) -> None:
-        """Loop until cancelled or stopped; a stop is logged loudly and shown in metrics, never skipped."""
+        """Loop until cancelled or stopped; a stop is logged loudly and shown in metrics, never skipped.
+        Any other exception is a bug, for the supervisor (`crashed`)."""
         label = str(self.partition)
         delay = 0.1
         loaded = False
@@ -141,11 +148,9 @@ class PartitionProjector:
                 loaded = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.worker.settings.retry_max_s)
-            except Exception as exc:  # a bug: stop loudly rather than end the task unseen
-                metrics.STOPPED.labels(label).set(1)
-                self.stopped = f"crashed: {type(exc).__name__}: {exc}"
-                log.critical("PROJECTION STOPPED: partition %d crashed", self.partition, exc_info=exc)
-                return
+
+    def where(self) -> str:
+        return f"partition {self.partition} at {self.position}"
 
     async def step(self) -> int:
         """Read, fold and commit one batch; returns how many entries it moved past.
@@ -274,6 +279,7 @@ class Worker:
             kwargs={"prepare_threshold": None}, configure=self.store.prepare_connection,
         )  # fmt: skip
         self.retention = Retention.of(settings, self.redis, self.pool)
+        self.supervisor = Supervisor("projector")
         self.epoch: str | None = None
         self.projectors: dict[int, PartitionProjector] = {}
         self.tasks: dict[int, asyncio.Task[None]] = {}
@@ -312,7 +318,9 @@ class Worker:
         """Hold leases and project owned partitions until `stop` is set; trim the streams meanwhile."""
         retention = None
         if self.settings.retention:
-            retention = asyncio.create_task(self.retention.run(stop), name="retention")
+            retention = self.supervisor.spawn(
+                "retention", lambda: self.retention.run(stop), Policy.RESTART, context=self.retention.where
+            )
         try:
             async with self.paced_gc():
                 await self._run(stop)
@@ -327,7 +335,7 @@ class Worker:
         s = self.settings
         pacer = GcPacer(metrics.GC_PAUSE_SECONDS, s.gc_young_every_s, s.gc_full_every_s)
         if s.gc_paced:
-            pacer.start()
+            pacer.start(self.supervisor)
         try:
             yield
         finally:
@@ -376,8 +384,14 @@ class Worker:
             await self._stop(p)
         for p in sorted(held - set(self.tasks)):
             log.info("partition %d acquired", p)
-            self.projectors[p] = PartitionProjector(self, p)
-            self.tasks[p] = asyncio.create_task(self.projectors[p].run(), name=f"partition-{p}")
+            projector = self.projectors[p] = PartitionProjector(self, p)
+            self.tasks[p] = self.supervisor.spawn(
+                f"partition-{p}",
+                projector.run,
+                Policy.STOP,
+                context=projector.where,
+                on_stop=projector.crashed,
+            )
         if self.use_leases and len(held) > share:
             for p in sorted(held)[share:]:
                 log.info("partition %d released for balance", p)

@@ -18,7 +18,7 @@ from starlette.websockets import WebSocket
 from events.exceptions import LogError
 from events.log import EventLog
 from realtime_fanout.archive import Archive
-from realtime_fanout.connection import Connection, UserSlots
+from realtime_fanout.connection import Connection
 from realtime_fanout.exceptions import HubUnavailable
 from realtime_fanout.history import History
 from realtime_fanout.hub import Hub
@@ -32,7 +32,10 @@ from servicekit.gcpacing import GcPacer
 from servicekit.health import add_health_routes
 from servicekit.httpedge import NO_DOC_PAGES
 from servicekit.lifespan import services_lifespan
+from servicekit.problems import AnswerUnexpected, add_http_problem_handlers
 from servicekit.redisclient import redis_client
+from servicekit.slots import UserSlots
+from servicekit.supervisor import Policy, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class Services:
         cluster = settings.log.redis_cluster
         self.redis = redis_client(url, 10, cluster=cluster)
         self.reader_redis = redis_client(url, settings.read_block_ms / 1000 + 10, cluster=cluster)
+        self.supervisor = Supervisor("fanout")
         self.pool: AsyncConnectionPool[Any] | None = None
         archive: Archive | None = None
         self.seeder: UnreadSeeder | None = None
@@ -63,6 +67,7 @@ class Services:
             count=settings.read_count,
             archive=archive,
             track_acts=settings.presence_scope == "engaged",
+            supervisor=self.supervisor,
         )
         history_log = EventLog(self.redis, layout)
         self.history = History(
@@ -83,7 +88,7 @@ class Services:
     async def open(self) -> None:
         """Start the hub now if the log exists, else keep trying in the background."""
         if self.settings.gc_paced:
-            self.gc_pacer.start()
+            self.gc_pacer.start(self.supervisor)
         if self.pool is not None:
             await self.pool.open(wait=False)
         await self.bus.start()
@@ -91,7 +96,7 @@ class Services:
             await self.hub.start()
         except (LogError, redis.exceptions.RedisError, psycopg.Error) as exc:
             log.error("log not readable at start (%s); retrying in the background", exc)
-            self._starter = asyncio.create_task(self._keep_starting())
+            self._starter = self.supervisor.spawn("fanout-start", self._keep_starting, Policy.RESTART)
 
     async def _keep_starting(self) -> None:
         delay = 0.2
@@ -113,6 +118,7 @@ class Services:
         await self.hub.stop()
         if self.pool is not None:
             await self.pool.close()
+        await self.supervisor.close()
         await self.reader_redis.aclose()
         await self.redis.aclose()
         await self.gc_pacer.stop()
@@ -153,6 +159,8 @@ def create_app(settings: FanoutSettings | None = None) -> FastAPI:
         **NO_DOC_PAGES,
     )
     app.settings = settings
+    add_http_problem_handlers(app)
+    app.add_middleware(AnswerUnexpected, service="fanout")
 
     async def redis_ready(request: Request) -> None:
         services: Services = request.app.state.services
@@ -161,9 +169,17 @@ def create_app(settings: FanoutSettings | None = None) -> FastAPI:
     async def hub_ready(request: Request) -> None:
         services: Services = request.app.state.services
         if not services.hub.running:
-            raise HubUnavailable("the hub is not reading the log")
+            raise HubUnavailable(services.hub.failure or "the hub is not reading the log")
+
+    async def tasks_ready(request: Request) -> None:
+        services: Services = request.app.state.services
+        services.supervisor.check()
 
     add_health_routes(
-        app, lambda request: {"redis": lambda: redis_ready(request), "hub": lambda: hub_ready(request)}
-    )
+        app,
+        lambda request: {
+            "redis": lambda: redis_ready(request), "hub": lambda: hub_ready(request),
+            "tasks": lambda: tasks_ready(request),
+        },
+    )  # fmt: skip
     return app

@@ -1,13 +1,9 @@
 """History after a cursor: from the Postgres archive for what the streams trimmed, then from the streams.
 
-Rule (sound on Redis 6.2 and 7): a stream holds every entry after cursor C
-when C is at or after its first entry (or, on an empty stream, its last-generated id). Otherwise entries in
-(C, F) may be trimmed, F being that first/last id; the archive serves them when its head for the partition
-is at or after F (it holds every entry up to its head), else we wait `archive_wait_s` for the projector,
-then raise HistoryGone. On Redis 7, entries-added == length means nothing was ever removed; on Redis 6 a
-cursor of "0-0" with nothing archived is assumed served.
-Trimmers must only trim what is archived (XTRIM MINID <= archive head). Page reads are shared across callers
-(`pageflights`): in flight and for a short linger after.
+Which of them serves what is the pure rule of `trimrule.py`; an archive that is behind is waited for
+`archive_wait_s` (the projector may catch up), then HistoryGone is raised. Trimmers must only trim what is
+archived (XTRIM MINID <= archive head). Page reads are shared across callers (`pageflights`): in flight
+and for a short linger after.
 """
 
 from __future__ import annotations
@@ -26,12 +22,9 @@ from realtime_fanout.exceptions import HistoryGone
 from realtime_fanout.item import Item, decode_entry
 from realtime_fanout.metrics import HISTORY_COALESCED, HISTORY_READS
 from realtime_fanout.pageflights import Page, PageFlights
+from realtime_fanout.trimrule import Served, history_plan, stream_holds
 
 _NO_LIVE: StreamKey = (1 << 64, 0)  # later than any stream id: only a fresh read serves a partial page
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class History:
@@ -61,30 +54,25 @@ class History:
 
     async def archive_until(self, epoch: str, partition: int, after_id: str) -> str | None:
         """None when the stream holds every entry after `after_id`; else the stream id up to which
-        (inclusive) the archive must serve first. Raises HistoryGone when neither can serve."""
+        (inclusive) the archive must serve first (`trimrule.history_plan`). Raises HistoryGone when neither
+        can serve, after waiting up to `archive_wait_s` for the archive to catch up."""
         after = stream_key(after_id)
         try:
             info: Any = await self.log.redis.xinfo_stream(self.log.layout.stream_key(partition))
         except redis.exceptions.ResponseError:  # no such key: the partition has no stream (yet)
-            if after != (0, 0):
-                raise HistoryGone(f"partition {partition} has no stream, cursor at {after_id}") from None
-            return None
-        first = info.get("first-entry")
-        bound = _text(first[0]) if first else _text(info.get("last-generated-id", "0-0"))
-        # Redis 7 counts every entry ever added: equal to the length, nothing was ever trimmed or deleted.
-        # (max-deleted-entry-id does not help: XTRIM leaves it at 0-0 on 7.0.)
-        added = info.get("entries-added")
-        if stream_key(bound) <= after or (added is not None and int(added) == int(info.get("length", -1))):
-            return None
+            info = None
+        if stream_holds(info, after):
+            return None  # the archive is not asked: the common case costs one XINFO
         deadline = time.monotonic() + self.archive_wait_s
         while True:
             head = None if self.archive is None else await self.archive.head(epoch, partition)
-            if head is not None and head >= stream_key(bound):
-                return bound
-            if head is None and after == (0, 0) and added is None:
-                return None  # Redis 6 cannot tell whether "0-0" lost anything: assumed served
-            if self.archive is None or time.monotonic() >= deadline:
-                raise HistoryGone(f"partition {partition} no longer holds entries after {after_id}")
+            plan = history_plan(info, head, after)
+            if isinstance(plan, Served):
+                return plan.archive_until
+            if self.archive is None or not plan.may_catch_up or time.monotonic() >= deadline:
+                raise HistoryGone(
+                    f"partition {partition} no longer holds entries after {after_id}: {plan.reason}"
+                )
             await asyncio.sleep(0.1)
 
     async def pages(

@@ -1,10 +1,10 @@
 """The hub: one reader per process for all partitions, dispatching in memory to local subscribers.
 
-It reads every partition stream once (XREAD BLOCK), decodes each entry once, keeps the membership
-index, and offers each item only to the subscribers of its conversation (plus users it names), so
-the cost grows with recipients, not with connections. A conversation's deletions also reach the
-connections of users who left it: they see no event, but their unread state (frozen while they are out,
-as in the read model) must lose a deleted message before a re-add reports it.
+It reads every partition stream once (XREAD BLOCK, in `_read`), decodes each entry once and hands it to
+the `Router` (membership index and routing tables, no I/O), then offers it to each recipient. A recipient
+whose handling raises is closed with 1011 and nobody else is; a crash of the hub itself stops it loudly
+(its supervisor's STOP policy: going on could skip an entry), closing every connection with 1011 so they
+resume elsewhere, and /readyz fails.
 """
 
 from __future__ import annotations
@@ -12,37 +12,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Protocol
 
 import redis.exceptions
 
 from events.layout import LogLayout
-from events.log import EventLog
-from events.schema import MessageDeleted
+from events.log import EventLog, LogEntry
 from realtime_fanout.archive import Archive
 from realtime_fanout.cursor import stream_key
 from realtime_fanout.exceptions import HubUnavailable
 from realtime_fanout.item import Item, act_of, decode_entry, may_change_membership
-from realtime_fanout.membership import PRIVATE_PAYLOADS, MembershipIndex, Span
-from realtime_fanout.metrics import DELIVERIES, ENTRIES_READ
+from realtime_fanout.membership import MembershipIndex, Span
+from realtime_fanout.metrics import CONNECTION_FAILURES, DELIVERIES, ENTRIES_READ
+from realtime_fanout.routing import Abortable, Router, Subscriber
 from servicekit.redisclient import RedisClient
+from servicekit.supervisor import Policy, Supervisor
 
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_PAGE = 2_000
+READ_BACKOFF_S = 0.1
+READ_BACKOFF_MAX_S = 5.0
 
 
-class Subscriber(Protocol):
-    """What the hub needs of a connection: who it is, its filter, and a non-blocking `offer`."""
-
-    @property
-    def user_id(self) -> str: ...
-
-    @property
-    def conversations(self) -> frozenset[str] | None: ...
-
-    def offer(self, item: Item) -> None:
-        """Take one live item; must not block or await (overflow is the subscriber's business)."""
+def abort_failed(sub: Abortable, what: str) -> None:
+    """Log the exception being handled (a bug in `sub`'s handling of `what`), count it, close `sub` 1011."""
+    CONNECTION_FAILURES.inc()
+    log.exception("connection of %s failed handling %s; closing it 1011", sub.user_id, what)
+    sub.abort()
 
 
 class Hub:
@@ -57,21 +53,23 @@ class Hub:
         count: int = 1_000,
         archive: Archive | None = None,
         track_acts: bool = False,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.log = EventLog(redis, layout)
-        self.track_acts = track_acts  # who acted where (`engages`), for the `engaged` presence scope
         self.archive = archive
         self.layout = layout
         self.block_ms = block_ms
         self.count = count
+        self.supervisor = supervisor or Supervisor("fanout")
         self.epoch: str | None = None
         self.positions: list[str] = ["0-0"] * layout.partitions
-        self.index = MembershipIndex()
-        self._by_user: dict[str, set[Subscriber]] = {}
-        self._by_conversation: dict[str, set[Subscriber]] = {}
-        self._left: dict[str, set[Subscriber]] = {}  # subscribers of users who left the conversation
+        self.router = Router(track_acts=track_acts)
+        self.failure: str | None = None
         self._task: asyncio.Task[None] | None = None
-        self._keys = layout.stream_keys()
+
+    @property
+    def index(self) -> MembershipIndex:
+        return self.router.index
 
     @property
     def running(self) -> bool:
@@ -88,7 +86,9 @@ class Hub:
             await self._bootstrap(partition, head)
         self.epoch = epoch
         self.positions = heads
-        self._task = asyncio.create_task(self._run(), name="fanout-hub")
+        self._task = self.supervisor.spawn(
+            "fanout-hub", self._run, Policy.STOP, context=self._where, on_stop=self._stopped
+        )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -97,8 +97,17 @@ class Hub:
                 await self._task
             self._task = None
 
+    def _where(self) -> str:
+        return f"at {self.positions}, {len(self.router.subscribers())} subscribers"
+
+    def _stopped(self, exc: BaseException) -> None:
+        self.failure = f"the hub stopped: {type(exc).__name__}: {exc}"
+        for sub in self.router.subscribers():
+            sub.abort()
+
     async def _bootstrap(self, partition: int, head: str) -> None:
         after = "0-0"
+        index = self.router.index
         while head != "0-0":
             start = f"({after}" if after != "0-0" else "-"
             entries = await self.log.read_range(partition, start, head, BOOTSTRAP_PAGE)
@@ -106,113 +115,84 @@ class Hub:
                 if may_change_membership(entry.data):
                     item = decode_entry(entry)
                     if item is not None:
-                        self.index.apply(item.envelope)
-                if self.track_acts and (act := act_of(entry.data)) is not None:
-                    self.index.note_act(*act)
+                        index.apply(item.envelope)
+                if self.router.track_acts and (act := act_of(entry.data)) is not None:
+                    index.note_act(*act)
             if len(entries) < BOOTSTRAP_PAGE:
                 return
             after = entries[-1].stream_id
 
     async def _bootstrap_archive(self, epoch: str, partition: int) -> None:
         assert self.archive is not None
+        index = self.router.index
         first = await self.log.first_id(partition)
         before = stream_key(first) if first is not None else (1 << 64, 0)
         for entry in await self.archive.membership_entries(epoch, partition, before):
             item = decode_entry(entry)
             if item is not None:
-                self.index.apply(item.envelope)
-        if self.track_acts:
+                index.apply(item.envelope)
+        if self.router.track_acts:
             for act in await self.archive.acts(epoch, partition, before):
-                self.index.note_act(*act)
+                index.note_act(*act)
 
     def learn(self, spans: list[Span]) -> None:
         """Add spans known from the read model (for history the streams no longer hold)."""
-        self.index.learn(spans)
+        self.router.index.learn(spans)
 
     def attach(self, subscriber: Subscriber) -> tuple[list[str], list[Span]]:
         """Register `subscriber` for live items after the returned positions; also its membership seed.
 
         Raises:
-            HubUnavailable: the hub has not opened the log.
+            HubUnavailable: the hub has not opened the log, or it stopped.
         """
         if self.epoch is None:
             raise HubUnavailable("the hub is not reading the log yet")
-        user = subscriber.user_id
-        self._by_user.setdefault(user, set()).add(subscriber)
-        for cid in self.index.conversations_of(user):
-            self._route(subscriber, cid, member=True, left=False)
-        for cid in self.index.left_conversations_of(user):
-            self._route(subscriber, cid, member=False, left=True)
-        return list(self.positions), self.index.seed_for(user)
+        if self.failure is not None:
+            raise HubUnavailable(self.failure)
+        seed = self.router.attach(subscriber)
+        return list(self.positions), seed
 
     def detach(self, subscriber: Subscriber) -> None:
-        user = subscriber.user_id
-        subs = self._by_user.get(user)
-        if subs is not None:
-            subs.discard(subscriber)
-            if not subs:
-                del self._by_user[user]
-        for cid in (*self.index.conversations_of(user), *self.index.left_conversations_of(user)):
-            self._route(subscriber, cid, member=False, left=False)
+        self.router.detach(subscriber)
 
     def subscribers(self) -> list[Subscriber]:
-        return [s for subs in self._by_user.values() for s in subs]
+        return self.router.subscribers()
 
     def dispatch(self, item: Item) -> None:
-        """Update the index with `item`, then offer it to every local subscriber that may see it."""
-        cid = item.conversation_id
-        env = item.envelope
-        if self.track_acts and not isinstance(env.payload, PRIVATE_PAYLOADS):
-            self.index.note_act(cid, env.actor, env.seq)
-        named = item.named_users()
-        targets: set[Subscriber] | tuple[Subscriber, ...]
-        if named:
-            self.index.apply(item.envelope)
-            targets = set(self._by_conversation.get(cid, ()))
-            for user in named:
-                member, left = user in self.index.members.get(cid, ()), self.index.has_left(user, cid)
-                for sub in self._by_user.get(user, ()):
-                    targets.add(sub)
-                    self._route(sub, cid, member=member, left=left)
-        else:
-            targets = tuple(self._by_conversation.get(cid, ()))
-            out = self._left.get(cid)
-            if out and type(item.envelope.payload) is MessageDeleted:
-                targets += tuple(out)
+        """Route `item`, then offer it to every local subscriber that may see it, each isolated."""
+        targets = self.router.route(item)
         for sub in targets:
-            sub.offer(item)
+            try:
+                sub.offer(item)
+            except Exception:  # one connection's bug closes that connection, nobody else's
+                abort_failed(sub, f"entry {item.stream_id} of partition {item.partition}")
         DELIVERIES.inc(len(targets))
 
-    def _route(self, sub: Subscriber, cid: str, *, member: bool, left: bool) -> None:
-        """File `sub` under `cid` as a member's connection, a connection of one who left, or neither."""
-        wanted = sub.conversations is None or cid in sub.conversations
-        for table, present in ((self._by_conversation, member and wanted), (self._left, left and wanted)):
-            if present:
-                table.setdefault(cid, set()).add(sub)
-            elif (subs := table.get(cid)) is not None:
-                subs.discard(sub)
-                if not subs:
-                    del table[cid]
+    def feed(self, entries: list[LogEntry]) -> None:
+        """Move past `entries` (read live, in order per partition), dispatching each decodable one."""
+        for entry in entries:
+            ENTRIES_READ.inc()
+            item = decode_entry(entry)
+            self.positions[entry.partition] = entry.stream_id
+            if item is not None:
+                self.dispatch(item)
+            else:
+                log.error("skipping undecodable entry %s of partition %d", entry.stream_id, entry.partition)
+
+    async def _read(self) -> list[LogEntry]:
+        """The next entries after `positions`: one blocking XREAD over every partition."""
+        after = {p: self.positions[p] for p in range(self.layout.partitions)}
+        return await self.log.read_many(after, self.count, self.block_ms)
 
     async def _run(self) -> None:
-        backoff = 0.1
+        backoff = READ_BACKOFF_S
         while True:
             try:
-                after = {p: self.positions[p] for p in range(len(self._keys))}
-                entries = await self.log.read_many(after, self.count, self.block_ms)
-                backoff = 0.1
+                entries = await self._read()
+                backoff = READ_BACKOFF_S
             except redis.exceptions.RedisError as exc:
                 log.warning("hub read failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, READ_BACKOFF_MAX_S)
                 continue
-            for entry in entries:
-                ENTRIES_READ.inc()
-                item = decode_entry(entry)
-                self.positions[entry.partition] = entry.stream_id
-                if item is not None:
-                    self.dispatch(item)
-                else:
-                    log.error(
-                        "skipping undecodable entry %s of partition %d", entry.stream_id, entry.partition
-                    )
+            self.feed(entries)

@@ -8,6 +8,9 @@ CONNECTIONS = Gauge("parley_fanout_connections", "Open, subscribed WebSocket con
 ENTRIES_READ = Counter("parley_fanout_entries_read_total", "Log entries the hub read (once per process)")
 DELIVERIES = Counter("parley_fanout_deliveries_total", "Events queued to sessions (one per recipient)")
 CLOSES = Counter("parley_fanout_closes_total", "Connections the server closed, by close code", ["code"])
+CONNECTION_FAILURES = Counter(
+    "parley_fanout_connection_failures", "Connections closed 1011 because handling them raised (a bug)"
+)
 RESYNCS = Counter("parley_fanout_resyncs_total", "Resync frames sent, by reason", ["reason"])
 HISTORY_READS = Counter(
     "parley_fanout_history_reads_total", "History pages read from a backend (redis|archive)", ["source"]

@@ -16,9 +16,10 @@ import redis.exceptions
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
 from realtime_fanout.frames import PresenceFrame, PresenceSnapshotFrame, Typing, TypingFrame, encode_frame
-from realtime_fanout.hub import Hub
+from realtime_fanout.hub import Hub, abort_failed
 from realtime_fanout.metrics import SIGNAL_ERRORS, SIGNALS_DELIVERED, TYPING_DROPPED
 from realtime_fanout.presence import PresenceStore
+from realtime_fanout.routing import Abortable
 from realtime_fanout.signals import (
     PresenceScope,
     PresenceSignal,
@@ -33,6 +34,7 @@ from realtime_fanout.signals import (
     typing_recipients,
 )
 from servicekit.redisclient import RedisClient, refresh_topology
+from servicekit.supervisor import Policy
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,8 @@ SWEEP_ROUNDS = 10
 POLL_S = 1.0
 
 
-class SignalTarget(Protocol):
-    """What the bus needs of a connection: identity, filter, and a non-blocking `signal`."""
-
-    @property
-    def user_id(self) -> str: ...
+class SignalTarget(Abortable, Protocol):
+    """What the bus needs of a connection: identity, filter, a non-blocking `signal`, and `abort`."""
 
     @property
     def conversations(self) -> frozenset[str] | None: ...
@@ -59,7 +58,11 @@ class SignalTarget(Protocol):
 
 
 class SignalBus:
-    """Typing and presence for the local connections; `start` subscribes once, `stop` ends every task."""
+    """Typing and presence for the local connections; `start` subscribes once, `stop` ends every task.
+
+    Its tasks run under the hub's supervisor, restarted with backoff after a crash (signals are ephemeral:
+    one lost is only late news); a connection whose delivery raises is closed 1011, nobody else.
+    """
 
     def __init__(
         self,
@@ -85,10 +88,11 @@ class SignalBus:
         self.subscribed = asyncio.Event()
 
     async def start(self) -> None:
+        spawn = self.hub.supervisor.spawn
         self._tasks = [
-            asyncio.create_task(self._listen(), name="fanout-signals"),
-            asyncio.create_task(self._heartbeat(), name="fanout-presence"),
-            asyncio.create_task(self._expire(), name="fanout-typing-expiry"),
+            spawn("fanout-signals", self._listen, Policy.RESTART),
+            spawn("fanout-presence", self._heartbeat, Policy.RESTART, context=self._where),
+            spawn("fanout-typing-expiry", self._expire, Policy.RESTART),
         ]
 
     async def stop(self) -> None:
@@ -98,6 +102,9 @@ class SignalBus:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+
+    def _where(self) -> str:
+        return f"{sum(map(len, self._conns.values()))} connections"
 
     async def join(self, conn: SignalTarget) -> None:
         """Register `conn`, record its presence, then queue its presence snapshot (Redis failures: none)."""
@@ -162,17 +169,24 @@ class SignalBus:
             last_seen = None if signal.last_seen is None else signal.last_seen / 1000
             frame = encode_frame(PresenceFrame(signal.user_id, signal.online, last_seen))
             for target in presence_recipients(self.hub.index, signal.user_id, self.presence_scope):
-                for conn in self._conns.get(target, {}):
-                    conn.signal(frame, presence=True)
-                    SIGNALS_DELIVERED.labels("presence").inc()
+                for conn in list(self._conns.get(target, {})):
+                    self._signal(conn, frame, "presence")
 
     def _deliver_typing(self, cid: str, user: str, state: TypingState) -> None:
         frame = encode_frame(TypingFrame(cid, user, state))
         for target in typing_recipients(self.hub.index.members.get(cid, ()), user):
-            for conn in self._conns.get(target, {}):
+            for conn in list(self._conns.get(target, {})):
                 if conn.conversations is None or cid in conn.conversations:
-                    conn.signal(frame, presence=False)
-                    SIGNALS_DELIVERED.labels("typing").inc()
+                    self._signal(conn, frame, "typing")
+
+    @staticmethod
+    def _signal(conn: SignalTarget, frame: bytes, kind: str) -> None:
+        try:
+            conn.signal(frame, presence=kind == "presence")
+        except Exception:  # one connection's bug closes that connection, nobody else's
+            abort_failed(conn, f"a {kind} signal")
+            return
+        SIGNALS_DELIVERED.labels(kind).inc()
 
     async def _sharded(self) -> bool:
         """Sharded pub/sub on a Redis 7 cluster: one master carries the channel, not every node. A 6.2
@@ -202,7 +216,6 @@ class SignalBus:
                     if message is not None and message.get("type") in ("message", "smessage"):
                         self.on_message(message["data"])
             except redis.exceptions.RedisError as exc:
-                self.subscribed.clear()
                 SIGNAL_ERRORS.labels("subscribe").inc()
                 log.warning("signal subscription failed (%s); retrying in %.1fs", exc, backoff)
                 if isinstance(self.redis, RedisCluster):
@@ -210,6 +223,7 @@ class SignalBus:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
+                self.subscribed.clear()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 

@@ -3,6 +3,7 @@
 ServiceKitError
 ├── SettingError        a setting is missing or cannot be parsed
 ├── DevModeRequired     a development-only operation was called outside PARLEY_DEV_MODE
+├── TaskStopped         a supervised task crashed under the STOP policy
 └── AuthError           a bearer token was refused
     ├── MissingToken
     └── InvalidToken    expired, badly signed, wrong audience/issuer, ... (see `reason`)
@@ -25,6 +26,10 @@ class SettingError(ServiceKitError):
 
 class DevModeRequired(ServiceKitError):
     """Raised when a development-only operation (such as minting tokens) runs without dev mode."""
+
+
+class TaskStopped(ServiceKitError):
+    """Raised by `Supervisor.check` when a task stopped after a crash; the message names each task."""
 
 
 class AuthError(ServiceKitError):

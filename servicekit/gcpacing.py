@@ -16,6 +16,8 @@ import time
 
 from prometheus_client import Histogram
 
+from servicekit.supervisor import Policy, Supervisor
+
 
 class GcPacer:
     """Disables automatic collection while running; `stop` restores it."""
@@ -27,10 +29,12 @@ class GcPacer:
         self._task: asyncio.Task[None] | None = None
         self._was_enabled = gc.isenabled()
 
-    def start(self) -> None:
+    def start(self, supervisor: Supervisor) -> None:
+        """Disable automatic collection and collect on the schedule, as a task of `supervisor` (restarted
+        after a crash: with automatic collection off, nothing else would collect)."""
         self._was_enabled = gc.isenabled()
         gc.disable()
-        self._task = asyncio.create_task(self._run())
+        self._task = supervisor.spawn("gc-pacer", self._run, Policy.RESTART)
 
     async def stop(self) -> None:
         if self._task is not None:

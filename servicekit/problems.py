@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
@@ -13,6 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
@@ -77,3 +81,32 @@ def add_http_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
         return problem_response(422, "invalid-request", "Invalid request", str(exc.errors()))
+
+
+class AnswerUnexpected:
+    """Every service's last resort: a bug answers 500 problem+json (`internal-error`, no Retry-After: a
+    retry meets the same bug), logged with the route, and the connection stays usable (Starlette's own
+    handler re-raises after answering, and the server then drops the keep-alive connection)."""
+
+    def __init__(self, app: ASGIApp, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            log.exception("%s %s %r failed", self.service, scope["method"], scope["path"])
+            if started:  # too late for an answer: the server closes the connection
+                raise
+            await problem_response(500, "internal-error", "Internal server error")(scope, receive, send)

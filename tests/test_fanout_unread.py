@@ -159,6 +159,9 @@ class Subscriber:
         assert self.session is not None
         self.session.feed_live(item)
 
+    def abort(self) -> None:
+        raise AssertionError(f"{self.user_id}'s connection aborted")
+
 
 def connect(hub: Hub, log: Log, user: str, k: int) -> Session:
     """A connection of `user` attached to `hub` after the first k items, its unread seeded at k."""

@@ -286,7 +286,7 @@ async def test_the_checkpoint_watcher_is_restarted_after_a_crash(
         r = await served.client.get("/v1/unread", params={"position": served.position.token()},
                                     headers=headers("bob"))  # fmt: skip
     assert r.json()["unread"] == 1
-    assert "checkpoint watcher crashed (1 waiting); restarting" in caplog.text
+    assert "checkpoint-watcher crashed (1 waiting); restarting" in caplog.text
 
 
 async def test_search_text_is_capped_in_characters_and_terms(served: Served) -> None:

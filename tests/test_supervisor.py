@@ -1,0 +1,85 @@
+"""The supervisor's policies on real asyncio tasks: a crash is logged with context and counted, then the
+task is restarted with backoff (RESTART) or stopped loudly (STOP: CRITICAL, `check` raises, `on_stop`)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+import pytest
+
+from servicekit.exceptions import TaskStopped
+from servicekit.metrics import TASK_FAILURES, TASK_STOPPED
+from servicekit.supervisor import Policy, Supervisor
+
+
+def failures(service: str, task: str, policy: str) -> float:
+    return TASK_FAILURES.labels(service, task, policy)._value.get()
+
+
+async def test_a_crashing_task_is_restarted_with_backoff_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    supervisor = Supervisor("svc-restart", backoff_s=0.01, backoff_max_s=0.04)
+    runs: list[float] = []
+    done = asyncio.Event()
+
+    async def flaky() -> None:
+        runs.append(asyncio.get_running_loop().time())
+        if len(runs) < 5:
+            raise RuntimeError(f"bug {len(runs)}")
+        done.set()
+
+    supervisor.spawn("flaky", flaky, Policy.RESTART, context=lambda: f"run {len(runs)}")
+    await asyncio.wait_for(done.wait(), 5)
+    gaps = [b - a for a, b in itertools.pairwise(runs)]
+    assert all(gap >= 0.009 for gap in gaps) and gaps[-1] >= 0.039  # doubling, capped at the maximum
+    assert failures("svc-restart", "flaky", "restart") == 4
+    errors = [r for r in caplog.records if r.name == "servicekit.supervisor"]
+    assert [r.levelno for r in errors] == [logging.ERROR] * 4
+    assert errors[0].getMessage() == "svc-restart task flaky crashed (run 1); restarting in 0.0s"
+    assert errors[0].exc_info is not None and str(errors[0].exc_info[1]) == "bug 1"
+    supervisor.check()  # restarted tasks never fail readiness
+    await supervisor.close()
+
+
+async def test_a_crash_under_stop_is_critical_fails_the_check_and_runs_on_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    supervisor = Supervisor("svc-stop")
+    stopped: list[BaseException] = []
+
+    async def buggy() -> None:
+        raise ValueError("a bug")
+
+    task = supervisor.spawn("buggy", buggy, Policy.STOP, on_stop=stopped.append)
+    await asyncio.wait_for(task, 5)
+    assert [str(e) for e in stopped] == ["a bug"]
+    (record,) = [r for r in caplog.records if r.name == "servicekit.supervisor"]
+    assert record.levelno == logging.CRITICAL
+    assert record.getMessage() == "SVC-STOP STOPPED: task buggy crashed; /readyz fails until a restart"
+    with pytest.raises(TaskStopped, match="buggy: crashed: ValueError: a bug"):
+        supervisor.check()
+    assert failures("svc-stop", "buggy", "stop") == 1
+    assert TASK_STOPPED.labels("svc-stop", "buggy")._value.get() == 1
+    supervisor.spawn("buggy", asyncio.Event().wait, Policy.STOP)  # started again: ready again
+    supervisor.check()
+    assert TASK_STOPPED.labels("svc-stop", "buggy")._value.get() == 0
+    await supervisor.close()
+
+
+async def test_a_task_that_returns_is_done_and_cancellation_is_not_a_crash() -> None:
+    supervisor = Supervisor("svc-end")
+    runs: list[int] = []
+
+    async def once() -> None:
+        runs.append(1)
+
+    await asyncio.wait_for(supervisor.spawn("once", once, Policy.RESTART), 5)
+    waiting = supervisor.spawn("waits", asyncio.Event().wait, Policy.STOP)
+    await asyncio.sleep(0)
+    await supervisor.close()
+    assert runs == [1] and waiting.cancelled()
+    supervisor.check()
+    assert supervisor.failures == 0
