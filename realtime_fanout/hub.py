@@ -17,7 +17,7 @@ from typing import Protocol
 import redis.exceptions
 
 from events.layout import LogLayout
-from events.log import EventLog
+from events.log import EventLog, TopologyChanged
 from events.schema import MessageDeleted
 from realtime_fanout.archive import Archive
 from realtime_fanout.cursor import stream_key
@@ -71,7 +71,6 @@ class Hub:
         self._by_conversation: dict[str, set[Subscriber]] = {}
         self._left: dict[str, set[Subscriber]] = {}  # subscribers of users who left the conversation
         self._task: asyncio.Task[None] | None = None
-        self._keys = layout.stream_keys()
 
     @property
     def running(self) -> bool:
@@ -195,12 +194,33 @@ class Hub:
                     del table[cid]
 
     async def _run(self) -> None:
+        """One reading loop per Redis node (one for all partitions on a single Redis), regrouped when the
+        cluster's topology changes: N masters cost N XREADs per poll, not one per partition."""
+        while True:
+            groups = self.log.node_groups(range(self.layout.partitions))
+            readers = [asyncio.create_task(self._read(group), name="fanout-hub-node") for group in groups]
+            try:
+                await asyncio.wait(readers, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for reader in readers:
+                    reader.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
+            for reader in readers:
+                if not reader.cancelled() and (exc := reader.exception()) is not None:
+                    raise exc
+
+    async def _read(self, partitions: list[int]) -> None:
+        """Read `partitions` (one node's) until the topology changes."""
         backoff = 0.1
         while True:
             try:
-                after = {p: self.positions[p] for p in range(len(self._keys))}
+                after = {p: self.positions[p] for p in partitions}
                 entries = await self.log.read_many(after, self.count, self.block_ms)
                 backoff = 0.1
+            except TopologyChanged as exc:
+                log.warning("hub read of partitions %s: %s; regrouping", partitions, exc)
+                await asyncio.sleep(backoff)
+                return
             except redis.exceptions.RedisError as exc:
                 log.warning("hub read failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)

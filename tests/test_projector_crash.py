@@ -21,6 +21,7 @@ from events.log import EventLog
 from projector.model import fold_entries
 from projector.snapshot import archive_keys, check_search_column, dead_letter_keys, read_tables
 from projector.workload import Workload
+from tests.cluster_fixtures import LOG_REDIS_AND_CLUSTERS, LogRedis
 
 PARTITIONS = 4
 pytestmark = pytest.mark.slow
@@ -151,10 +152,12 @@ async def lease_owners(database_url: str) -> dict[int, str]:
         return {int(r[0]): str(r[1]) for r in await cur.fetchall()}
 
 
+@pytest.mark.parametrize("log_redis", LOG_REDIS_AND_CLUSTERS, indirect=True)
 async def test_two_workers_share_partitions_and_survive_one_killed(
-    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str, tmp_path: Path
+    log_redis: LogRedis, log_namespace: str, database_url: str, tmp_path: Path
 ) -> None:
-    layout = LogSettings(redis_server_url, log_namespace, PARTITIONS).layout()
+    redis_client = log_redis.client()
+    layout = LogSettings(log_redis.url, log_namespace, PARTITIONS).layout()
     appender = Appender(redis_client, layout)
     await appender.open()
     log = EventLog(redis_client, layout)
@@ -163,8 +166,8 @@ async def test_two_workers_share_partitions_and_survive_one_killed(
     ports = {"a": free_port(), "b": free_port()}
     procs = {
         name: await spawn(
-            {**worker_env(redis_server_url, log_namespace, database_url, f"worker-{name}"),
-             "PARLEY_PROJECTOR_HTTP_PORT": str(port)},
+            {**worker_env(log_redis.url, log_namespace, database_url, f"worker-{name}"),
+             "PARLEY_PROJECTOR_HTTP_PORT": str(port), **log_redis.env()},
             tmp_path / f"{name}.log",
         )
         for name, port in ports.items()
@@ -202,4 +205,7 @@ async def test_two_workers_share_partitions_and_survive_one_killed(
                         proc.kill()
                         await proc.wait()
         await appender.close()
-    await assert_read_models_equal_fold(log, database_url)
+    try:
+        await assert_read_models_equal_fold(log, database_url)
+    finally:
+        await redis_client.aclose()
