@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -269,6 +270,12 @@ class LogRedis:
 LOG_REDIS_AND_CLUSTERS = ["single", *CLUSTER_PARAMS]
 """For `pytest.mark.parametrize("log_redis", LOG_REDIS_AND_CLUSTERS, indirect=True)`: a test that holds
 on a cluster too."""
+
+
+def single_and_cluster(name: str) -> list[Any]:
+    """The single Redis and one cluster: for a long test, run on one cluster version (the cluster tests'
+    budget is a minute of `make test`), the other version's cluster running another long test."""
+    return ["single", *(p for p in CLUSTER_PARAMS if p.values == (name,))]
 
 
 @pytest.fixture(params=["single"])

@@ -41,7 +41,7 @@ from realtime_fanout.membership import UserMemberships
 from servicekit.auth_settings import AuthSettings
 from servicekit.redisclient import RedisClient
 from servicekit.tokens import mint_token
-from tests.cluster_fixtures import LOG_REDIS_AND_CLUSTERS, LogRedis
+from tests.cluster_fixtures import LOG_REDIS_AND_CLUSTERS, LogRedis, single_and_cluster
 
 SECRET = "0123456789abcdef0123456789abcdef-fanout-secret"
 AUTH = AuthSettings(algorithms=("HS256",), secret=SECRET, dev_mode=True)
@@ -574,7 +574,7 @@ def origin(epoch: str) -> str:
 
 
 @pytest.mark.slow
-@on_clusters_too
+@pytest.mark.parametrize("log_redis", single_and_cluster("cluster6"), indirect=True)
 async def test_sigkill_and_restart_resumes_every_client_with_nothing_lost_or_doubled(
     appender: Appender, make_fanout: Any, log_namespace: str
 ) -> None:

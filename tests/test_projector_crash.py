@@ -21,7 +21,7 @@ from events.log import EventLog
 from projector.model import fold_entries
 from projector.snapshot import archive_keys, check_search_column, dead_letter_keys, read_tables
 from projector.workload import Workload
-from tests.cluster_fixtures import LOG_REDIS_AND_CLUSTERS, LogRedis
+from tests.cluster_fixtures import LogRedis, single_and_cluster
 
 PARTITIONS = 4
 pytestmark = pytest.mark.slow
@@ -152,7 +152,7 @@ async def lease_owners(database_url: str) -> dict[int, str]:
         return {int(r[0]): str(r[1]) for r in await cur.fetchall()}
 
 
-@pytest.mark.parametrize("log_redis", LOG_REDIS_AND_CLUSTERS, indirect=True)
+@pytest.mark.parametrize("log_redis", single_and_cluster("cluster7"), indirect=True)
 async def test_two_workers_share_partitions_and_survive_one_killed(
     log_redis: LogRedis, log_namespace: str, database_url: str, tmp_path: Path
 ) -> None:
