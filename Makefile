@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: run test test-faults lint typecheck test-deps browser-deps bench bench-commands bench-projector bench-fanout \
-        bench-history bench-retention bench-redis-sizing bench-soak clean
+        bench-history bench-retention bench-redis-sizing bench-presence bench-soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,11 +67,15 @@ bench-retention: $(STAMP)
 bench-redis-sizing: $(STAMP)
 	$(BIN)/python -m benchmarks.redis_sizing
 
+# Redis CPU of presence heartbeats: how many connections the one presence slot of a cluster serves.
+bench-presence: $(STAMP)
+	$(BIN)/python -m benchmarks.presence_slot
+
 # Not in `bench`: 10 minutes of steady mixed load with a kill -9 a minute; SOAK_ARGS="--duration 60" to shorten.
 bench-soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
-bench: bench-commands bench-projector bench-fanout bench-history bench-retention bench-redis-sizing
+bench: bench-commands bench-projector bench-fanout bench-history bench-retention bench-redis-sizing bench-presence
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

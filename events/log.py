@@ -17,7 +17,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from events.exceptions import EpochChanged, LogNotInitialized, PartitionMismatch, TagsMismatch
 from events.layout import LogLayout
-from servicekit.redisclient import RedisClient, refresh_topology
+from servicekit.redisclient import RedisClient, refresh_topology, send_on_node
 
 
 class LogEntry(msgspec.Struct, frozen=True, gc=False):
@@ -41,6 +41,9 @@ class TopologyChanged(redis.exceptions.ConnectionError):
     topology was learned again; read again, grouped anew (`EventLog.node_groups`)."""
 
 
+CLUSTER_IDLE_POLL_MS = (2, 20)
+"""On a cluster, the pause after a poll of a node's partitions that found nothing: doubling from the first
+to the second (a partition's new entry waits at most that long once its node has been idle a while)."""
 _MOVED = (
     redis.exceptions.MovedError,
     redis.exceptions.AskError,
@@ -116,39 +119,48 @@ class EventLog:
     def node_groups(self, partitions: Sequence[int]) -> list[list[int]]:
         """`partitions` grouped by the Redis node serving them, as the client knows the topology now: one
         group on a single Redis, one per master on a cluster (read each with one `read_many`)."""
-        if not isinstance(self.redis, RedisCluster):
-            return [list(partitions)] if partitions else []
         groups: dict[str, list[int]] = {}
         for p in partitions:
-            groups.setdefault(self._node(p).name, []).append(p)
+            groups.setdefault(self.node_of(p), []).append(p)
         return list(groups.values())
+
+    def node_of(self, partition: int) -> str:
+        """The name of the node serving `partition` ("" on a single Redis), as the client knows now."""
+        return self._node(partition).name if isinstance(self.redis, RedisCluster) else ""
 
     def _node(self, partition: int) -> ClusterNode:
         assert isinstance(self.redis, RedisCluster)
         slot = self.redis.keyslot(self.layout.stream_key(partition))
         return self.redis.nodes_manager.get_node_from_slot(slot)
 
-    async def _on_node(self, partition: int, command: bytes, *args: Any) -> Any:
-        """Run a raw read on the node serving `partition`; a refusal (MOVED, ASK, CLUSTERDOWN) or a lost
-        node relearns the topology and raises `TopologyChanged`."""
+    async def _on_node(self, partitions: Sequence[int], commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send raw reads in one write to the node serving `partitions` (one node's), read each reply; a
+        refusal (MOVED, ASK, CLUSTERDOWN) or a lost node relearns the topology, raises `TopologyChanged`."""
         assert isinstance(self.redis, RedisCluster)
         if self.redis._initialize:
             await self.redis.initialize()
         try:
-            return await self._node(partition).execute_command(command, *args)
+            replies = await send_on_node(self._node(partitions[0]), commands)
         except (*_MOVED, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             await refresh_topology(self.redis)
-            raise TopologyChanged(f"partition {partition}: {type(exc).__name__}: {exc}") from exc
+            raise TopologyChanged(f"partitions {list(partitions)}: {type(exc).__name__}: {exc}") from exc
+        for reply in replies:
+            if isinstance(reply, _MOVED):
+                await refresh_topology(self.redis)
+                raise TopologyChanged(f"partitions {list(partitions)}: {type(reply).__name__}: {reply}")
+            if isinstance(reply, redis.exceptions.ResponseError):
+                raise reply
+        return replies
 
     async def read_many(
         self, after: dict[int, str], count: int, block_ms: int | None = None
     ) -> list[LogEntry]:
         """Entries of several partitions, each strictly after its id, in one XREAD; per partition in order.
-        On a cluster, one XREAD per node serving them (block only with partitions of one node: the reply
-        waits for the slowest node)."""
-        args: list[str | int] = ["COUNT", count]
-        if block_ms is not None:
-            args += ["BLOCK", block_ms]
+
+        On a cluster a multi-key XREAD must stay in one slot (CROSSSLOT), so each node's partitions are read
+        by one XREAD each, sent in one write (one round trip per node); with `block_ms`, a poll that finds
+        nothing is repeated after a short, growing pause (CLUSTER_IDLE_POLL_MS) until `block_ms` have passed.
+        """
         if isinstance(self.redis, RedisCluster):
             groups = self.node_groups(list(after))
             if len(groups) > 1:
@@ -156,13 +168,36 @@ class EventLog:
                     *(self.read_many({p: after[p] for p in g}, count, block_ms) for g in groups)
                 )
                 return [e for part in parts for e in part]
+            return await self._poll_node(after, count, block_ms) if after else []
+        args: list[str | int] = ["COUNT", count]
+        if block_ms is not None:
+            args += ["BLOCK", block_ms]
         keys = {self.layout.stream_key(p): p for p in after}
         args += ["STREAMS", *keys, *after.values()]
-        reply: Any
-        if isinstance(self.redis, RedisCluster):
-            reply = await self._on_node(next(iter(after)), _RAW_XREAD, *args) if after else None
-        else:
-            reply = await self.redis.execute_command(_RAW_XREAD, *args)  # type: ignore[no-untyped-call]
+        reply: Any = await self.redis.execute_command(_RAW_XREAD, *args)  # type: ignore[no-untyped-call]
+        return self._entries(reply, keys)
+
+    async def _poll_node(self, after: dict[int, str], count: int, block_ms: int | None) -> list[LogEntry]:
+        keys = {self.layout.stream_key(p): p for p in after}
+        partitions = list(after)
+        block = ["BLOCK", block_ms] if block_ms is not None and len(after) == 1 else []  # one slot: a BLOCK
+        commands = [(_RAW_XREAD, "COUNT", count, *block, "STREAMS", key, after[p]) for key, p in keys.items()]
+        if block or block_ms is None:
+            replies = await self._on_node(partitions, commands)
+            return [e for reply in replies for e in self._entries(reply, keys)]
+        deadline = time.monotonic() + block_ms / 1000
+        pause_ms = CLUSTER_IDLE_POLL_MS[0]
+        while True:
+            replies = await self._on_node(partitions, commands)
+            entries = [e for reply in replies for e in self._entries(reply, keys)]
+            left = deadline - time.monotonic()
+            if entries or left <= 0:
+                return entries
+            await asyncio.sleep(min(pause_ms / 1000, left))
+            pause_ms = min(pause_ms * 2, CLUSTER_IDLE_POLL_MS[1])
+
+    @staticmethod
+    def _entries(reply: Any, keys: dict[str, int]) -> list[LogEntry]:
         if not reply:
             return []
         entries: list[LogEntry] = []
@@ -181,7 +216,7 @@ class EventLog:
             args += ["COUNT", count]
         items: Any
         if isinstance(self.redis, RedisCluster):
-            items = await self._on_node(partition, _RAW_XRANGE, *args)
+            (items,) = await self._on_node([partition], [(_RAW_XRANGE, *args)])
         else:
             items = await self.redis.execute_command(_RAW_XRANGE, *args)  # type: ignore[no-untyped-call]
         return [_raw_entry(partition, item) for item in items]

@@ -36,6 +36,7 @@ from projector.exceptions import (
     ProjectionStopped,
 )
 from projector.migrate import migrate
+from projector.poller import Poller
 from projector.retention import Retention
 from projector.settings import ProjectorSettings
 from projector.state import ConversationState, forget_bodies
@@ -111,6 +112,12 @@ class PartitionProjector:
     async def run(self) -> None:
         """Loop until cancelled or stopped; a stop is logged loudly and shown in metrics, never skipped.
         Any other exception is a bug, for the supervisor (`crashed`)."""
+        try:
+            await self._run()
+        finally:
+            self.worker.poller.forget(self.partition)
+
+    async def _run(self) -> None:
         label = str(self.partition)
         delay = 0.1
         loaded = False
@@ -158,7 +165,7 @@ class PartitionProjector:
         Raises EpochChanged (the log was recreated) or LogGap (entries after the checkpoint were trimmed).
         """
         w = self.worker
-        entries = await w.log.read_after(self.partition, self.position, w.settings.batch, w.settings.block_ms)
+        entries = await w.poller.read(self.partition, self.position)
         if not entries:
             return 0
         assert w.epoch is not None
@@ -273,6 +280,7 @@ class Worker:
             max_connections=settings.log.partitions + 8,
         )  # fmt: skip
         self.log = EventLog(self.redis, self.layout)
+        self.poller = Poller(self.log, settings.batch, settings.block_ms)
         self.store = store or Store()
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             settings.database_url, min_size=1, max_size=settings.log.partitions + 4, open=False, timeout=5,
@@ -455,6 +463,7 @@ class Worker:
                 log.warning("could not release leases: %s", exc)
 
     async def close(self) -> None:
+        await self.poller.close()
         await self.pool.close(timeout=3)
         await self.redis.aclose()
 

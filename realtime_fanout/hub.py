@@ -16,7 +16,7 @@ import logging
 import redis.exceptions
 
 from events.layout import LogLayout
-from events.log import EventLog, LogEntry
+from events.log import EventLog, LogEntry, TopologyChanged
 from realtime_fanout.archive import Archive
 from realtime_fanout.cursor import stream_key
 from realtime_fanout.exceptions import HubUnavailable
@@ -179,17 +179,38 @@ class Hub:
             else:
                 log.error("skipping undecodable entry %s of partition %d", entry.stream_id, entry.partition)
 
-    async def _read(self) -> list[LogEntry]:
-        """The next entries after `positions`: one blocking XREAD over every partition."""
-        after = {p: self.positions[p] for p in range(self.layout.partitions)}
+    async def _read(self, partitions: list[int]) -> list[LogEntry]:
+        """The next entries of `partitions` (one node's) after `positions`: one blocking XREAD."""
+        after = {p: self.positions[p] for p in partitions}
         return await self.log.read_many(after, self.count, self.block_ms)
 
     async def _run(self) -> None:
+        """One reading loop per Redis node (one for all partitions on a single Redis), regrouped when the
+        cluster's topology changes: N masters cost N XREADs per poll, not one per partition."""
+        while True:
+            groups = self.log.node_groups(range(self.layout.partitions))
+            readers = [asyncio.create_task(self._read_node(group), name="fanout-hub-node") for group in groups]
+            try:
+                await asyncio.wait(readers, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for reader in readers:
+                    reader.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
+            for reader in readers:
+                if not reader.cancelled() and (exc := reader.exception()) is not None:
+                    raise exc
+
+    async def _read_node(self, partitions: list[int]) -> None:
+        """Read and feed `partitions` (one node's) until the topology changes."""
         backoff = READ_BACKOFF_S
         while True:
             try:
-                entries = await self._read()
+                entries = await self._read(partitions)
                 backoff = READ_BACKOFF_S
+            except TopologyChanged as exc:
+                log.warning("hub read of partitions %s: %s; regrouping", partitions, exc)
+                await asyncio.sleep(backoff)
+                return
             except redis.exceptions.RedisError as exc:
                 log.warning("hub read failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)

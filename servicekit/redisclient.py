@@ -94,6 +94,16 @@ async def _exchange(conn: Connection, commands: Sequence[Command]) -> list[Any]:
         raise
 
 
+async def send_on_node(node: ClusterNode, commands: Sequence[Command]) -> list[Any]:
+    """Send `commands` in one write on one of `node`'s connections and read a reply for each (an error
+    reply as its exception); nothing is re-sent."""
+    conn = node.acquire_connection()
+    try:
+        return await _exchange(conn, commands)
+    finally:
+        node.release(conn)
+
+
 async def send_once(client: RedisClient, commands: Sequence[Command], route: Any = None) -> list[Any]:
     """Send `commands` in one write on one pooled connection, and read a reply for each (an error reply
     as its `ResponseError`). They are never re-sent: only connecting and the idle connection's PING are
@@ -124,14 +134,11 @@ async def _send_once_cluster(client: RedisCluster, commands: Sequence[Command], 
     for attempt in range(CLUSTER_REDIRECTS):
         node = asking or client.nodes_manager.get_node_from_slot(slot)
         sent = [("ASKING",), *commands] if asking is not None else list(commands)
-        conn = node.acquire_connection()
         try:
-            replies = await _exchange(conn, sent)
+            replies = await send_on_node(node, sent)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             await refresh_topology(client)  # a failover: the next call goes to the promoted replica
             raise
-        finally:
-            node.release(conn)
         if asking is not None:
             replies, asking = replies[1:], None
         first = replies[0] if replies else None

@@ -11,13 +11,16 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from devstack.binaries import redis_server_binary
 from devstack.ports import LOOPBACK, port_is_free
 from devstack.servers import RedisServer
+from servicekit.redisclient import RedisClient, redis_client
 
 MASTERS = 3
 NODE_TIMEOUT_MS = 1_000
@@ -48,6 +51,7 @@ class ClusterNodeServer(RedisServer):
             "--cluster-config-file", str(self.data_dir / "nodes.conf"),
             "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
             "--cluster-require-full-coverage", "yes",
+            "--repl-diskless-sync-delay", "0",  # 7.x waits 5 s for more replicas before a first sync
         ]  # fmt: skip
 
 
@@ -246,3 +250,37 @@ def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clusters]:
 def redis_cluster(request: pytest.FixtureRequest, clusters: Clusters) -> RedisClusterServers:
     """A running 3-master, 3-replica cluster, one per Redis version, shared by the session."""
     return clusters.get(request.param)
+
+
+@dataclass(frozen=True)
+class LogRedis:
+    """Where a test's log lives: the session's single Redis or a cluster (a node's URL)."""
+
+    url: str
+    cluster: bool
+
+    def client(self, socket_timeout_s: float | None = 10) -> RedisClient:
+        return redis_client(self.url, socket_timeout_s, cluster=self.cluster)
+
+    def env(self) -> dict[str, str]:
+        """What a service needs to reach it."""
+        return {"REDIS_URL": self.url, "PARLEY_REDIS_CLUSTER": "1" if self.cluster else "0"}
+
+
+LOG_REDIS_AND_CLUSTERS = ["single", *CLUSTER_PARAMS]
+"""For `pytest.mark.parametrize("log_redis", LOG_REDIS_AND_CLUSTERS, indirect=True)`: a test that holds
+on a cluster too."""
+
+
+def single_and_cluster(name: str) -> list[Any]:
+    """The single Redis and one cluster: for a long test, run on one cluster version (the cluster tests'
+    budget is a minute of `make test`), the other version's cluster running another long test."""
+    return ["single", *(p for p in CLUSTER_PARAMS if p.values == (name,))]
+
+
+@pytest.fixture(params=["single"])
+def log_redis(request: pytest.FixtureRequest, redis_server_url: str, clusters: Clusters) -> LogRedis:
+    """The session's Redis, or (parametrized indirectly) a cluster of CLUSTER_BINARIES."""
+    if request.param == "single":
+        return LogRedis(redis_server_url, cluster=False)
+    return LogRedis(clusters.get(request.param).url, cluster=True)

@@ -18,6 +18,7 @@ from devstack.servers import PostgresServer, RedisServer
 from tests.apiclient import ApiClient
 from tests.cluster_fixtures import CLUSTER_BINARIES, CLUSTER_PARAMS, Clusters
 from tests.cluster_fixtures import clusters as clusters  # the fixtures, for every test
+from tests.cluster_fixtures import log_redis as log_redis
 from tests.cluster_fixtures import redis_cluster as redis_cluster
 
 

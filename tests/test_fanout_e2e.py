@@ -39,7 +39,9 @@ from realtime_fanout.cursor import Cursor
 from realtime_fanout.membership import UserMemberships
 from servicekit.auth_settings import AuthSettings
 from servicekit.log_settings import LogSettings
+from servicekit.redisclient import RedisClient
 from servicekit.tokens import mint_token
+from tests.cluster_fixtures import LOG_REDIS_AND_CLUSTERS, LogRedis, single_and_cluster
 from tests.rawredis import Entries
 
 SECRET = "0123456789abcdef0123456789abcdef-fanout-secret"
@@ -100,6 +102,9 @@ class Fanout:
             self.proc.wait(10)
 
 
+on_clusters_too = pytest.mark.parametrize("log_redis", LOG_REDIS_AND_CLUSTERS, indirect=True)
+
+
 def fanout_env(redis_url: str, namespace: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
     env.update(
@@ -112,22 +117,24 @@ def fanout_env(redis_url: str, namespace: str, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def appender(redis_client: aioredis.Redis, log_namespace: str) -> AsyncIterator[Appender]:
+async def appender(log_redis: LogRedis, log_namespace: str) -> AsyncIterator[Appender]:
     layout = LogSettings("", log_namespace, PARTITIONS).layout()
-    app = Appender(redis_client, layout)
+    client = log_redis.client()
+    app = Appender(client, layout)
     await app.open()
     try:
         yield app
     finally:
         await app.close()
+        await client.aclose()
 
 
 @pytest.fixture
-def make_fanout(redis_server_url: str, log_namespace: str, tmp_path: Path) -> Iterator[Any]:
+def make_fanout(log_redis: LogRedis, log_namespace: str, tmp_path: Path) -> Iterator[Any]:
     started: list[Fanout] = []
 
     async def make(**extra: str) -> Fanout:
-        env = fanout_env(redis_server_url, log_namespace, **extra)
+        env = fanout_env(log_redis.url, log_namespace, **{**log_redis.env(), **extra})
         fanout = Fanout(env, free_port(), tmp_path / f"fanout{len(started)}.log")
         started.append(fanout)
         fanout.env["PARLEY_FANOUT_PORT"] = str(fanout.port)
@@ -275,6 +282,7 @@ async def test_membership_boundaries_live(appender: Appender, make_fanout: Any) 
     await bob.close()
 
 
+@on_clusters_too
 async def test_resume_after_disconnect_gets_exactly_the_missed_events(
     appender: Appender, make_fanout: Any
 ) -> None:
@@ -489,7 +497,7 @@ async def test_graceful_shutdown_closes_1012_and_a_restart_resumes(
 
 
 async def visible_to(
-    redis: aioredis.Redis, namespace: str, user: str, conversations: list[str] | None
+    redis: RedisClient, namespace: str, user: str, conversations: list[str] | None
 ) -> dict[str, list[str]]:
     """From the whole log: per conversation, the event ids `user` may see (and asked for), in log order."""
     log = EventLog(redis, LogSettings("", namespace, PARTITIONS).layout())
@@ -550,7 +558,7 @@ class Collector:
 
 
 async def check_exactly_once(
-    collectors: list[Collector], redis: aioredis.Redis, namespace: str, wait_s: float = 20
+    collectors: list[Collector], redis: RedisClient, namespace: str, wait_s: float = 20
 ) -> None:
     """Every collector ends with exactly its visible events, each once, in log order per conversation."""
     expected = [await visible_to(redis, namespace, c.user, c.client.conversations) for c in collectors]
@@ -567,8 +575,9 @@ def origin(epoch: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("log_redis", single_and_cluster("cluster6"), indirect=True)
 async def test_sigkill_and_restart_resumes_every_client_with_nothing_lost_or_doubled(
-    appender: Appender, make_fanout: Any, redis_client: aioredis.Redis, log_namespace: str
+    appender: Appender, make_fanout: Any, log_namespace: str
 ) -> None:
     log = Log(appender)
     await log.create("a", "u0", "u1", "u2")
@@ -588,7 +597,7 @@ async def test_sigkill_and_restart_resumes_every_client_with_nothing_lost_or_dou
             *(log.send("ab"[n % 2], "u0" if n % 2 == 0 else "u3", f"{round_}.{n}") for n in range(40))
         )
         await asyncio.sleep(0.1)
-    await check_exactly_once(collectors, redis_client, log_namespace)
+    await check_exactly_once(collectors, appender.redis, log_namespace)
     assert all(c.client.connects >= 2 and c.lives >= 2 for c in collectors)
     for collector in collectors:
         await collector.stop()

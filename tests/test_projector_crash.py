@@ -22,6 +22,7 @@ from projector.snapshot import read_tables
 from servicekit.log_settings import LogSettings
 from tests.storeprobe import archive_keys, check_search_column, dead_letter_keys
 from tests.workload import Workload
+from tests.cluster_fixtures import LogRedis, single_and_cluster
 
 PARTITIONS = 4
 pytestmark = pytest.mark.slow
@@ -152,10 +153,12 @@ async def lease_owners(database_url: str) -> dict[int, str]:
         return {int(r[0]): str(r[1]) for r in await cur.fetchall()}
 
 
+@pytest.mark.parametrize("log_redis", single_and_cluster("cluster7"), indirect=True)
 async def test_two_workers_share_partitions_and_survive_one_killed(
-    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str, tmp_path: Path
+    log_redis: LogRedis, log_namespace: str, database_url: str, tmp_path: Path
 ) -> None:
-    layout = LogSettings(redis_server_url, log_namespace, PARTITIONS).layout()
+    redis_client = log_redis.client()
+    layout = LogSettings(log_redis.url, log_namespace, PARTITIONS).layout()
     appender = Appender(redis_client, layout)
     await appender.open()
     log = EventLog(redis_client, layout)
@@ -164,8 +167,8 @@ async def test_two_workers_share_partitions_and_survive_one_killed(
     ports = {"a": free_port(), "b": free_port()}
     procs = {
         name: await spawn(
-            {**worker_env(redis_server_url, log_namespace, database_url, f"worker-{name}"),
-             "PARLEY_PROJECTOR_HTTP_PORT": str(port)},
+            {**worker_env(log_redis.url, log_namespace, database_url, f"worker-{name}"),
+             "PARLEY_PROJECTOR_HTTP_PORT": str(port), **log_redis.env()},
             tmp_path / f"{name}.log",
         )
         for name, port in ports.items()
@@ -203,4 +206,7 @@ async def test_two_workers_share_partitions_and_survive_one_killed(
                         proc.kill()
                         await proc.wait()
         await appender.close()
-    await assert_read_models_equal_fold(log, database_url)
+    try:
+        await assert_read_models_equal_fold(log, database_url)
+    finally:
+        await redis_client.aclose()
