@@ -88,21 +88,22 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
         finally:
             reads.slots.give_back(user)
 
-    async def wait_for_position(request: Request, target: ReadTarget) -> str:
-        """The log's epoch, once the read models on `target` have reached the request's `position` (a
-        command's position token or a fanout cursor), if it gives one."""
+    async def wait_for_position(request: Request) -> tuple[str, ReadTarget]:
+        """The log's epoch, and the server to read from once its read models have reached the request's
+        `position` (a command's position token or a fanout cursor), if it gives one."""
         epoch = worker.epoch
         if epoch is None:  # the app is served after the worker started: never seen
             raise ReadsUnavailable("the log's epoch is not known yet")
         token = request.query_params.get("position") or request.headers.get("x-parley-position")
         if not token:
-            return epoch
+            return epoch, reads.target()
         positions = parse_wait(token, settings.log.partitions)
         try:
             if positions[0].epoch != epoch:
                 raise PositionFromAnotherEpoch(epoch)
-            if await target.watcher.wait(positions, settings.read_wait_s):
-                return epoch
+            target = await reads.wait(positions, settings.read_wait_s)
+            if target is not None:
+                return epoch, target
         except PositionFromAnotherEpoch as exc:
             raise Problem(
                 409, "position-from-another-log", "Position from another log epoch", str(exc)
@@ -117,8 +118,8 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
     ) -> Response:
         """`read`'s answer from one snapshot, with the fanout cursor it is exact at (body and header); the
         position wait and the snapshot are on one server, so a replica answers with what it has replayed."""
-        target = reads.target()
-        answer, cursor = await target.exact(await wait_for_position(request, target), read)
+        epoch, target = await wait_for_position(request)
+        answer, cursor = await target.exact(epoch, read)
         answer["cursor"] = cursor
         return _json(answer, {CURSOR_HEADER: cursor})
 

@@ -38,6 +38,7 @@ from servicekit.supervisor import Policy, Supervisor
 log = logging.getLogger(__name__)
 
 POLL_S = 0.02  # how often the watcher reads the checkpoints while anyone waits
+REPLICA_WAIT_SLICE_S = 0.2  # how soon a wait on a replica that stops serving moves to the primary
 SNAPSHOT_ATTEMPTS = 3  # a read straddling a rebuild's swap is done again; two swaps in a row are unheard of
 NOTHING = "0-0"  # the stream id before every entry
 
@@ -268,6 +269,27 @@ class Reads:
     def target(self) -> ReadTarget:
         """The server to serve the next request from: a serving replica, each in turn, or the primary."""
         return (self.replicas.choose() if self.replicas else None) or self.primary
+
+    async def wait(self, positions: Sequence[LogPosition], timeout_s: float) -> ReadTarget | None:
+        """The server to read at `positions` from: `target()`, once its read models have every one of them
+        (a position token is one; a fanout cursor one per partition); a replica that stops serving while a
+        request waits on it hands the wait to the primary (never behind its replicas). None when the
+        server waited on did not get there within `timeout_s`.
+
+        Raises:
+            PositionFromAnotherEpoch: a checkpoint follows another epoch of the log.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        target = self.target()
+        while target.health is not None and target.health.serving:
+            left = deadline - loop.time()
+            if await target.watcher.wait(positions, min(left, REPLICA_WAIT_SLICE_S)):
+                return target
+            if left <= REPLICA_WAIT_SLICE_S:
+                return None
+        target = self.primary
+        return target if await target.watcher.wait(positions, max(0.0, deadline - loop.time())) else None
 
     async def open(self) -> None:
         for target in self.targets:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 2
+UNREACHABLE = (psycopg.Error, OSError, TimeoutError)
 KEEP_SAMPLES_S = 600.0  # a replica behind every kept sample lags at least this long: far past any bound
 
 
@@ -141,15 +142,31 @@ class Replicas:
         """Sample the primary's WAL position, then judge every replica against it."""
         loop = asyncio.get_running_loop()
         try:
-            async with self.primary.pool.connection(timeout=CHECK_TIMEOUT_S) as conn:
-                cur = await conn.execute("SELECT pg_current_wal_flush_lsn()::text")
-                (lsn,) = await cur.fetchone() or ("0/0",)
+            (lsn,) = await self._ask(self.primary, "SELECT pg_current_wal_flush_lsn()::text")
             self.progress.record(loop.time(), parse_lsn(lsn))
-        except Exception as exc:  # lag is then judged on the samples so far; the primary writes nothing new
+        except UNREACHABLE as exc:  # lag is then judged on the samples so far: the primary writes nothing new
             log.warning("primary WAL position not read: %s: %s", type(exc).__name__, exc)
         await asyncio.gather(*(self._check(target, loop.time()) for target in self.targets))
 
     async def _check(self, target: ReadTarget, now: float) -> None:
+        try:
+            in_recovery, replayed = await self._ask(
+                target, "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text"
+            )
+        except UNREACHABLE as exc:
+            health = Health(False, f"unreachable: {type(exc).__name__}: {exc}".strip())
+        else:
+            lag = self.progress.lag_s(now, parse_lsn(replayed)) if replayed else None
+            health = judge(bool(in_recovery), replayed, lag, self.max_lag_s)
+        self.record(target, health)
+
+    async def _ask(self, target: ReadTarget, sql: str) -> tuple[Any, ...]:
+        """One row from `target` on the checks' own connection to it (outside the pools, which readers
+        may have exhausted), made again after a failure.
+
+        Raises:
+            psycopg.Error, OSError, TimeoutError: `target` did not answer within `CHECK_TIMEOUT_S`.
+        """
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 conn = self._conns.get(target.name)
@@ -158,17 +175,15 @@ class Replicas:
                         target.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
                     )
                     self._conns[target.name] = conn
-                cur = await conn.execute("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text")
-                in_recovery, replayed = await cur.fetchone() or (False, None)
-        except (psycopg.Error, OSError, TimeoutError) as exc:
+                row = await (await conn.execute(sql)).fetchone()
+        except UNREACHABLE:
             dropped = self._conns.pop(target.name, None)
             if dropped is not None:
                 await dropped.close()
-            health = Health(False, f"unreachable: {type(exc).__name__}: {exc}".strip())
-        else:
-            lag = self.progress.lag_s(now, parse_lsn(replayed)) if replayed else None
-            health = judge(bool(in_recovery), replayed, lag, self.max_lag_s)
-        self.record(target, health)
+            raise
+        if row is None:
+            raise psycopg.DataError(f"{sql!r} returned no row")
+        return tuple(row)
 
     @staticmethod
     def record(target: ReadTarget, health: Health) -> None:
