@@ -189,7 +189,9 @@ class Hub:
         cluster's topology changes: N masters cost N XREADs per poll, not one per partition."""
         while True:
             groups = self.log.node_groups(range(self.layout.partitions))
-            readers = [asyncio.create_task(self._read_node(group), name="fanout-hub-node") for group in groups]
+            readers = [
+                asyncio.create_task(self._read_node(group), name="fanout-hub-node") for group in groups
+            ]
             try:
                 await asyncio.wait(readers, return_when=asyncio.FIRST_COMPLETED)
             finally:

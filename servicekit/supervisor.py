@@ -47,7 +47,7 @@ class Supervisor:
     def spawn(
         self,
         name: str,
-        run: Callable[[], Awaitable[None]],
+        run: Callable[[], Awaitable[object]],
         policy: Policy,
         *,
         context: Callable[[], str] | None = None,
@@ -78,7 +78,7 @@ class Supervisor:
     async def _supervise(
         self,
         name: str,
-        run: Callable[[], Awaitable[None]],
+        run: Callable[[], Awaitable[object]],
         policy: Policy,
         context: Callable[[], str] | None,
         on_stop: Callable[[BaseException], None] | None,

@@ -10,12 +10,12 @@ from typing import Any
 import msgspec
 import pytest
 from redis.asyncio.cluster import RedisCluster
-from test_fanout_e2e import Client, Log, appender, make_fanout
-from test_fanout_signals import frames_of, send_typing
 
 from command_api.append import Appender
 from realtime_fanout.presence import PresenceStore
 from tests.cluster_fixtures import CLUSTER_PARAMS, LogRedis
+from tests.test_fanout_e2e import Client, Log, appender, make_fanout
+from tests.test_fanout_signals import frames_of, send_typing
 
 __all__ = ["appender", "make_fanout"]  # the fixtures, for these tests
 

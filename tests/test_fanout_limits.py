@@ -164,6 +164,7 @@ async def test_redis_down_closes_subscribes_4503_and_after_a_restart_none_fails(
             assert await close_code(ws) == closecodes.UNAVAILABLE
 
     redis_proc.start()
+    assert isinstance(proc_appender.redis, aioredis.Redis)
     await proc_appender.redis.connection_pool.disconnect()  # the test's own writer: not under test
     await wait_ready(fanout.port)
     await log.send("room", "alice", "after")

@@ -14,7 +14,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from test_fanout_e2e import SECRET, Log, appender, close_code, token
 from websockets.asyncio.client import ClientConnection, connect
 
 from command_api.append import Appender
@@ -26,6 +25,7 @@ from realtime_fanout.wsproto import AbortingWebSocketProtocol, protocol_class
 from servicekit.httpedge import server_config
 from servicekit.settings import Env
 from tests.inprocess import uvicorn_serving
+from tests.test_fanout_e2e import SECRET, Log, appender, close_code, token
 
 __all__ = ["appender"]
 

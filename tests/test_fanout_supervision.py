@@ -12,10 +12,6 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from events.config import LogSettings
-from fanout_inprocess import served_fanout
-from test_fanout_e2e import Client, Log, appender, close_code, fanout_env, token
-from test_fanout_session import FakeLog
 from websockets.asyncio.client import connect
 
 from command_api.append import Appender
@@ -28,6 +24,10 @@ from realtime_fanout.routing import Router
 from realtime_fanout.session import Session
 from realtime_fanout.signalbus import SignalBus
 from realtime_fanout.signals import TypingSignal, encode_signal
+from servicekit.log_settings import LogSettings
+from tests.fanout_inprocess import served_fanout
+from tests.test_fanout_e2e import Client, Log, appender, close_code, fanout_env, token
+from tests.test_fanout_session import FakeLog
 
 __all__ = ["appender"]
 

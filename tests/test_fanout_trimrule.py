@@ -102,7 +102,8 @@ def test_the_rule_is_sound_on_a_real_server(
     """Whatever the plan serves from the stream is still in it, and what the archive must serve lies within
     its head; on Redis 7 a stream nothing was removed from needs no archive. Entries go only from a stream's
     start (XTRIM MINID, or XDEL of the first): the log never deletes inside a stream."""
-    client, major = server
+    client: Any = server[0]
+    major = server[1]
     key = "trimrule:" + str(id(ops))
     client.delete(key)
     added: list[int] = []

@@ -32,8 +32,14 @@ async def start_listening(service: Service) -> None:
 async def test_two_of_each_service_one_of_each_killed_then_audit_is_green(
     fault_redis: RedisServer, database_url: str, tmp_path: Path
 ) -> None:
-    shared = {"PARLEY_HTTP_REUSE_PORT": "1", "PARLEY_HTTP_ACCESS_LOG": "1"}
-    async with stack(fault_redis, database_url, tmp_path, projectors=2, **shared) as s:
+    async with stack(
+        fault_redis,
+        database_url,
+        tmp_path,
+        projectors=2,
+        PARLEY_HTTP_REUSE_PORT="1",
+        PARLEY_HTTP_ACCESS_LOG="1",
+    ) as s:
         second_api = Service("command_api", s.api.env, s.api.port, tmp_path / "api-second.log", "/healthz")
         apis, killed = [s.api, second_api], list[str]()
 

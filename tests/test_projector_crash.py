@@ -20,9 +20,9 @@ from events.log import EventLog
 from projector.model import fold_entries
 from projector.snapshot import read_tables
 from servicekit.log_settings import LogSettings
+from tests.cluster_fixtures import LogRedis, single_and_cluster
 from tests.storeprobe import archive_keys, check_search_column, dead_letter_keys
 from tests.workload import Workload
-from tests.cluster_fixtures import LogRedis, single_and_cluster
 
 PARTITIONS = 4
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from servicekit.supervisor import Policy, Supervisor
 
 
 def failures(service: str, task: str, policy: str) -> float:
-    return TASK_FAILURES.labels(service, task, policy)._value.get()
+    return float(TASK_FAILURES.labels(service, task, policy)._value.get())
 
 
 async def test_a_crashing_task_is_restarted_with_backoff_and_counted(
