@@ -15,11 +15,12 @@ from types import FrameType
 from devstack import pgadmin
 from devstack.ports import is_listening, preferred_or_free_port
 from devstack.process import die_with_parent, stop_group
-from devstack.servers import PostgresServer, RedisServer
+from devstack.servers import PostgresServer, PostgresStandby, RedisServer
 from devstack.supervisor import (
     DATA_DIR,
     DATABASE_NAME,
     POSTGRES_PORT,
+    POSTGRES_REPLICA_PORT,
     REDIS_PORT,
     BadRunSetting,
     Service,
@@ -53,10 +54,11 @@ def _raise_shutdown(signum: int, frame: FrameType | None) -> None:
     raise Shutdown(signal.Signals(signum).name)
 
 
-def _start_servers(stack: contextlib.ExitStack, env: Mapping[str, str]) -> tuple[str, str]:
+def _start_servers(stack: contextlib.ExitStack, env: Mapping[str, str]) -> tuple[str, str, str | None]:
     plan = plan_servers(env)
     redis_url = env.get("REDIS_URL", "")
     database_url = env.get("DATABASE_URL", "")
+    replica_url = None
     if plan.start_redis:
         redis = RedisServer(
             DATA_DIR / "redis",
@@ -74,7 +76,13 @@ def _start_servers(stack: contextlib.ExitStack, env: Mapping[str, str]) -> tuple
         stack.callback(postgres.stop)
         postgres.start()
         database_url = pgadmin.create_database(postgres.url, DATABASE_NAME, exist_ok=True)
-    return redis_url, database_url
+        if plan.start_postgres_replica:
+            port = preferred_or_free_port(POSTGRES_REPLICA_PORT)
+            replica = PostgresStandby(postgres, DATA_DIR / "postgres-replica", port, die_with_parent=True)
+            stack.callback(replica.stop)
+            replica.start()
+            replica_url = pgadmin.with_database(replica.url, DATABASE_NAME)
+    return redis_url, database_url, replica_url
 
 
 def _start_service(service: Service, env: Mapping[str, str]) -> RunningService:
@@ -129,15 +137,15 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         try:
             workers = worker_count(os.environ)
-            redis_url, database_url = _start_servers(stack, os.environ)
+            redis_url, database_url, replica_url = _start_servers(stack, os.environ)
             secret = resolve_jwt_secret(os.environ, DATA_DIR / "jwt-secret")
-            env = worker_env(child_env(os.environ, redis_url, database_url, secret), workers)
+            env = worker_env(child_env(os.environ, redis_url, database_url, secret, replica_url), workers)
             stack.callback(_stop_services, running)
             services = with_ports(available_services(), env)
             for service in services:
                 running.extend(_start_service(service, env) for _ in range(workers))
             _wait_listening(running)
-            print(banner(redis_url, database_url, services, workers), flush=True)
+            print(banner(redis_url, database_url, services, workers, replica_url), flush=True)
             if not running:
                 signal.pause()
             return _supervise(running)

@@ -223,6 +223,11 @@ class PostgresStandby(PostgresServer):
     def _prepare(self) -> None:
         if not (self.data_dir / "PG_VERSION").exists():
             self._basebackup()
+        # The primary as it listens now (a restarted `make run` may have given it another port); the
+        # command line outranks what -R wrote into postgresql.auto.conf.
+        self.settings["primary_conninfo"] = (
+            f"host={LOOPBACK} port={self.primary.port} user={REPLICATION_ROLE} application_name={self.name}"
+        )
         super()._prepare()
 
     def _basebackup(self) -> None:

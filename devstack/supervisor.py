@@ -16,6 +16,8 @@ from servicekit.settings import EnvSettings, setting_of
 
 REDIS_PORT = 6380
 POSTGRES_PORT = 5433
+POSTGRES_REPLICA_PORT = 5434
+PG_REPLICA_SETTING = "PARLEY_RUN_PG_REPLICA"
 DATABASE_NAME = "parley"
 DATA_DIR = Path(".data")
 BANNER_READY = "Parley dev stack is up"
@@ -97,13 +99,17 @@ class ServerPlan:
 
     start_redis: bool
     start_postgres: bool
+    start_postgres_replica: bool = False
 
 
 def plan_servers(env: Mapping[str, str]) -> ServerPlan:
-    """Start Redis unless REDIS_URL is set, Postgres unless DATABASE_URL is set."""
+    """Start Redis unless REDIS_URL is set, Postgres unless DATABASE_URL is set, and a streaming replica of
+    that embedded Postgres for the query API with PARLEY_RUN_PG_REPLICA=1."""
+    start_postgres = not env.get("DATABASE_URL")
     return ServerPlan(
         start_redis=not env.get("REDIS_URL"),
-        start_postgres=not env.get("DATABASE_URL"),
+        start_postgres=start_postgres,
+        start_postgres_replica=start_postgres and env.get(PG_REPLICA_SETTING, "").strip() in ("1", "true"),
     )
 
 
@@ -140,12 +146,21 @@ def load_or_create_secret(path: Path) -> str:
     return secret
 
 
-def child_env(base: Mapping[str, str], redis_url: str, database_url: str, jwt_secret: str) -> dict[str, str]:
+def child_env(
+    base: Mapping[str, str],
+    redis_url: str,
+    database_url: str,
+    jwt_secret: str,
+    replica_url: str | None = None,
+) -> dict[str, str]:
     """The environment every service gets: `base` plus the stack URLs and dev settings; the web page's
-    origin is allowed (CORS, WebSocket) and told where the query API and the fanout listen."""
+    origin is allowed (CORS, WebSocket) and told where the query API and the fanout listen; the query API
+    reads `replica_url` when given."""
     env = dict(base)
     env["REDIS_URL"] = redis_url
     env["DATABASE_URL"] = database_url
+    if replica_url:
+        env.setdefault("PARLEY_QUERY_DATABASE_URLS", replica_url)
     env["PARLEY_DEV_MODE"] = "1"
     env["PARLEY_JWT_SECRET"] = jwt_secret
     ports = {s.name: s.port for s in with_ports(list(SERVICES), env)}
@@ -156,12 +171,19 @@ def child_env(base: Mapping[str, str], redis_url: str, database_url: str, jwt_se
     return env
 
 
-def banner(redis_url: str, database_url: str, services: list[Service], workers: int = 1) -> str:
+def banner(
+    redis_url: str,
+    database_url: str,
+    services: list[Service],
+    workers: int = 1,
+    replica_url: str | None = None,
+) -> str:
     """The startup banner: where everything listens and how to send a first message."""
     lines = [
         f"{BANNER_READY}",
         f"  redis      {redis_url}",
         f"  postgres   {database_url}",
+        *([f"  replica    {replica_url} (the query API reads it)"] if replica_url else []),
     ]
     processes = f" ({workers} processes, one port)" if workers > 1 else ""
     for service in services:

@@ -100,7 +100,9 @@ class Replicas:
     """The query API's replicas: checked every `check_s` (one connection each, outside their pools), chosen
     round-robin among those serving; a replica whose read fails is skipped until a check finds it well."""
 
-    def __init__(self, targets: list[ReadTarget], primary: ReadTarget, max_lag_s: float, check_s: float):
+    def __init__(
+        self, targets: list[ReadTarget], primary: ReadTarget, max_lag_s: float, check_s: float
+    ) -> None:
         self.targets = targets
         self.primary = primary
         self.max_lag_s = max_lag_s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,10 +11,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -108,6 +110,9 @@ def test_plan_servers_uses_given_urls_and_starts_the_rest() -> None:
     assert plan_servers({}).start_postgres
     only_redis = plan_servers({"REDIS_URL": given["REDIS_URL"]})
     assert (only_redis.start_redis, only_redis.start_postgres) == (False, True)
+    assert not plan_servers({}).start_postgres_replica
+    assert plan_servers({"PARLEY_RUN_PG_REPLICA": "1"}).start_postgres_replica
+    assert not plan_servers({**given, "PARLEY_RUN_PG_REPLICA": "1"}).start_postgres_replica  # not ours
 
 
 def test_available_services_are_those_with_a_main_module() -> None:
@@ -134,7 +139,10 @@ def _free_service_ports() -> dict[str, str]:
     return {s.port_setting: str(free_port()) for s in SERVICES if s.port_setting}
 
 
-def _run_devstack_until_banner(cwd: Path, env: Mapping[str, str]) -> tuple[int, str, list[int]]:
+def _run_devstack_until_banner(
+    cwd: Path, env: Mapping[str, str], while_up: Callable[[str], None] | None = None
+) -> tuple[int, str, list[int]]:
+    """Run `python -m devstack` until its banner (and `while_up(output)` returns), then SIGINT it."""
     out = cwd / "devstack.out"
     with out.open("wb") as sink:
         proc = subprocess.Popen(
@@ -147,6 +155,8 @@ def _run_devstack_until_banner(cwd: Path, env: Mapping[str, str]) -> tuple[int, 
             assert time.monotonic() < deadline, out.read_text(errors="replace")
             time.sleep(0.1)
         children = child_pids(proc.pid)
+        if while_up is not None:
+            while_up(out.read_text(errors="replace"))
         proc.send_signal(signal.SIGINT)
         code = proc.wait(30)
     finally:
@@ -186,6 +196,29 @@ def test_devstack_runs_two_processes_of_each_service(
     assert code == 0, output
     assert len(children) == 2 * len(available_services())
     assert "(2 processes, one port)" in output
+    assert not [pid for pid in children if group_alive(pid)]
+
+
+def test_devstack_runs_a_postgres_replica_the_query_api_reads(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    ports = _free_service_ports()
+    env.update(ports, PARLEY_RUN_PG_REPLICA="1")
+
+    def replica_serving(_output: str) -> None:
+        deadline = time.monotonic() + 30
+        url = f"http://127.0.0.1:{ports['PARLEY_PROJECTOR_HTTP_PORT']}/readyz"
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                details = httpx.get(url, timeout=2).json().get("details", {})
+                if details.get("replicas", {}).get("replica-0", {}).get("serving"):
+                    return
+            assert time.monotonic() < deadline, details
+            time.sleep(0.2)
+
+    code, output, children = _run_devstack_until_banner(tmp_path, env, replica_serving)
+    assert code == 0, output
+    assert "replica    postgresql://" in output and "(the query API reads it)" in output
+    assert (tmp_path / ".data" / "postgres-replica" / "standby.signal").is_file()
     assert not [pid for pid in children if group_alive(pid)]
 
 
