@@ -295,7 +295,7 @@ class Reads:
         for target in self.targets:
             await target.open()
         if self.replicas:
-            self.replicas.start()
+            self.replicas.start(self.primary.supervisor)
 
     async def close(self) -> None:
         if self.replicas:

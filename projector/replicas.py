@@ -20,6 +20,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from projector.metrics import REPLICA_LAG_SECONDS, REPLICA_SERVING
+from servicekit.supervisor import Policy, Supervisor
 
 if TYPE_CHECKING:
     from projector.reads import ReadTarget
@@ -119,8 +120,8 @@ class Replicas:
         serving = [t for t in self.targets if t.health is not None and t.health.serving]
         return serving[next(self._next) % len(serving)] if serving else None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._supervise(), name="replica-checks")
+    def start(self, supervisor: Supervisor) -> None:
+        self._task = supervisor.spawn("replica-checks", self._supervise, Policy.RESTART)
 
     async def stop(self) -> None:
         if self._task is not None:
