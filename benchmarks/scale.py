@@ -40,6 +40,8 @@ from servicekit.log_settings import LogSettings
 NODE_TIMEOUT_MS = 15_000
 """Redis's default: a node slowed by other work on a shared host must not be failed over mid-run."""
 MASTERS, REPLICAS = "redis masters", "redis replicas"
+IDLE_S = 2.0
+"""How long each service's CPU is measured with nothing sent."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ async def commands_phase(target: Target, args: argparse.Namespace) -> Phase:
         targets = await message_targets(port, env, args.connections)
         requests = [[post_request(path, BODY, headers)] for path, headers in targets]
         await run_load(port, requests, 1.0, warmup_s=0)
-        quiet = await idle({"command API": api.pid, **target.pids()}, args.idle_s)
+        quiet = await idle({"command API": api.pid, **target.pids()}, IDLE_S)
         with Cpu({"command API": api.pid, **target.pids()}, here="load generator") as cpu:
             result = await run_load(port, requests, args.command_seconds, warmup_s=0)
     other = {k: v for k, v in result.statuses.items() if k != 202}
@@ -134,20 +136,16 @@ async def projector_phase(target: Target, pg: PostgresServer, args: argparse.Nam
     return Phase("projector", target.name, args.events, seconds, grouped(cpu), {})
 
 
-async def fanout_phase(target: Target, pg: PostgresServer, args: argparse.Namespace) -> Phase:
+async def fanout_phase(target: Target, pg: PostgresServer, load: FanoutLoad, bench: str) -> Phase:
     """benchmarks.fanout's saturation phase, smaller: messages appended straight to the log at once; the
     CPU counted from the first append to the last delivery (not the subscribers' connecting)."""
-    namespace = f"scalefan{target.name}"
-    load = FanoutLoad(
-        subscribers=args.subscribers, conversations=args.subscribers // 10, per_subscriber=3,
-        messages=args.messages,
-    )  # fmt: skip
+    namespace = f"scale{bench}{target.name}"
     stack = Stack(target.url, pg.create_database(namespace), namespace, target.cluster)
     port = free_port()
     try:
         await stack.create_conversations(load)
         with service("realtime_fanout", {**stack.env, "PARLEY_FANOUT_PORT": str(port)}, port) as fanout:
-            quiet = await idle({"fanout": fanout.pid, **target.pids()}, args.idle_s)
+            quiet = await idle({"fanout": fanout.pid, **target.pids()}, IDLE_S)
             cpu = Cpu({"fanout": fanout.pid, **target.pids()}, here="subscribers + appender")
             tally, expected, _ = await parley_phase(load, stack, port, None, "scale", cpu)
     finally:
@@ -156,16 +154,25 @@ async def fanout_phase(target: Target, pg: PostgresServer, args: argparse.Namesp
     if tally.unique != expected or tally.duplicates or tally.disconnects:
         note += f"; LOST {expected - tally.unique}, dup {tally.duplicates}, disconnects {tally.disconnects}"
     seconds = (tally.last_at or 0.0) - (tally.first_at or 0.0)
-    return Phase("fanout", target.name, tally.unique, seconds, grouped(cpu), quiet, note)
+    return Phase(bench, target.name, tally.unique, seconds, grouped(cpu), quiet, note)
 
 
 def load_average() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-UNITS = {"commands": "command", "projector": "event", "fanout": "delivery"}
-SERVICE = {"commands": "command API", "projector": "projector worker", "fanout": "fanout"}
-OTHER = {"commands": "load generator", "projector": "postgres", "fanout": "subscribers + appender"}
+UNITS = {"commands": "command", "projector": "event", "fanout": "delivery", "fanout1": "event"}
+"""fanout1: messages of one recipient each, what every fanout process pays per event of the log."""
+SERVICE = {
+    "commands": "command API",
+    "projector": "projector worker",
+    "fanout": "fanout",
+    "fanout1": "fanout",
+}
+OTHER = {
+    "commands": "load generator", "projector": "postgres",
+    "fanout": "subscribers + appender", "fanout1": "subscribers + appender",
+}  # fmt: skip
 
 
 def table(phases: list[Phase]) -> list[str]:
@@ -215,8 +222,10 @@ async def main() -> None:
         "--subscribers", type=int, default=1000, help="fanout subscribers (10 per conversation)"
     )
     parser.add_argument("--messages", type=int, default=3000, help="messages fanned out (30 recipients each)")
+    parser.add_argument(
+        "--events-1", type=int, default=10_000, help="messages of one recipient each (fanout1: per event)"
+    )
     parser.add_argument("--partitions", type=int, default=8)
-    parser.add_argument("--idle-s", type=float, default=2.0, help="seconds of each service's idle CPU")
     parser.add_argument("--limit-s", type=float, default=120, help="bound on each projection")
     parser.add_argument(
         "--redis-server", type=Path, default=shutil.which("redis-server") or redis_server_binary(),
@@ -226,6 +235,11 @@ async def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     binary = Path(args.redis_server)
+    wide = FanoutLoad(
+        subscribers=args.subscribers, conversations=args.subscribers // 10, per_subscriber=3,
+        messages=args.messages,
+    )  # fmt: skip
+    narrow = FanoutLoad(subscribers=100, conversations=100, per_subscriber=1, messages=args.events_1)
     print(f"machine: {describe(str(binary))}")
     print(f"at start: {load_average()} (other work on the host shares the cores)\n", flush=True)
     started = time.perf_counter()
@@ -246,7 +260,8 @@ async def main() -> None:
             runs: dict[str, Callable[[Target], Awaitable[Phase]]] = {
                 "commands": lambda t: commands_phase(t, args),
                 "projector": lambda t: projector_phase(t, pg, args),
-                "fanout": lambda t: fanout_phase(t, pg, args),
+                "fanout": lambda t: fanout_phase(t, pg, wide, "fanout"),
+                "fanout1": lambda t: fanout_phase(t, pg, narrow, "fanout1"),
             }
             for bench, run in runs.items():
                 if args.only and bench not in args.only:
