@@ -102,6 +102,8 @@ async def commands_phase(target: Target, args: argparse.Namespace) -> Phase:
     """benchmarks.commands' load on the real API: one conversation per connection, 1 s warm-up unmeasured."""
     port = free_port()
     env = {**api_env(target.url, port, args.partitions, target.cluster), "PARLEY_LOG_NAMESPACE": "scalecmd"}
+    if args.no_rate_limit:
+        env["PARLEY_RATE_LIMIT_PER_S"] = "0"
     with server(["command_api"], port, env) as api:
         targets = await message_targets(port, env, args.connections)
         requests = [[post_request(path, BODY, headers)] for path, headers in targets]
@@ -226,6 +228,9 @@ async def main() -> None:
         "--events-1", type=int, default=10_000, help="messages of one recipient each (fanout1: per event)"
     )
     parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument(
+        "--no-rate-limit", action="store_true", help="commands without the per-user rate limiter (its share)"
+    )
     parser.add_argument("--limit-s", type=float, default=120, help="bound on each projection")
     parser.add_argument(
         "--redis-server", type=Path, default=shutil.which("redis-server") or redis_server_binary(),
