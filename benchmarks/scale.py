@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.commands import BODY, api_env, message_targets
-from benchmarks.fanout import Stack, parley_phase, service
-from benchmarks.fanout_load import FanoutLoad
+from benchmarks.fanout import Stack, connect_all, parley_phase, parley_subscriber, service
+from benchmarks.fanout_load import FanoutLoad, Tally
 from benchmarks.loadgen import post_request, run_load
 from benchmarks.machine import describe
 from benchmarks.processes import server
@@ -159,22 +159,64 @@ async def fanout_phase(target: Target, pg: PostgresServer, load: FanoutLoad, ben
     return Phase(bench, target.name, tally.unique, seconds, grouped(cpu), quiet, note)
 
 
+async def connections_phase(
+    target: Target, pg: PostgresServer, load: FanoutLoad, seconds: float, bench: str
+) -> Phase:
+    """Idle subscribed connections, with a WebSocket ping every second each (20 s by default) and, for
+    `connections`, a presence refresh every second too (10 s by default; for `pings`, every 100 s): what a
+    connection costs while nothing is sent, per connection-second."""
+    namespace = f"scale{bench}{target.name}"
+    stack = Stack(target.url, pg.create_database(namespace), namespace, target.cluster)
+    port = free_port()
+    env = {
+        **stack.env, "PARLEY_FANOUT_PORT": str(port),
+        "PARLEY_FANOUT_PING_INTERVAL_S": "1",
+        "PARLEY_FANOUT_PRESENCE_TTL_S": "3" if bench == "connections" else "300",
+    }  # fmt: skip
+    try:
+        await stack.create_conversations(load)
+        with service("realtime_fanout", env, port) as fanout:
+            tally, stop = Tally(), asyncio.Event()
+            tasks = await connect_all(
+                [
+                    lambda r, i=i: parley_subscriber(port, stack, i, tally, r, stop)
+                    for i in range(load.subscribers)
+                ],
+                30,
+            )
+            await asyncio.sleep(1.0)
+            with Cpu({"fanout": fanout.pid, **target.pids()}, here="subscribers") as cpu:
+                await asyncio.sleep(seconds)
+            stop.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await stack.close()
+    note = f"{load.subscribers} connections, {seconds:g} s" + (
+        f"; DISCONNECTS {tally.disconnects}" if tally.disconnects else ""
+    )
+    return Phase(bench, target.name, load.subscribers * round(seconds), seconds, grouped(cpu), {}, note)
+
+
 def load_average() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-UNITS = {"commands": "command", "projector": "event", "fanout": "delivery", "fanout1": "event"}
-"""fanout1: messages of one recipient each, what every fanout process pays per event of the log."""
-SERVICE = {
-    "commands": "command API",
-    "projector": "projector worker",
-    "fanout": "fanout",
-    "fanout1": "fanout",
+BENCHES = {
+    "commands": ("command", "command API", "load generator"),
+    "projector": ("event", "projector worker", "postgres"),
+    "fanout": ("delivery", "fanout", "subscribers + appender"),
+    "fanout1": ("event", "fanout", "subscribers + appender"),
+    "connections": ("connection-s", "fanout", "subscribers"),
+    "pings": ("connection-s", "fanout", "subscribers"),
 }
-OTHER = {
-    "commands": "load generator", "projector": "postgres",
-    "fanout": "subscribers + appender", "fanout1": "subscribers + appender",
-}  # fmt: skip
+"""Each benchmark's unit, the service it measures and the other process counted. fanout1: messages of one
+recipient each, what every fanout process pays per event of the log; connections: idle subscribers, pinged
+and their presence refreshed every second; pings: only pinged."""
+UNITS = {name: unit for name, (unit, _, _) in BENCHES.items()}
+SERVICE = {name: service for name, (_, service, _) in BENCHES.items()}
+OTHER = {name: other for name, (_, _, other) in BENCHES.items()}
 
 
 def table(phases: list[Phase]) -> list[str]:
@@ -227,6 +269,9 @@ async def main() -> None:
     parser.add_argument(
         "--events-1", type=int, default=10_000, help="messages of one recipient each (fanout1: per event)"
     )
+    parser.add_argument(
+        "--connected-s", type=float, default=5.0, help="seconds the idle connections are measured"
+    )
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument(
         "--no-rate-limit", action="store_true", help="commands without the per-user rate limiter (its share)"
@@ -267,6 +312,8 @@ async def main() -> None:
                 "projector": lambda t: projector_phase(t, pg, args),
                 "fanout": lambda t: fanout_phase(t, pg, wide, "fanout"),
                 "fanout1": lambda t: fanout_phase(t, pg, narrow, "fanout1"),
+                "connections": lambda t: connections_phase(t, pg, wide, args.connected_s, "connections"),
+                "pings": lambda t: connections_phase(t, pg, wide, args.connected_s, "pings"),
             }
             for bench, run in runs.items():
                 if args.only and bench not in args.only:
