@@ -239,6 +239,10 @@ def table(phases: list[Phase]) -> list[str]:
     return lines
 
 
+def ratio(many: float, one: float) -> str:
+    return f"{many / one:.2f}x" if one else "n/a (nothing measured on the single Redis)"
+
+
 def ratios(phases: list[Phase]) -> list[str]:
     lines = []
     for bench in UNITS:
@@ -247,9 +251,9 @@ def ratios(phases: list[Phase]) -> list[str]:
             one, many = pair["single"], pair["cluster"]
             service = SERVICE[bench]
             lines.append(
-                f"{bench:<10} cluster / single: rate {many.rate / one.rate:.2f}x, {service} CPU per "
-                f"{UNITS[bench]} {many.micros(service) / one.micros(service):.2f}x, Redis masters' CPU per "
-                f"{UNITS[bench]} {many.micros(MASTERS) / one.micros(MASTERS):.2f}x"
+                f"{bench:<10} cluster / single: rate {ratio(many.rate, one.rate)}, {service} CPU per "
+                f"{UNITS[bench]} {ratio(many.micros(service), one.micros(service))}, Redis masters' CPU per "
+                f"{UNITS[bench]} {ratio(many.micros(MASTERS), one.micros(MASTERS))}"
             )
     return lines
 
@@ -269,6 +273,7 @@ async def main() -> None:
     parser.add_argument(
         "--events-1", type=int, default=10_000, help="messages of one recipient each (fanout1: per event)"
     )
+    parser.add_argument("--idle-connections", type=int, default=500, help="subscribers of the idle phases")
     parser.add_argument(
         "--connected-s", type=float, default=5.0, help="seconds the idle connections are measured"
     )
@@ -288,6 +293,10 @@ async def main() -> None:
     wide = FanoutLoad(
         subscribers=args.subscribers, conversations=args.subscribers // 10, per_subscriber=3,
         messages=args.messages,
+    )  # fmt: skip
+    idle_load = FanoutLoad(
+        subscribers=args.idle_connections, conversations=max(1, args.idle_connections // 10), per_subscriber=3,
+        messages=0,
     )  # fmt: skip
     narrow = FanoutLoad(subscribers=100, conversations=100, per_subscriber=1, messages=args.events_1)
     print(f"machine: {describe(str(binary))}")
@@ -312,8 +321,8 @@ async def main() -> None:
                 "projector": lambda t: projector_phase(t, pg, args),
                 "fanout": lambda t: fanout_phase(t, pg, wide, "fanout"),
                 "fanout1": lambda t: fanout_phase(t, pg, narrow, "fanout1"),
-                "connections": lambda t: connections_phase(t, pg, wide, args.connected_s, "connections"),
-                "pings": lambda t: connections_phase(t, pg, wide, args.connected_s, "pings"),
+                "connections": lambda t: connections_phase(t, pg, idle_load, args.connected_s, "connections"),
+                "pings": lambda t: connections_phase(t, pg, idle_load, args.connected_s, "pings"),
             }
             for bench, run in runs.items():
                 if args.only and bench not in args.only:
