@@ -5,7 +5,9 @@ On a machine of few cores a cluster cannot show more throughput (its nodes share
 everything else); what it shows is the CPU each command, event and delivery costs in every process, and
 how that compares with a single Redis. Both run the same redis-server binary with AOF everysec; each
 cluster master has one replica, whose CPU is counted apart. Each phase is the benchmark's own code
-(benchmarks.commands, .projector, .fanout) with smaller counts, alternating single and cluster.
+(benchmarks.commands, .projector, .fanout) with smaller counts, alternating single and cluster; two more
+fanout phases measure what each event of the log costs a fanout process (messages of one recipient) and
+what an idle connection costs (pings and presence refreshes every second, per connection-second).
 Run: make bench-scale   (python -m benchmarks.scale --help for the counts)
 """
 
