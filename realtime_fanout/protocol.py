@@ -68,6 +68,11 @@ class Close:
 class ConnectionProtocol:
     """The state of one connection's protocol; every method is non-blocking and does no I/O."""
 
+    __slots__ = (
+        "_control", "_control_bytes", "_farewell_sent", "_held", "_quiet_until", "_requests", "_slot_taken",
+        "close", "conversations", "limits", "phase", "principal", "session", "slots", "verifier",
+    )  # fmt: skip
+
     def __init__(
         self, verifier: TokenVerifier, limits: Limits, now: float, slots: UserSlots | None = None
     ) -> None:
