@@ -46,6 +46,11 @@ def limits_of(settings: FanoutSettings) -> Limits:
 class Connection:
     """The I/O shell around one ConnectionProtocol; a hub Subscriber and a signal-bus target."""
 
+    __slots__ = (
+        "_attached", "_done", "_timer", "_timer_at", "_wake", "bus", "history", "hub", "protocol", "seeder",
+        "settings", "ws",
+    )  # fmt: skip
+
     def __init__(
         self,
         ws: WebSocket,
