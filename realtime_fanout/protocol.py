@@ -44,12 +44,12 @@ class Phase(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
-    """The per-connection limits the protocol enforces (from the fanout's settings)."""
+    """The per-connection limits the protocol enforces (the fanout's settings say their defaults)."""
 
-    auth_timeout_s: float = 10.0
-    max_buffer_bytes: int = 1_048_576
-    max_message_bytes: int = 16_384
-    max_batch: int = 100
+    auth_timeout_s: float
+    max_buffer_bytes: int
+    max_message_bytes: int
+    max_batch: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
