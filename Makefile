@@ -71,7 +71,7 @@ bench-redis-sizing: $(STAMP)
 bench-presence: $(STAMP)
 	$(BIN)/python -m benchmarks.presence_slot
 
-# Not in `bench`: 10 minutes of steady mixed load with a kill -9 a minute; SOAK_ARGS="--duration 60" to shorten.
+# Not in `bench`: 10 minutes of steady mixed load with a fault a minute; SOAK_ARGS="--duration 60" to shorten.
 bench-soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
