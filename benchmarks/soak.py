@@ -150,7 +150,9 @@ async def faults(k: Soak, every_s: float, restarts_until: float, until: float, r
         elif rng.random() < 0.5:
             client = aioredis.Redis.from_url(k.s.redis.url)
             try:
-                cut = await client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+                cut = await client.execute_command(  # type: ignore[no-untyped-call]
+                    "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"
+                )
             finally:
                 await client.aclose()
             what = f"Redis connections cut ({cut})"

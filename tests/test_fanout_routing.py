@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from test_fanout_session import FakeLog
+from tests.test_fanout_session import FakeLog
 
 from events.schema import (
     ConversationCreated,
