@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tests.test_fanout_session import FakeLog
-
 from events.schema import (
     ConversationCreated,
     MessageDeleted,
@@ -16,6 +14,7 @@ from events.schema import (
 )
 from realtime_fanout.item import Item
 from realtime_fanout.routing import Router
+from tests.test_fanout_session import FakeLog
 
 
 @dataclass(eq=False)
