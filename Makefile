@@ -76,7 +76,7 @@ bench-presence: $(STAMP)
 bench-scale: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.scale $(SCALE_ARGS)
 
-# Not in `bench`: 10 minutes of steady mixed load with a kill -9 a minute; SOAK_ARGS="--duration 60" to shorten.
+# Not in `bench`: 10 minutes of steady mixed load with a fault a minute; SOAK_ARGS="--duration 60" to shorten.
 bench-soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 

@@ -2,6 +2,19 @@
 
 `apply` checks everything that can refuse an event before it changes anything, so a refused event
 (FoldError) leaves the state and the changes as they were.
+
+It refuses only what it cannot apply without contradicting its own rows: a second creation, any other event of
+an unknown conversation, a sequence not after the last (in order), an event type it has no fold for, a reused
+message id, an edit or delete of an unknown or deleted message, adding a current participant or removing a
+non-participant, (un)archiving by a non-participant, a read marker of someone never in it. It trusts,
+unchecked, the rest of what `command_api/rules.py` decides before an event is appended: that the actor is a
+participant (of a send, edit, delete, read, add or remove), is the author of what they edit or delete, may
+remove that user (self, or the creator) and does not remove the creator; that a reply's target exists; that
+the sequence is the next one (a gap is folded); that a read marker moves forward and not past the end (the
+fold keeps the highest); that an archive changes the flag; that a creation lists its creator (the fold adds
+them). Why: the log is the truth and the append script, deciding by those rules atomically, is its only
+writer; an event it accepted happened, and refusing it here would make the read models disagree with the log,
+not undo it.
 """
 
 from __future__ import annotations

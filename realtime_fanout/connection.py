@@ -52,6 +52,11 @@ def _failure(tasks: Iterable[asyncio.Future[None]]) -> BaseException | None:
 class Connection:
     """The I/O shell around one ConnectionProtocol; a hub Subscriber and a signal-bus target."""
 
+    __slots__ = (
+        "_attached", "_done", "_timer", "_timer_at", "_wake", "bus", "history", "hub", "protocol", "seeder",
+        "settings", "ws",
+    )  # fmt: skip
+
     def __init__(
         self,
         ws: WebSocket,

@@ -44,12 +44,12 @@ class Phase(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
-    """The per-connection limits the protocol enforces (from the fanout's settings)."""
+    """The per-connection limits the protocol enforces (the fanout's settings say their defaults)."""
 
-    auth_timeout_s: float = 10.0
-    max_buffer_bytes: int = 1_048_576
-    max_message_bytes: int = 16_384
-    max_batch: int = 100
+    auth_timeout_s: float
+    max_buffer_bytes: int
+    max_message_bytes: int
+    max_batch: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -67,6 +67,11 @@ class Close:
 
 class ConnectionProtocol:
     """The state of one connection's protocol; every method is non-blocking and does no I/O."""
+
+    __slots__ = (
+        "_control", "_control_bytes", "_farewell_sent", "_held", "_quiet_until", "_requests", "_slot_taken",
+        "close", "conversations", "limits", "phase", "principal", "session", "slots", "verifier",
+    )  # fmt: skip
 
     def __init__(
         self, verifier: TokenVerifier, limits: Limits, now: float, slots: UserSlots | None = None

@@ -585,6 +585,10 @@ async def test_sigkill_and_restart_resumes_every_client_with_nothing_lost_or_dou
     fanout = await make_fanout(PARLEY_FANOUT_MAX_BATCH="7")
     assert appender.epoch is not None
     collectors = [Collector(fanout.url, user, origin(appender.epoch)) for user in ("u0", "u1", "u2", "u3")]
+    for _ in range(300):  # every client live before the kill, however loaded the host (bounded: 30 s)
+        if all(c.lives for c in collectors):
+            break
+        await asyncio.sleep(0.1)
     for round_ in range(6):  # bounded: 6 rounds of 40 messages
         if round_ == 2:
             fanout.signal(signal.SIGKILL)

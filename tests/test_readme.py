@@ -146,7 +146,11 @@ def test_the_query_api_error_table_lists_exactly_the_slugs_the_code_answers() ->
             parse_seq(name, "x")
         except Problem as problem:
             computed.setdefault(problem.status, set()).add(problem.slug)
-    framework = {404: {"not-found"}, 405: {"method-not-allowed"}}  # servicekit.problems, for every service
+    framework = {
+        404: {"not-found"},
+        405: {"method-not-allowed"},
+        500: {"internal-error"},
+    }  # servicekit.problems
     code = merged(*raised, computed, framework)
     readme = slug_table("### Query API")
     code.pop(401, None)

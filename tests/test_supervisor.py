@@ -18,6 +18,10 @@ def failures(service: str, task: str, policy: str) -> float:
     return float(TASK_FAILURES.labels(service, task, policy)._value.get())
 
 
+async def forever() -> None:
+    await asyncio.Event().wait()
+
+
 async def test_a_crashing_task_is_restarted_with_backoff_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -63,7 +67,7 @@ async def test_a_crash_under_stop_is_critical_fails_the_check_and_runs_on_stop(
         supervisor.check()
     assert failures("svc-stop", "buggy", "stop") == 1
     assert TASK_STOPPED.labels("svc-stop", "buggy")._value.get() == 1
-    supervisor.spawn("buggy", asyncio.Event().wait, Policy.STOP)  # started again: ready again
+    supervisor.spawn("buggy", forever, Policy.STOP)  # started again: ready again
     supervisor.check()
     assert TASK_STOPPED.labels("svc-stop", "buggy")._value.get() == 0
     await supervisor.close()
@@ -77,7 +81,7 @@ async def test_a_task_that_returns_is_done_and_cancellation_is_not_a_crash() -> 
         runs.append(1)
 
     await asyncio.wait_for(supervisor.spawn("once", once, Policy.RESTART), 5)
-    waiting = supervisor.spawn("waits", asyncio.Event().wait, Policy.STOP)
+    waiting = supervisor.spawn("waits", forever, Policy.STOP)
     await asyncio.sleep(0)
     await supervisor.close()
     assert runs == [1] and waiting.cancelled()
