@@ -16,7 +16,7 @@ from events.exceptions import LogError
 from events.layout import LogLayout
 from events.log import EventLog
 from events.position import LogPosition
-from servicekit.redisclient import RedisClient, raise_first_error, run_script_once, slot_group
+from servicekit.redisclient import REDIS_ERRORS, RedisClient, raise_first_error, run_script_once, slot_group
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Appender:
         """
         try:
             return await self.log.open(create=True)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise LogUnavailable(f"redis: {exc}") from exc
 
     async def append(self, command: Command) -> Appended:
@@ -132,7 +132,7 @@ class Appender:
         try:
             replies = await run_script_once(self.redis, self._claim_script, calls)
             raise_first_error(replies)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.error("claiming %d idempotency keys failed: %s", len(commands), exc)
             raise LogUnavailable(f"redis: {exc}") from exc
         return [bool(reply) for reply in replies]
@@ -158,7 +158,7 @@ class Appender:
             ]  # fmt: skip
         try:
             replies = await self._call(keys, args)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.error("append to partition %d failed: %s", partition, exc)
             raise LogUnavailable(f"redis: {exc}") from exc
         if replies and _is_log_failure(replies[0]):
@@ -194,7 +194,7 @@ class Appender:
         self.log.epoch = None
         try:
             await self.log.open(create=True)
-        except (redis.exceptions.RedisError, LogError) as exc:
+        except (*REDIS_ERRORS, LogError) as exc:
             log.error("reopening the log failed: %s", exc)
 
     def _result(self, partition: int, epoch: str, reply: list[bytes | int]) -> Appended | BaseException:

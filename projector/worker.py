@@ -50,6 +50,9 @@ _TRANSIENT = (
     psycopg.OperationalError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterError,  # CLUSTERDOWN during a failover
+    redis.exceptions.TryAgainError,
+    redis.exceptions.RedisClusterException,  # no node known for a slot, a moment
     OSError,
 )
 

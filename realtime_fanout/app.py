@@ -8,7 +8,6 @@ import logging
 from typing import Any
 
 import psycopg
-import redis.exceptions
 from fastapi import FastAPI
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
@@ -32,7 +31,7 @@ from servicekit.gcpacing import GcPacer
 from servicekit.health import add_health_routes
 from servicekit.httpedge import NO_DOC_PAGES
 from servicekit.lifespan import services_lifespan
-from servicekit.redisclient import redis_client
+from servicekit.redisclient import REDIS_ERRORS, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class Services:
         await self.bus.start()
         try:
             await self.hub.start()
-        except (LogError, redis.exceptions.RedisError, psycopg.Error) as exc:
+        except (LogError, *REDIS_ERRORS, psycopg.Error) as exc:
             log.error("log not readable at start (%s); retrying in the background", exc)
             self._starter = asyncio.create_task(self._keep_starting())
 
@@ -100,7 +99,7 @@ class Services:
             try:
                 await self.hub.start()
                 return
-            except (LogError, redis.exceptions.RedisError, psycopg.Error) as exc:
+            except (LogError, *REDIS_ERRORS, psycopg.Error) as exc:
                 log.warning("log still not readable: %s", exc)
                 delay = min(delay * 2, 5.0)
 

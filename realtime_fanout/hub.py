@@ -14,8 +14,6 @@ import contextlib
 import logging
 from typing import Protocol
 
-import redis.exceptions
-
 from events.layout import LogLayout
 from events.log import EventLog, TopologyChanged
 from events.schema import MessageDeleted
@@ -25,7 +23,7 @@ from realtime_fanout.exceptions import HubUnavailable
 from realtime_fanout.item import Item, act_of, decode_entry, may_change_membership
 from realtime_fanout.membership import PRIVATE_PAYLOADS, MembershipIndex, Span
 from realtime_fanout.metrics import DELIVERIES, ENTRIES_READ
-from servicekit.redisclient import RedisClient
+from servicekit.redisclient import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +219,7 @@ class Hub:
                 log.warning("hub read of partitions %s: %s; regrouping", partitions, exc)
                 await asyncio.sleep(backoff)
                 return
-            except redis.exceptions.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("hub read failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-import redis.exceptions
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
 from realtime_fanout.frames import PresenceFrame, PresenceSnapshotFrame, Typing, TypingFrame, encode_frame
@@ -32,7 +31,7 @@ from realtime_fanout.signals import (
     presence_visible,
     typing_recipients,
 )
-from servicekit.redisclient import RedisClient, refresh_topology
+from servicekit.redisclient import REDIS_ERRORS, RedisClient, refresh_topology
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ class SignalBus:
             visible = presence_visible(self.hub.index, conn.user_id, self.presence_scope)
             entries = await self.store.snapshot(sorted(visible))
             snapshot = encode_frame(PresenceSnapshotFrame(entries))
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             SIGNAL_ERRORS.labels("join").inc()
             log.warning("presence join of %s failed: %s", conn.user_id, exc)
         conn.presence_ready(snapshot)
@@ -125,7 +124,7 @@ class SignalBus:
         try:
             async with self._touching:
                 await self.store.leave(conn_id, conn.user_id)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             SIGNAL_ERRORS.labels("leave").inc()
             log.warning("presence leave of %s failed (it will expire): %s", conn.user_id, exc)
 
@@ -141,7 +140,7 @@ class SignalBus:
         payload = encode_signal(TypingSignal(cid, user, message.state))
         try:
             await self.store.publish(payload)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             SIGNAL_ERRORS.labels("publish").inc()
             log.warning("typing publish failed: %s", exc)
 
@@ -201,7 +200,7 @@ class SignalBus:
                     message = await receive(ignore_subscribe_messages=True, timeout=POLL_S)
                     if message is not None and message.get("type") in ("message", "smessage"):
                         self.on_message(message["data"])
-            except redis.exceptions.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self.subscribed.clear()
                 SIGNAL_ERRORS.labels("subscribe").inc()
                 log.warning("signal subscription failed (%s); retrying in %.1fs", exc, backoff)
@@ -225,7 +224,7 @@ class SignalBus:
                     seen, _offline = await self.store.sweep(SWEEP_LIMIT)
                     if seen < SWEEP_LIMIT:
                         break
-            except redis.exceptions.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 SIGNAL_ERRORS.labels("heartbeat").inc()
                 log.warning("presence heartbeat failed: %s", exc)
 
