@@ -41,8 +41,8 @@ from devstack.binaries import redis_server_binary
 from devstack.ports import free_port
 from devstack.servers import PostgresServer, RedisServer
 from events.layout import LogLayout
+from events.redisclient import redis_client
 from servicekit.auth_settings import AuthSettings
-from servicekit.redisclient import redis_client
 from servicekit.settings import Env
 from servicekit.tokens import mint_token
 

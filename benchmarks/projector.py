@@ -29,11 +29,11 @@ from events import schema
 from events.codec import encode
 from events.ids import new_event_id, new_object_id
 from events.log import EventLog
+from events.redisclient import redis_client
 from projector.rebuild import rebuild
 from projector.settings import DEFAULT_BATCH, ProjectorSettings
 from projector.worker import Worker
 from servicekit.log_settings import LogSettings
-from servicekit.redisclient import redis_client
 
 WORDS = ("hello", "lunch", "deploy", "meeting", "coffee", "release", "bug", "friday", "budget", "pizza",
          "tomorrow", "review", "ship", "done", "thanks", "later", "call", "plan", "ok", "see")  # fmt: skip

@@ -12,9 +12,8 @@ import asyncio
 import contextlib
 import logging
 
-import redis.exceptions
-
 from events.log import EventLog, LogEntry, TopologyChanged
+from events.redisclient import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ class Poller:
                 backoff = min(backoff * 2, 1.0)
                 self._kick()
                 continue
-            except (redis.exceptions.RedisError, OSError) as exc:  # each partition retries as it does
+            except (*REDIS_ERRORS, OSError) as exc:  # each partition retries as it does
                 self._fail(mine, exc)
                 continue
             except Exception as exc:  # a bug: the partitions see it rather than wait for ever

@@ -13,10 +13,9 @@ import asyncio
 import contextlib
 import logging
 
-import redis.exceptions
-
 from events.layout import LogLayout
 from events.log import EventLog, LogEntry, TopologyChanged
+from events.redisclient import REDIS_ERRORS, RedisClient
 from realtime_fanout.archive import Archive
 from realtime_fanout.cursor import stream_key
 from realtime_fanout.exceptions import HubUnavailable
@@ -24,7 +23,6 @@ from realtime_fanout.item import Item, act_of, decode_entry, may_change_membersh
 from realtime_fanout.membership import MembershipIndex, Span
 from realtime_fanout.metrics import CONNECTION_FAILURES, DELIVERIES, ENTRIES_READ
 from realtime_fanout.routing import Abortable, Router, Subscriber
-from servicekit.redisclient import RedisClient
 from servicekit.supervisor import Policy, Supervisor
 
 log = logging.getLogger(__name__)
@@ -213,7 +211,7 @@ class Hub:
                 log.warning("hub read of partitions %s: %s; regrouping", partitions, exc)
                 await asyncio.sleep(backoff)
                 return
-            except redis.exceptions.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("hub read failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, READ_BACKOFF_MAX_S)

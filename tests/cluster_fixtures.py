@@ -14,7 +14,7 @@ import pytest
 
 from devstack.binaries import redis_server_binary
 from devstack.cluster import RedisClusterServers
-from servicekit.redisclient import RedisClient, redis_client
+from events.redisclient import RedisClient, redis_client
 
 
 def _path_binary() -> Path | None:

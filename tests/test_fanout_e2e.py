@@ -32,6 +32,7 @@ from command_api.commands import Context
 from devstack.ports import free_port
 from events.codec import decode, encode
 from events.log import EventLog
+from events.redisclient import RedisClient
 from events.schema import MessageSent as SentPayload
 from projector.migrate import migrate
 from realtime_fanout.client import Event, FanoutClient, Live
@@ -39,7 +40,6 @@ from realtime_fanout.cursor import Cursor
 from realtime_fanout.membership import UserMemberships
 from servicekit.auth_settings import AuthSettings
 from servicekit.log_settings import LogSettings
-from servicekit.redisclient import RedisClient
 from servicekit.tokens import mint_token
 from tests.cluster_fixtures import LOG_REDIS_AND_CLUSTERS, LogRedis, single_and_cluster
 from tests.rawredis import Entries
