@@ -30,7 +30,7 @@ from projector.exceptions import (
 )
 from projector.settings import ProjectorSettings
 from servicekit.slots import UserSlots
-from servicekit.supervisor import Policy, Supervisor
+from servicekit.supervisor import Policy, Supervisor, honour_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ class CheckpointWatcher:
     async def _watch(self) -> None:
         self._wake.set()  # a restart after a crash serves whoever waits at once
         while True:
+            honour_cancellation()
             await self._wake.wait()
             self._wake.clear()
             if not self._waiters:

@@ -42,7 +42,7 @@ from projector.state import ConversationState, forget_bodies
 from projector.store import Store
 from servicekit.gcpacing import GcPacer
 from servicekit.redisclient import redis_client
-from servicekit.supervisor import Policy, Supervisor
+from servicekit.supervisor import Policy, Supervisor, honour_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ class PartitionProjector:
         delay = 0.1
         loaded = False
         while True:
+            honour_cancellation()
             try:
                 if not loaded:
                     await self.load()

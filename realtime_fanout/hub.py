@@ -25,7 +25,7 @@ from realtime_fanout.item import Item, act_of, decode_entry, may_change_membersh
 from realtime_fanout.membership import MembershipIndex, Span
 from realtime_fanout.metrics import CONNECTION_FAILURES, DELIVERIES, ENTRIES_READ
 from realtime_fanout.routing import Abortable, Router, Subscriber
-from servicekit.supervisor import Policy, Supervisor
+from servicekit.supervisor import Policy, Supervisor, honour_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ class Hub:
     async def _run(self) -> None:
         backoff = READ_BACKOFF_S
         while True:
+            honour_cancellation()
             try:
                 entries = await self._read()
                 backoff = READ_BACKOFF_S
