@@ -14,6 +14,7 @@ import logging
 
 from events.log import EventLog, LogEntry, TopologyChanged
 from events.redisclient import REDIS_ERRORS
+from servicekit.supervisor import honour_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Poller:
         wake = self._wake.setdefault(node, asyncio.Event())
         backoff = 0.05
         while True:
+            honour_cancellation()
             wake.clear()
             mine = {p: w for p, w in self._waiting.items() if self.log.node_of(p) == node}
             if not mine:

@@ -43,7 +43,7 @@ from projector.settings import ProjectorSettings
 from projector.state import ConversationState, forget_bodies
 from projector.store import Store
 from servicekit.gcpacing import GcPacer
-from servicekit.supervisor import Policy, Supervisor
+from servicekit.supervisor import Policy, Supervisor, honour_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class PartitionProjector:
         delay = 0.1
         loaded = False
         while True:
+            honour_cancellation()
             try:
                 if not loaded:
                     await self.load()

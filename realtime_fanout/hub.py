@@ -23,7 +23,7 @@ from realtime_fanout.item import Item, act_of, decode_entry, may_change_membersh
 from realtime_fanout.membership import MembershipIndex, Span
 from realtime_fanout.metrics import CONNECTION_FAILURES, DELIVERIES, ENTRIES_READ
 from realtime_fanout.routing import Abortable, Router, Subscriber
-from servicekit.supervisor import Policy, Supervisor
+from servicekit.supervisor import Policy, Supervisor, honour_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,7 @@ class Hub:
         """Read and feed `partitions` (one node's) until the topology changes."""
         backoff = READ_BACKOFF_S
         while True:
+            honour_cancellation()
             try:
                 entries = await self._read(partitions)
                 backoff = READ_BACKOFF_S

@@ -33,7 +33,7 @@ from realtime_fanout.signals import (
     presence_visible,
     typing_recipients,
 )
-from servicekit.supervisor import Policy
+from servicekit.supervisor import Policy, honour_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,7 @@ class SignalBus:
                 self.subscribed.set()
                 backoff = 0.1
                 while True:
+                    honour_cancellation()
                     message = await receive(ignore_subscribe_messages=True, timeout=POLL_S)
                     if message is not None and message.get("type") in ("message", "smessage"):
                         self.on_message(message["data"])
@@ -228,6 +229,7 @@ class SignalBus:
 
     async def _heartbeat(self) -> None:
         while True:
+            honour_cancellation()
             await asyncio.sleep(self.presence_ttl_s / 3)
             try:
                 async with self._touching:
@@ -244,6 +246,7 @@ class SignalBus:
 
     async def _expire(self) -> None:
         while True:
+            honour_cancellation()
             deadline = self.tracker.next_deadline()
             wait_s = POLL_S if deadline is None else max(0.0, deadline - time.monotonic())
             self._typing_wake.clear()

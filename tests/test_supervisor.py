@@ -11,7 +11,7 @@ import pytest
 
 from servicekit.exceptions import TaskStopped
 from servicekit.metrics import TASK_FAILURES, TASK_STOPPED
-from servicekit.supervisor import Policy, Supervisor
+from servicekit.supervisor import Policy, Supervisor, honour_cancellation
 
 
 def failures(service: str, task: str, policy: str) -> float:
@@ -87,3 +87,27 @@ async def test_a_task_that_returns_is_done_and_cancellation_is_not_a_crash() -> 
     assert runs == [1] and waiting.cancelled()
     supervisor.check()
     assert supervisor.failures == 0
+
+
+async def test_a_loop_ends_on_cancel_even_when_a_call_swallowed_the_cancellation() -> None:
+    """As Python 3.11's `wait_for` may when a result races the cancel (CPython gh-86296)."""
+    rounds: list[int] = []
+
+    async def swallowing_call() -> None:
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            pass  # the bug: the result won, the cancellation is lost
+
+    async def loop() -> None:
+        while True:
+            honour_cancellation()
+            rounds.append(1)
+            await swallowing_call()
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0.03)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert rounds
