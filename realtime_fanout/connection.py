@@ -292,7 +292,7 @@ class Connection:
         start = Cursor(self.hub.epoch, positions)
         session = Session(
             self.user_id, cursor or start, conversations=self.conversations, seed=seed,
-            max_batch=self.settings.max_batch,
+            max_batch=self.settings.max_batch, replayable=self.hub.replayable,
         )  # fmt: skip
         self.session = session  # from here live items are buffered in it, until replay_done
         unread = UnreadSeed.none(partitions)

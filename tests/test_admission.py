@@ -1,0 +1,143 @@
+"""One validation of log entries (`events.admission`): the projector dead-letters and the fanout never
+delivers (live or in replay) the same entries: a seq out of order, a reused message id, a NUL body, and the
+second of two entries at the same next seq (a forged one got there first)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from events import schema
+from events.admission import Ledger, refusal
+from events.codec import encode
+from events.config import LogSettings
+from events.log import EventLog, LogEntry
+from projector.model import fold_entries
+from realtime_fanout.cursor import Cursor
+from realtime_fanout.frames import EventFrame, EventsFrame, decode_server_frame
+from realtime_fanout.history import History
+from realtime_fanout.hub import Hub
+from realtime_fanout.item import Item
+from realtime_fanout.session import Session
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def env(seq: int, actor: str, payload: schema.AnyPayload, cid: str = "c") -> schema.Envelope:
+    return schema.Envelope(
+        seq=seq, event_id=uuid.uuid4().hex, schema_version=payload.VERSION, occurred_at=T0, actor=actor,
+        conversation_id=cid, correlation_id="", payload=payload,
+    )  # fmt: skip
+
+
+def sent(seq: int, mid: str, body: str = "b", actor: str = "ann") -> schema.Envelope:
+    return env(seq, actor, schema.MessageSent(mid, body))
+
+
+# (label, bytes, admitted): the log of conversation "c", in order; `admitted` is what both readers decide.
+CASES: list[tuple[str, bytes, bool]] = [
+    ("create", encode(env(1, "ann", schema.ConversationCreated("t", ("ann", "bob")))), True),
+    ("m1", encode(sent(2, "m1")), True),
+    ("reused message id", encode(sent(3, "m1", "again")), False),
+    ("m2", encode(sent(3, "m2")), True),
+    ("repeated seq", encode(sent(3, "m3")), False),
+    ("old seq", encode(sent(1, "m4")), False),
+    ("forged next seq", encode(sent(4, "f1", "forged", actor="bob")), True),
+    ("the real one after it", encode(sent(4, "r1", "real")), False),
+    ("NUL body", encode(sent(5, "m5")).replace(b'"body":"b"', b'"body":"b\\u0000"'), False),
+    ("edit of an unknown message", encode(env(5, "ann", schema.MessageEdited("nope", "x"))), False),
+    ("add of a participant", encode(env(5, "ann", schema.ParticipantAdded("bob"))), False),
+    ("m5", encode(sent(5, "m5")), True),
+    ("unknown conversation", encode(env(1, "ann", schema.MessageSent("x", "y"), cid="ghost")), False),
+]
+
+
+def test_the_fold_dead_letters_exactly_the_refused_entries() -> None:
+    entries = [LogEntry(0, f"{n + 1}-0", data) for n, (_, data, _) in enumerate(CASES)]
+    model = fold_entries(entries)
+    refused = [CASES[int(sid.split("-")[0]) - 1][0] for _, sid in model.dead_letters]
+    assert sorted(refused) == sorted(label for label, _, ok in CASES if not ok)
+
+
+def test_the_ledger_refuses_what_the_fold_does_and_forgets_only_beyond_its_window() -> None:
+    ledger = Ledger(window=2)
+    assert ledger.admit(env(1, "ann", schema.ConversationCreated("t", ("ann",)))) is None
+    for n, mid in enumerate(("a", "b", "c"), start=2):
+        assert ledger.admit(sent(n, mid)) is None
+    assert ledger.admit(sent(5, "c")) == "message c already exists"
+    assert ledger.admit(sent(5, "a")) is None  # forgotten: admitted (the projector still refuses it)
+    assert ledger.admit(env(6, "ann", schema.MessageEdited("zz", "x"))) is None
+    assert refusal(None, sent(1, "x")) == "message_sent for unknown conversation c"
+
+
+@dataclass(eq=False)
+class Subscriber:
+    user_id: str
+    conversations: frozenset[str] | None = None
+    items: list[Item] = field(default_factory=list)
+
+    def offer(self, item: Item) -> None:
+        self.items.append(item)
+
+
+def label_of(item: Item) -> str:
+    return CASES[int(item.stream_id.split("-")[0]) - 1][0]
+
+
+async def stop(hub: Hub, client: aioredis.Redis) -> None:
+    """Stop the hub, then close its client. redis-py (8.1, hiredis) may swallow the cancellation of a blocking
+    XREAD and wait on the socket again; closing the connections ends that read."""
+    stopper = asyncio.ensure_future(hub.stop())
+    done, _ = await asyncio.wait([stopper], timeout=2)
+    if not done:
+        await client.connection_pool.disconnect()
+    await stopper
+    await client.aclose()
+
+
+@pytest.mark.parametrize("live_from", [0, 5, len(CASES)])
+async def test_the_hub_refuses_the_same_entries_live_at_bootstrap_and_in_replay(
+    redis_client: aioredis.Redis, redis_server_url: str, live_from: int
+) -> None:
+    layout = LogSettings("", f"admission-{uuid.uuid4().hex[:8]}", 1).layout()
+    log = EventLog(redis_client, layout)
+    epoch = await log.open(create=True)
+    key = layout.stream_key(0)
+    for n, (_, data, _) in enumerate(CASES[:live_from]):
+        await redis_client.xadd(key, {"e": data}, id=f"{n + 1}-0")
+    hub_client = aioredis.Redis.from_url(redis_server_url)
+    hub = Hub(hub_client, layout, block_ms=50)
+    await hub.start()
+    try:
+        bob = Subscriber("bob")
+        hub.attach(bob)
+        for n, (_, data, _) in enumerate(CASES[live_from:], start=live_from):
+            await redis_client.xadd(key, {"e": data}, id=f"{n + 1}-0")
+        deadline = time.monotonic() + 10
+        while hub.positions[0] != f"{len(CASES)}-0" and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert [label_of(i) for i in bob.items] == [label for label, _, ok in CASES[live_from:] if ok]
+        refused = sorted(CASES[int(sid.split("-")[0]) - 1][0] for _, sid in hub.verdicts.refused)
+        assert refused == sorted(label for label, data, ok in CASES if not ok and b"\\u0000" not in data)
+
+        session = Session("bob", Cursor(epoch, ["0-0"]), replayable=hub.replayable)
+        async for page in History(log).pages(epoch, 0, "0-0", hub.positions[0]):
+            session.feed_replay(page)
+        session.replay_done()
+        events: list[dict[str, Any]] = []
+        for frame in map(decode_server_frame, session.frames()):
+            if isinstance(frame, EventFrame):
+                events.append(msgspec.json.decode(frame.event))
+            elif isinstance(frame, EventsFrame):
+                events += [msgspec.json.decode(e) for e in frame.events]
+        assert [e["payload"].get("message_id") for e in events] == [None, "m1", "m2", "f1", "m5"]
+    finally:
+        await stop(hub, hub_client)
