@@ -10,7 +10,7 @@ its first members, whether or not `participants` repeats them (the write side ma
 Two kinds of event are private to their actor (archiving and unarchiving): only the actor sees them.
 
 The SQL readers (the query API, the fanout's unread seed) use `covers_sql`, the same predicate in SQL;
-`tests/test_membership_sql.py` checks it against `covers` over random histories in Postgres.
+`tests/test_visibility_agreement.py` checks it against `covers` over random histories in Postgres.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ from devstack.apiclient import ApiClient
 from devstack.binaries import redis_server_binary
 from devstack.servers import PostgresServer, RedisServer
 
+pytest_plugins = ["tests.fanout_fixtures"]  # the fanout end-to-end fixtures (`appender`, `make_fanout`)
+
 
 def _unique(prefix: str) -> str:
     return prefix + uuid.uuid4().hex[:10]

@@ -13,7 +13,6 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from test_fanout_e2e import PARTITIONS, Client, Log, appender, close_code, make_fanout, token
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -22,8 +21,7 @@ from devstack.servers import RedisServer
 from events.config import LogSettings
 from realtime_fanout import closecodes
 from realtime_fanout.frames import MAX_CLIENT_MESSAGE_BYTES
-
-__all__ = ["appender", "make_fanout"]
+from tests.fanout_fixtures import PARTITIONS, Client, Log, close_code, token
 
 
 def server_errors(log_text: str) -> list[str]:

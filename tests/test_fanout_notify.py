@@ -12,15 +12,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from test_fanout_e2e import ROOT, Client, Log, appender, fanout_env, make_fanout
 
 from command_api import commands
 from command_api.append import Appender
 from command_api.bodies import MarkRead, SendMessage
 from command_api.commands import Context
 from devstack.ports import free_port
-
-__all__ = ["appender", "make_fanout"]  # fixtures
+from tests.fanout_fixtures import ROOT, Client, Log, fanout_env
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from test_fanout_e2e import PARTITIONS, Client, Log, appender, archive_everything, make_fanout
 
 from command_api.append import Appender
 from events.config import LogSettings
@@ -38,8 +37,7 @@ from realtime_fanout.signals import (
     presence_visible,
     typing_recipients,
 )
-
-__all__ = ["appender", "make_fanout"]
+from tests.fanout_fixtures import PARTITIONS, Client, Log, archive_everything
 
 
 def test_rate_limiter_allows_the_burst_then_the_rate() -> None:

@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from test_fanout_e2e import PARTITIONS, Client, Log, appender, archive_everything, make_fanout
 
 from command_api.append import Appender
 from events.codec import decode
@@ -20,8 +19,7 @@ from events.position import parse_stream_id
 from events.schema import MessageSent
 from realtime_fanout.cursor import Cursor
 from realtime_fanout.pageflights import Page, PageFlights
-
-__all__ = ["appender", "make_fanout"]  # fixtures
+from tests.fanout_fixtures import PARTITIONS, Client, Log, archive_everything
 
 PAGE = 20
 

@@ -19,7 +19,6 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_fanout_e2e import ROOT, fanout_env, token
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -33,6 +32,7 @@ from servicekit.exceptions import SettingError
 from servicekit.http_settings import HttpEdgeSettings
 from servicekit.httpedge import redact
 from servicekit.settings import Env
+from tests.fanout_fixtures import ROOT, fanout_env, token
 
 HEADER_TIMEOUT_S = 1.0
 ALLOWED = "https://app.example"

@@ -12,12 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
-from test_fanout_e2e import PARTITIONS, token
 from test_http_edge import Services
 from test_http_edge import services as services  # the real processes, one set per module
 from websockets.asyncio.client import connect
 
 from events.cursor import decode_cursor, encode_cursor
+from tests.fanout_fixtures import PARTITIONS, token
 
 pytestmark = pytest.mark.security
 

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from test_fanout_e2e import PARTITIONS, token
 from test_http_edge import Services, running_services
 
 from events.cursor import decode_cursor, encode_cursor
+from tests.fanout_fixtures import PARTITIONS, token
 
 pytestmark = pytest.mark.security
 

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
-from test_fanout_e2e import token
 from test_http_edge import Services, running_services
+
+from tests.fanout_fixtures import token
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the dev extras")
 

@@ -18,11 +18,12 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from test_fanout_e2e import SECRET, token
 from test_http_edge import Services, running_services
 from test_http_edge import services as services  # the real processes, one set per module
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+
+from tests.fanout_fixtures import SECRET, token
 
 pytestmark = pytest.mark.security
 

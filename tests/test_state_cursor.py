@@ -19,7 +19,6 @@ import msgspec
 import psycopg
 import pytest
 import redis.asyncio as aioredis
-from test_fanout_e2e import PARTITIONS, ROOT, Client, appender, fanout_env, make_fanout, token
 from test_projector_api import AUTH, headers
 from test_projector_query_limits import Served, is_problem, served
 from websockets.asyncio.client import connect
@@ -36,8 +35,9 @@ from projector.migrate import migrate
 from projector.params import Problem, parse_wait
 from projector.reads import Reads, exact_cursor, reached, reached_all
 from projector.settings import ProjectorSettings
+from tests.fanout_fixtures import PARTITIONS, ROOT, Client, fanout_env, token
 
-__all__ = ["appender", "make_fanout", "served"]  # fixtures
+__all__ = ["served"]  # fixtures
 
 ROUTES = ("/v1/conversations", "/v1/conversations/c1/messages", "/v1/unread", "/v1/search?q=pizza")
 

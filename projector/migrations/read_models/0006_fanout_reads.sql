@@ -1,7 +1,7 @@
 -- What the fanout's unread seed reads (realtime_fanout/unreadseed.py), owned here so that the read models
 -- can change without breaking it silently. `unread_messages` is the inbox's unread count message by
 -- message: by someone else, not deleted, after the user's read marker, sent during one of their spans
--- (events/membership.py `covers`: joined_seq <= seq <= left_seq; tests/test_membership_sql.py checks it).
+-- (events/membership.py `covers`: joined_seq <= seq <= left_seq; tests/test_visibility_agreement.py checks it).
 CREATE VIEW read_markers AS
 SELECT user_id, conversation_id, read_seq FROM inbox;
 
