@@ -53,23 +53,26 @@ def refusal(facts: ConversationFacts | None, event: Envelope, *, in_order: bool 
     `in_order=False` (re-driving a dead letter) accepts a seq at or before the conversation's last.
     """
     payload = event.payload
-    cid = event.conversation_id
-    if type(payload) is schema.ConversationCreated:
-        return None if facts is None else f"conversation {cid} already exists"
-    if facts is None:
-        return f"{event.type} for unknown conversation {cid}"
-    if in_order and event.seq <= facts.last_seq:
-        return f"seq {event.seq} is not after the conversation's last seq {facts.last_seq}"
     kind = type(payload)
-    if kind is schema.MessageSent:
-        fact = facts.message_fact(payload.message_id)  # type: ignore[union-attr]
-        return None if fact in _UNUSED else f"message {payload.message_id} already exists"  # type: ignore[union-attr]
+    if facts is None:
+        if kind is schema.ConversationCreated:
+            return None
+        return f"{event.type} for unknown conversation {event.conversation_id}"
+    if in_order and event.seq <= facts.last_seq:
+        if kind is schema.ConversationCreated:
+            return f"conversation {event.conversation_id} already exists"
+        return f"seq {event.seq} is not after the conversation's last seq {facts.last_seq}"
+    if kind is schema.MessageSent:  # the common case first
+        if facts.message_fact(payload.message_id) in _USED:  # type: ignore[union-attr]
+            return f"message {payload.message_id} already exists"  # type: ignore[union-attr]
+        return None
     if kind is schema.MessageEdited or kind is schema.MessageDeleted:
         mid = payload.message_id  # type: ignore[union-attr]
         fact = facts.message_fact(mid)
         if fact is MessageFact.ABSENT:
             return f"unknown message {mid}"
         return f"message {mid} is deleted" if fact is MessageFact.DELETED else None
+    cid = event.conversation_id
     if kind is schema.MessagesRead:
         return None if facts.was_member(event.actor) else f"{event.actor} was never a participant of {cid}"
     if kind is schema.ConversationArchived or kind is schema.ConversationUnarchived:
@@ -80,10 +83,12 @@ def refusal(facts: ConversationFacts | None, event: Envelope, *, in_order: bool 
     if kind is schema.ParticipantRemoved:
         user = payload.user_id  # type: ignore[union-attr]
         return None if facts.is_member(user) else f"{user} is not a participant"
+    if kind is schema.ConversationCreated:
+        return f"conversation {cid} already exists"
     return f"no rule for event type {event.type}"
 
 
-_UNUSED = (MessageFact.ABSENT, MessageFact.FORGOTTEN)
+_USED = (MessageFact.LIVE, MessageFact.DELETED)
 
 MESSAGE_WINDOW = 4096
 

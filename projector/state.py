@@ -176,6 +176,9 @@ Tables = dict[str, tuple[list[Any], list[Any]]]
 VERSIONS = TABLE_OF[Version]
 
 
+_ABSENT, _LIVE, _DELETED = MessageFact.ABSENT, MessageFact.LIVE, MessageFact.DELETED
+
+
 @dataclass(slots=True)
 class ConversationState:
     """Everything the fold needs to know about one conversation to apply its next event; it is the
@@ -200,8 +203,8 @@ class ConversationState:
     def message_fact(self, message_id: str) -> MessageFact:
         message = self.messages.get(message_id)
         if message is None:
-            return MessageFact.ABSENT
-        return MessageFact.LIVE if message.deleted_at is None else MessageFact.DELETED
+            return _ABSENT
+        return _LIVE if message.deleted_at is None else _DELETED
 
     def current_members(self) -> list[str]:
         if self.members is None:

@@ -12,15 +12,21 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 import redis.asyncio as aioredis
+from psycopg_pool import AsyncConnectionPool
 
 from events import schema
 from events.admission import Ledger, refusal
-from events.codec import encode
+from events.codec import decode, encode
 from events.config import LogSettings
+from events.exceptions import DecodeError
 from events.log import EventLog, LogEntry
+from projector.batch import archive_row
+from projector.migrate import migrate
 from projector.model import fold_entries
+from realtime_fanout.archive import Archive
 from realtime_fanout.cursor import Cursor
 from realtime_fanout.frames import EventFrame, EventsFrame, decode_server_frame
 from realtime_fanout.history import History
@@ -141,3 +147,33 @@ async def test_the_hub_refuses_the_same_entries_live_at_bootstrap_and_in_replay(
         assert [e["payload"].get("message_id") for e in events] == [None, "m1", "m2", "f1", "m5"]
     finally:
         await stop(hub, hub_client)
+
+
+async def test_the_archive_the_fanout_reads_leaves_out_the_folds_dead_letters(database_url: str) -> None:
+    entries = [LogEntry(0, f"{n + 1}-0", data) for n, (_, data, _) in enumerate(CASES)]
+    dead = fold_entries(entries).dead_letters
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await migrate(conn)
+        for entry in entries:
+            try:
+                event = decode(entry.data)
+            except DecodeError:
+                continue  # never archived
+            row = archive_row("e", entry, event)
+            await conn.execute(
+                f"INSERT INTO parley_store.event_archive VALUES ({', '.join(['%s'] * 12)})", row
+            )
+        for _, sid in dead:
+            await conn.execute(
+                "INSERT INTO parley_store.dead_letters (epoch, partition, stream_id, data, error) "
+                "VALUES ('e', 0, %s, '', 'refused')",
+                (sid,),
+            )
+    async with AsyncConnectionPool(database_url, min_size=1, max_size=1, open=False) as pool:
+        archive = Archive(pool)
+        page = await archive.read_page("e", 0, "0-0", f"{len(CASES)}-0")
+        assert [label_of(i) for i in page.items] == [label for label, _, ok in CASES if ok]
+        assert page.last_id == f"{len(CASES)}-0"  # the page moves past refused rows too
+        assert await archive.last_seqs("e", 0, (1 << 64, 0)) == [("c", 5)]
+        members = await archive.membership_entries("e", 0, (1 << 64, 0))
+        assert [e.stream_id for e in members] == ["1-0"]  # not the refused addition
