@@ -91,6 +91,7 @@ def refusal(facts: ConversationFacts | None, event: Envelope, *, in_order: bool 
 _USED = (MessageFact.LIVE, MessageFact.DELETED)
 
 MESSAGE_WINDOW = 4096
+MAX_MESSAGES = 250_000
 
 
 @dataclass(slots=True)
@@ -136,15 +137,19 @@ class _Conversation:
 class Ledger:
     """Per conversation, what `refusal` needs, for a reader without the read models (the fanout).
 
-    Per conversation it holds the last seq, the current and past participants, and the ids of the latest
-    `window` messages: beyond that window an id is `FORGOTTEN`, so a reused or unknown old id is admitted
-    (the projector, which has every message in Postgres, still refuses it). A conversation first learnt
-    from an archive summary (`learn_conversation`) has no message ids at all.
+    Per conversation it holds the last seq and the current and past participants, and message ids within
+    two bounds: the latest `window` of each conversation, and `max_messages` in all (the conversations
+    least recently written to lose theirs first). An id beyond them is `FORGOTTEN`, so a reused or unknown
+    old id is admitted (the projector, which has every message in Postgres, still refuses it). A
+    conversation first learnt from an archive summary (`learn_conversation`) has no message ids at all.
     """
 
-    def __init__(self, window: int = MESSAGE_WINDOW) -> None:
+    def __init__(self, window: int = MESSAGE_WINDOW, max_messages: int = MAX_MESSAGES) -> None:
         self.window = window
+        self.max_messages = max_messages
         self._conversations: dict[str, _Conversation] = {}
+        self._by_activity: dict[str, None] = {}  # conversations holding message ids, least recent first
+        self._held = 0
 
     def admit(self, event: Envelope) -> str | None:
         """Check `event` (`refusal`) and, when it is admitted, learn it; returns the refusal or None."""
@@ -153,7 +158,7 @@ class Ledger:
         if reason is None:
             if conv is None:
                 conv = self._conversations[event.conversation_id] = _Conversation(0, window=self.window)
-            conv.note(event)
+            self._note(conv, event)
         return reason
 
     def learn(self, event: Envelope) -> None:
@@ -162,7 +167,7 @@ class Ledger:
         if conv is None:
             conv = self._conversations[event.conversation_id] = _Conversation(0, window=self.window)
             conv.complete = type(event.payload) is schema.ConversationCreated
-        conv.note(event)
+        self._note(conv, event)
 
     def learn_conversation(self, conversation_id: str, last_seq: int) -> None:
         """Learn that the conversation exists up to `last_seq`, without its messages (they are forgotten)."""
@@ -175,3 +180,25 @@ class Ledger:
     def last_seq(self, conversation_id: str) -> int | None:
         conv = self._conversations.get(conversation_id)
         return None if conv is None else conv.last_seq
+
+    @property
+    def messages_held(self) -> int:
+        return self._held
+
+    def _note(self, conv: _Conversation, event: Envelope) -> None:
+        if type(event.payload) is not schema.MessageSent:
+            conv.note(event)
+            return
+        before = len(conv.messages)
+        conv.note(event)
+        self._held += len(conv.messages) - before
+        cid = event.conversation_id
+        self._by_activity.pop(cid, None)
+        self._by_activity[cid] = None
+        while self._held > self.max_messages:
+            oldest = next(iter(self._by_activity))
+            del self._by_activity[oldest]
+            dropped = self._conversations[oldest]
+            self._held -= len(dropped.messages)
+            dropped.messages = {}
+            dropped.complete = False

@@ -84,6 +84,17 @@ def test_the_ledger_refuses_what_the_fold_does_and_forgets_only_beyond_its_windo
     assert refusal(None, sent(1, "x")) == "message_sent for unknown conversation c"
 
 
+def test_the_ledger_holds_at_most_max_messages_ids_in_all() -> None:
+    ledger = Ledger(window=10, max_messages=3)
+    for cid in ("a", "b"):
+        assert ledger.admit(env(1, "ann", schema.ConversationCreated("t", ("ann",)), cid=cid)) is None
+    for n, (cid, mid) in enumerate((("a", "a1"), ("a", "a2"), ("b", "b1"), ("b", "b2")), start=2):
+        assert ledger.admit(env(n, "ann", schema.MessageSent(mid, "x"), cid=cid)) is None
+    assert ledger.messages_held == 2  # a's ids went first: b was written to last
+    assert ledger.admit(env(9, "ann", schema.MessageSent("b1", "x"), cid="b")) == "message b1 already exists"
+    assert ledger.admit(env(9, "ann", schema.MessageSent("a1", "x"), cid="a")) is None  # forgotten
+
+
 @dataclass(eq=False)
 class Subscriber:
     user_id: str
