@@ -233,7 +233,8 @@ class Connection:
             return
         self._attached = True
         start = Cursor(epoch, positions)
-        session = protocol.attached(cursor or start, seed)  # from here live items are buffered in it
+        # from here live items are buffered in the session
+        session = protocol.attached(cursor or start, seed, self.hub.replayable)
         unread = UnreadSeed.none(partitions)
         if self.seeder is not None:
             unread = await self.seeder.seed(self.user_id, start.epoch, positions)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from realtime_fanout import closecodes
 from realtime_fanout.cursor import Cursor
@@ -160,12 +160,15 @@ class ConnectionProtocol:
 
     # Inputs from the I/O layer's splice.
 
-    def attached(self, cursor: Cursor, seed: Iterable[Span]) -> Session:
+    def attached(
+        self, cursor: Cursor, seed: Iterable[Span], replayable: Callable[[Item], bool] | None = None
+    ) -> Session:
         """The hub attached this connection: live items buffer from now on in the returned session, which
-        starts at `cursor` (the client's, or the hub's positions)."""
+        starts at `cursor` (the client's, or the hub's positions) and replays what `replayable` admits."""
         self.session = Session(
-            self.user_id, cursor, conversations=self.conversations, seed=seed, max_batch=self.limits.max_batch
-        )
+            self.user_id, cursor, conversations=self.conversations, seed=seed,
+            max_batch=self.limits.max_batch, replayable=replayable,
+        )  # fmt: skip
         return self.session
 
     def resync(self, position: str, reason: str) -> None:

@@ -26,15 +26,8 @@ from servicekit.log_settings import LogSettings
 from servicekit.settings import Env
 from tests.apiclient import ApiClient
 from tests.cluster_fixtures import _path_binary
-from tests.test_fanout_e2e import (
-    PARTITIONS,
-    SECRET,
-    Collector,
-    Fanout,
-    check_exactly_once,
-    fanout_env,
-    origin,
-)
+from tests.fanout_fixtures import PARTITIONS, SECRET, Fanout, fanout_env
+from tests.test_fanout_e2e import Collector, check_exactly_once, origin
 from tests.test_projector_crash import assert_read_models_equal_fold, wait_until_projected
 
 pytestmark = [

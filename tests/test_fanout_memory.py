@@ -24,10 +24,8 @@ from realtime_fanout.settings import FanoutSettings
 from realtime_fanout.wsproto import AbortingWebSocketProtocol, protocol_class
 from servicekit.httpedge import BoundedHttpToolsProtocol, server_config
 from servicekit.settings import Env
+from tests.fanout_fixtures import SECRET, Log, close_code, token
 from tests.inprocess import uvicorn_serving
-from tests.test_fanout_e2e import SECRET, Log, appender, close_code, token
-
-__all__ = ["appender"]
 
 SERVER_SIDE = (Connection, Session, AbortingWebSocketProtocol, BoundedHttpToolsProtocol)
 
