@@ -401,10 +401,10 @@ async def test_a_partition_that_crashes_stops_loudly_instead_of_vanishing(
     worker = Worker(settings)
     await worker.start()
 
-    async def bug(partition: int, after_id: str, count: int, block_ms: int | None = None) -> list[LogEntry]:
+    async def bug(*_args: object, **_kwargs: object) -> list[LogEntry]:
         raise RuntimeError("a bug in the read path")
 
-    worker.log.read_after = bug  # type: ignore[method-assign]  # stands for any unforeseen exception
+    worker.log.read_many = bug  # type: ignore[method-assign]  # the poller's read; stands for any bug
     try:
         await worker._manage()
 
