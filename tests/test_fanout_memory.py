@@ -13,11 +13,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 from test_fanout_e2e import SECRET, Log, appender, close_code, token
 from websockets.asyncio.client import ClientConnection, connect
 
 from command_api.append import Appender
+from projector.migrate import migrate
 from realtime_fanout.app import create_app
 from realtime_fanout.connection import Connection
 from realtime_fanout.session import Session
@@ -46,8 +48,10 @@ NONE_LEFT = dict.fromkeys((kind.__name__ for kind in SERVER_SIDE), 0)
 
 
 @contextlib.asynccontextmanager
-async def fanout_in_process(redis_url: str, namespace: str) -> AsyncIterator[str]:
-    env = Env({
+async def fanout_in_process(
+    redis_url: str, namespace: str, database_url: str | None = None
+) -> AsyncIterator[str]:
+    env = Env({**({"DATABASE_URL": database_url} if database_url else {}),
         "REDIS_URL": redis_url, "PARLEY_LOG_NAMESPACE": namespace, "PARLEY_PARTITIONS": "4",
         "PARLEY_JWT_SECRET": SECRET, "PARLEY_DEV_MODE": "1", "PARLEY_FANOUT_GC_PACED": "0",
         "PARLEY_FANOUT_READ_BLOCK_MS": "200",
@@ -63,7 +67,7 @@ async def subscribed(url: str, user: str, ttl_s: float = 3600) -> ClientConnecti
     ws = await connect(url, open_timeout=5, close_timeout=2)
     await ws.send(msgspec.json.encode({"type": "auth", "token": token(user, ttl_s)}).decode())
     await ws.send('{"type":"subscribe"}')
-    while msgspec.json.decode(await asyncio.wait_for(ws.recv(), 5))["type"] != "live":
+    while msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))["type"] != "live":
         pass
     return ws
 
@@ -89,21 +93,37 @@ async def until_freed(limit_s: float = 5) -> dict[str, int]:
     return left
 
 
+async def test_with_a_read_model_closed_connections_leave_nothing_either(
+    appender: Appender, redis_server_url: str, log_namespace: str, database_url: str
+) -> None:
+    """With a database the fanout seeds unread counts from the read model and serves the archive."""
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await migrate(conn)
+    await closed_connections_leave_nothing(appender, redis_server_url, log_namespace, drop, database_url)
+
+
 @pytest.mark.parametrize("end", [close_normally, drop, subscribe_twice], ids=lambda f: f.__name__)
 async def test_closed_connections_leave_nothing_for_the_cyclic_collector(
     appender: Appender, redis_server_url: str, log_namespace: str, end: Callable[[ClientConnection], Any]
 ) -> None:
+    await closed_connections_leave_nothing(appender, redis_server_url, log_namespace, end)
+
+
+async def closed_connections_leave_nothing(
+    appender: Appender, redis_url: str, namespace: str, end: Callable[[ClientConnection], Any],
+    database_url: str | None = None,
+) -> None:  # fmt: skip
     log = Log(appender)
     await log.create("room", "alice", "bob")
     gc.collect()
     gc.disable()
     try:
-        async with fanout_in_process(redis_server_url, log_namespace) as url:
+        async with fanout_in_process(redis_url, namespace, database_url) as url:
             for _ in range(3):
                 clients = [await subscribed(url, user) for user in ("alice", "bob", "alice")]
                 await log.send("room", "bob", "hi")
                 for ws in clients:
-                    await asyncio.wait_for(ws.recv(), 5)
+                    await asyncio.wait_for(ws.recv(), 10)
                 await asyncio.gather(*(end(ws) for ws in clients))
                 assert await until_freed() == NONE_LEFT
     finally:
@@ -121,6 +141,27 @@ async def test_a_connection_ended_by_token_expiry_is_freed_too(
         async with fanout_in_process(redis_server_url, log_namespace) as url:
             lapsing = await subscribed(url, "alice", ttl_s=1)
             assert await close_code(lapsing) == 4401
+            assert await until_freed() == NONE_LEFT
+    finally:
+        gc.enable()
+        gc.collect()
+
+
+async def test_a_client_gone_in_the_middle_of_the_handshake_leaves_nothing(
+    appender: Appender, redis_server_url: str, log_namespace: str
+) -> None:
+    """It is waited for with a timeout (authenticate and subscribe in time), which Python 3.11's
+    `asyncio.wait_for` turned into a cycle through the error when the peer left meanwhile."""
+    await Log(appender).create("room", "alice")
+    gc.collect()
+    gc.disable()
+    try:
+        async with fanout_in_process(redis_server_url, log_namespace) as url:
+            for leave in (close_normally, drop):
+                ws = await connect(url, open_timeout=5, close_timeout=2)
+                await ws.send(msgspec.json.encode({"type": "auth", "token": token("alice")}).decode())
+                assert msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))["type"] == "authenticated"
+                await leave(ws)
             assert await until_freed() == NONE_LEFT
     finally:
         gc.enable()
