@@ -1,7 +1,8 @@
 """A closed connection is freed by reference counting alone. The fanout runs Python's cyclic collector in
-full only every PARLEY_FANOUT_GC_FULL_EVERY_S (servicekit.gcpacing), so a reference cycle through a closed
-connection would hold its session, unread state and socket buffers that long (the soak measured +100 MiB in
-five minutes of reconnects). The fanout runs in-process under the real uvicorn config, the collector off."""
+full only every PARLEY_FANOUT_GC_FULL_EVERY_S (600 s; servicekit.gcpacing), so a reference cycle through a
+closed connection holds its session, unread state, protocol and zlib contexts (~300 KiB) that long: the soak
+measured the fanouts growing 5-6 MiB a minute of reconnects from such cycles. The fanout runs in-process
+under the real uvicorn config, with the collector off."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -51,8 +52,8 @@ NONE_LEFT = dict.fromkeys((kind.__name__ for kind in SERVER_SIDE), 0)
 async def fanout_in_process(
     redis_url: str, namespace: str, database_url: str | None = None
 ) -> AsyncIterator[str]:
-    env = Env({**({"DATABASE_URL": database_url} if database_url else {}),
-        "REDIS_URL": redis_url, "PARLEY_LOG_NAMESPACE": namespace, "PARLEY_PARTITIONS": "4",
+    env = Env({
+        **({"DATABASE_URL": database_url} if database_url else {}), "REDIS_URL": redis_url, "PARLEY_LOG_NAMESPACE": namespace, "PARLEY_PARTITIONS": "4",
         "PARLEY_JWT_SECRET": SECRET, "PARLEY_DEV_MODE": "1", "PARLEY_FANOUT_GC_PACED": "0",
         "PARLEY_FANOUT_READ_BLOCK_MS": "200",
     })  # fmt: skip
@@ -85,6 +86,18 @@ async def subscribe_twice(ws: ClientConnection) -> None:  # the server closes 44
     await close_code(ws)
 
 
+@contextlib.contextmanager
+def collector_off() -> Iterator[None]:
+    """The collector off for the block (objects found in `gc.get_objects()` are then alive or garbage)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()
+
+
 async def until_freed(limit_s: float = 5) -> dict[str, int]:
     """What is left once the server has ended every connection (or `limit_s` passed)."""
     deadline = time.monotonic() + limit_s
@@ -115,9 +128,7 @@ async def closed_connections_leave_nothing(
 ) -> None:  # fmt: skip
     log = Log(appender)
     await log.create("room", "alice", "bob")
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         async with fanout_in_process(redis_url, namespace, database_url) as url:
             for _ in range(3):
                 clients = [await subscribed(url, user) for user in ("alice", "bob", "alice")]
@@ -126,25 +137,17 @@ async def closed_connections_leave_nothing(
                     await asyncio.wait_for(ws.recv(), 10)
                 await asyncio.gather(*(end(ws) for ws in clients))
                 assert await until_freed() == NONE_LEFT
-    finally:
-        gc.enable()
-        gc.collect()
 
 
 async def test_a_connection_ended_by_token_expiry_is_freed_too(
     appender: Appender, redis_server_url: str, log_namespace: str
 ) -> None:
     await Log(appender).create("room", "alice")
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         async with fanout_in_process(redis_server_url, log_namespace) as url:
             lapsing = await subscribed(url, "alice", ttl_s=1)
             assert await close_code(lapsing) == 4401
             assert await until_freed() == NONE_LEFT
-    finally:
-        gc.enable()
-        gc.collect()
 
 
 async def test_a_client_gone_in_the_middle_of_the_handshake_leaves_nothing(
@@ -153,9 +156,7 @@ async def test_a_client_gone_in_the_middle_of_the_handshake_leaves_nothing(
     """It is waited for with a timeout (authenticate and subscribe in time), which Python 3.11's
     `asyncio.wait_for` turned into a cycle through the error when the peer left meanwhile."""
     await Log(appender).create("room", "alice")
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         async with fanout_in_process(redis_server_url, log_namespace) as url:
             for leave in (close_normally, drop):
                 ws = await connect(url, open_timeout=5, close_timeout=2)
@@ -163,6 +164,3 @@ async def test_a_client_gone_in_the_middle_of_the_handshake_leaves_nothing(
                 assert msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))["type"] == "authenticated"
                 await leave(ws)
             assert await until_freed() == NONE_LEFT
-    finally:
-        gc.enable()
-        gc.collect()
