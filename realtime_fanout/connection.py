@@ -219,9 +219,8 @@ class Connection:
 
     async def _receive(self, wait_s: float | None) -> Auth | Subscribe | Typing:
         try:
-            async with asyncio.timeout(
-                wait_s
-            ):  # not wait_for: on 3.11 its task and a peer's leaving are a cycle
+            # Not wait_for: on 3.11 its task and the error of a peer gone are a reference cycle.
+            async with asyncio.timeout(wait_s):
                 text = await self.ws.receive_text()
         except TimeoutError:
             raise Closing(closecodes.UNAUTHORIZED, "auth-timeout", "authenticate first") from None
