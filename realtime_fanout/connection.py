@@ -168,7 +168,8 @@ class Connection:
             code, reason = (close.code, close.reason) if close is not None else (closecodes.NORMAL, "")
             CLOSES.labels(str(code)).inc()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.close(code, reason), self.settings.close_timeout_s)
+                async with asyncio.timeout(self.settings.close_timeout_s):
+                    await self.ws.close(code, reason)
 
     def _offered_token(self) -> tuple[str | None, str | None]:
         for proto in self.ws.scope.get("subprotocols", []):
@@ -181,7 +182,9 @@ class Connection:
         deadline = self.protocol.deadline() if timed else None
         wait_s = None if deadline is None else max(0.0, deadline - time.time())
         try:
-            text = await asyncio.wait_for(self.ws.receive_text(), wait_s)
+            # Not wait_for: on 3.11 its task and the error of a peer gone are a reference cycle.
+            async with asyncio.timeout(wait_s):
+                text = await self.ws.receive_text()
         except TimeoutError:
             self.protocol.tick(time.time())
         except KeyError:  # a binary frame

@@ -1,7 +1,8 @@
 """A closed connection is freed by reference counting alone. The fanout runs Python's cyclic collector in
-full only every PARLEY_FANOUT_GC_FULL_EVERY_S (servicekit.gcpacing), so a reference cycle through a closed
-connection would hold its session, unread state and socket buffers that long (the soak measured +100 MiB in
-five minutes of reconnects). The fanout runs in-process under the real uvicorn config, the collector off."""
+full only every PARLEY_FANOUT_GC_FULL_EVERY_S (600 s; servicekit.gcpacing), so a reference cycle through a
+closed connection holds its session, unread state, protocol and zlib contexts (~300 KiB) that long: the soak
+measured the fanouts growing 5-6 MiB a minute of reconnects from such cycles. The fanout runs in-process
+under the real uvicorn config, with the collector off."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from command_api.append import Appender
+from projector.migrate import migrate
 from realtime_fanout.app import create_app
 from realtime_fanout.connection import Connection
 from realtime_fanout.session import Session
@@ -44,9 +47,11 @@ NONE_LEFT = dict.fromkeys((kind.__name__ for kind in SERVER_SIDE), 0)
 
 
 @contextlib.asynccontextmanager
-async def fanout_in_process(redis_url: str, namespace: str) -> AsyncIterator[str]:
+async def fanout_in_process(
+    redis_url: str, namespace: str, database_url: str | None = None
+) -> AsyncIterator[str]:
     env = Env({
-        "REDIS_URL": redis_url, "PARLEY_LOG_NAMESPACE": namespace, "PARLEY_PARTITIONS": "4",
+        **({"DATABASE_URL": database_url} if database_url else {}), "REDIS_URL": redis_url, "PARLEY_LOG_NAMESPACE": namespace, "PARLEY_PARTITIONS": "4",
         "PARLEY_JWT_SECRET": SECRET, "PARLEY_DEV_MODE": "1", "PARLEY_FANOUT_GC_PACED": "0",
         "PARLEY_FANOUT_READ_BLOCK_MS": "200",
     })  # fmt: skip
@@ -61,7 +66,7 @@ async def subscribed(url: str, user: str, ttl_s: float = 3600) -> ClientConnecti
     ws = await connect(url, open_timeout=5, close_timeout=2)
     await ws.send(msgspec.json.encode({"type": "auth", "token": token(user, ttl_s)}).decode())
     await ws.send('{"type":"subscribe"}')
-    while msgspec.json.decode(await asyncio.wait_for(ws.recv(), 5))["type"] != "live":
+    while msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))["type"] != "live":
         pass
     return ws
 
@@ -79,6 +84,18 @@ async def subscribe_twice(ws: ClientConnection) -> None:  # the server closes 44
     await close_code(ws)
 
 
+@contextlib.contextmanager
+def collector_off() -> Iterator[None]:
+    """The collector off for the block (objects found in `gc.get_objects()` are then alive or garbage)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()
+
+
 async def until_freed(limit_s: float = 5) -> dict[str, int]:
     """What is left once the server has ended every connection (or `limit_s` passed)."""
     deadline = time.monotonic() + limit_s
@@ -87,39 +104,61 @@ async def until_freed(limit_s: float = 5) -> dict[str, int]:
     return left
 
 
+async def test_with_a_read_model_closed_connections_leave_nothing_either(
+    appender: Appender, redis_server_url: str, log_namespace: str, database_url: str
+) -> None:
+    """With a database the fanout seeds unread counts from the read model and serves the archive."""
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await migrate(conn)
+    await closed_connections_leave_nothing(appender, redis_server_url, log_namespace, drop, database_url)
+
+
 @pytest.mark.parametrize("end", [close_normally, drop, subscribe_twice], ids=lambda f: f.__name__)
 async def test_closed_connections_leave_nothing_for_the_cyclic_collector(
     appender: Appender, redis_server_url: str, log_namespace: str, end: Callable[[ClientConnection], Any]
 ) -> None:
+    await closed_connections_leave_nothing(appender, redis_server_url, log_namespace, end)
+
+
+async def closed_connections_leave_nothing(
+    appender: Appender, redis_url: str, namespace: str, end: Callable[[ClientConnection], Any],
+    database_url: str | None = None,
+) -> None:  # fmt: skip
     log = Log(appender)
     await log.create("room", "alice", "bob")
-    gc.collect()
-    gc.disable()
-    try:
-        async with fanout_in_process(redis_server_url, log_namespace) as url:
+    with collector_off():
+        async with fanout_in_process(redis_url, namespace, database_url) as url:
             for _ in range(3):
                 clients = [await subscribed(url, user) for user in ("alice", "bob", "alice")]
                 await log.send("room", "bob", "hi")
                 for ws in clients:
-                    await asyncio.wait_for(ws.recv(), 5)
+                    await asyncio.wait_for(ws.recv(), 10)
                 await asyncio.gather(*(end(ws) for ws in clients))
                 assert await until_freed() == NONE_LEFT
-    finally:
-        gc.enable()
-        gc.collect()
 
 
 async def test_a_connection_ended_by_token_expiry_is_freed_too(
     appender: Appender, redis_server_url: str, log_namespace: str
 ) -> None:
     await Log(appender).create("room", "alice")
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         async with fanout_in_process(redis_server_url, log_namespace) as url:
             lapsing = await subscribed(url, "alice", ttl_s=1)
             assert await close_code(lapsing) == 4401
             assert await until_freed() == NONE_LEFT
-    finally:
-        gc.enable()
-        gc.collect()
+
+
+async def test_a_client_gone_in_the_middle_of_the_handshake_leaves_nothing(
+    appender: Appender, redis_server_url: str, log_namespace: str
+) -> None:
+    """It is waited for with a timeout (authenticate and subscribe in time), which Python 3.11's
+    `asyncio.wait_for` turned into a cycle through the error when the peer left meanwhile."""
+    await Log(appender).create("room", "alice")
+    with collector_off():
+        async with fanout_in_process(redis_server_url, log_namespace) as url:
+            for leave in (close_normally, drop):
+                ws = await connect(url, open_timeout=5, close_timeout=2)
+                await ws.send(msgspec.json.encode({"type": "auth", "token": token("alice")}).decode())
+                assert msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))["type"] == "authenticated"
+                await leave(ws)
+            assert await until_freed() == NONE_LEFT
