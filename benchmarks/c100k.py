@@ -201,6 +201,9 @@ async def main() -> None:
     parser.add_argument("--processes", type=int, default=0, help="load processes (0: one per 10,000)")
     parser.add_argument("--concurrency", type=int, default=32, help="handshakes in flight per load process")
     parser.add_argument("--idle-s", type=float, default=30.0, help="idle watch (heartbeats every TTL/3)")
+    parser.add_argument(
+        "--deflate", action="store_true", help="clients offer permessage-deflate (browsers do)"
+    )
     parser.add_argument("--presence-scope", default="shared", choices=("engaged", "shared", "off"))
     parser.add_argument(
         "--profile", type=Path, default=None,
@@ -223,7 +226,8 @@ async def main() -> None:
     members = memberships(connections, args.per_user, args.members)
     print(
         f"load: {connections:,} connections from {processes} load processes; each user in {args.per_user} "
-        f"of {len(members):,} conversations of {args.members}; presence {args.presence_scope}"
+        f"of {len(members):,} conversations of {args.members}; presence {args.presence_scope}; "
+        f"permessage-deflate {'offered' if args.deflate else 'not offered'} by the clients"
     )
     with tempfile.TemporaryDirectory() as tmp:
         with (
@@ -268,7 +272,7 @@ async def main() -> None:
                             first, count = p * share, min(share, connections - p * share)
                             proc = await asyncio.create_subprocess_exec(
                                 sys.executable, "-m", "benchmarks.c100k_load",
-                                *(str(a) for a in (fanout_port, first, count, p, args.concurrency)),
+                                *(str(a) for a in (fanout_port, first, count, p, args.concurrency, int(args.deflate))),
                                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
                             )  # fmt: skip
                             started_now.append(LoadProcess(proc, count))
@@ -311,7 +315,7 @@ async def main() -> None:
           f"{100 * (after.redis_cpu_s - before.redis_cpu_s) / window:.2f} % of a core")  # fmt: skip
     calls = {k: (v - before.redis_calls.get(k, 0)) / window for k, v in after.redis_calls.items()}
     top = ", ".join(f"{k} {v:,.1f}/s" for k, v in sorted(calls.items(), key=lambda kv: -kv[1])[:4] if v)
-    print(f"  client calls                   {top} (info: this benchmark's own look)")
+    print(f"  client calls                   {top} (commandstats: scripts' own commands included)")
     print(
         f"fanout CPU while idle            {100 * (after.fanout_cpu_s - before.fanout_cpu_s) / window:.2f} % of a core"
     )

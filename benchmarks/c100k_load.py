@@ -3,7 +3,8 @@
 Each connection is websockets' sans-I/O client protocol on a bare asyncio transport (no task, no
 queue): a few KiB each, so one process holds tens of thousands. Pings are answered by the protocol.
 Its source address is 127.<process>.x.y, so loopback ports do not run out. Driven over stdin/stdout:
-`python -m benchmarks.c100k_load PORT FIRST COUNT PROCESS_INDEX CONCURRENCY`; it prints one JSON line
+`python -m benchmarks.c100k_load PORT FIRST COUNT PROCESS_INDEX CONCURRENCY DEFLATE`
+(DEFLATE 1: offer permessage-deflate, as browsers do); it prints one JSON line
 when every connection is live or failed, then answers `report` with a JSON line and `stop` by closing.
 """
 
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import msgspec
 from websockets.client import ClientProtocol
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
@@ -98,7 +100,7 @@ class Client(asyncio.Protocol):
             self.live.set_exception(ConnectionError(f"closed before live: {exc}"))
 
 
-async def run(port: int, first: int, count: int, process: int, concurrency: int) -> None:
+async def run(port: int, first: int, count: int, process: int, concurrency: int, deflate: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     loop = asyncio.get_running_loop()
     auth = AuthSettings.from_env(Env(dict(os.environ)))
@@ -107,6 +109,7 @@ async def run(port: int, first: int, count: int, process: int, concurrency: int)
     clients: list[Client] = []
     gate = asyncio.Semaphore(concurrency)
     subscribe = b'{"type":"subscribe"}'
+    extensions = [ClientPerMessageDeflateFactory()] if deflate else None
 
     async def open_one(n: int) -> None:
         user = f"u{first + n}"
@@ -117,7 +120,9 @@ async def run(port: int, first: int, count: int, process: int, concurrency: int)
             try:
                 _, client = await asyncio.wait_for(
                     loop.create_connection(
-                        lambda: Client(ClientProtocol(uri, max_size=None), messages, counts),
+                        lambda: Client(
+                            ClientProtocol(uri, max_size=None, extensions=extensions), messages, counts
+                        ),
                         "127.0.0.1", port, local_addr=(source, 0),
                     ),
                     CONNECT_TIMEOUT_S,
@@ -141,4 +146,4 @@ async def run(port: int, first: int, count: int, process: int, concurrency: int)
 
 
 if __name__ == "__main__":
-    asyncio.run(run(*(int(a) for a in sys.argv[1:6])))
+    asyncio.run(run(*(int(a) for a in sys.argv[1:7])))

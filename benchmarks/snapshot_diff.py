@@ -18,7 +18,9 @@ def main(folder: Path, added: int, a: int = 1, b: int = 2, top: int = 30) -> Non
     print(f"traced growth {grown / added:,.0f} bytes per connection over {added:,} connections")
     for s in stats[:top]:
         frame = s.traceback[0]
-        print(f"{s.size_diff / added:8,.0f} B {s.count_diff / added:6.2f} blocks  {frame.filename}:{frame.lineno}")
+        print(
+            f"{s.size_diff / added:8,.0f} B {s.count_diff / added:6.2f} blocks  {frame.filename}:{frame.lineno}"
+        )
     print(json.dumps(json.loads((folder / f"sizes-{b}.json").read_text()), indent=1))
 
 
