@@ -227,7 +227,8 @@ async def main() -> None:
     print(
         f"load: {connections:,} connections from {processes} load processes; each user in {args.per_user} "
         f"of {len(members):,} conversations of {args.members}; presence {args.presence_scope}; "
-        f"permessage-deflate {'offered' if args.deflate else 'not offered'} by the clients"
+        f"permessage-deflate {'offered' if args.deflate else 'not offered'} by the clients, "
+        f"PARLEY_FANOUT_WS_DEFLATE={os.environ.get('PARLEY_FANOUT_WS_DEFLATE', '1')} on the server"
     )
     with tempfile.TemporaryDirectory() as tmp:
         with (

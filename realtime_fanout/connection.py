@@ -18,6 +18,7 @@ import redis.exceptions
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from realtime_fanout import closecodes
+from realtime_fanout.admission import admitted
 from realtime_fanout.cursor import Cursor
 from realtime_fanout.exceptions import CursorError, HubUnavailable
 from realtime_fanout.flag import Flag
@@ -137,6 +138,7 @@ class Connection:
             request = await self._handshake()
             if request is not None:
                 await self._subscribe(request)
+            admitted(self.ws.scope)
             if not protocol.closing:
                 subscribed = True
                 CONNECTIONS.inc()
