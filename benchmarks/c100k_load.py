@@ -3,8 +3,8 @@
 Each connection is websockets' sans-I/O client protocol on a bare asyncio transport (no task, no
 queue): a few KiB each, so one process holds tens of thousands. Pings are answered by the protocol.
 Its source address is 127.<process>.x.y, so loopback ports do not run out. Driven over stdin/stdout:
-`python -m benchmarks.c100k_load PORT FIRST COUNT PROCESS_INDEX CONCURRENCY DEFLATE`
-(DEFLATE 1: offer permessage-deflate, as browsers do); it prints one JSON line
+`python -m benchmarks.c100k_load PORT FIRST COUNT PROCESS_INDEX CONCURRENCY DEFLATE BUDGET_S`
+(DEFLATE 1: offer permessage-deflate, as browsers do; no new connection after BUDGET_S); it prints one JSON line
 when every connection is live or failed, then answers `report` with a JSON line and `stop` by closing.
 """
 
@@ -45,6 +45,8 @@ class Counts:
     failed: int = 0
     dropped: int = 0
     """Connections that were live and then closed before `stop`."""
+    skipped: int = 0
+    """Connections not attempted: the connect budget ran out first."""
     frames: int = 0
 
 
@@ -100,7 +102,9 @@ class Client(asyncio.Protocol):
             self.live.set_exception(ConnectionError(f"closed before live: {exc}"))
 
 
-async def run(port: int, first: int, count: int, process: int, concurrency: int, deflate: int) -> None:
+async def run(
+    port: int, first: int, count: int, process: int, concurrency: int, deflate: int, budget_s: int
+) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     loop = asyncio.get_running_loop()
     auth = AuthSettings.from_env(Env(dict(os.environ)))
@@ -110,6 +114,7 @@ async def run(port: int, first: int, count: int, process: int, concurrency: int,
     gate = asyncio.Semaphore(concurrency)
     subscribe = b'{"type":"subscribe"}'
     extensions = [ClientPerMessageDeflateFactory()] if deflate else None
+    stop_at = loop.time() + budget_s
 
     async def open_one(n: int) -> None:
         user = f"u{first + n}"
@@ -117,6 +122,9 @@ async def run(port: int, first: int, count: int, process: int, concurrency: int,
         messages = (msgspec.json.encode({"type": "auth", "token": token}), subscribe)
         source = f"127.{process % 254 + 1}.{(n // 250) % 256}.{n % 250 + 1}"
         async with gate:
+            if loop.time() > stop_at:
+                counts.skipped += 1
+                return
             try:
                 _, client = await asyncio.wait_for(
                     loop.create_connection(
@@ -146,4 +154,4 @@ async def run(port: int, first: int, count: int, process: int, concurrency: int,
 
 
 if __name__ == "__main__":
-    asyncio.run(run(*(int(a) for a in sys.argv[1:7])))
+    asyncio.run(run(*(int(a) for a in sys.argv[1:8])))
