@@ -30,6 +30,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.fanout import SECRET, rss_bytes
+from benchmarks.looplag import Buckets, lag_buckets, lag_quantile_ms
 from benchmarks.machine import describe
 from benchmarks.processes import server
 from command_api import commands
@@ -79,7 +80,7 @@ class Scrape:
     """What one look at the running stack saw: lag histogram buckets, Redis and fanout counters."""
 
     at: float
-    lag_buckets: list[tuple[float, float]]
+    lag_buckets: Buckets
     redis_commands: int
     redis_cpu_s: float
     fanout_cpu_s: float
@@ -88,30 +89,12 @@ class Scrape:
 
     @staticmethod
     def take(fanout_port: int, fanout_pid: int, r: redis.Redis) -> Scrape:
-        text = httpx.get(f"http://127.0.0.1:{fanout_port}/metrics", timeout=30).text
-        buckets = [
-            (float(s.labels["le"]), s.value)
-            for family in text_string_to_metric_families(text)
-            if family.name == "parley_loop_lag_seconds"
-            for s in family.samples
-            if s.name.endswith("_bucket")
-        ]
         stats, cpu, calls = r.info("stats"), r.info("cpu"), r.info("commandstats")
         return Scrape(
-            time.monotonic(), sorted(buckets), int(stats["total_commands_processed"]),
+            time.monotonic(), lag_buckets(fanout_port), int(stats["total_commands_processed"]),
             float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), cpu_s(fanout_pid),
             {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in calls.items()},
         )  # fmt: skip
-
-
-def lag_quantile_ms(before: Scrape, after: Scrape, q: float) -> tuple[float, int]:
-    """Upper bound of the bucket holding quantile `q` of the probes between the scrapes; and their count."""
-    deltas = [(le, b - a) for (le, b), (_, a) in zip(after.lag_buckets, before.lag_buckets, strict=True)]
-    total = deltas[-1][1] if deltas else 0
-    for le, cumulative in deltas:
-        if total and cumulative >= q * total:
-            return le * 1000, int(total)
-    return math.nan, int(total)
 
 
 class LoadProcess:
@@ -308,8 +291,8 @@ async def main() -> None:
                 finally:
                     await asyncio.gather(*(lp.stop() for lp in loads))
     window = after.at - before.at
-    lag_p99, probes = lag_quantile_ms(before, after, 0.99)
-    lag_p50, _ = lag_quantile_ms(before, after, 0.5)
+    lag_p99, probes = lag_quantile_ms(before.lag_buckets, after.lag_buckets, 0.99)
+    lag_p50, _ = lag_quantile_ms(before.lag_buckets, after.lag_buckets, 0.5)
     live = total(counts, "live")
     kib = 1024 * max(live, 1)
     print(f"\nconnections live                 {live:,} (dropped while idle: {total(counts, 'dropped'):,})")
