@@ -136,7 +136,7 @@ def stages_of(args: argparse.Namespace, processes: int) -> list[list[int]]:
 async def snapshot(pid: int, folder: Path, k: int) -> None:
     """Ask the profiled fanout for snapshot `k` and wait until it is written."""
     os.kill(pid, signal.SIGUSR1)
-    for _ in range(1200):
+    for _ in range(6000):  # tracemalloc and gc.get_objects over a loaded process: minutes
         if (folder / f"sizes-{k}.json").exists():
             return
         await asyncio.sleep(0.1)

@@ -29,9 +29,9 @@ def object_sizes() -> dict[str, Any]:
     parts: dict[str, Any] = {
         "Connection": c, "Connection.__dict__": c.__dict__, "ConnectionProtocol": c.protocol,
         "ConnectionProtocol.__dict__": vars(c.protocol), "Session": c.session,
-        "Session.__dict__": vars(c.session) if c.session is not None else None,
+        "Session.__dict__": getattr(c.session, "__dict__", None),
         "starlette WebSocket": ws, "WebSocket.__dict__": vars(ws), "scope": ws.scope,
-        "_wake Event": c._wake, "_wake.__dict__": vars(c._wake),
+        "writer wake-up": c._wake, "writer wake-up __dict__": getattr(c._wake, "__dict__", None),
     }  # fmt: skip
     receive = ws._receive
     uvicorn_protocol = getattr(receive, "__self__", None)
@@ -58,7 +58,11 @@ def main() -> None:
         taken[0] += 1
         gc.collect()
         tracemalloc.take_snapshot().dump(str(out / f"snapshot-{taken[0]}.tracemalloc"))
-        (out / f"sizes-{taken[0]}.json").write_text(json.dumps(object_sizes(), indent=1))
+        try:
+            sizes = object_sizes()
+        except Exception as exc:  # a profiling aid: say what failed rather than break the served loop
+            sizes = {"error": repr(exc)}
+        (out / f"sizes-{taken[0]}.json").write_text(json.dumps(sizes, indent=1))
 
     tracemalloc.start(FRAMES)
     signal.signal(signal.SIGUSR1, dump)
