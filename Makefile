@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: run test test-faults lint typecheck test-deps browser-deps bench bench-commands bench-projector bench-fanout \
-        bench-history bench-retention bench-redis-sizing bench-presence bench-soak bench-c100k clean
+        bench-history bench-retention bench-redis-sizing bench-presence bench-scale bench-soak bench-c100k clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,7 +71,12 @@ bench-redis-sizing: $(STAMP)
 bench-presence: $(STAMP)
 	$(BIN)/python -m benchmarks.presence_slot
 
-# Not in `bench`: 10 minutes of steady mixed load with a kill -9 a minute; SOAK_ARGS="--duration 60" to shorten.
+# The fanout, command and projector benchmarks, smaller, on a 3-master Redis Cluster and on one Redis (a few
+# minutes); SCALE_ARGS="--events 20000" etc. (python -m benchmarks.scale --help).
+bench-scale: $(VENV)/.bench
+	$(BIN)/python -m benchmarks.scale $(SCALE_ARGS)
+
+# Not in `bench`: 10 minutes of steady mixed load with a fault a minute; SOAK_ARGS="--duration 60" to shorten.
 bench-soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
@@ -79,7 +84,7 @@ bench-soak: $(STAMP)
 bench-c100k: $(STAMP)
 	$(BIN)/python -m benchmarks.c100k $(BENCH_ARGS)
 
-bench: bench-commands bench-projector bench-fanout bench-history bench-retention bench-redis-sizing bench-presence
+bench: bench-commands bench-projector bench-fanout bench-history bench-retention bench-redis-sizing bench-presence bench-scale
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

@@ -26,8 +26,12 @@ from devstack.servers import RedisServer
 from events.codec import encode
 from events.ids import new_event_id
 from events.schema import Envelope, MessageSent
+from servicekit.auth_settings import AuthSettings
+from servicekit.settings import Env
+from servicekit.tokens import mint_token
 
 SECRET = "bench-secret-" + "x" * 32
+BODY = b'{"body":"hello from the benchmark, a message of ordinary length"}'
 
 
 async def raw_ceiling(redis_url: str, seconds: float, payload: bytes) -> float:
@@ -67,6 +71,30 @@ async def measured_load(
     )
 
 
+def api_env(redis_url: str, port: int, partitions: int, cluster: bool = False) -> dict[str, str]:
+    """The command API's environment for a benchmark: dev mode, no rate limit worth the name."""
+    return {
+        **os.environ, "REDIS_URL": redis_url, "PARLEY_REDIS_CLUSTER": "1" if cluster else "0",
+        "PARLEY_API_PORT": str(port), "PARLEY_PARTITIONS": str(partitions), "PARLEY_LOG_NAMESPACE": "bench",
+        "PARLEY_JWT_SECRET": SECRET, "PARLEY_DEV_MODE": "1",
+        "PARLEY_RATE_LIMIT_PER_S": "1000000", "PARLEY_RATE_LIMIT_BURST": "1000000",
+    }  # fmt: skip
+
+
+async def message_targets(
+    port: int, env: dict[str, str], connections: int
+) -> list[tuple[str, dict[str, str]]]:
+    """One user and one new conversation per connection: the path to post messages to, and its headers."""
+    auth = AuthSettings.from_env(Env(env))
+    targets: list[tuple[str, dict[str, str]]] = []
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        for i in range(connections):
+            headers = {"Authorization": f"Bearer {mint_token(auth, f'user-{i}', ttl_s=3600)}"}
+            created = await http.post("/v1/conversations", json={"title": f"bench {i}"}, headers=headers)
+            targets.append((f"/v1/conversations/{created.json()['conversation_id']}/messages", headers))
+    return targets
+
+
 def report(name: str, result: LoadResult, server_cpu: float, client_cpu: float) -> str:
     ok = result.statuses.get(202, 0)
     other = {k: v for k, v in result.statuses.items() if k != 202}
@@ -88,7 +116,7 @@ async def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
 
-    body = b'{"body":"hello from the benchmark, a message of ordinary length"}'
+    body = BODY
     sample = Envelope(
         seq=1, event_id=new_event_id(), schema_version=2,
         occurred_at=__import__("datetime").datetime.now(__import__("datetime").UTC),
@@ -116,28 +144,9 @@ async def main() -> None:
             )
 
         api_port = free_port()
-        env = {
-            **os.environ, "REDIS_URL": redis.url, "PARLEY_API_PORT": str(api_port),
-            "PARLEY_PARTITIONS": str(args.partitions), "PARLEY_LOG_NAMESPACE": "bench",
-            "PARLEY_JWT_SECRET": SECRET, "PARLEY_DEV_MODE": "1",
-            "PARLEY_RATE_LIMIT_PER_S": "1000000", "PARLEY_RATE_LIMIT_BURST": "1000000",
-        }  # fmt: skip
+        env = api_env(redis.url, api_port, args.partitions)
         with server(["command_api"], api_port, env) as api:
-            from servicekit.auth_settings import AuthSettings
-            from servicekit.settings import Env
-            from servicekit.tokens import mint_token
-
-            auth = AuthSettings.from_env(Env(env))
-            targets: list[tuple[str, dict[str, str]]] = []
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}") as http:
-                for i in range(args.connections):
-                    user = f"user-{i}"
-                    headers = {"Authorization": f"Bearer {mint_token(auth, user, ttl_s=3600)}"}
-                    created = await http.post(
-                        "/v1/conversations", json={"title": f"bench {i}"}, headers=headers
-                    )
-                    cid = created.json()["conversation_id"]
-                    targets.append((f"/v1/conversations/{cid}/messages", headers))
+            targets = await message_targets(api_port, env, args.connections)
             per_connection = [[post_request(path, body, headers)] for path, headers in targets]
             api_result, api_cpu, api_client = await measured_load(
                 api_port, api.pid, per_connection, args.seconds

@@ -22,13 +22,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 import websockets
 
 from benchmarks.fanout_load import FanoutLoad, Tally, wait_quiet
@@ -43,6 +42,7 @@ from devstack.binaries import redis_server_binary
 from devstack.ports import free_port
 from devstack.servers import PostgresServer, RedisServer
 from events.layout import LogLayout
+from events.redisclient import redis_client
 from servicekit.auth_settings import AuthSettings
 from servicekit.settings import Env
 from servicekit.tokens import mint_token
@@ -66,16 +66,17 @@ def service(module: str, env: dict[str, str], port: int) -> AbstractContextManag
 class Stack:
     """Environment of one Parley log: namespace, tokens, and an appender for direct appends."""
 
-    def __init__(self, redis_url: str, database_url: str, namespace: str) -> None:
+    def __init__(self, redis_url: str, database_url: str, namespace: str, cluster: bool = False) -> None:
         self.namespace = namespace
         self.env = {
-            **os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url,
+            **os.environ, "REDIS_URL": redis_url, "PARLEY_REDIS_CLUSTER": "1" if cluster else "0",
+            "DATABASE_URL": database_url,
             "PARLEY_LOG_NAMESPACE": namespace, "PARLEY_PARTITIONS": str(PARTITIONS),
             "PARLEY_JWT_SECRET": SECRET, "PARLEY_DEV_MODE": "1", "PARLEY_RATE_LIMIT_PER_S": "0",
             "PARLEY_FANOUT_MAX_BUFFER_BYTES": str(8 << 20),
         }  # fmt: skip
         self.auth = AuthSettings.from_env(Env(self.env))
-        self.redis = aioredis.Redis.from_url(redis_url)
+        self.redis = redis_client(redis_url, 30, cluster=cluster)
         self.appender = Appender(self.redis, LogLayout(namespace, PARTITIONS))
 
     def token(self, user: str) -> str:
@@ -147,9 +148,15 @@ async def connect_all(starters: list[Any], timeout_s: float) -> list[asyncio.Tas
 
 
 async def parley_phase(
-    load: FanoutLoad, stack: Stack, fanout_port: int, api_port: int | None, tag: str
+    load: FanoutLoad,
+    stack: Stack,
+    fanout_port: int,
+    api_port: int | None,
+    tag: str,
+    measure: AbstractContextManager[Any] | None = None,
 ) -> tuple[Tally, int, float]:
-    """Subscribe everyone, send the load (over HTTP when `api_port`), count what arrives."""
+    """Subscribe everyone, send the load (over HTTP when `api_port`), count what arrives; `measure` is
+    entered once everyone is subscribed and left once the deliveries arrived."""
     tally, stop = Tally(), asyncio.Event()
     tasks = await connect_all(
         [
@@ -163,37 +170,38 @@ async def parley_phase(
     # measuring (its garbage is freed by reference counting; it is re-enabled right after).
     gc.collect()
     gc.disable()
-    started = time.perf_counter()
-    if api_port is None:
-        pending: list[Any] = []
-        for n, (c, message_id) in enumerate(load.sends()):
-            message_id = f"{tag}-{message_id}"
-            actor = f"u{members[c][n % len(members[c])]}"
-            body = SendMessage(body=f"{message_id}|{time.time()}", message_id=message_id)
-            pending.append(stack.appender.append(commands.send_message(Context(actor=actor), c, body)))
-            if len(pending) >= 512:
-                await asyncio.gather(*pending)
-                pending = []
-        await asyncio.gather(*pending)
-    else:
-        sends = []
-        for n, (c, message_id) in enumerate(load.sends()):
-            sender = f"u{members[c][n % len(members[c])]}"
-            sends.append([c, stack.token(sender), f"{tag}-{message_id}"])
-        plan = {"port": api_port, "rate_per_s": load.rate_per_s, "connections": 32, "sends": sends}
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(plan, f)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "benchmarks.sender", f.name, stdout=asyncio.subprocess.PIPE
-        )
-        out, _ = await proc.communicate()
-        os.unlink(f.name)
-        statuses = json.loads(out)
-        if set(statuses) != {"202"}:
-            raise RuntimeError(f"sender got {statuses}")
-    publish_s = time.perf_counter() - started
-    expected = load.expected_deliveries()
-    await wait_quiet(tally, expected, quiet_s=3.0, deadline=time.perf_counter() + load.max_seconds)
+    with measure or nullcontext():
+        started = time.perf_counter()
+        if api_port is None:
+            pending: list[Any] = []
+            for n, (c, message_id) in enumerate(load.sends()):
+                message_id = f"{tag}-{message_id}"
+                actor = f"u{members[c][n % len(members[c])]}"
+                body = SendMessage(body=f"{message_id}|{time.time()}", message_id=message_id)
+                pending.append(stack.appender.append(commands.send_message(Context(actor=actor), c, body)))
+                if len(pending) >= 512:
+                    await asyncio.gather(*pending)
+                    pending = []
+            await asyncio.gather(*pending)
+        else:
+            sends = []
+            for n, (c, message_id) in enumerate(load.sends()):
+                sender = f"u{members[c][n % len(members[c])]}"
+                sends.append([c, stack.token(sender), f"{tag}-{message_id}"])
+            plan = {"port": api_port, "rate_per_s": load.rate_per_s, "connections": 32, "sends": sends}
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+                json.dump(plan, f)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "benchmarks.sender", f.name, stdout=asyncio.subprocess.PIPE
+            )
+            out, _ = await proc.communicate()
+            os.unlink(f.name)
+            statuses = json.loads(out)
+            if set(statuses) != {"202"}:
+                raise RuntimeError(f"sender got {statuses}")
+        publish_s = time.perf_counter() - started
+        expected = load.expected_deliveries()
+        await wait_quiet(tally, expected, quiet_s=3.0, deadline=time.perf_counter() + load.max_seconds)
     gc.enable()
     stop.set()
     for task in tasks:

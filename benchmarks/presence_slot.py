@@ -21,10 +21,10 @@ from pathlib import Path
 from benchmarks.machine import describe
 from devstack.binaries import redis_server_binary
 from devstack.servers import RedisServer
+from events.redisclient import redis_client
 from realtime_fanout.presence import PresenceStore
 from realtime_fanout.settings import FanoutSettings
 from realtime_fanout.signalbus import TOUCH_CHUNK
-from servicekit.redisclient import redis_client
 
 BUDGET = 0.5
 """The share of one Redis thread presence may take (the rest: typing signals, snapshots, headroom)."""

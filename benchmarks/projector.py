@@ -20,7 +20,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
-import redis.asyncio as aioredis
 
 from benchmarks.machine import describe
 from devstack.binaries import redis_server_binary
@@ -30,6 +29,7 @@ from events import schema
 from events.codec import encode
 from events.ids import new_event_id, new_object_id
 from events.log import EventLog
+from events.redisclient import redis_client
 from projector.rebuild import rebuild
 from projector.settings import DEFAULT_BATCH, ProjectorSettings
 from projector.worker import Worker
@@ -113,20 +113,23 @@ class Generator:
         )  # fmt: skip
 
 
-async def fill_log(redis_url: str, namespace: str, events: int, partitions: int) -> Generator:
+async def fill_log(
+    redis_url: str, namespace: str, events: int, partitions: int, cluster: bool = False
+) -> Generator:
     """Append `events` encoded envelopes, pipelined, each to its conversation's partition."""
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url, None, cluster=cluster)
     try:
-        layout = LogSettings(redis_url, namespace, partitions).layout()
+        layout = LogSettings(redis_url, namespace, partitions, redis_cluster=cluster).layout()
         await EventLog(client, layout).open(create=True)
         gen = Generator(random.Random(42), users=max(50, events // 200))
         done = 0
         while done < events:
             pipe = client.pipeline(transaction=False)
-            for _ in range(min(5000, events - done)):
+            batch = min(5000, events - done)
+            for _ in range(batch):
                 env = gen.next()
                 pipe.xadd(layout.stream_key(layout.partition_for(env.conversation_id)), {"e": encode(env)})
-            done += len(pipe.command_stack)
+            done += batch
             await pipe.execute()
         return gen
     finally:
@@ -135,15 +138,17 @@ async def fill_log(redis_url: str, namespace: str, events: int, partitions: int)
 
 @dataclass(slots=True)
 class Cpu:
-    """CPU seconds spent by this process and by each server's process tree, between two readings."""
+    """CPU seconds spent by this process (named `here`) and by each server's process tree, between two
+    readings."""
 
     servers: dict[str, int]
+    here: str = "worker"
     start: dict[str, float] = field(default_factory=dict)
     end: dict[str, float] = field(default_factory=dict)
 
     def _now(self) -> dict[str, float]:
         now = {name: tree_cpu_seconds(pgid) for name, pgid in self.servers.items()}
-        return {"worker": time.process_time(), **now}
+        return {self.here: time.process_time(), **now}
 
     def __enter__(self) -> Cpu:
         self.start = self._now()

@@ -159,6 +159,7 @@ end
 local function apply(c, op, actor, a)
   local ck = c.key
   if op == 'create' then
+    -- At most 1,001 members (bodies.MAX_PARTICIPANTS): one HSET, well within unpack's limit (8,000).
     local fields = {'creator', actor, 'v', '2', 'm:' .. actor, '1'}
     for _, user in ipairs(a.participants) do
       fields[#fields + 1] = 'm:' .. user

@@ -19,7 +19,7 @@ from events.exceptions import LogError
 from events.layout import LogLayout
 from events.log import EventLog
 from events.position import LogPosition
-from servicekit.redisclient import RedisClient, raise_first_error, run_script_once, slot_group
+from events.redisclient import REDIS_ERRORS, RedisClient, raise_first_error, run_script_once, slot_group
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class AppendSettings:
 class Appender:
     """Appends commands to the partitioned log; one script call per partition batch.
 
-    The scripts that write (append, claim) are sent once (`servicekit.redisclient.send_once`): the
+    The scripts that write (append, claim) are sent once (`events.redisclient.send_once`): the
     client's retry of a dead connection covers only connecting and the idle connection's PING, so a
     command is never appended twice; a connection lost after sending is `LogUnavailable` (outcome unknown).
     """
@@ -81,7 +81,7 @@ class Appender:
         """
         try:
             return await self.log.open(create=True)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise LogUnavailable(f"redis: {exc}") from exc
 
     async def append(self, command: Command) -> Appended:
@@ -119,7 +119,7 @@ class Appender:
         try:
             replies = await run_script_once(self.redis, self._claim_script, calls)
             raise_first_error(replies)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.error("claiming %d idempotency keys failed: %s", len(commands), exc)
             raise LogUnavailable(f"redis: {exc}") from exc
         return [bool(reply) for reply in replies]
@@ -144,7 +144,7 @@ class Appender:
             ]  # fmt: skip
         try:
             replies = await self._call(keys, args)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.error("append to partition %d failed: %s", partition, exc)
             raise LogUnavailable(f"redis: {exc}") from exc
         if replies and _is_log_failure(replies[0]):
@@ -180,7 +180,7 @@ class Appender:
         self.log.epoch = None
         try:
             await self.log.open(create=True)
-        except (redis.exceptions.RedisError, LogError) as exc:
+        except (*REDIS_ERRORS, LogError) as exc:
             log.error("reopening the log failed: %s", exc)
 
     def _result(self, partition: int, epoch: str, reply: list[bytes | int]) -> Appended | BaseException:

@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib.resources import files
 
-import redis.exceptions
-
 from command_api.batching import MicroBatcher
 from command_api.exceptions import LogUnavailable, RateLimited
 from events.layout import LogLayout
-from servicekit.redisclient import RedisClient, slot_group
+from events.redisclient import REDIS_ERRORS, RedisClient, slot_group
 
 RATE_LIMIT_SCRIPT = files("command_api").joinpath("ratelimit.lua").read_text()
 
@@ -44,7 +42,7 @@ class RateLimiter:
         keys = [self.layout.rate_limit_key(u) for u in users]
         try:
             reply = await self._script(keys=keys, args=[self.per_s, self.burst])
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise LogUnavailable(f"redis: {exc}") from exc
         return [int(x) for x in reply]
 

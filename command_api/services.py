@@ -8,8 +8,8 @@ from command_api.append import Appender, AppendSettings
 from command_api.exceptions import LogUnavailable
 from command_api.ratelimit import RateLimiter
 from command_api.settings import CommandApiSettings
+from events.redisclient import redis_client
 from servicekit.auth import TokenVerifier
-from servicekit.redisclient import redis_client
 
 log = logging.getLogger(__name__)
 

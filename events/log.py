@@ -17,7 +17,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from events.exceptions import EpochChanged, LogNotInitialized, PartitionMismatch, TagsMismatch
 from events.layout import LogLayout
-from servicekit.redisclient import RedisClient, refresh_topology, send_on_node
+from events.redisclient import RedisClient, learn_topology, refresh_topology, send_on_node
 
 
 class LogEntry(msgspec.Struct, frozen=True, gc=False):
@@ -125,8 +125,14 @@ class EventLog:
         return list(groups.values())
 
     def node_of(self, partition: int) -> str:
-        """The name of the node serving `partition` ("" on a single Redis), as the client knows now."""
-        return self._node(partition).name if isinstance(self.redis, RedisCluster) else ""
+        """The name of the node serving `partition` ("" on a single Redis, or while the client knows no
+        node for its slot: reading it then raises `TopologyChanged`), as the client knows now."""
+        if not isinstance(self.redis, RedisCluster):
+            return ""
+        try:
+            return self._node(partition).name
+        except redis.exceptions.RedisClusterException:
+            return ""
 
     def _node(self, partition: int) -> ClusterNode:
         assert isinstance(self.redis, RedisCluster)
@@ -137,11 +143,13 @@ class EventLog:
         """Send raw reads in one write to the node serving `partitions` (one node's), read each reply; a
         refusal (MOVED, ASK, CLUSTERDOWN) or a lost node relearns the topology, raises `TopologyChanged`."""
         assert isinstance(self.redis, RedisCluster)
-        if self.redis._initialize:
-            await self.redis.initialize()
         try:
+            await learn_topology(self.redis)
             replies = await send_on_node(self._node(partitions[0]), commands)
-        except (*_MOVED, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        except (
+            *_MOVED, redis.exceptions.RedisClusterException, redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+        ) as exc:  # fmt: skip
             await refresh_topology(self.redis)
             raise TopologyChanged(f"partitions {list(partitions)}: {type(exc).__name__}: {exc}") from exc
         for reply in replies:
@@ -223,13 +231,20 @@ class EventLog:
 
     async def head(self, partition: int) -> str:
         """The id of the last entry of `partition`, or "0-0" when it is empty."""
-        items: Any = await self.redis.xrevrange(self.layout.stream_key(partition), "+", "-", count=1)
+        items = await self._one(partition, b"XREVRANGE", "+", "-")
         return _text(items[0][0]) if items else "0-0"
 
     async def first_id(self, partition: int) -> str | None:
         """The id of the oldest entry the stream still holds (None when empty): older ones were trimmed."""
-        items: Any = await self.redis.xrange(self.layout.stream_key(partition), "-", "+", count=1)
+        items = await self._one(partition, _RAW_XRANGE, "-", "+")
         return _text(items[0][0]) if items else None
+
+    async def _one(self, partition: int, command: bytes, start: str, end: str) -> Any:
+        args = (command, self.layout.stream_key(partition), start, end, "COUNT", 1)
+        if isinstance(self.redis, RedisCluster):
+            (items,) = await self._on_node([partition], [args])
+            return items
+        return await self.redis.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
 # Sent as bytes, these command names match none of redis-py's response callbacks (keyed by str), so

@@ -93,9 +93,9 @@ async def rebuild_archive_main(schema: str, partitions: list[int]) -> int:
 async def trim_main(*, dry_run: bool) -> int:
     from psycopg_pool import AsyncConnectionPool
 
+    from events.redisclient import redis_client
     from projector.retention import Retention
     from projector.settings import ProjectorSettings
-    from servicekit.redisclient import redis_client
 
     settings = ProjectorSettings.from_env(auth=False)
     redis = redis_client(settings.log.redis_url, 30, cluster=settings.log.redis_cluster)

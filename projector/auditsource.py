@@ -16,12 +16,12 @@ import redis.exceptions
 
 from events.exceptions import LogError
 from events.log import EventLog, LogEntry
+from events.redisclient import RedisClient, redis_client
 from projector.audit import AuditInput, IdempotencyRecord, PartitionInput, Window, choose_sample
 from projector.audit import parse_idempotency_record as parse_record
 from projector.exceptions import AuditRequestError, AuditUnreachable
 from projector.settings import ProjectorSettings
 from projector.snapshot import read_tables
-from servicekit.redisclient import RedisClient, redis_client
 
 PAGE = 10_000
 

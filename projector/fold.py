@@ -1,7 +1,20 @@
 """The fold: apply one event to a conversation's state, recording the rows it changed. No I/O.
 
-`apply` checks everything that can refuse an event before it changes anything, so a refused event
-(FoldError) leaves the state and the changes as they were.
+`apply` first asks `events.admission.refusal` (the check the fanout applies too) whether the event is
+one of its conversation, so a refused event (FoldError) leaves the state and the changes as they were.
+
+It refuses (through that check) only what it cannot apply without contradicting its own rows: a second
+creation, any other event of an unknown conversation, a sequence not after the last (in order), an event type
+it has no fold for, a reused message id, an edit or delete of an unknown or deleted message, adding a current
+participant or removing a non-participant, (un)archiving by a non-participant, a read marker of someone never
+in it. It trusts, unchecked, the rest of what `command_api/rules.py` decides before an event is appended: that
+the actor is a participant (of a send, edit, delete, read, add or remove), is the author of what they edit or
+delete, may remove that user (self, or the creator) and does not remove the creator; that a reply's target
+exists; that the sequence is the next one (a gap is folded); that a read marker moves forward and not past the
+end (the fold keeps the highest); that an archive changes the flag; that a creation lists its creator (the
+fold adds them). Why: the log is the truth and the append script, deciding by those rules atomically, is its
+only writer; an event it accepted happened, and refusing it here would make the read models disagree with the
+log, not undo it.
 """
 
 from __future__ import annotations
@@ -10,6 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 from events import schema
+from events.admission import refusal
+from events.membership import joins
 from events.schema import Envelope
 from projector.exceptions import FoldError
 from projector.state import Changes, Conversation, ConversationState, Inbox, Message, Span, Version
@@ -35,22 +50,17 @@ def apply(
     `in_order=False` (re-driving a dead letter) accepts an event older than the conversation's last one.
 
     Raises:
-        FoldError: the event contradicts the state (unknown conversation, sequence not after the last,
-            unknown or deleted message, actor not in the conversation); nothing was changed.
+        FoldError: `events.admission.refusal` refuses the event; nothing was changed.
     """
+    reason = refusal(state, event, in_order=in_order)
+    if reason is not None:
+        raise FoldError(reason)
     payload = event.payload
     if type(payload) is schema.ConversationCreated:
-        if state is not None:
-            raise FoldError(f"conversation {event.conversation_id} already exists")
         return _created(event, payload, stream_id, changes)
-    if state is None:
-        raise FoldError(f"{event.type} for unknown conversation {event.conversation_id}")
+    assert state is not None  # `refusal` refuses any other event of an unknown conversation
     conv = state.conversation
-    if event.seq <= conv.last_seq and in_order:
-        raise FoldError(f"seq {event.seq} is not after the conversation's last seq {conv.last_seq}")
-    handler = _HANDLERS.get(type(payload))
-    if handler is None:
-        raise FoldError(f"no fold for event type {event.type}")
+    handler = _HANDLERS[type(payload)]
     handler(state, event, payload, changes, stream_id, in_order)
     if event.seq > conv.last_seq:
         conv.last_seq = event.seq
@@ -65,7 +75,7 @@ def _created(
     conv = Conversation(cid, payload.title, event.actor, at, event.seq, at, 0)
     state = ConversationState(conv)
     changes.touch(conv)
-    for user in dict.fromkeys((event.actor, *payload.participants)):
+    for user in joins(event):
         span = state.spans[user] = [Span(cid, user, event.seq, stream_id)]
         inbox = state.inbox[user] = Inbox(user, cid, 0, 0, False, True, at, event.seq)
         changes.touch(span[0])
@@ -73,30 +83,12 @@ def _created(
     return state
 
 
-def _inbox_of(state: ConversationState, user_id: str) -> Inbox:
-    row = state.inbox.get(user_id)
-    if row is None:
-        raise FoldError(f"{user_id} was never a participant of {state.conversation.conversation_id}")
-    return row
-
-
-def _live_message(state: ConversationState, message_id: str) -> Message:
-    message = state.messages.get(message_id)
-    if message is None:
-        raise FoldError(f"unknown message {message_id}")
-    if message.deleted_at is not None:
-        raise FoldError(f"message {message_id} is deleted")
-    return message
-
-
-# Each handler checks first (raising FoldError) and only then changes anything.
+# Each handler runs only after `refusal` admitted its event: the rows it reads exist.
 
 
 def _sent(
     state: ConversationState, event: Envelope, payload: schema.MessageSent, changes: Changes, *_: object
 ) -> None:
-    if payload.message_id in state.messages:
-        raise FoldError(f"message {payload.message_id} already exists")
     conv, actor = state.conversation, event.actor
     at = conv.last_activity_at if conv.last_activity_at > event.occurred_at else event.occurred_at
     conv.last_activity_at = at
@@ -129,7 +121,7 @@ def _sent(
 def _edited(
     state: ConversationState, event: Envelope, payload: schema.MessageEdited, changes: Changes, *_: object
 ) -> None:
-    message = _live_message(state, payload.message_id)
+    message = state.messages[payload.message_id]
     conv = state.conversation
     if conv.last_message_id == message.message_id:
         conv.last_message_preview = preview(payload.body)
@@ -142,7 +134,7 @@ def _edited(
 def _deleted(
     state: ConversationState, event: Envelope, payload: schema.MessageDeleted, changes: Changes, *_: object
 ) -> None:
-    message = _live_message(state, payload.message_id)
+    message = state.messages[payload.message_id]
     conv = state.conversation
     conv.message_count -= 1
     if conv.last_message_id == message.message_id:
@@ -168,7 +160,7 @@ def _read(
     _sid: str,
     in_order: bool,
 ) -> None:
-    row = _inbox_of(state, event.actor)
+    row = state.inbox[event.actor]
     read_seq = max(row.read_seq, payload.up_to_seq)
     if read_seq >= (state.conversation.last_message_seq or 0):
         row.unread_count = 0  # no message after the marker
@@ -188,9 +180,7 @@ def _archived(
     changes: Changes,
     *_: object,
 ) -> None:
-    if not state.is_member(event.actor):
-        raise FoldError(f"{event.actor} is not a participant of {event.conversation_id}")
-    row = _inbox_of(state, event.actor)
+    row = state.inbox[event.actor]
     row.archived = type(payload) is schema.ConversationArchived
     changes.touch(row)
 
@@ -204,8 +194,6 @@ def _added(
     _: bool,
 ) -> None:
     user = payload.user_id
-    if state.is_member(user):
-        raise FoldError(f"{user} is already a participant")
     conv = state.conversation
     row = state.inbox.get(user)
     if row is None:
@@ -231,8 +219,6 @@ def _removed(
     _: bool,
 ) -> None:
     user = payload.user_id
-    if not state.is_member(user):
-        raise FoldError(f"{user} is not a participant")
     span = state.spans[user][-1]
     span.left_seq, span.left_stream_id = event.seq, stream_id
     changes.touch(span)

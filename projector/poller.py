@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import logging
 
-import redis.exceptions
-
 from events.log import EventLog, LogEntry, TopologyChanged
+from events.redisclient import REDIS_ERRORS
+from servicekit.supervisor import honour_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class Poller:
         wake = self._wake.setdefault(node, asyncio.Event())
         backoff = 0.05
         while True:
+            honour_cancellation()
             wake.clear()
             mine = {p: w for p, w in self._waiting.items() if self.log.node_of(p) == node}
             if not mine:
@@ -95,7 +96,7 @@ class Poller:
                 backoff = min(backoff * 2, 1.0)
                 self._kick()
                 continue
-            except (redis.exceptions.RedisError, OSError) as exc:  # each partition retries as it does
+            except (*REDIS_ERRORS, OSError) as exc:  # each partition retries as it does
                 self._fail(mine, exc)
                 continue
             except Exception as exc:  # a bug: the partitions see it rather than wait for ever

@@ -8,21 +8,21 @@ from typing import Any
 import msgspec
 import psycopg
 
+from events.membership import covers_sql
 from projector.fold import PREVIEW_CHARS
 
 AsyncConn = psycopg.AsyncConnection[Any]
 
 _VISIBLE = (
     "EXISTS (SELECT 1 FROM parley.memberships s WHERE s.conversation_id = m.conversation_id "
-    "AND s.user_id = %(user)s AND s.joined_seq < m.seq AND (s.left_seq IS NULL OR m.seq < s.left_seq))"
+    f"AND s.user_id = %(user)s AND {covers_sql('s', 'm.seq')})"
 )
 # The rule is projector/views.py `seen`. The seq of the last of the message's body-setting events the
 # user saw (its send, or an edit made while they were in); the body they see is the one the next edit
 # replaced (the version row with the least `until_seq` after it), or the current one if there is none.
 _LAST_SEEN = (
     "coalesce((SELECT max(w.until_seq) FROM parley.message_versions w JOIN parley.memberships s "
-    "ON s.conversation_id = w.conversation_id AND s.user_id = %(user)s AND s.joined_seq < w.until_seq "
-    "AND (s.left_seq IS NULL OR w.until_seq < s.left_seq) "
+    f"ON s.conversation_id = w.conversation_id AND s.user_id = %(user)s AND {covers_sql('s', 'w.until_seq')} "
     "WHERE w.conversation_id = m.conversation_id AND w.seq = m.seq), m.seq)"
 )
 _LATER = (

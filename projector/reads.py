@@ -33,7 +33,7 @@ from projector.metrics import QUERY_READS
 from projector.replicas import Health, Replicas
 from projector.settings import ProjectorSettings
 from servicekit.slots import UserSlots
-from servicekit.supervisor import Policy, Supervisor
+from servicekit.supervisor import Policy, Supervisor, honour_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ class CheckpointWatcher:
     async def _watch(self) -> None:
         self._wake.set()  # a restart after a crash serves whoever waits at once
         while True:
+            honour_cancellation()
             await self._wake.wait()
             self._wake.clear()
             if not self._waiters:

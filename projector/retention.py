@@ -24,10 +24,10 @@ from psycopg_pool import AsyncConnectionPool
 from events.layout import LogLayout
 from events.log import EventLog
 from events.position import parse_stream_id
+from events.redisclient import RedisClient
 from projector import metrics
 from projector.settings import ProjectorSettings
 from projector.store import Store
-from servicekit.redisclient import RedisClient
 
 log = logging.getLogger(__name__)
 

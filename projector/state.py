@@ -15,6 +15,9 @@ from typing import Any, Self
 
 import msgspec
 
+from events.admission import MessageFact
+from events.membership import covers
+
 _astuple = msgspec.structs.astuple
 
 
@@ -74,8 +77,8 @@ class Span(_Record, gc=False):
         return (self.conversation_id, self.user_id, self.joined_seq)
 
     def covers(self, seq: int) -> bool:
-        """True when an event at `seq` happened during this span."""
-        return self.joined_seq < seq and (self.left_seq is None or seq < self.left_seq)
+        """True when an event at `seq` happened during this span (`events.membership.covers`)."""
+        return covers(self.joined_seq, self.left_seq, seq)
 
 
 class Inbox(_Record, gc=False):
@@ -173,9 +176,13 @@ Tables = dict[str, tuple[list[Any], list[Any]]]
 VERSIONS = TABLE_OF[Version]
 
 
+_ABSENT, _LIVE, _DELETED = MessageFact.ABSENT, MessageFact.LIVE, MessageFact.DELETED
+
+
 @dataclass(slots=True)
 class ConversationState:
-    """Everything the fold needs to know about one conversation to apply its next event.
+    """Everything the fold needs to know about one conversation to apply its next event; it is the
+    projector's `events.admission.ConversationFacts`.
 
     `messages` is in sequence order (the fold appends; the store loads them ordered).
     """
@@ -185,6 +192,19 @@ class ConversationState:
     inbox: dict[str, Inbox] = field(default_factory=dict)
     messages: dict[str, Message] = field(default_factory=dict)
     members: list[str] | None = None  # current participants, cached until membership changes
+
+    @property
+    def last_seq(self) -> int:
+        return self.conversation.last_seq
+
+    def was_member(self, user_id: str) -> bool:
+        return user_id in self.inbox
+
+    def message_fact(self, message_id: str) -> MessageFact:
+        message = self.messages.get(message_id)
+        if message is None:
+            return _ABSENT
+        return _LIVE if message.deleted_at is None else _DELETED
 
     def current_members(self) -> list[str]:
         if self.members is None:

@@ -1,10 +1,11 @@
 """What one reader sees of a message: the rule the query SQL (`queries.py`) implements. No I/O.
 
-A reader sees a message sent while they were a participant, with the body set by the latest of its
-events they saw: its send, or an edit made while they were a participant. So someone who left keeps the
-body as it was when they left and never sees (or finds) a later edit. A deletion is honoured for every
-reader, whenever they left: it only withdraws text, it never shows anything new. A conversation in a
-reader's inbox (`listed`) shows only what they may see of it.
+A reader sees a message sent while they were a participant (one of their spans covers it: the rule of
+`events.membership`, which the fanout applies too), with the body set by the latest of its events they
+saw: its send, or an edit made while they were a participant. So someone who left keeps the body as it
+was when they left and never sees (or finds) a later edit. A deletion is honoured for every reader,
+whenever they left: it only withdraws text, it never shows anything new. A conversation in a reader's
+inbox (`listed`) shows only what they may see of it.
 """
 
 from __future__ import annotations

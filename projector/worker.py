@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 from events.exceptions import EpochChanged, EventsError, LogError
 from events.log import EventLog, LogEntry
 from events.position import parse_stream_id
+from events.redisclient import redis_client
 from events.schema import Envelope
 from projector import leases, metrics
 from projector.batch import Batch, DeadLetter, decode_entries, fold_batch
@@ -42,8 +43,7 @@ from projector.settings import ProjectorSettings
 from projector.state import ConversationState, forget_bodies
 from projector.store import Store
 from servicekit.gcpacing import GcPacer
-from servicekit.redisclient import redis_client
-from servicekit.supervisor import Policy, Supervisor
+from servicekit.supervisor import Policy, Supervisor, honour_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ _TRANSIENT = (
     psycopg.OperationalError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterError,  # CLUSTERDOWN during a failover
+    redis.exceptions.TryAgainError,
+    redis.exceptions.RedisClusterException,  # no node known for a slot, a moment
     OSError,
 )
 
@@ -122,6 +125,7 @@ class PartitionProjector:
         delay = 0.1
         loaded = False
         while True:
+            honour_cancellation()
             try:
                 if not loaded:
                     await self.load()

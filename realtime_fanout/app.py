@@ -8,7 +8,6 @@ import logging
 from typing import Any
 
 import psycopg
-import redis.exceptions
 from fastapi import FastAPI
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
@@ -17,6 +16,7 @@ from starlette.websockets import WebSocket
 
 from events.exceptions import LogError
 from events.log import EventLog
+from events.redisclient import REDIS_ERRORS, redis_client
 from realtime_fanout.archive import Archive
 from realtime_fanout.connection import Connection
 from realtime_fanout.exceptions import HubUnavailable
@@ -34,7 +34,6 @@ from servicekit.httpedge import NO_DOC_PAGES
 from servicekit.lifespan import services_lifespan
 from servicekit.looplag import start_loop_lag_probe
 from servicekit.problems import AnswerUnexpected, add_http_problem_handlers
-from servicekit.redisclient import redis_client
 from servicekit.slots import UserSlots
 from servicekit.supervisor import Policy, Supervisor
 
@@ -96,7 +95,7 @@ class Services:
         await self.bus.start()
         try:
             await self.hub.start()
-        except (LogError, redis.exceptions.RedisError, psycopg.Error) as exc:
+        except (LogError, *REDIS_ERRORS, psycopg.Error) as exc:
             log.error("log not readable at start (%s); retrying in the background", exc)
             self._starter = self.supervisor.spawn("fanout-start", self._keep_starting, Policy.RESTART)
 
@@ -107,7 +106,7 @@ class Services:
             try:
                 await self.hub.start()
                 return
-            except (LogError, redis.exceptions.RedisError, psycopg.Error) as exc:
+            except (LogError, *REDIS_ERRORS, psycopg.Error) as exc:
                 log.warning("log still not readable: %s", exc)
                 delay = min(delay * 2, 5.0)
 

@@ -1,4 +1,5 @@
-"""The Postgres event archive (`parley_store.event_archive`, written by the projector), read by the fanout.
+"""The Postgres event archive, written by the projector and read by the fanout through the view the
+projector's migrations own (`parley_store.archived_events`), which marks the entries the fold refused.
 
 Rows are the log's exact bytes per (epoch, partition, stream id), inserted in stream order per partition,
 so the archive holds every entry of a partition up to its head: it serves history the streams trimmed.
@@ -14,32 +15,38 @@ from psycopg import errors
 from psycopg_pool import AsyncConnectionPool
 
 from events.log import LogEntry
+from events.membership import MEMBERSHIP_TYPES, PRIVATE_TYPES
 from realtime_fanout.cursor import StreamKey, stream_key
 from realtime_fanout.item import decode_entry
-from realtime_fanout.membership import PRIVATE_TYPES
 from realtime_fanout.metrics import HISTORY_COALESCED, HISTORY_READS
 from realtime_fanout.pageflights import Page, PageFlights
 
+# A page counts refused entries too (`full` and `last_id` are about the archive's rows), so the next page
+# starts after them; they carry no data.
 _PAGE_SQL = """
-SELECT stream_id, data FROM parley_store.event_archive
+SELECT stream_id, CASE WHEN refused THEN NULL ELSE data END FROM parley_store.archived_events
 WHERE epoch = %s AND partition = %s AND (stream_ms, stream_seq) > (%s, %s)
   AND (stream_ms, stream_seq) <= (%s, %s)
 ORDER BY stream_ms, stream_seq LIMIT %s
 """
 _HEAD_SQL = """
-SELECT stream_id FROM parley_store.event_archive WHERE epoch = %s AND partition = %s
+SELECT stream_id FROM parley_store.archived_events WHERE epoch = %s AND partition = %s
 ORDER BY stream_ms DESC, stream_seq DESC LIMIT 1
 """
 _MEMBERSHIP_SQL = """
-SELECT stream_id, data FROM parley_store.event_archive
-WHERE epoch = %s AND partition = %s AND (stream_ms, stream_seq) < (%s, %s)
-  AND type IN ('conversation_created', 'participant_added', 'participant_removed')
+SELECT stream_id, data FROM parley_store.archived_events
+WHERE epoch = %s AND partition = %s AND (stream_ms, stream_seq) < (%s, %s) AND type = ANY(%s) AND NOT refused
 ORDER BY stream_ms, stream_seq
 """
 _ACTS_SQL = """
-SELECT conversation_id, actor, max(seq) FROM parley_store.event_archive
-WHERE epoch = %s AND partition = %s AND (stream_ms, stream_seq) < (%s, %s) AND type <> ALL(%s)
+SELECT conversation_id, actor, max(seq) FROM parley_store.archived_events
+WHERE epoch = %s AND partition = %s AND (stream_ms, stream_seq) < (%s, %s) AND type <> ALL(%s) AND NOT refused
 GROUP BY conversation_id, actor
+"""
+_LAST_SEQS_SQL = """
+SELECT conversation_id, max(seq) FROM parley_store.archived_events
+WHERE epoch = %s AND partition = %s AND (stream_ms, stream_seq) < (%s, %s) AND NOT refused
+GROUP BY conversation_id
 """
 
 
@@ -87,16 +94,21 @@ class Archive:
         after, until = stream_key(after_id), stream_key(until_id)
         args = (epoch, partition, *after, *until, self.page)
         rows = await self._rows(_PAGE_SQL, args)
-        entries = [LogEntry(partition, sid, bytes(data)) for sid, data in rows]
+        entries = [LogEntry(partition, sid, bytes(data)) for sid, data in rows if data is not None]
         items = [i for i in map(decode_entry, entries) if i is not None]
-        last_id = entries[-1].stream_id if entries else None
+        last_id = rows[-1][0] if rows else None
         last = stream_key(last_id) if last_id is not None else None
-        return Page(items, after, last_id, last, len(entries) >= self.page)
+        return Page(items, after, last_id, last, len(rows) >= self.page)
 
     async def membership_entries(self, epoch: str, partition: int, before: StreamKey) -> list[LogEntry]:
         """Archived membership events of `partition` older than `before`, oldest first (hub bootstrap)."""
-        rows = await self._rows(_MEMBERSHIP_SQL, (epoch, partition, *before))
+        rows = await self._rows(_MEMBERSHIP_SQL, (epoch, partition, *before, list(MEMBERSHIP_TYPES)))
         return [LogEntry(partition, sid, bytes(data)) for sid, data in rows]
+
+    async def last_seqs(self, epoch: str, partition: int, before: StreamKey) -> list[tuple[str, int]]:
+        """Per conversation, the seq of its last event archived before `before` (hub bootstrap)."""
+        rows = await self._rows(_LAST_SEQS_SQL, (epoch, partition, *before))
+        return [(cid, int(seq)) for cid, seq in rows]
 
     async def acts(self, epoch: str, partition: int, before: StreamKey) -> list[tuple[str, str, int]]:
         """Per (conversation, actor), the seq of the actor's latest engaging act archived before `before`."""

@@ -54,6 +54,11 @@ def _failure(tasks: Iterable[asyncio.Future[None]]) -> BaseException | None:
 class Connection:
     """The I/O shell around one ConnectionProtocol; a hub Subscriber and a signal-bus target."""
 
+    __slots__ = (
+        "_attached", "_done", "_timer", "_timer_at", "_wake", "bus", "history", "hub", "protocol", "seeder",
+        "settings", "ws",
+    )  # fmt: skip
+
     def __init__(
         self,
         ws: WebSocket,
@@ -234,7 +239,8 @@ class Connection:
             return
         self._attached = True
         start = Cursor(epoch, positions)
-        session = protocol.attached(cursor or start, seed)  # from here live items are buffered in it
+        # from here live items are buffered in the session
+        session = protocol.attached(cursor or start, seed, self.hub.replayable)
         unread = UnreadSeed.none(partitions)
         if self.seeder is not None:
             unread = await self.seeder.seed(self.user_id, start.epoch, positions)

@@ -13,19 +13,20 @@ import asyncio
 import contextlib
 import logging
 
-import redis.exceptions
-
+from events.codec import decode
+from events.exceptions import DecodeError
 from events.layout import LogLayout
 from events.log import EventLog, LogEntry, TopologyChanged
+from events.redisclient import REDIS_ERRORS, RedisClient
 from realtime_fanout.archive import Archive
 from realtime_fanout.cursor import stream_key
 from realtime_fanout.exceptions import HubUnavailable
-from realtime_fanout.item import Item, act_of, decode_entry, may_change_membership
-from realtime_fanout.membership import MembershipIndex, Span
+from realtime_fanout.item import Item, decode_entry
+from realtime_fanout.membership import PRIVATE_PAYLOADS, MembershipIndex, Span
 from realtime_fanout.metrics import CONNECTION_FAILURES, DELIVERIES, ENTRIES_READ
 from realtime_fanout.routing import Abortable, Router, Subscriber
-from servicekit.redisclient import RedisClient
-from servicekit.supervisor import Policy, Supervisor
+from realtime_fanout.verdicts import Verdicts
+from servicekit.supervisor import Policy, Supervisor, honour_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Hub:
         self.positions: list[str] = ["0-0"] * layout.partitions
         self.router = Router(track_acts=track_acts)
         self.failure: str | None = None
+        self.verdicts = Verdicts()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -79,6 +81,7 @@ class Hub:
         """Open the log, learn memberships from the archive's trimmed part and the held history, then read
         live in the background."""
         epoch = await self.log.open(create=False)
+        self.verdicts = Verdicts()  # a retried start judges everything again
         heads = [await self.log.head(p) for p in range(self.layout.partitions)]
         for partition, head in enumerate(heads):
             if self.archive is not None:
@@ -112,12 +115,15 @@ class Hub:
             start = f"({after}" if after != "0-0" else "-"
             entries = await self.log.read_range(partition, start, head, BOOTSTRAP_PAGE)
             for entry in entries:
-                if may_change_membership(entry.data):
-                    item = decode_entry(entry)
-                    if item is not None:
-                        index.apply(item.envelope)
-                if self.router.track_acts and (act := act_of(entry.data)) is not None:
-                    index.note_act(*act)
+                try:
+                    envelope = decode(entry.data)
+                except DecodeError:
+                    continue
+                if not self.verdicts.admit(partition, entry.stream_id, envelope):
+                    continue
+                index.apply(envelope)
+                if self.router.track_acts and not isinstance(envelope.payload, PRIVATE_PAYLOADS):
+                    index.note_act(envelope.conversation_id, envelope.actor, envelope.seq)
             if len(entries) < BOOTSTRAP_PAGE:
                 return
             after = entries[-1].stream_id
@@ -131,9 +137,16 @@ class Hub:
             item = decode_entry(entry)
             if item is not None:
                 index.apply(item.envelope)
+                self.verdicts.ledger.learn(item.envelope)
+        for cid, last_seq in await self.archive.last_seqs(epoch, partition, before):
+            self.verdicts.ledger.learn_conversation(cid, last_seq)
         if self.router.track_acts:
             for act in await self.archive.acts(epoch, partition, before):
                 index.note_act(*act)
+
+    def replayable(self, item: Item) -> bool:
+        """True when a session may replay `item`: the hub read it and found it an event (`verdicts`)."""
+        return self.verdicts.replayable(item, stream_key(self.positions[item.partition]))
 
     def learn(self, spans: list[Span]) -> None:
         """Add spans known from the read model (for history the streams no longer hold)."""
@@ -169,13 +182,15 @@ class Hub:
         DELIVERIES.inc(len(targets))
 
     def feed(self, entries: list[LogEntry]) -> None:
-        """Move past `entries` (read live, in order per partition), dispatching each decodable one."""
+        """Move past `entries` (read live, in order per partition), dispatching each one that is an event
+        (decodable, and admitted by `verdicts`: the check the projector's fold makes)."""
         for entry in entries:
             ENTRIES_READ.inc()
             item = decode_entry(entry)
             self.positions[entry.partition] = entry.stream_id
             if item is not None:
-                self.dispatch(item)
+                if self.verdicts.admit(entry.partition, entry.stream_id, item.envelope):
+                    self.dispatch(item)
             else:
                 log.error("skipping undecodable entry %s of partition %d", entry.stream_id, entry.partition)
 
@@ -206,6 +221,7 @@ class Hub:
         """Read and feed `partitions` (one node's) until the topology changes."""
         backoff = READ_BACKOFF_S
         while True:
+            honour_cancellation()
             try:
                 entries = await self._read(partitions)
                 backoff = READ_BACKOFF_S
@@ -213,7 +229,7 @@ class Hub:
                 log.warning("hub read of partitions %s: %s; regrouping", partitions, exc)
                 await asyncio.sleep(backoff)
                 return
-            except redis.exceptions.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("hub read failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, READ_BACKOFF_MAX_S)

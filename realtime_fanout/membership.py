@@ -1,8 +1,8 @@
-"""Who may see what: per conversation, the spans of `seq` during which a user is a participant.
+"""Who may see what, per process: each user's spans of membership per conversation, learned from the log.
 
-A span is inclusive at both ends: it opens at the event that added the user (ConversationCreated
-or ParticipantAdded) and closes at the event that removed them. Spans are facts about the log, so
-learning one twice (from a seed and from replay) is a no-op.
+The rule (span boundaries, who an event concerns, who may see an event) is `events.membership`; this module
+only stores spans and indexes them. Spans are facts about the log, so learning one twice (from a seed and
+from replay) is a no-op.
 """
 
 from __future__ import annotations
@@ -10,18 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from events.schema import (
-    ConversationArchived,
-    ConversationCreated,
-    ConversationUnarchived,
-    Envelope,
-    ParticipantAdded,
-    ParticipantRemoved,
-    tag_of,
-)
+from events.membership import PRIVATE_PAYLOADS, PRIVATE_TYPES, concerns, covers, joins, leaves
+from events.schema import Envelope
 
-PRIVATE_PAYLOADS = (ConversationArchived, ConversationUnarchived)
-PRIVATE_TYPES = tuple(tag_of(t) for t in PRIVATE_PAYLOADS)
+__all__ = ["PRIVATE_PAYLOADS", "PRIVATE_TYPES", "MembershipIndex", "Span", "UserMemberships", "engages"]
 
 
 def engages(event_type: str) -> bool:
@@ -56,7 +48,7 @@ class UserMemberships:
 
     def open(self, conversation_id: str, seq: int) -> None:
         spans = self.spans.setdefault(conversation_id, {})
-        if not any(j <= seq and (left is None or seq <= left) for j, left in spans.items()):
+        if not any(covers(j, left, seq) for j, left in spans.items()):
             spans[seq] = None
 
     def close(self, conversation_id: str, seq: int) -> None:
@@ -68,22 +60,17 @@ class UserMemberships:
 
     def apply(self, envelope: Envelope) -> None:
         """Learn from a membership event that concerns this user; other events change nothing."""
-        payload = envelope.payload
-        cid, seq = envelope.conversation_id, envelope.seq
-        if isinstance(payload, ConversationCreated):
-            if self.user_id in payload.participants:
-                self.open(cid, seq)
-        elif isinstance(payload, ParticipantAdded):
-            if payload.user_id == self.user_id:
-                self.open(cid, seq)
-        elif isinstance(payload, ParticipantRemoved) and payload.user_id == self.user_id:
-            self.close(cid, seq)
+        if self.user_id in joins(envelope):
+            self.open(envelope.conversation_id, envelope.seq)
+        elif self.user_id in leaves(envelope):
+            self.close(envelope.conversation_id, envelope.seq)
 
     def can_see(self, conversation_id: str, seq: int) -> bool:
+        """True when one of the user's spans of the conversation covers `seq` (`events.membership.covers`)."""
         spans = self.spans.get(conversation_id)
         if not spans:
             return False
-        return any(j <= seq and (left is None or seq <= left) for j, left in spans.items())
+        return any(covers(j, left, seq) for j, left in spans.items())
 
     def is_member(self, conversation_id: str) -> bool:
         """True when the user's latest span of the conversation is still open."""
@@ -124,15 +111,8 @@ class MembershipIndex:
         return joined is not None and self._acted.get(conversation_id, {}).get(user_id, 0) >= joined
 
     def apply(self, envelope: Envelope) -> None:
-        payload = envelope.payload
         cid = envelope.conversation_id
-        if isinstance(payload, ConversationCreated):
-            users: tuple[str, ...] = payload.participants
-        elif isinstance(payload, ParticipantAdded | ParticipantRemoved):
-            users = (payload.user_id,)
-        else:
-            return
-        for user in users:
+        for user in concerns(envelope):
             memberships = self._users.get(user)
             if memberships is None:
                 memberships = self._users[user] = UserMemberships(user)

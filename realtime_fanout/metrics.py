@@ -6,6 +6,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("parley_fanout_connections", "Open, subscribed WebSocket connections")
 ENTRIES_READ = Counter("parley_fanout_entries_read_total", "Log entries the hub read (once per process)")
+ENTRIES_REFUSED = Counter(
+    "parley_fanout_entries_refused_total", "Decodable entries the hub refused as not events of the log"
+)
 DELIVERIES = Counter("parley_fanout_deliveries_total", "Events queued to sessions (one per recipient)")
 CLOSES = Counter("parley_fanout_closes_total", "Connections the server closed, by close code", ["code"])
 CONNECTION_FAILURES = Counter(

@@ -11,7 +11,7 @@ from importlib.resources import files
 
 import msgspec
 
-from servicekit.redisclient import RedisClient
+from events.redisclient import RedisClient
 
 PRESENCE_SCRIPT = files("realtime_fanout").joinpath("presence.lua").read_text()
 

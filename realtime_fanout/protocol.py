@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from realtime_fanout import closecodes
 from realtime_fanout.cursor import Cursor
@@ -44,12 +44,12 @@ class Phase(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
-    """The per-connection limits the protocol enforces (from the fanout's settings)."""
+    """The per-connection limits the protocol enforces (the fanout's settings say their defaults)."""
 
-    auth_timeout_s: float = 10.0
-    max_buffer_bytes: int = 1_048_576
-    max_message_bytes: int = 16_384
-    max_batch: int = 100
+    auth_timeout_s: float
+    max_buffer_bytes: int
+    max_message_bytes: int
+    max_batch: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -67,6 +67,11 @@ class Close:
 
 class ConnectionProtocol:
     """The state of one connection's protocol; every method is non-blocking and does no I/O."""
+
+    __slots__ = (
+        "_control", "_control_bytes", "_farewell_sent", "_held", "_quiet_until", "_requests", "_slot_taken",
+        "close", "conversations", "limits", "phase", "principal", "session", "slots", "verifier",
+    )  # fmt: skip
 
     def __init__(
         self, verifier: TokenVerifier, limits: Limits, now: float, slots: UserSlots | None = None
@@ -155,12 +160,15 @@ class ConnectionProtocol:
 
     # Inputs from the I/O layer's splice.
 
-    def attached(self, cursor: Cursor, seed: Iterable[Span]) -> Session:
+    def attached(
+        self, cursor: Cursor, seed: Iterable[Span], replayable: Callable[[Item], bool] | None = None
+    ) -> Session:
         """The hub attached this connection: live items buffer from now on in the returned session, which
-        starts at `cursor` (the client's, or the hub's positions)."""
+        starts at `cursor` (the client's, or the hub's positions) and replays what `replayable` admits."""
         self.session = Session(
-            self.user_id, cursor, conversations=self.conversations, seed=seed, max_batch=self.limits.max_batch
-        )
+            self.user_id, cursor, conversations=self.conversations, seed=seed,
+            max_batch=self.limits.max_batch, replayable=replayable,
+        )  # fmt: skip
         return self.session
 
     def resync(self, position: str, reason: str) -> None:

@@ -8,12 +8,12 @@ Authorization is decided per event by seq against the user's membership spans.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import Enum
 
 import msgspec
 
-from events.schema import ConversationArchived, ConversationUnarchived
+from events.membership import is_private
 from realtime_fanout.cursor import Cursor, stream_key
 from realtime_fanout.frames import EventFrame, EventsFrame, LiveFrame, encode_frame
 from realtime_fanout.item import Item
@@ -40,6 +40,7 @@ class Session:
         seed: Iterable[Span] = (),
         max_batch: int = 100,
         unread: UnreadTracker | None = None,
+        replayable: Callable[[Item], bool] | None = None,
     ) -> None:
         self.user_id = user_id
         self.cursor = cursor.copy()
@@ -51,6 +52,7 @@ class Session:
         self.delivered = 0
         self._sent = cursor.copy()
         self.unread = unread
+        self.replayable = replayable  # the hub's verdicts (`Hub.replayable`); None: every item is an event
         self._buffer: list[Item] = []
         self._pending: list[Item | Cursor | bytes] = []
 
@@ -76,11 +78,13 @@ class Session:
         return plan
 
     def feed_replay(self, items: Iterable[Item]) -> None:
-        """History after the cursor, in log order per partition; only valid before `replay_done`."""
+        """History after the cursor, in log order per partition; only valid before `replay_done`. An item
+        `replayable` refuses is skipped: the hub refused it, or it comes live."""
         if self.phase is not Phase.REPLAY:
             raise RuntimeError("feed_replay after replay_done")
         for item in items:
-            self._consider(item)
+            if self.replayable is None or self.replayable(item):
+                self._consider(item)
 
     def feed_live(self, item: Item) -> None:
         """A live item from the hub; buffered until `replay_done`, then judged at once."""
@@ -106,7 +110,7 @@ class Session:
         """True when the user may see `item`: membership at its seq and the conversation filter; a user's
         own archive/unarchive reaches all their connections, and nobody else's."""
         env = item.envelope
-        if isinstance(env.payload, ConversationArchived | ConversationUnarchived):
+        if is_private(env):
             return env.actor == self.user_id and self.memberships.can_see(env.conversation_id, env.seq)
         if self.conversations is not None and env.conversation_id not in self.conversations:
             return False

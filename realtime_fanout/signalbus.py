@@ -12,9 +12,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-import redis.exceptions
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
+from events.redisclient import REDIS_ERRORS, RedisClient, refresh_topology
 from realtime_fanout.frames import PresenceFrame, PresenceSnapshotFrame, Typing, TypingFrame, encode_frame
 from realtime_fanout.hub import Hub, abort_failed
 from realtime_fanout.metrics import SIGNAL_ERRORS, SIGNALS_DELIVERED, TYPING_DROPPED
@@ -33,8 +33,7 @@ from realtime_fanout.signals import (
     presence_visible,
     typing_recipients,
 )
-from servicekit.redisclient import RedisClient, refresh_topology
-from servicekit.supervisor import Policy
+from servicekit.supervisor import Policy, honour_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ class SignalBus:
             visible = presence_visible(self.hub.index, conn.user_id, self.presence_scope)
             entries = await self.store.snapshot(sorted(visible))
             snapshot = encode_frame(PresenceSnapshotFrame(entries))
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             SIGNAL_ERRORS.labels("join").inc()
             log.warning("presence join of %s failed: %s", conn.user_id, exc)
         conn.presence_ready(snapshot)
@@ -132,7 +131,7 @@ class SignalBus:
         try:
             async with self._touching:
                 await self.store.leave(conn_id, conn.user_id)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             SIGNAL_ERRORS.labels("leave").inc()
             log.warning("presence leave of %s failed (it will expire): %s", conn.user_id, exc)
 
@@ -148,7 +147,7 @@ class SignalBus:
         payload = encode_signal(TypingSignal(cid, user, message.state))
         try:
             await self.store.publish(payload)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             SIGNAL_ERRORS.labels("publish").inc()
             log.warning("typing publish failed: %s", exc)
 
@@ -212,10 +211,11 @@ class SignalBus:
                 self.subscribed.set()
                 backoff = 0.1
                 while True:
+                    honour_cancellation()
                     message = await receive(ignore_subscribe_messages=True, timeout=POLL_S)
                     if message is not None and message.get("type") in ("message", "smessage"):
                         self.on_message(message["data"])
-            except redis.exceptions.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 SIGNAL_ERRORS.labels("subscribe").inc()
                 log.warning("signal subscription failed (%s); retrying in %.1fs", exc, backoff)
                 if isinstance(self.redis, RedisCluster):
@@ -229,6 +229,7 @@ class SignalBus:
 
     async def _heartbeat(self) -> None:
         while True:
+            honour_cancellation()
             await asyncio.sleep(self.presence_ttl_s / 3)
             try:
                 async with self._touching:
@@ -239,12 +240,13 @@ class SignalBus:
                     seen, _offline = await self.store.sweep(SWEEP_LIMIT)
                     if seen < SWEEP_LIMIT:
                         break
-            except redis.exceptions.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 SIGNAL_ERRORS.labels("heartbeat").inc()
                 log.warning("presence heartbeat failed: %s", exc)
 
     async def _expire(self) -> None:
         while True:
+            honour_cancellation()
             deadline = self.tracker.next_deadline()
             wait_s = POLL_S if deadline is None else max(0.0, deadline - time.monotonic())
             self._typing_wake.clear()

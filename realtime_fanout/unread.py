@@ -15,13 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from events.schema import (
-    ConversationCreated,
-    MessageDeleted,
-    MessageSent,
-    MessagesRead,
-    ParticipantAdded,
-)
+from events.membership import joins
+from events.schema import MessageDeleted, MessageSent, MessagesRead
 from realtime_fanout.cursor import StreamKey
 from realtime_fanout.frames import ReadFrame, UnreadFrame, encode_frame
 from realtime_fanout.item import Item
@@ -73,9 +68,7 @@ class UnreadTracker:
         env, payload = item.envelope, item.envelope.payload
         cid = env.conversation_id
         state = self.states.get(cid)
-        joined = isinstance(payload, ConversationCreated) and self.user_id in payload.participants
-        joined = joined or (isinstance(payload, ParticipantAdded) and payload.user_id == self.user_id)
-        if joined:
+        if self.user_id in joins(env):
             state = self.states.setdefault(cid, ConversationUnread())  # a re-add keeps the frozen state
         elif state is None:
             return []

@@ -24,15 +24,9 @@ from realtime_fanout.unread import UnreadSeed, seed_of
 log = logging.getLogger(__name__)
 
 _CHECKPOINTS_SQL = "SELECT partition, epoch, stream_id FROM parley.checkpoints"
-_INBOX_SQL = "SELECT conversation_id, read_seq FROM parley.inbox WHERE user_id = %(user)s"
-_UNREAD_SQL = """
-SELECT m.conversation_id, m.message_id, m.seq
-FROM parley.inbox i JOIN parley.messages m ON m.conversation_id = i.conversation_id AND m.seq > i.read_seq
-WHERE i.user_id = %(user)s AND m.author <> %(user)s AND m.deleted_at IS NULL
-  AND EXISTS (SELECT 1 FROM parley.memberships s
-              WHERE s.conversation_id = m.conversation_id AND s.user_id = %(user)s
-                AND s.joined_seq <= m.seq AND (s.left_seq IS NULL OR m.seq <= s.left_seq))
-"""
+# Views owned by the projector's read-model migrations (0006_fanout_reads.sql).
+_INBOX_SQL = "SELECT conversation_id, read_seq FROM parley.read_markers WHERE user_id = %(user)s"
+_UNREAD_SQL = "SELECT conversation_id, message_id, seq FROM parley.unread_messages WHERE user_id = %(user)s"
 
 
 def usable_positions(

@@ -116,8 +116,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_left = self.max_head
 
     def handle_websocket_upgrade(self) -> None:
+        """Hand the connection to the WebSocket protocol, then drop the parser as uvicorn's
+        `connection_lost` does (never called here once upgraded): the parser and this protocol are a
+        cycle, which would hold the connection's objects until a full collection."""
         self._stop_watchdog()
         super().handle_websocket_upgrade()
+        self.parser = None  # type: ignore[assignment]
 
     def _watch(self) -> None:
         self._watchdog = None

@@ -24,6 +24,15 @@ BACKOFF_MAX_S = 5.0
 HEALTHY_AFTER_S = 30.0  # a task that ran this long before crashing restarts at the shortest backoff
 
 
+def honour_cancellation() -> None:
+    """Raise CancelledError when the current task was asked to stop. On Python 3.11 `asyncio.wait_for`
+    (redis-py waits for every reply with it) can swallow a cancellation that races a result (CPython
+    gh-86296); a loop around such a call must check, or `stop()` waits for it forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Policy(enum.Enum):
     """What a crash of a task leads to."""
 

@@ -21,6 +21,8 @@ from tests.cluster_fixtures import clusters as clusters  # the fixtures, for eve
 from tests.cluster_fixtures import log_redis as log_redis
 from tests.cluster_fixtures import redis_cluster as redis_cluster
 
+pytest_plugins = ["tests.fanout_fixtures"]  # the fanout end-to-end fixtures (`appender`, `make_fanout`)
+
 
 def _unique(prefix: str) -> str:
     return prefix + uuid.uuid4().hex[:10]

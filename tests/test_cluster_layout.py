@@ -6,8 +6,8 @@ import pytest
 import redis.asyncio.cluster as aiocluster
 from redis.crc import key_slot
 
+from devstack.cluster import RedisClusterServers
 from events.layout import LogLayout, partition_tag
-from tests.cluster_fixtures import RedisClusterServers
 
 REDIS_CLI_SPLIT = [(0, 5460), (5461, 10922), (10923, 16383)]
 """How `redis-cli --cluster create` splits the slots over 3 masters."""

@@ -14,10 +14,8 @@ from redis.asyncio.cluster import RedisCluster
 from command_api.append import Appender
 from realtime_fanout.presence import PresenceStore
 from tests.cluster_fixtures import CLUSTER_PARAMS, LogRedis
-from tests.test_fanout_e2e import Client, Log, appender, make_fanout
+from tests.fanout_fixtures import Client, Log
 from tests.test_fanout_signals import frames_of, send_typing
-
-__all__ = ["appender", "make_fanout"]  # the fixtures, for these tests
 
 on_clusters = pytest.mark.parametrize("log_redis", CLUSTER_PARAMS, indirect=True)
 

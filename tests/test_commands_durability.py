@@ -272,7 +272,7 @@ def assert_log_unavailable(answer: httpx.Response) -> None:
 async def test_a_script_redis_forgot_is_loaded_and_run_once_and_wait_is_sent_with_it(
     redis_client: aioredis.Redis, log_namespace: str
 ) -> None:
-    """The append is sent once (`servicekit.redisclient.send_once`): a NOSCRIPT answer proves it did not
+    """The append is sent once (`events.redisclient.send_once`): a NOSCRIPT answer proves it did not
     run, so it is loaded and sent again; WAIT rides in the same write."""
     layout = LogLayout(log_namespace, 4)
     appender = Appender(redis_client, layout)

@@ -7,10 +7,10 @@ from typing import Any
 
 from command_api.append import Appender
 from realtime_fanout.client import FanoutClient, Live
-from tests.test_fanout_e2e import Log, appender, make_fanout, token  # noqa: F401 (fixtures)
+from tests.fanout_fixtures import Log, token
 
 
-async def test_close_during_a_reconnect_ends_the_subscription(appender: Appender, make_fanout: Any) -> None:  # noqa: F811
+async def test_close_during_a_reconnect_ends_the_subscription(appender: Appender, make_fanout: Any) -> None:
     await Log(appender).create("room", "alice")
     fanout = await make_fanout()
     calls = 0

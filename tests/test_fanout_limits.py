@@ -21,9 +21,7 @@ from devstack.servers import RedisServer
 from realtime_fanout import closecodes
 from realtime_fanout.frames import MAX_CLIENT_MESSAGE_BYTES
 from servicekit.log_settings import LogSettings
-from tests.test_fanout_e2e import PARTITIONS, Client, Log, appender, close_code, make_fanout, token
-
-__all__ = ["appender", "make_fanout"]
+from tests.fanout_fixtures import PARTITIONS, Client, Log, close_code, token
 
 
 def server_errors(log_text: str) -> list[str]:

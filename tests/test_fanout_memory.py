@@ -22,14 +22,12 @@ from realtime_fanout.connection import Connection
 from realtime_fanout.session import Session
 from realtime_fanout.settings import FanoutSettings
 from realtime_fanout.wsproto import AbortingWebSocketProtocol, protocol_class
-from servicekit.httpedge import server_config
+from servicekit.httpedge import BoundedHttpToolsProtocol, server_config
 from servicekit.settings import Env
+from tests.fanout_fixtures import SECRET, Log, close_code, token
 from tests.inprocess import uvicorn_serving
-from tests.test_fanout_e2e import SECRET, Log, appender, close_code, token
 
-__all__ = ["appender"]
-
-SERVER_SIDE = (Connection, Session, AbortingWebSocketProtocol)
+SERVER_SIDE = (Connection, Session, AbortingWebSocketProtocol, BoundedHttpToolsProtocol)
 
 
 def alive() -> dict[str, int]:

@@ -18,9 +18,7 @@ from command_api.append import Appender
 from command_api.bodies import MarkRead, SendMessage
 from command_api.commands import Context
 from devstack.ports import free_port
-from tests.test_fanout_e2e import ROOT, Client, Log, appender, fanout_env, make_fanout
-
-__all__ = ["appender", "make_fanout"]  # fixtures
+from tests.fanout_fixtures import ROOT, Client, Log, fanout_env
 
 
 @pytest.fixture

@@ -37,9 +37,7 @@ from realtime_fanout.signals import (
     typing_recipients,
 )
 from servicekit.log_settings import LogSettings
-from tests.test_fanout_e2e import PARTITIONS, Client, Log, appender, archive_everything, make_fanout
-
-__all__ = ["appender", "make_fanout"]
+from tests.fanout_fixtures import PARTITIONS, Client, Log, archive_everything
 
 
 def test_rate_limiter_allows_the_burst_then_the_rate() -> None:

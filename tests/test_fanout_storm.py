@@ -20,9 +20,7 @@ from events.schema import MessageSent
 from realtime_fanout.cursor import Cursor
 from realtime_fanout.pageflights import Page, PageFlights
 from servicekit.log_settings import LogSettings
-from tests.test_fanout_e2e import PARTITIONS, Client, Log, appender, archive_everything, make_fanout
-
-__all__ = ["appender", "make_fanout"]  # fixtures
+from tests.fanout_fixtures import PARTITIONS, Client, Log, archive_everything
 
 PAGE = 20
 

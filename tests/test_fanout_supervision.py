@@ -25,11 +25,9 @@ from realtime_fanout.session import Session
 from realtime_fanout.signalbus import SignalBus
 from realtime_fanout.signals import TypingSignal, encode_signal
 from servicekit.log_settings import LogSettings
+from tests.fanout_fixtures import Client, Log, close_code, fanout_env, token
 from tests.fanout_inprocess import served_fanout
-from tests.test_fanout_e2e import Client, Log, appender, close_code, fanout_env, token
 from tests.test_fanout_session import FakeLog
-
-__all__ = ["appender"]
 
 
 @dataclass(eq=False)

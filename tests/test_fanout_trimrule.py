@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from realtime_fanout.cursor import stream_key
 from realtime_fanout.trimrule import NotHeld, Served, history_plan, stream_holds
 
-FIELDS = {b"event": b"{}"}
+FIELDS: dict[Any, Any] = {b"event": b"{}"}
 
 
 def v6(first: str | None, last_generated: str, length: int) -> dict[str, Any]:
@@ -84,6 +84,12 @@ def server(contract_redis_url: str) -> Iterator[tuple[redis.Redis, int]]:
     client.close()
 
 
+def ids(client: redis.Redis, key: str) -> list[int]:
+    """The entries `key` holds, as the first part of their ids (the test's ids are `<n>-0`)."""
+    entries: Any = client.xrange(key)
+    return [stream_key(entry[0].decode())[0] for entry in entries]
+
+
 OPS = st.lists(
     st.one_of(
         st.tuples(st.just("add"), st.integers(1, 3)),
@@ -115,13 +121,13 @@ def test_the_rule_is_sound_on_a_real_server(
                 client.xadd(key, FIELDS, id=f"{added[-1]}-0")
         elif op == "trim" and added:
             removed |= int(client.xtrim(key, minid=f"{n}-0", approximate=False)) > 0
-        elif op == "del-first" and (first := client.xrange(key, count=1)):
-            removed |= int(client.xdel(key, first[0][0])) > 0
+        elif op == "del-first" and (first := ids(client, key)[:1]):
+            removed |= int(client.xdel(key, f"{first[0]}-0")) > 0
     try:
         info: Any = client.xinfo_stream(key)
     except redis.exceptions.ResponseError:
         info = None
-    held = {stream_key(e[0].decode())[0] for e in client.xrange(key)}
+    held = set(ids(client, key))
     client.delete(key)
     cursor, head = (cursor_at, 0), None if head_at is None else (head_at, 0)
     if info is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import NamedTuple
 
 import msgspec
 import redis.asyncio as aioredis
@@ -33,6 +32,7 @@ from realtime_fanout.session import Session
 from realtime_fanout.unread import UnreadSeed, UnreadTracker, seed_of
 from realtime_fanout.unreadseed import usable_positions
 from servicekit.log_settings import LogSettings
+from tests.oracle import Unread, unread
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 USERS = ("u", "v", "w")
@@ -57,47 +57,9 @@ class Log:
         return item
 
 
-class Definition(NamedTuple):
-    """The read model's unread(u, c) straight from the event list: the unread message ids, the read
-    marker, and whether u is a participant now."""
-
-    unread: frozenset[str]
-    read_seq: int
-    member: bool
-
-
-def definition(items: list[Item], user: str, cid: str = "c") -> Definition | None:
-    """unread(user, cid) after `items` per the projector's Definitions (messages of cid by someone else,
-    not deleted, seq after the read marker, sent while user was a participant); None if never in."""
-    spans: list[list[int | None]] = []  # [joined seq, left seq or None]
-    read_seq, sent, deleted = 0, {}, set()
-    for item in items:
-        env, p = item.envelope, item.envelope.payload
-        if env.conversation_id != cid:
-            continue
-        if (isinstance(p, ConversationCreated) and user in p.participants) or (
-            isinstance(p, ParticipantAdded) and p.user_id == user
-        ):
-            spans.append([env.seq, None])
-        elif isinstance(p, ParticipantRemoved) and p.user_id == user:
-            spans[-1][1] = env.seq
-        elif isinstance(p, MessageSent):
-            sent[p.message_id] = (env.seq, env.actor)
-        elif isinstance(p, MessageDeleted):
-            deleted.add(p.message_id)
-        elif isinstance(p, MessagesRead) and env.actor == user:
-            read_seq = max(read_seq, p.up_to_seq)
-    if not spans:
-        return None
-    unread = frozenset(
-        mid
-        for mid, (seq, author) in sent.items()
-        if author != user
-        and mid not in deleted
-        and seq > read_seq
-        and any(j < seq and (left is None or seq < left) for j, left in spans)  # type: ignore[operator]
-    )
-    return Definition(unread, read_seq, spans[-1][1] is None)
+def definition(items: list[Item], user: str, cid: str = "c") -> Unread | None:
+    """unread(user, cid) after `items`, from the README's definition (`tests/oracle.py`)."""
+    return unread([i.envelope for i in items], user, cid)
 
 
 @st.composite
@@ -144,7 +106,7 @@ def seed_at(log: Log, user: str, k: int) -> UnreadSeed:
         for i in log.items[:k]
         if isinstance(i.envelope.payload, MessageSent)
     }
-    return seed_of([position], {"c": ref.read_seq}, [("c", m, seqs[m]) for m in ref.unread])
+    return seed_of([position], {"c": ref.read_seq}, [("c", m, seqs[m]) for m in ref.messages])
 
 
 @dataclass(eq=False)
@@ -199,13 +161,13 @@ def test_unread_frames_follow_the_definition_through_membership_churn(log: Log, 
         if ref is None or not ref.member:
             assert frames == []  # no frames while out (the read model's row is frozen meanwhile)
             continue
-        want = {"type": "unread", "conversation_id": "c", "unread": len(ref.unread), "read_seq": ref.read_seq,
+        want = {"type": "unread", "conversation_id": "c", "unread": len(ref.messages), "read_seq": ref.read_seq,
                 "seq": item.envelope.seq}  # fmt: skip
         assert all(f == want for f in frames)
         if (
             before is None
             or not before.member
-            or (before.unread, before.read_seq) != (ref.unread, ref.read_seq)
+            or (before.messages, before.read_seq) != (ref.messages, ref.read_seq)
         ):
             assert frames  # being added, or a change: reported at once
 

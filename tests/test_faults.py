@@ -103,14 +103,24 @@ class Stack:
     fanouts: list[Service]
     auth: AuthSettings
     issued_ago_s: float = 0.0
+    kept: dict[str, str] | None = None  # one token per user, minted once (`keep_tokens`)
 
     def services(self) -> list[Service]:
         return [self.api, *self.projectors, *self.fanouts]
 
     def token(self, user: str) -> str:
         """A token valid for an hour, issued `issued_ago_s` ago (valid on a clock stepped back by less)."""
+        if self.kept is not None and user in self.kept:
+            return self.kept[user]
         now = time.time() - self.issued_ago_s
-        return mint_token(self.auth, user, ttl_s=3600 + self.issued_ago_s, now=now)
+        minted = mint_token(self.auth, user, ttl_s=3600 + self.issued_ago_s, now=now)
+        if self.kept is not None:
+            self.kept[user] = minted
+        return minted
+
+    def keep_tokens(self) -> None:
+        """From now on each user's token is minted once and reused, as a client holds its token."""
+        self.kept = {}
 
 
 @asynccontextmanager

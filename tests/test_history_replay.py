@@ -183,7 +183,13 @@ async def test_unreachable_servers_exit_3(log: Log) -> None:
     assert (code, out) == (3, b"") and "Traceback" not in err, err
 
 
-async def test_old_versions_come_out_upcast(log: Log, redis_client: aioredis.Redis) -> None:
+async def test_an_unwritable_output_is_one_line_on_stderr_and_exit_4(log: Log, tmp_path: Path) -> None:
+    for fmt in ("jsonl", "parquet"):
+        code, out, err = await replay(log.env, "--format", fmt, "--output", str(tmp_path / "no" / "such"))
+        assert (code, out) == (4, b"") and "Traceback" not in err and err.count("\n") == 1, err
+
+
+async def test_old_versions_come_out_upcast(log: Log, redis_client: aioredis.Redis, tmp_path: Path) -> None:
     v1 = (
         b'{"seq":1,"event_id":"e1","schema_version":1,"occurred_at":"2026-12-01T10:00:00Z","actor":"old",'
         b'"conversation_id":"legacy","correlation_id":"c1","payload":{"type":"message_sent","message_id":"m1",'
@@ -196,6 +202,19 @@ async def test_old_versions_come_out_upcast(log: Log, redis_client: aioredis.Red
     event = json.loads(out)
     assert event["schema_version"] == 2 and event["payload"]["body"] == "from v1" and event["seq"] == 1
     assert out.startswith(b'{"seq":1,')
+
+    # In a table too, within a page of current events (parsed as stored) and alone.
+    code, everything, err = await replay(log.env)
+    assert code == 0, err
+    for args in ([], ["--conversation", "legacy"]):
+        code, _, err = await replay(log.env, *args, "--format", "parquet", "--output", str(tmp_path / "t.pq"))
+        assert code == 0, err
+        table = pq.read_table(tmp_path / "t.pq")
+        assert table.column("event_id").to_pylist() == [
+            json.loads(line)["event_id"] for line in (everything if not args else out).splitlines()
+        ]
+        (old,) = [r for r in table.to_pylist() if r["conversation_id"] == "legacy"]
+        assert (old["schema_version"], old["body"], old["reply_to"]) == (2, "from v1", None)
 
 
 async def test_csv_and_parquet_hold_the_same_events(log: Log, tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from servicekit.exceptions import SettingError
 from servicekit.http_settings import HttpEdgeSettings
 from servicekit.httpedge import redact
 from servicekit.settings import Env
-from tests.test_fanout_e2e import ROOT, fanout_env, token
+from tests.fanout_fixtures import ROOT, fanout_env, token
 
 HEADER_TIMEOUT_S = 1.0
 ALLOWED = "https://app.example"

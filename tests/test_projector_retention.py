@@ -28,6 +28,7 @@ from projector.rebuild import REBUILD_LOCK_KEY, rebuild
 from projector.retention import Bound, Decision, Retention, StreamInfo, Window, settle, trim_bound
 from projector.settings import ProjectorSettings
 from projector.worker import PartitionProjector, Worker
+from servicekit.metrics import TASK_FAILURES
 from tests.test_projector_faults import fetch, running, settings_for, until, wait_caught_up
 from tests.test_projector_store import assert_equal_to_fold_of, whole_log
 
@@ -343,3 +344,35 @@ async def test_nothing_is_trimmed_while_a_rebuild_runs(
     finally:
         await pool.close()
         await appender.close()
+
+
+async def test_a_bug_around_the_passes_is_logged_and_the_task_restarted(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    settings = retention_settings(redis_server_url, log_namespace, database_url)
+    await EventLog(redis_client, settings.log.layout()).open(create=True)
+    passes: list[int] = []
+    trim_once = Retention.trim_once
+
+    async def buggy(self: Retention, *, dry_run: bool = False) -> Any:
+        passes.append(1)
+        if len(passes) == 1:
+            raise RuntimeError("a bug around the passes")  # stands for any unforeseen exception
+        return await trim_once(self, dry_run=dry_run)
+
+    monkeypatch.setattr(Retention, "trim_once", buggy)
+    failures = TASK_FAILURES.labels("projector", "retention", "restart")._value.get()
+    worker = Worker(settings, use_leases=False)
+    await worker.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await until(lambda: asyncio.sleep(0, len(passes) >= 3))
+        assert "projector task retention crashed" in caplog.text and "a bug around the passes" in caplog.text
+        assert TASK_FAILURES.labels("projector", "retention", "restart")._value.get() == failures + 1
+        worker.supervisor.check()  # restarted: the projector stays ready
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await worker.close()

@@ -15,7 +15,7 @@ from typing import Any
 from command_api.append import Appender
 from events.catalog import markdown
 from realtime_fanout import client
-from tests.test_fanout_e2e import ROOT, Log, appender, make_fanout, token  # noqa: F401 (fixtures)
+from tests.fanout_fixtures import ROOT, Log, token
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -61,8 +61,8 @@ async def run_example(
 
 
 async def test_the_client_example_follows_live_and_resumes_from_a_cursor(
-    appender: Appender,  # noqa: F811
-    make_fanout: Any,  # noqa: F811
+    appender: Appender,
+    make_fanout: Any,
 ) -> None:
     log = Log(appender)
     await log.create("readme", "alice", "bob")
@@ -146,7 +146,11 @@ def test_the_query_api_error_table_lists_exactly_the_slugs_the_code_answers() ->
             parse_seq(name, "x")
         except Problem as problem:
             computed.setdefault(problem.status, set()).add(problem.slug)
-    framework = {404: {"not-found"}, 405: {"method-not-allowed"}}  # servicekit.problems, for every service
+    framework = {
+        404: {"not-found"},
+        405: {"method-not-allowed"},
+        500: {"internal-error"},
+    }  # servicekit.problems
     code = merged(*raised, computed, framework)
     readme = slug_table("### Query API")
     code.pop(401, None)

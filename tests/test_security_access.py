@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from events.cursor import decode_cursor, encode_cursor
-from tests.test_fanout_e2e import PARTITIONS, token
+from tests.fanout_fixtures import PARTITIONS, token
 from tests.test_http_edge import Services
 from tests.test_http_edge import services as services  # the real processes, one set per module
 

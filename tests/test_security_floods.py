@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from events.cursor import decode_cursor, encode_cursor
-from tests.test_fanout_e2e import PARTITIONS, token
+from tests.fanout_fixtures import PARTITIONS, token
 from tests.test_http_edge import Services, running_services
 
 pytestmark = pytest.mark.security

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from tests.test_fanout_e2e import token
+from tests.fanout_fixtures import token
 from tests.test_http_edge import Services, running_services
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the dev extras")

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.test_fanout_e2e import SECRET, token
+from tests.fanout_fixtures import SECRET, token
 from tests.test_http_edge import Services, running_services
 from tests.test_http_edge import services as services  # the real processes, one set per module
 

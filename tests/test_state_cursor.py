@@ -33,12 +33,12 @@ from projector.params import Problem, parse_wait
 from projector.reads import Reads, exact_cursor, reached, reached_all
 from projector.settings import ProjectorSettings
 from servicekit.log_settings import LogSettings
+from tests.fanout_fixtures import PARTITIONS, ROOT, Client, fanout_env, token
 from tests.rawredis import Entries
-from tests.test_fanout_e2e import PARTITIONS, ROOT, Client, appender, fanout_env, make_fanout, token
 from tests.test_projector_api import AUTH, headers
 from tests.test_projector_query_limits import Served, is_problem, served
 
-__all__ = ["appender", "make_fanout", "served"]  # fixtures
+__all__ = ["served"]  # fixtures
 
 ROUTES = ("/v1/conversations", "/v1/conversations/c1/messages", "/v1/unread", "/v1/search?q=pizza")
 

@@ -11,11 +11,15 @@ import pytest
 
 from servicekit.exceptions import TaskStopped
 from servicekit.metrics import TASK_FAILURES, TASK_STOPPED
-from servicekit.supervisor import Policy, Supervisor
+from servicekit.supervisor import Policy, Supervisor, honour_cancellation
 
 
 def failures(service: str, task: str, policy: str) -> float:
     return float(TASK_FAILURES.labels(service, task, policy)._value.get())
+
+
+async def forever() -> None:
+    await asyncio.Event().wait()
 
 
 async def test_a_crashing_task_is_restarted_with_backoff_and_counted(
@@ -63,7 +67,7 @@ async def test_a_crash_under_stop_is_critical_fails_the_check_and_runs_on_stop(
         supervisor.check()
     assert failures("svc-stop", "buggy", "stop") == 1
     assert TASK_STOPPED.labels("svc-stop", "buggy")._value.get() == 1
-    supervisor.spawn("buggy", asyncio.Event().wait, Policy.STOP)  # started again: ready again
+    supervisor.spawn("buggy", forever, Policy.STOP)  # started again: ready again
     supervisor.check()
     assert TASK_STOPPED.labels("svc-stop", "buggy")._value.get() == 0
     await supervisor.close()
@@ -77,9 +81,33 @@ async def test_a_task_that_returns_is_done_and_cancellation_is_not_a_crash() -> 
         runs.append(1)
 
     await asyncio.wait_for(supervisor.spawn("once", once, Policy.RESTART), 5)
-    waiting = supervisor.spawn("waits", asyncio.Event().wait, Policy.STOP)
+    waiting = supervisor.spawn("waits", forever, Policy.STOP)
     await asyncio.sleep(0)
     await supervisor.close()
     assert runs == [1] and waiting.cancelled()
     supervisor.check()
     assert supervisor.failures == 0
+
+
+async def test_a_loop_ends_on_cancel_even_when_a_call_swallowed_the_cancellation() -> None:
+    """As Python 3.11's `wait_for` may when a result races the cancel (CPython gh-86296)."""
+    rounds: list[int] = []
+
+    async def swallowing_call() -> None:
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            pass  # the bug: the result won, the cancellation is lost
+
+    async def loop() -> None:
+        while True:
+            honour_cancellation()
+            rounds.append(1)
+            await swallowing_call()
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0.03)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert rounds

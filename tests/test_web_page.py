@@ -25,7 +25,7 @@ from devstack.supervisor import Service, banner, child_env
 from servicekit.exceptions import SettingError
 from servicekit.httpedge import DEFAULT_CSP, EdgeMiddleware
 from servicekit.settings import Env
-from tests.test_fanout_e2e import ROOT, fanout_env
+from tests.fanout_fixtures import ROOT, fanout_env
 
 CHROMIUM = Path(os.environ.get("PARLEY_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [

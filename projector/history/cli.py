@@ -79,8 +79,14 @@ def _sink(args: argparse.Namespace) -> Sink:
             Path(args.output).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ExportError(f"cannot create {args.output}: {exc}") from None
+    import pyarrow as pa
+
     from projector.history.tables import TableSink, TableThreadSink
 
+    # glibc's malloc, not pyarrow's default mimalloc: a page's buffers are allocated and freed by several
+    # threads, and mimalloc's per-thread heaps gave the pages back and faulted them in again, which cost
+    # a Parquet export 1-3 µs of system time per event (BENCHMARKS.md).
+    pa.set_memory_pool(pa.system_memory_pool())
     try:
         table = TableSink(args.format, args.output or sys.stdout.buffer, by_day=args.by_day)
     except OSError as exc:

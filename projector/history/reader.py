@@ -88,21 +88,20 @@ class HistoryReader:
         stream = parse_stream_id(await self.log.head(partition))
         return max(stream, await self.archive_head(partition) or stream)
 
-    def _params(self, partition: int, after: StreamKey, until: StreamKey) -> dict[str, Any]:
-        return {
+    async def _fetch(self, partition: int, after: StreamKey, until: StreamKey) -> list[Row]:
+        params = {
             "epoch": self.epoch, "partition": partition, "after_ms": after[0], "after_seq": after[1],
             "until_ms": until[0], "until_seq": until[1], "limit": self.page, **self._filters,
         }  # fmt: skip
-
-    async def _fetch(self, params: dict[str, Any]) -> list[Row]:
+        if self.archive is not None:
+            return await asyncio.to_thread(self._fetch_blocking, self.archive, params)
         cur = self.conn.cursor(binary=True)
         await cur.execute(self._page_sql, params)
         rows: list[Row] = await cur.fetchall()
         return rows
 
-    def _fetch_blocking(self, params: dict[str, Any]) -> list[Row]:
-        assert self.archive is not None
-        cur = self.archive.cursor(binary=True)
+    def _fetch_blocking(self, archive: BlockingConn, params: dict[str, Any]) -> list[Row]:
+        cur = archive.cursor(binary=True)
         cur.execute(self._page_sql, params)
         rows: list[Row] = cur.fetchall()
         return rows
@@ -110,34 +109,22 @@ class HistoryReader:
     async def _archive_pages(
         self, partition: int, after: StreamKey, until: StreamKey
     ) -> AsyncIterator[list[Row]]:
-        if self.archive is None:
-            while after < until:
-                rows = await self._fetch(self._params(partition, after, until))
-                if rows:
-                    yield rows
-                if len(rows) < self.page:
-                    return
-                after = (rows[-1][0], rows[-1][1])
-            return
-        if after >= until:
-            return
         fetching: asyncio.Future[list[Row]] | None = None
         try:
-            fetching = asyncio.ensure_future(
-                asyncio.to_thread(self._fetch_blocking, self._params(partition, after, until))
-            )
-            while fetching is not None:
-                rows = await fetching
+            while after < until:
+                rows = await (fetching or self._fetch(partition, after, until))
                 fetching = None
-                after = (rows[-1][0], rows[-1][1]) if rows else until
-                if len(rows) == self.page and after < until:
-                    fetching = asyncio.ensure_future(
-                        asyncio.to_thread(self._fetch_blocking, self._params(partition, after, until))
-                    )
+                full = len(rows) == self.page
+                if rows:
+                    after = (rows[-1][0], rows[-1][1])
+                if full and after < until and self.archive is not None:
+                    fetching = asyncio.ensure_future(self._fetch(partition, after, until))
                 if rows:
                     yield rows
+                if not full:
+                    return
         finally:
-            if fetching is not None:  # let the thread finish with the connection before anyone closes it
+            if fetching is not None:  # the thread finishes with the connection before anyone closes it
                 await asyncio.wait([fetching])
                 if not fetching.cancelled():
                     fetching.exception()

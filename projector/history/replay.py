@@ -21,12 +21,12 @@ import redis.exceptions
 from events.exceptions import LogError
 from events.log import EventLog
 from events.position import parse_stream_id
+from events.redisclient import redis_client
 from projector.exceptions import SelectionError
 from projector.history.reader import HistoryReader, Row
 from projector.history.selection import Selection, StreamKey, check_epoch, key_text
 from projector.history.sinks import Page
 from servicekit.log_settings import LogSettings
-from servicekit.redisclient import redis_client
 
 T = TypeVar("T")
 COUNT_SQL_LIMIT = 5_000_000  # past this a progress bar's total is not worth a full count

@@ -2,8 +2,8 @@
 
 A page holds the rows as read (stored bytes); each sink renders them to the current schema itself, so
 JSON Lines never builds what it does not write and tables never decode in Python what pyarrow parses
-(`columns.rows_batch`). CSV and Parquet are `tables.TableSink`, run in a process of their own
-(`table_process.TableProcessSink`); this module imports no pyarrow, so a JSON Lines replay never loads it.
+(`columns.rows_batch`). CSV and Parquet are `tables.TableSink`, fed by threads (`tables.TableThreadSink`);
+this module imports no pyarrow, so a JSON Lines replay never loads it.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -107,23 +108,27 @@ class TableSink:
 
 
 class TableThreadSink:
-    """A `TableSink` run on a thread of its own, at most `depth` pages behind the replay: pyarrow releases the
-    GIL while it parses and encodes, so the next pages are read meanwhile. Same pages, same order, same file.
+    """A `TableSink` fed by threads: `builders` threads parse pages into batches (pyarrow releases the GIL
+    while it parses), one thread writes them in page order, at most `depth` pages behind the replay, so
+    the next pages are read meanwhile. Same pages, same order, same file.
 
     Raises (drain, close):
         ExportError: the output could not be written (the writer's OSError).
     """
 
-    def __init__(self, sink: TableSink, depth: int = 2) -> None:
+    def __init__(self, sink: TableSink, depth: int = 4, builders: int = 2) -> None:
         self.sink = sink
         self.depth = depth
-        self.pages: queue.SimpleQueue[Page | None] = queue.SimpleQueue()
+        self.builders = ThreadPoolExecutor(builders, thread_name_prefix="parley-table-batch")
+        self.batches: queue.SimpleQueue[Future[pa.RecordBatch] | None] = queue.SimpleQueue()
         self.queued = 0
         self.error: BaseException | None = None
         self.room = asyncio.Event()
         self.thread: threading.Thread | None = None
 
     def write(self, page: Page) -> None:
+        if not page.rows:
+            return
         if self.thread is None:
             loop = asyncio.get_running_loop()
             self.thread = threading.Thread(
@@ -131,12 +136,12 @@ class TableThreadSink:
             )
             self.thread.start()
         self.queued += 1
-        self.pages.put(page)
+        self.batches.put(self.builders.submit(columns.rows_batch, page.epoch, page.rows))
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            while (page := self.pages.get()) is not None:
-                self.sink.write(page)
+            while (batch := self.batches.get()) is not None:
+                self.sink.write_batch(batch.result())
                 loop.call_soon_threadsafe(self._written)
             self.sink.close()
         except BaseException as exc:  # raised in the replay's thread, by drain or close
@@ -160,9 +165,12 @@ class TableThreadSink:
         self._raise()
 
     async def close(self) -> None:
-        if self.thread is None:
-            await asyncio.to_thread(self.sink.close)
-            return
-        self.pages.put(None)
-        await asyncio.to_thread(self.thread.join)
+        try:
+            if self.thread is None:
+                await asyncio.to_thread(self.sink.close)
+                return
+            self.batches.put(None)
+            await asyncio.to_thread(self.thread.join)
+        finally:
+            self.builders.shutdown(cancel_futures=True)
         self._raise()

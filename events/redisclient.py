@@ -26,6 +26,7 @@ from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import RedisClusterException
 
 try:  # redis-py >= 7: with maintenance notifications on (their default, "auto", for RESP3) the pool
     # skips its check that a pooled connection is still open; they serve managed clusters, not Parley.
@@ -42,6 +43,12 @@ CLUSTER_REDIRECTS = 8
 Command = Sequence[Any]
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 """A single Redis or a Redis Cluster: every service takes either (`redis_client(..., cluster=)`)."""
+REDIS_ERRORS: tuple[type[redis.exceptions.RedisError], type[RedisClusterException]] = (
+    redis.exceptions.RedisError,
+    RedisClusterException,
+)
+"""What a call to a Redis or a Redis Cluster may raise (a cluster client with no node for a slot raises a
+`RedisClusterException`, which is no `RedisError`)."""
 _REFUSED = (
     redis.exceptions.MovedError,
     redis.exceptions.AskError,
@@ -127,12 +134,18 @@ async def send_once(client: RedisClient, commands: Sequence[Command], route: Any
 async def _send_once_cluster(client: RedisCluster, commands: Sequence[Command], route: Any) -> list[Any]:
     if route is None:
         raise ValueError("send_once on a cluster needs a routing key")
-    if client._initialize:
-        await client.initialize()
     slot = client.keyslot(route)
     asking: ClusterNode | None = None
     for attempt in range(CLUSTER_REDIRECTS):
-        node = asking or client.nodes_manager.get_node_from_slot(slot)
+        try:
+            await learn_topology(client)
+            node = asking or client.nodes_manager.get_node_from_slot(slot)
+        except (RedisClusterException, redis.exceptions.ConnectionError) as exc:  # no map of the slots now
+            await refresh_topology(client)
+            await asyncio.sleep(0.05 * (attempt + 1))
+            if attempt == CLUSTER_REDIRECTS - 1:
+                raise redis.exceptions.ConnectionError(f"slot {slot}: no node known: {exc}") from exc
+            continue
         sent = [("ASKING",), *commands] if asking is not None else list(commands)
         try:
             replies = await send_on_node(node, sent)
@@ -157,12 +170,31 @@ async def _send_once_cluster(client: RedisCluster, commands: Sequence[Command], 
     raise redis.exceptions.ClusterError(f"slot {slot}: still refused after {CLUSTER_REDIRECTS} redirects")
 
 
+async def learn_topology(client: RedisCluster) -> None:
+    """Learn the topology if the client has none (fresh, or after a failed refresh), within
+    REFRESH_TIMEOUT_S.
+
+    Raises:
+        redis.exceptions.ConnectionError: no node answered in time.
+    """
+    if not client._initialize:  # what execute_command checks too
+        return
+    try:
+        await asyncio.wait_for(client.initialize(), REFRESH_TIMEOUT_S)
+    except TimeoutError as exc:
+        raise redis.exceptions.ConnectionError("the cluster's topology could not be learned in time") from exc
+
+
+REFRESH_TIMEOUT_S = 5.0
+"""A topology refresh that takes longer is abandoned (the next call tries again), never waited on."""
+
+
 async def refresh_topology(client: RedisCluster) -> None:
     """Learn the slots' owners again (after a failover); a cluster still electing leaves the old map."""
     try:
-        await client.nodes_manager.initialize()
-    except redis.exceptions.RedisError:
-        client._initialize = True
+        await asyncio.wait_for(client.nodes_manager.initialize(), REFRESH_TIMEOUT_S)
+    except (redis.exceptions.RedisError, RedisClusterException, TimeoutError):
+        client._initialize = True  # the next call learns it again (learn_topology)
 
 
 async def run_script_once(
