@@ -13,10 +13,8 @@ from websockets.exceptions import InvalidStatus
 
 from command_api.append import Appender
 from realtime_fanout.metrics import ADMISSION_REFUSED
+from tests.fanout_fixtures import Client, Log, fanout_env, token
 from tests.fanout_inprocess import served_fanout
-from tests.test_fanout_e2e import Client, Log, appender, fanout_env, token
-
-__all__ = ["appender"]
 
 
 async def test_upgrades_beyond_the_limit_get_503_until_the_pending_ones_are_live_or_gone(
