@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: run test test-faults lint typecheck test-deps browser-deps bench bench-commands bench-projector bench-fanout \
-        bench-history bench-retention bench-redis-sizing bench-presence bench-scale bench-soak clean
+        bench-history bench-retention bench-redis-sizing bench-presence bench-scale bench-soak bench-c100k clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,10 @@ bench-scale: $(VENV)/.bench
 # Not in `bench`: 10 minutes of steady mixed load with a fault a minute; SOAK_ARGS="--duration 60" to shorten.
 bench-soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
+
+# Not in `bench`: up to 15 minutes; BENCH_ARGS="--connections 10000" for a smaller run.
+bench-c100k: $(STAMP)
+	$(BIN)/python -m benchmarks.c100k $(BENCH_ARGS)
 
 bench: bench-commands bench-projector bench-fanout bench-history bench-retention bench-redis-sizing bench-presence bench-scale
 

@@ -31,6 +31,7 @@ import msgspec
 import websockets
 
 from benchmarks.fanout_load import FanoutLoad, Tally, wait_quiet
+from benchmarks.looplag import lag_buckets, lag_quantile_ms
 from benchmarks.machine import describe
 from benchmarks.processes import server
 from command_api import commands
@@ -364,7 +365,9 @@ async def main() -> None:
                 sat = tally
                 results.append(line("Parley fanout, saturation", tally, expected))
                 print(results[-1], flush=True)
+                lag_before = lag_buckets(fanout_port)
                 tally, expected, publish_s = await parley_phase(fixed, stack, fanout_port, api_port, "e2e")
+                lag_p99, probes = lag_quantile_ms(lag_before, lag_buckets(fanout_port), 0.99)
                 e2e = tally
                 results.append(line(f"Parley end to end at {args.rate_deliveries:,.0f}/s", tally, expected,
                                     f"(HTTP command -> receipt; sent in {publish_s:.1f} s)"))  # fmt: skip
@@ -372,6 +375,11 @@ async def main() -> None:
                 results.append(
                     f"{'  of which API accepted -> receipt':<34} p50 {tally.fanout_percentile_ms(0.5):7.2f} ms   "
                     f"p99 {tally.fanout_percentile_ms(0.99):7.2f} ms (event built by the API, appended, fanned out)"
+                )
+                print(results[-1], flush=True)
+                results.append(
+                    f"{'  fanout event loop lag':<34} p99 <= {lag_p99:5.1f} ms ({probes:,} probes of its scheduling "
+                    "delay in the same phase)"
                 )
                 print(results[-1], flush=True)
                 resume_s = await resume_phase(stack, fanout_port, args.resume_events)

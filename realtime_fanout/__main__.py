@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from realtime_fanout.app import create_app
     from realtime_fanout.settings import FanoutSettings
-    from realtime_fanout.wsproto import protocol_class
+    from realtime_fanout.wsproto import ws_options
     from servicekit.httpedge import configure_logging, edge_sockets, server_config
 
     configure_logging()
@@ -27,10 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     config = server_config(
-        create_app(settings), settings.http, settings.host, settings.port,
-        ws=protocol_class(settings.close_timeout_s), ws_ping_interval=settings.ping_interval_s,
-        ws_ping_timeout=settings.ping_timeout_s, timeout_graceful_shutdown=5,
-        ws_max_size=settings.max_message_bytes,  # refused (1009) from the frame header, never buffered
+        create_app(settings), settings.http, settings.host, settings.port, timeout_graceful_shutdown=5,
+        **ws_options(settings),
     )  # fmt: skip
     uvicorn.Server(config).run(sockets=edge_sockets(settings.http, settings.host, settings.port))
     return 0

@@ -32,6 +32,7 @@ from servicekit.gcpacing import GcPacer
 from servicekit.health import add_health_routes
 from servicekit.httpedge import NO_DOC_PAGES
 from servicekit.lifespan import services_lifespan
+from servicekit.looplag import start_loop_lag_probe
 from servicekit.problems import AnswerUnexpected, add_http_problem_handlers
 from servicekit.slots import UserSlots
 from servicekit.supervisor import Policy, Supervisor
@@ -88,6 +89,7 @@ class Services:
         """Start the hub now if the log exists, else keep trying in the background."""
         if self.settings.gc_paced:
             self.gc_pacer.start(self.supervisor)
+        start_loop_lag_probe(self.supervisor)
         if self.pool is not None:
             await self.pool.open(wait=False)
         await self.bus.start()

@@ -18,8 +18,10 @@ import redis.exceptions
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from realtime_fanout import closecodes
+from realtime_fanout.admission import admitted
 from realtime_fanout.cursor import Cursor
 from realtime_fanout.exceptions import CursorError, HubUnavailable
+from realtime_fanout.flag import Flag
 from realtime_fanout.frames import Subscribe, Typing
 from realtime_fanout.history import History
 from realtime_fanout.hub import Hub
@@ -75,7 +77,7 @@ class Connection:
         self.history = history
         self.settings = settings
         self.protocol = ConnectionProtocol(verifier, limits_of(settings), time.time(), slots)
-        self._wake = asyncio.Event()
+        self._wake = Flag()
         self._done: asyncio.Future[None] | None = None
         self._attached = False
         self._timer: asyncio.TimerHandle | None = None
@@ -141,6 +143,7 @@ class Connection:
             request = await self._handshake()
             if request is not None:
                 await self._subscribe(request)
+            admitted(self.ws.scope)
             if not protocol.closing:
                 subscribed = True
                 CONNECTIONS.inc()
@@ -182,9 +185,11 @@ class Connection:
         deadline = self.protocol.deadline() if timed else None
         wait_s = None if deadline is None else max(0.0, deadline - time.time())
         try:
-            # Not wait_for: on 3.11 its task and the error of a peer gone are a reference cycle.
-            async with asyncio.timeout(wait_s):
+            if wait_s is None:  # nothing held per idle connection
                 text = await self.ws.receive_text()
+            else:  # not wait_for: on 3.11 its task and the error of a peer gone are a reference cycle
+                async with asyncio.timeout(wait_s):
+                    text = await self.ws.receive_text()
         except TimeoutError:
             self.protocol.tick(time.time())
         except KeyError:  # a binary frame
@@ -270,21 +275,28 @@ class Connection:
             return
         writer = asyncio.create_task(self._writer())
         reader = asyncio.create_task(self._reader())
+        writer.add_done_callback(self._ended)
+        reader.add_done_callback(self._ended)
         self._arm_timer()
         try:
-            done, _ = await asyncio.wait((writer, reader, self._done), return_when=asyncio.FIRST_COMPLETED)
+            await self._done  # not asyncio.wait: its waiter, set and callbacks are 1 KiB per idle connection
+            done = [task for task in (writer, reader) if task.done()]
         finally:
             self._cancel_timer()
             writer.cancel()
             reader.cancel()
             await asyncio.gather(writer, reader, return_exceptions=True)
-        failed = _failure(done - {self._done})
+        failed = _failure(done)
         del writer, reader, done  # a task's exception holds its traceback, which holds this frame
         if failed is not None:
             try:
                 raise failed
             finally:
                 del failed  # else the raised error's traceback holds this frame, which holds the error
+
+    def _ended(self, _task: asyncio.Task[None]) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
 
     async def _writer(self) -> None:
         while True:

@@ -14,6 +14,10 @@ CLOSES = Counter("parley_fanout_closes_total", "Connections the server closed, b
 CONNECTION_FAILURES = Counter(
     "parley_fanout_connection_failures", "Connections closed 1011 because handling them raised (a bug)"
 )
+ADMISSION_REFUSED = Counter(
+    "parley_fanout_admission_refused_total",
+    "WebSocket upgrades answered 503: PARLEY_FANOUT_MAX_ADMITTING connections were being established",
+)
 RESYNCS = Counter("parley_fanout_resyncs_total", "Resync frames sent, by reason", ["reason"])
 HISTORY_READS = Counter(
     "parley_fanout_history_reads_total", "History pages read from a backend (redis|archive)", ["source"]

@@ -46,3 +46,6 @@ class FanoutSettings(EnvSettings):
         "PARLEY_FANOUT_MAX_MESSAGE_BYTES", MAX_CLIENT_MESSAGE_BYTES, minimum=1024
     )
     max_connections_per_user: int = setting("PARLEY_FANOUT_MAX_CONNECTIONS_PER_USER", 20, minimum=1)
+    max_admitting: int = setting("PARLEY_FANOUT_MAX_ADMITTING", 1000, minimum=0)
+    admission_retry_after_s: int = setting("PARLEY_FANOUT_ADMISSION_RETRY_AFTER_S", 1, minimum=1)
+    ws_deflate: bool = setting("PARLEY_FANOUT_WS_DEFLATE", True)

@@ -18,7 +18,12 @@ from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
+from websockets.http11 import Request
 
+from realtime_fanout.admission import SCOPE_KEY, Admission
+from realtime_fanout.flag import Flag
+from realtime_fanout.metrics import ADMISSION_REFUSED
+from realtime_fanout.settings import FanoutSettings
 from servicekit.httpedge import refusal
 
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
@@ -28,7 +33,7 @@ class MessageQueue:
     """The part of asyncio.Queue uvicorn's protocol uses (put_nowait, get, empty), for one consumer.
 
     An asyncio.Queue costs about 3 KiB (three deques, a condition event); idle connections are held by
-    the ten thousand, so this keeps one deque, created on first use, and at most one waiter.
+    the ten thousand, so this keeps one deque only while items wait, and at most one waiter.
     """
 
     __slots__ = ("_items", "_waiter")
@@ -51,7 +56,10 @@ class MessageQueue:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.popleft()
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None  # an empty deque is 0.7 KiB; most connections are idle
+        return item
 
     def empty(self) -> bool:
         return not self._items
@@ -61,11 +69,16 @@ class AbortingWebSocketProtocol(WebSocketsSansIOProtocol):
     """Closes never wait on the peer's reading; a handshake not done in `close_after_s` aborts the socket."""
 
     close_after_s = DEFAULT_CLOSE_TIMEOUT_S
+    admission: Admission | None = None
+    retry_after_s = 1
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._admitting = False
         self.close_timeout = self.close_after_s
         self.queue = MessageQueue()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
+        self.writable.set()
 
     def data_received(self, data: bytes) -> None:
         """uvicorn ignores a handshake websockets could not parse (a line over 8 KiB, say) and the
@@ -86,11 +99,52 @@ class AbortingWebSocketProtocol(WebSocketsSansIOProtocol):
         self.transport.write(answer)
         self.transport.close()
 
+    def handle_connect(self, event: Request) -> None:
+        """Above the admission limit the upgrade is answered 503 with Retry-After, before any ASGI task."""
+        if self.admission is not None:
+            if not self.admission.try_enter():
+                ADMISSION_REFUSED.inc()
+                self._refuse_busy()
+                return
+            self._admitting = True
+        super().handle_connect(event)
+        if self._admitting:
+            if self.response.status_code == 101:
+                self.scope["extensions"][SCOPE_KEY] = self._admitted  # type: ignore[assignment]
+            else:
+                self._admitted()
+
+    def _refuse_busy(self) -> None:
+        retry = (b"retry-after", str(self.retry_after_s).encode())
+        answer = refusal(503, "overloaded", "Service Unavailable", [*self.default_headers, retry])
+        self.handshake_initiated = self.handshake_complete = self.close_sent = True
+        self.transport.write(answer)
+        self.transport.close()
+
+    def _admitted(self) -> None:
+        if self._admitting and self.admission is not None:
+            self._admitting = False
+            self.admission.leave()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._admitted()
+        super().connection_lost(exc)
+
     async def send(self, message: Any) -> None:
         if message["type"] == "websocket.close" and self._open_for_close():
             self._close_now(int(message.get("code", 1000)), message.get("reason") or "")
             return
         await super().send(message)
+        if message["type"] == "websocket.accept":
+            self._forget_handshake()
+
+    def _forget_handshake(self) -> None:
+        """Once the handshake is answered nothing reads its request, response or headers again: about
+        3 KiB per connection uvicorn would keep for the connection's whole life."""
+        for name in ("request", "response"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.scope["headers"] = []
 
     def _open_for_close(self) -> bool:
         return (
@@ -137,6 +191,24 @@ class AbortingWebSocketProtocol(WebSocketsSansIOProtocol):
             self._arm_abort()
 
 
-def protocol_class(close_timeout_s: float) -> type[asyncio.Protocol]:
-    """An `AbortingWebSocketProtocol` subclass with the given close timeout, for uvicorn's `ws=`."""
-    return type("FanoutWebSocketProtocol", (AbortingWebSocketProtocol,), {"close_after_s": close_timeout_s})
+def protocol_class(
+    close_timeout_s: float, max_admitting: int = 0, retry_after_s: int = 1
+) -> type[asyncio.Protocol]:
+    """An `AbortingWebSocketProtocol` subclass with the given close timeout and at most `max_admitting`
+    connections being established at once (0: no limit), for uvicorn's `ws=`."""
+    admission = Admission(max_admitting) if max_admitting else None
+    attributes = {"close_after_s": close_timeout_s, "admission": admission, "retry_after_s": retry_after_s}
+    return type("FanoutWebSocketProtocol", (AbortingWebSocketProtocol,), attributes)
+
+
+def ws_options(settings: FanoutSettings) -> dict[str, Any]:
+    """uvicorn's WebSocket options of a fanout with these settings."""
+    protocol = protocol_class(
+        settings.close_timeout_s, settings.max_admitting, settings.admission_retry_after_s
+    )
+    return {
+        "ws": protocol,
+        "ws_per_message_deflate": settings.ws_deflate, "ws_ping_interval": settings.ping_interval_s,
+        "ws_ping_timeout": settings.ping_timeout_s,
+        "ws_max_size": settings.max_message_bytes,  # refused (1009) from the frame header, never buffered
+    }  # fmt: skip

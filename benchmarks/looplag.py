@@ -1,0 +1,32 @@
+"""A service's event loop lag between two looks at its /metrics (`parley_loop_lag_seconds`, servicekit)."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+Buckets = list[tuple[float, float]]
+"""(upper bound in seconds, cumulative count) of the lag histogram, ascending."""
+
+
+def lag_buckets(port: int) -> Buckets:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    return sorted(
+        (float(s.labels["le"]), s.value)
+        for family in text_string_to_metric_families(text)
+        if family.name == "parley_loop_lag_seconds"
+        for s in family.samples
+        if s.name.endswith("_bucket")
+    )
+
+
+def lag_quantile_ms(before: Buckets, after: Buckets, q: float) -> tuple[float, int]:
+    """Upper bound of the bucket holding quantile `q` of the probes between two looks; and their count."""
+    deltas = [(le, b - a) for (le, b), (_, a) in zip(after, before, strict=True)]
+    total = deltas[-1][1] if deltas else 0
+    for le, cumulative in deltas:
+        if total and cumulative >= q * total:
+            return le * 1000, int(total)
+    return math.nan, int(total)

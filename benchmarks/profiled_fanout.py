@@ -1,0 +1,75 @@
+"""`python -m realtime_fanout` under tracemalloc, for `benchmarks.c100k --profile DIR`: each SIGUSR1 dumps
+a snapshot (DIR/snapshot-K.tracemalloc) and the sizes of one idle connection's objects (DIR/sizes-K.json).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import sys
+import tracemalloc
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+FRAMES = 1
+
+
+def object_sizes() -> dict[str, Any]:
+    """sys.getsizeof (shallow) of the objects one subscribed connection holds, and counts per type."""
+    from realtime_fanout.connection import Connection
+
+    connections = [o for o in gc.get_objects() if isinstance(o, Connection)]
+    if not connections:
+        return {"connections": 0}
+    c = connections[-1]
+    ws = c.ws
+    parts: dict[str, Any] = {
+        "Connection": c, "Connection.__dict__": c.__dict__, "ConnectionProtocol": c.protocol,
+        "ConnectionProtocol.__dict__": vars(c.protocol), "Session": c.session,
+        "Session.__dict__": getattr(c.session, "__dict__", None),
+        "starlette WebSocket": ws, "WebSocket.__dict__": vars(ws), "scope": ws.scope,
+        "writer wake-up": c._wake, "writer wake-up __dict__": getattr(c._wake, "__dict__", None),
+    }  # fmt: skip
+    receive = ws._receive
+    uvicorn_protocol = getattr(receive, "__self__", None)
+    if uvicorn_protocol is not None:
+        parts["uvicorn protocol"] = uvicorn_protocol
+        parts["uvicorn protocol.__dict__"] = vars(uvicorn_protocol)
+        parts["websockets ServerProtocol"] = uvicorn_protocol.conn
+        parts["ServerProtocol.__dict__"] = vars(uvicorn_protocol.conn)
+        parts["transport"] = uvicorn_protocol.transport
+    sizes = {name: sys.getsizeof(obj) for name, obj in parts.items() if obj is not None}
+    counts: dict[str, int] = {}
+    for o in gc.get_objects():
+        counts[type(o).__qualname__] = counts.get(type(o).__qualname__, 0) + 1
+    top = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:40])
+    tasks = sum(1 for o in gc.get_objects() if type(o).__name__ == "Task")
+    return {"connections": len(connections), "shallow_bytes": sizes, "tasks": tasks, "gc_counts": top}
+
+
+def main() -> None:
+    out = Path(os.environ["PARLEY_PROFILE_DIR"])
+    taken = [0]
+
+    def dump(_signum: int, _frame: FrameType | None) -> None:
+        taken[0] += 1
+        gc.collect()
+        tracemalloc.take_snapshot().dump(str(out / f"snapshot-{taken[0]}.tracemalloc"))
+        try:
+            sizes = object_sizes()
+        except Exception as exc:  # a profiling aid: say what failed rather than break the served loop
+            sizes = {"error": repr(exc)}
+        (out / f"sizes-{taken[0]}.json").write_text(json.dumps(sizes, indent=1))
+
+    tracemalloc.start(FRAMES)
+    signal.signal(signal.SIGUSR1, dump)
+    from realtime_fanout.__main__ import main as fanout_main
+
+    sys.exit(fanout_main([]))
+
+
+if __name__ == "__main__":
+    main()
