@@ -429,7 +429,10 @@ def test_scroll_back_reply_search_participants_and_archive(login: Callable[..., 
     bob.expect("#message-list li[data-seq]").to_have_count(50)
     # Scrolling to the top loads the older page (a click on "Load older messages" would scroll there
     # first, and the page would load it before the click lands).
-    bob.page.locator("#messages").evaluate("box => { box.scrollTop = 0; }")
+    # The scroll event is dispatched too: a box already at the top would send none for scrollTop = 0.
+    bob.page.locator("#messages").evaluate(
+        "box => { box.scrollTop = 0; box.dispatchEvent(new Event('scroll')); }"
+    )
     bob.expect("#message-list li[data-seq]").to_have_count(60)
     assert bob.bodies() == [f"p{i:02d}" for i in range(1, 61)]
     bob.expect("#older").to_be_hidden()
