@@ -18,7 +18,6 @@ import redis.exceptions
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from realtime_fanout import closecodes
-from realtime_fanout.admission import admitted
 from realtime_fanout.cursor import Cursor
 from realtime_fanout.exceptions import CursorError, HubUnavailable
 from realtime_fanout.flag import Flag
@@ -27,6 +26,7 @@ from realtime_fanout.history import History
 from realtime_fanout.hub import Hub
 from realtime_fanout.item import Item
 from realtime_fanout.metrics import CLOSES, CONNECTIONS, RESYNCS
+from realtime_fanout.overload import admitted
 from realtime_fanout.protocol import ConnectionProtocol, Limits
 from realtime_fanout.session import Session
 from realtime_fanout.settings import FanoutSettings

@@ -20,9 +20,9 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
 from websockets.http11 import Request
 
-from realtime_fanout.admission import SCOPE_KEY, Admission
 from realtime_fanout.flag import Flag
 from realtime_fanout.metrics import ADMISSION_REFUSED
+from realtime_fanout.overload import SCOPE_KEY, Admission
 from realtime_fanout.settings import FanoutSettings
 from servicekit.httpedge import refusal
 
