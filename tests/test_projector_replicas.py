@@ -5,7 +5,6 @@ answered from the replica's own replayed state; a lagging or stopped replica sho
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -211,11 +210,12 @@ async def test_a_lagging_replica_is_shown_and_skipped(stack: Stack) -> None:
     with psycopg.connect(s.replica_url, autocommit=True) as replica:
         replica.execute("SELECT pg_wal_replay_pause()")
         try:
-            primary_before, started = reads_by("primary"), time.monotonic()
+            primary_before = reads_by("primary")
             answer = await send_and_read(s, conversation, "ann", "waited for on the replica")
             assert answer.status_code == 200, answer.text  # the wait moved to the primary ...
             assert reads_by("primary") - primary_before == 1
-            assert time.monotonic() - started > 0.5  # ... once the replica lagged past the bound
+            # ... once the replica lagged past the bound (lag counts from when the primary's WAL first passed
+            # what the replica replayed, which may be before this request: no bound on its own wait)
             state = await s.until_replica(serving=False)
             assert "replay lags" in state["reason"] and state["lag_seconds"] > 0.5, state
             assert not (await s.replica(ready=True))["serving"]
