@@ -2,7 +2,8 @@
 models, the query API's SQL, the fanout session's delivery, its unread tracker and its unread seed (SQL
 views the projector's migrations own) give each user the same visible events and messages and the same
 unread counts as the README's definitions (`tests/oracle.py`); so does the pure rule
-(`events.membership.may_see`) over the fold's spans, and the SQL span predicate (`covers_sql`) answers as
+(`events.membership.may_see`) over the fold's spans, the audit's deliberately separate restatement
+(`projector.audit.may_see`), and the SQL span predicate (`covers_sql`) answers as
 `covers`. Bounded: 40 random logs of up to ~50 events, about a minute."""
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from events import schema
 from events.codec import encode
 from events.log import LogEntry
 from events.membership import covers, covers_sql, may_see
-from projector import queries
+from projector import audit, queries
 from projector.fold import apply
 from projector.migrate import migrate
 from projector.model import fold_entries
@@ -176,7 +177,17 @@ async def check(url: str, h: History, cuts: set[int]) -> None:
                     if may_see(user, e, [s for s in mine if s.conversation_id == e.conversation_id])
                 }
                 assert pure == {i for ids in visible_events(h.events, user).values() for i in ids}, user
+                assert audit_view(h, user) == visible_events(h.events, user), (user, "the audit's oracle")
         await check_span_sql(conn, model.tables["memberships"].values(), max(h.seqs.values()))
+
+
+def audit_view(h: History, user: str) -> dict[str, list[str]]:
+    """The audit's own restatement (`projector.audit.visible`), per conversation in log order."""
+    positioned = [audit.Positioned(0, (n + 1, 0), e) for n, e in enumerate(h.events)]
+    seen: dict[str, list[str]] = {}
+    for pe in audit.visible(user, positioned, None):
+        seen.setdefault(pe.event.conversation_id, []).append(pe.event.event_id)
+    return seen
 
 
 async def check_user(
