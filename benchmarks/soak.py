@@ -95,7 +95,8 @@ def children(pid: int) -> list[int]:
 
 
 def processes(k: Soak) -> dict[str, int | None]:
-    found: dict[str, int | None] = {"redis": k.s.redis.pid, "postgres": k.pg.pid}
+    redis = k.s.redis.pid if isinstance(k.s.redis, RedisServer) else None  # the soak runs one Redis
+    found: dict[str, int | None] = {"redis": redis, "postgres": k.pg.pid}
     for service in k.s.services():
         found[Path(service.log).stem] = service.proc.pid if service.proc else None
     return found

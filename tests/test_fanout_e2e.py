@@ -27,7 +27,7 @@ from events.codec import decode, encode
 from events.log import EventLog
 from events.redisclient import RedisClient
 from events.schema import MessageSent as SentPayload
-from realtime_fanout.client import Event, FanoutClient, Live
+from realtime_fanout.client import Event, FanoutClient, Live, Recorder
 from realtime_fanout.cursor import Cursor
 from servicekit.log_settings import LogSettings
 from tests.cluster_fixtures import single_and_cluster
@@ -327,14 +327,21 @@ async def visible_to(
 class Collector:
     """A FanoutClient consumed in the background: every event it hands out, grouped by conversation."""
 
-    def __init__(self, url: str, user: str, cursor: str | None, conversations: list[str] | None = None):
+    def __init__(
+        self,
+        url: str,
+        user: str,
+        cursor: str | None,
+        conversations: list[str] | None = None,
+        recorder: Recorder | None = None,
+    ):
         async def fresh_token() -> str:
             return token(user)
 
         self.user = user
         self.client = FanoutClient(
             url, fresh_token, cursor=cursor, conversations=conversations, backoff_initial_s=0.05,
-            backoff_max_s=0.5, max_failures=200, rng=random.Random(user),
+            backoff_max_s=0.5, max_failures=200, rng=random.Random(user), recorder=recorder,
         )  # fmt: skip
         self.events: list[dict[str, Any]] = []
         self.lives = 0

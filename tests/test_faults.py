@@ -26,8 +26,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from devstack.cluster import RedisClusterServers
 from devstack.ports import free_port
 from devstack.servers import PostgresServer, RedisServer
+from events.redisclient import redis_client
 from projector.audit import log_events
 from projector.auditsource import gather
 from projector.settings import ProjectorSettings
@@ -96,7 +98,7 @@ class Service:
 
 @dataclass
 class Stack:
-    redis: RedisServer
+    redis: RedisServer | RedisClusterServers
     env: dict[str, str]
     api: Service
     projectors: list[Service]
@@ -125,11 +127,12 @@ class Stack:
 
 @asynccontextmanager
 async def stack(
-    redis: RedisServer, database_url: str, tmp: Path, projectors: int = 1, *,
+    redis: RedisServer | RedisClusterServers, database_url: str, tmp: Path, projectors: int = 1, *,
     api_env: dict[str, str] | None = None, issued_ago_s: float = 0.0, **extra_env: str,
 ) -> AsyncIterator[Stack]:  # fmt: skip
     env = {
         **os.environ, "REDIS_URL": redis.url, "DATABASE_URL": database_url,
+        "PARLEY_REDIS_CLUSTER": "1" if isinstance(redis, RedisClusterServers) else "0",
         "PARLEY_LOG_NAMESPACE": "faults", "PARLEY_PARTITIONS": str(PARTITIONS),
         "PARLEY_JWT_SECRET": DEV_SECRET, "PARLEY_DEV_MODE": "1", "PARLEY_RATE_LIMIT_PER_S": "0",
         "PARLEY_PROJECTOR_BATCH": "20", "PARLEY_PROJECTOR_BLOCK_MS": "100",
@@ -343,11 +346,10 @@ async def run_audit(s: Stack, received: Path) -> tuple[int | None, Any]:
 async def wait_projected(settings: ProjectorSettings, limit_s: float = 40) -> None:
     """Until every partition's checkpoint is its stream's head."""
     import psycopg
-    import redis.asyncio as aioredis
 
     from events.log import EventLog
 
-    client = aioredis.Redis.from_url(settings.log.redis_url)
+    client = redis_client(settings.log.redis_url, 10, cluster=settings.log.redis_cluster)
     log = EventLog(client, settings.log.layout())
     try:
         async with asyncio.timeout(limit_s):
@@ -386,6 +388,7 @@ async def kill_command_api(s: Stack) -> None:
 
 async def kill_redis(s: Stack) -> None:
     """kill -9 of Redis, down for longer than the clients' reconnect retries ride over (about 1 s)."""
+    assert isinstance(s.redis, RedisServer)
     for _ in range(2):
         await asyncio.sleep(1.0)
         await asyncio.to_thread(s.redis.kill)
@@ -396,6 +399,7 @@ async def kill_redis(s: Stack) -> None:
 async def kill_redis_with_a_torn_aof_tail(s: Stack) -> None:
     """kill -9 of Redis in the middle of writing a command to the AOF (a torn, never acknowledged write):
     it loads the whole commands and truncates the torn one (`aof-load-truncated yes`, the default)."""
+    assert isinstance(s.redis, RedisServer)
     for _ in range(2):
         await asyncio.sleep(1.0)
         await asyncio.to_thread(s.redis.kill)

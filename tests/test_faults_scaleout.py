@@ -1,17 +1,21 @@
 """Fault suite, scaled out (`make test-faults`): 2 command API processes on one port (SO_REUSEPORT),
-2 projector workers sharing the partitions by leases and 2 fanout processes, on one Redis; subscribers hop
+2 projector workers sharing the partitions by leases and 2 fanout processes, on one Redis and on a 3-master,
+3-replica Redis Cluster; subscribers hop
 between the fanouts; one process of each service is killed -9 (and restarted, as an orchestrator would)
 under load; then the audit is the oracle, as in tests/test_faults.py, whose stack and load this reuses."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from devstack.cluster import RedisClusterServers
 from devstack.servers import RedisServer
+from tests.cluster_fixtures import _path_binary
 from tests.listening import listens
 from tests.test_faults import USERS, Service, Stack, fault_redis, run_with_fault, stack
 
@@ -29,11 +33,28 @@ async def start_listening(service: Service) -> None:
             await asyncio.sleep(0.05)
 
 
+@pytest.fixture(
+    params=["single", pytest.param("cluster", marks=[pytest.mark.cluster, pytest.mark.timeout(240)])]
+)
+def scaleout_redis(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[RedisServer | RedisClusterServers]:
+    """The fault suite's Redis (AOF always), or a cluster of our own (7.x) with the same guarantees."""
+    if request.param == "single":
+        yield request.getfixturevalue("fault_redis")
+        return
+    binary = _path_binary()
+    if binary is None:
+        pytest.skip("no redis-server on PATH")
+    with RedisClusterServers(tmp_path / "cluster", binary) as cluster:
+        yield cluster
+
+
 async def test_two_of_each_service_one_of_each_killed_then_audit_is_green(
-    fault_redis: RedisServer, database_url: str, tmp_path: Path
+    scaleout_redis: RedisServer | RedisClusterServers, database_url: str, tmp_path: Path
 ) -> None:
     async with stack(
-        fault_redis,
+        scaleout_redis,
         database_url,
         tmp_path,
         projectors=2,
