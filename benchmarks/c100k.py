@@ -30,7 +30,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.fanout import SECRET, rss_bytes
-from benchmarks.looplag import Buckets, lag_buckets, lag_quantile_ms
+from benchmarks.looplag import Buckets, gc_pauses, lag_buckets, lag_quantile_ms
 from benchmarks.machine import describe
 from benchmarks.processes import server
 from command_api import commands
@@ -86,6 +86,8 @@ class Scrape:
     fanout_cpu_s: float
     redis_calls: dict[str, int]
     """Calls per command as clients sent them (a script's own commands are in `redis_commands` only)."""
+    gc: dict[str, tuple[float, float]]
+    """The fanout's scheduled collections by kind: (count, seconds paused)."""
 
     @staticmethod
     def take(fanout_port: int, fanout_pid: int, r: redis.Redis) -> Scrape:
@@ -93,7 +95,7 @@ class Scrape:
         return Scrape(
             time.monotonic(), lag_buckets(fanout_port), int(stats["total_commands_processed"]),
             float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), cpu_s(fanout_pid),
-            {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in calls.items()},
+            {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in calls.items()}, gc_pauses(fanout_port),
         )  # fmt: skip
 
 
@@ -313,6 +315,15 @@ async def main() -> None:
     print(
         f"event loop lag while idle        p50 <= {lag_p50:.1f} ms, p99 <= {lag_p99:.1f} ms ({probes:,} probes)"
     )
+    lag_max, _ = lag_quantile_ms(before.lag_buckets, after.lag_buckets, 1.0)
+    print(f"event loop lag while idle, max   <= {lag_max:.1f} ms")
+    for kind in ("young", "full"):
+        count, paused = (
+            a - b for a, b in zip(after.gc.get(kind, (0, 0)), before.gc.get(kind, (0, 0)), strict=True)
+        )
+        mean = f", {1000 * paused / count:.1f} ms each" if count else ""
+        print(f"{kind} collections while idle   {count:.0f}{mean} (PARLEY_FANOUT_GC_FULL_EVERY_S="
+              f"{os.environ.get('PARLEY_FANOUT_GC_FULL_EVERY_S', '600')})")  # fmt: skip
     print(
         f"load average (1, 5, 15 min)      {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores"
     )

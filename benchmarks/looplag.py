@@ -30,3 +30,15 @@ def lag_quantile_ms(before: Buckets, after: Buckets, q: float) -> tuple[float, i
         if total and cumulative >= q * total:
             return le * 1000, int(total)
     return math.nan, int(total)
+
+
+def gc_pauses(port: int) -> dict[str, tuple[float, float]]:
+    """The fanout's scheduled collections so far, by kind (young, full): (count, seconds paused in all)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    found: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "parley_fanout_gc_pause_seconds":
+            for s in family.samples:
+                if s.name.endswith(("_count", "_sum")):
+                    found.setdefault(s.labels["kind"], [0.0, 0.0])[s.name.endswith("_sum")] = s.value
+    return {kind: (count, total) for kind, (count, total) in found.items()}

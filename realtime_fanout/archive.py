@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from psycopg import errors
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from events.log import LogEntry
 from events.membership import MEMBERSHIP_TYPES, PRIVATE_TYPES
@@ -20,6 +20,7 @@ from realtime_fanout.cursor import StreamKey, stream_key
 from realtime_fanout.item import decode_entry
 from realtime_fanout.metrics import HISTORY_COALESCED, HISTORY_READS
 from realtime_fanout.pageflights import Page, PageFlights
+from realtime_fanout.pooltimeout import forget_pool_wait
 
 # A page counts refused entries too (`full` and `last_id` are about the archive's rows), so the next page
 # starts after them; they carry no data.
@@ -74,6 +75,9 @@ class Archive:
                 return rows
         except errors.UndefinedTable:  # the projector has not migrated yet: nothing is archived
             return []
+        except PoolTimeout as exc:
+            forget_pool_wait(exc)
+            raise
 
     async def head(self, epoch: str, partition: int) -> StreamKey | None:
         """The key of the newest archived entry of `partition`, or None when nothing is archived."""

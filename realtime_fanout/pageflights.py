@@ -95,6 +95,7 @@ class PageFlights(Generic[S]):
             future.set_exception(exc)
             future.exception()  # retrieved: joiners re-raise it, no "never retrieved" warning
             self._drop(scope, flight)
+            del future, flight  # the error's traceback holds this frame: else a cycle through the future
             raise
         future.set_result(page)
         flight.done_at = self.clock()

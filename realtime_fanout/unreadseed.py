@@ -16,9 +16,10 @@ import time
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from realtime_fanout.cursor import StreamKey, stream_key
+from realtime_fanout.pooltimeout import forget_pool_wait
 from realtime_fanout.unread import UnreadSeed, seed_of
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class UnreadSeeder:
             try:
                 seed = await self._snapshot(user_id, epoch, live_from)
             except psycopg.Error as exc:
+                if isinstance(exc, PoolTimeout):
+                    forget_pool_wait(exc)
                 log.warning("unread seed unavailable (%s): no unread frames for %s", exc, user_id)
                 return UnreadSeed.none(len(live_from))
             if not seed.lagging or time.monotonic() >= deadline:

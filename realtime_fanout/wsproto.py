@@ -129,6 +129,22 @@ class AbortingWebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._admitted()
         super().connection_lost(exc)
+        self._break_cycles()
+
+    def _break_cycles(self) -> None:
+        """Free this connection by reference counting alone (the fanout collects in full only every
+        PARLEY_FANOUT_GC_FULL_EVERY_S): two cycles hold it, and its zlib contexts, past its end.
+
+        The scope's admission callback is a method of this protocol (a client gone before `live` never
+        calls it). websockets' parser is a generator over its protocol that never finishes (both `parse`
+        and `discard` end suspended at a `yield`), and its error's traceback holds the parser's frame.
+        Nothing reads either once the connection is lost.
+        """
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"].pop(SCOPE_KEY, None)
+        self.conn.parser.close()
+        self.conn.parser_exc = None
 
     async def send(self, message: Any) -> None:
         if message["type"] == "websocket.close" and self._open_for_close():

@@ -2,7 +2,10 @@
 full only every PARLEY_FANOUT_GC_FULL_EVERY_S (600 s; servicekit.gcpacing), so a reference cycle through a
 closed connection holds its session, unread state, protocol and zlib contexts (~300 KiB) that long: the soak
 measured the fanouts growing 5-6 MiB a minute of reconnects from such cycles. The fanout runs in-process
-under the real uvicorn config, with the collector off."""
+under the real uvicorn options (`ws_options`: admission, deflate, keepalive), with the collector off.
+Cycles found in the soak and broken (BENCHMARKS.md, Soak): the connection's re-raised reader error, uvicorn's
+HTTP parser after the upgrade, 3.11's `wait_for`, websockets' parser generator and the scope's admission
+callback (wsproto.py), psycopg_pool's timed-out wait (pooltimeout.py), a failed shared page read."""
 
 from __future__ import annotations
 
@@ -10,27 +13,34 @@ import asyncio
 import contextlib
 import gc
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import msgspec
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool.pool_async import WaitingClient
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.server import ServerProtocol
 
 from command_api.append import Appender
 from projector.migrate import migrate
 from realtime_fanout.app import create_app
+from realtime_fanout.archive import Archive
 from realtime_fanout.connection import Connection
+from realtime_fanout.pageflights import Page, PageFlights
 from realtime_fanout.session import Session
 from realtime_fanout.settings import FanoutSettings
-from realtime_fanout.wsproto import AbortingWebSocketProtocol, protocol_class
+from realtime_fanout.unreadseed import UnreadSeeder
+from realtime_fanout.wsproto import AbortingWebSocketProtocol, ws_options
 from servicekit.httpedge import BoundedHttpToolsProtocol, server_config
 from servicekit.settings import Env
 from tests.fanout_fixtures import SECRET, Log, close_code, token
 from tests.inprocess import uvicorn_serving
 
-SERVER_SIDE = (Connection, Session, AbortingWebSocketProtocol, BoundedHttpToolsProtocol)
+SERVER_SIDE = (Connection, Session, AbortingWebSocketProtocol, ServerProtocol, BoundedHttpToolsProtocol)
 
 
 def alive() -> dict[str, int]:
@@ -57,7 +67,7 @@ async def fanout_in_process(
     })  # fmt: skip
     settings = FanoutSettings.from_env(env)
     config = server_config(create_app(settings), settings.http, "127.0.0.1", 0, loop="asyncio",
-                           ws=protocol_class(settings.close_timeout_s), log_level="warning")  # fmt: skip
+                           log_level="warning", **ws_options(settings))  # fmt: skip
     async with uvicorn_serving(config) as port:
         yield f"ws://127.0.0.1:{port}/v1/stream"
 
@@ -162,3 +172,41 @@ async def test_a_client_gone_in_the_middle_of_the_handshake_leaves_nothing(
                 assert msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))["type"] == "authenticated"
                 await leave(ws)
             assert await until_freed() == NONE_LEFT
+
+
+async def test_a_timed_out_wait_for_a_pooled_connection_leaves_no_cycle(database_url: str) -> None:
+    """psycopg_pool's timed-out wait is a cycle (its waiting client keeps the error whose traceback holds
+    it), which held the asking connection's frames; the archive and the unread seed break it."""
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(database_url, open=False, min_size=1, max_size=1,
+                                                          timeout=0.05)  # fmt: skip
+    await pool.open(wait=True)
+    archive, seeder = Archive(pool, 10), UnreadSeeder(pool, 0.0)
+    try:
+        with collector_off():
+            async with pool.connection():  # the pool's only connection is taken: every wait times out
+                for _ in range(3):
+                    with pytest.raises(PoolTimeout):
+                        await archive.head("epoch", 0)
+                    assert (await seeder.seed("alice", "epoch", ["0-0"])).positions == [None]
+            # given back, the connection is offered to the queued clients, which then leave the queue
+            assert sum(type(obj) is WaitingClient for obj in gc.get_objects()) == 0
+    finally:
+        await pool.close()
+
+
+async def test_a_failed_shared_page_read_leaves_no_cycle() -> None:
+    """The read's future keeps the error, whose traceback holds the frame that held the future."""
+
+    class LogGone(Exception):
+        pass
+
+    async def failing() -> Page:
+        raise LogGone
+
+    flights: PageFlights[int] = PageFlights()
+    with collector_off():
+        try:
+            await flights.read(0, (0, 0), None, failing)
+        except LogGone as exc:
+            error = weakref.ref(exc)
+        assert error() is None
