@@ -12,13 +12,16 @@ import subprocess
 import time
 from pathlib import Path
 
+from devstack.child import ServerStartError
 from devstack.ports import LOOPBACK, port_is_free
+from devstack.process import log_tail
 from devstack.servers import RedisServer
 
 MASTERS = 3
 NODE_TIMEOUT_MS = 1_000
 """Short, so a killed master's replica is promoted within seconds (failover tests)."""
 READY_TIMEOUT_S = 30.0
+START_ATTEMPTS = 3
 
 
 BUS_OFFSET = 10_000
@@ -112,7 +115,7 @@ class RedisClusterServers:
 
     def start(self) -> None:
         for node in self.nodes:
-            node.start()
+            self._start_node(node)
         cli = redis_cli_binary(self.binary)
         addresses = [f"{LOOPBACK}:{n.port}" for n in self.nodes]
         if cli is not None:
@@ -123,6 +126,19 @@ class RedisClusterServers:
         else:
             self._create_by_hand()
         self.wait_ok()
+
+    @staticmethod
+    def _start_node(node: ClusterNodeServer) -> None:
+        """Start `node`, on other ports when someone took its pair between our check and its bind (other
+        test sessions start servers on this host too)."""
+        for attempt in range(START_ATTEMPTS):
+            try:
+                node.start()
+                return
+            except ServerStartError:
+                if attempt == START_ATTEMPTS - 1 or "Address already in use" not in log_tail(node.log_path):
+                    raise
+                node.port = free_node_port()
 
     def _create_by_hand(self) -> None:
         """What `redis-cli --cluster create` does: split the slots, meet, then replicate."""

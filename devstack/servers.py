@@ -73,10 +73,19 @@ class RedisServer(ChildServer):
         ]
 
     def _probe(self) -> bool:
+        """True once this server (its pid, not another that took the port first) answers PING."""
         try:
             with socket.create_connection((LOOPBACK, self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                sock.sendall(b"PING\r\nINFO server\r\n")
+                data = b""
+                for _ in range(100):  # bounded: the INFO reply is about 1 KiB
+                    if b"process_id:" in data and data.endswith(b"\r\n\r\n"):
+                        break
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data.startswith(b"+PONG") and f"process_id:{self.pid}\r\n".encode() in data
         except OSError:
             return False
 
