@@ -1,10 +1,12 @@
 """Replay throughput: `python -m benchmarks.history [--events N]` (default 1,000,000; `make bench-history`).
 
 Starts its own Redis and Postgres, writes N events of the projector benchmark's generator into the log,
-projects them with one worker (so the archive holds them all), then times, in the same run, one after another:
-the raw ceiling, `COPY (SELECT <the archive rows a replay reads>) TO STDOUT` through psycopg, unparsed; then
-`python -m projector replay` (a real process) to JSON Lines on stdout piped to /dev/null, and to a Parquet
-file. Prints events/s side by side and each replay's ratio to the ceiling. Every phase is bounded in time.
+projects them with one worker (so the archive holds them all), then times, in the same run, `--rounds`
+(at least 3) rounds of: the raw ceiling, `COPY (SELECT <the archive rows a replay reads>) TO STDOUT (FORMAT
+binary)` through psycopg, unparsed; `python -m projector replay` (a real process) to JSON Lines on stdout
+piped to /dev/null; the ceiling again; the replay to a Parquet file. Each replay's ratio is to the ceiling
+run just before it; prints events/s side by side, then each format's min and median ratio. Every phase is
+bounded in time.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,15 +34,15 @@ NAMESPACE, PARTITIONS = "bench", 8
 # The columns the replay's archive pages read (projector/history/reader.py), without its paging, its
 # merge or its order: a sequential scan, the cheapest way Postgres can send those rows.
 CEILING_SQL = "COPY (SELECT stream_ms, stream_seq, partition, stream_id, data FROM parley_store.event_archive) TO STDOUT"
-FORMATS = {"text": "", "binary": " (FORMAT binary)"}  # text writes `data` (bytea) as hex
+FORMAT = " (FORMAT binary)"  # the faster: text writes `data` (bytea) as hex
 
 
-async def ceiling(database_url: str, fmt: str) -> tuple[float, int]:
-    """Seconds to copy every archive row out in COPY format `fmt`, unparsed, and the bytes received."""
+async def ceiling(database_url: str) -> tuple[float, int]:
+    """Seconds to copy every archive row out in binary COPY format, unparsed, and the bytes received."""
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         started = time.perf_counter()
         received = 0
-        async with conn.cursor().copy(CEILING_SQL + FORMATS[fmt]) as copy:
+        async with conn.cursor().copy(CEILING_SQL + FORMAT) as copy:
             async for block in copy:
                 received += len(block)
         return time.perf_counter() - started, received
@@ -61,7 +64,9 @@ def replay(env: dict[str, str], extra: list[str], limit_s: float) -> float:
 async def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.history")
     parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--rounds", type=int, default=1, help="ceiling, JSONL, Parquet: this many times")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="ceiling, JSONL, ceiling, Parquet: this many times"
+    )
     parser.add_argument("--limit-s", type=float, default=600, help="bound on each phase")
     args = parser.parse_args()
     print(describe(str(redis_server_binary())))
@@ -90,25 +95,26 @@ async def main() -> None:
                 "PARLEY_LOG_NAMESPACE": NAMESPACE, "PARLEY_PARTITIONS": str(PARTITIONS),
             }  # fmt: skip
             parquet = Path(tmp) / "replay.parquet"
-            for _ in range(args.rounds):
-                load_before = os.getloadavg()[0]
-                copies = {
-                    fmt: await asyncio.wait_for(ceiling(database_url, fmt), args.limit_s) for fmt in FORMATS
-                }
-                jsonl_s = replay(env, [], args.limit_s)
-                parquet_s = replay(env, ["--format", "parquet", "--output", str(parquet)], args.limit_s)
-                for fmt, (seconds, received) in copies.items():
-                    print(f"ceiling, COPY (SELECT … archive rows) TO STDOUT{FORMATS[fmt]}, unparsed: "
-                          f"{args.events / seconds:,.0f} rows/s ({seconds:.2f}s, {received / 1e6:,.0f} MB)")  # fmt: skip
-                top = args.events / min(seconds for seconds, _ in copies.values())
-                for name, seconds in (("JSON Lines to /dev/null", jsonl_s), ("Parquet file", parquet_s)):
-                    rate = args.events / seconds
-                    print(
-                        f"replay, {name}: {rate:,.0f} events/s ({seconds:.2f}s), {rate / top:.0%} of the ceiling"
-                    )
-                print(f"  Parquet file: {parquet.stat().st_size / 1e6:,.0f} MB; load average (1 min) "
-                      f"{load_before:.1f} before the ceiling, {os.getloadavg()[0]:.1f} after the replays",
-                      flush=True)  # fmt: skip
+            runs = {
+                "JSON Lines to /dev/null": [],
+                "Parquet file": ["--format", "parquet", "--output", str(parquet)],
+            }
+            ratios: dict[str, list[float]] = {name: [] for name in runs}
+            for n in range(1, max(args.rounds, 3) + 1):
+                for name, extra in runs.items():
+                    load = os.getloadavg()[0]
+                    seconds, received = await asyncio.wait_for(ceiling(database_url), args.limit_s)
+                    top = args.events / seconds
+                    replay_s = replay(env, extra, args.limit_s)
+                    rate = args.events / replay_s
+                    ratios[name].append(rate / top)
+                    print(f"round {n}: ceiling, COPY (SELECT … archive rows) TO STDOUT{FORMAT}, unparsed: "
+                          f"{top:,.0f} rows/s ({seconds:.2f}s, {received / 1e6:,.0f} MB); replay, {name}: "
+                          f"{rate:,.0f} events/s ({replay_s:.2f}s), {rate / top:.0%} of the ceiling; load "
+                          f"average (1 min) {load:.1f} → {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+            print(f"Parquet file: {parquet.stat().st_size / 1e6:,.0f} MB")
+            for name, got in ratios.items():
+                print(f"{name}: ratio to the ceiling min {min(got):.0%}, median {statistics.median(got):.0%}")
 
 
 if __name__ == "__main__":
