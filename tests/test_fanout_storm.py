@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+from types import SimpleNamespace
 from typing import Any, cast
 
 import httpx
@@ -18,7 +19,7 @@ from events.log import EventLog
 from events.position import parse_stream_id
 from events.schema import Envelope, MessageSent
 from realtime_fanout.cursor import Cursor
-from realtime_fanout.item import Item
+from realtime_fanout.item import IndexedItems, Item
 from realtime_fanout.pageflights import Page, PageFlights
 from realtime_fanout.recent import BLOCK, RecentItems
 from servicekit.log_settings import LogSettings
@@ -153,8 +154,9 @@ async def test_page_flights_share_in_flight_and_lingering_reads() -> None:
 
 
 def test_recent_items_serve_every_event_after_a_cursor_at_or_after_their_floor() -> None:
-    def item(partition: int, n: int) -> Item:  # the blocks only look at positions
-        return Item(partition, f"{n}-0", (n, 0), cast(Envelope, None), b"{}")
+    def item(partition: int, n: int) -> Item:  # the blocks look at positions and conversations
+        envelope = SimpleNamespace(conversation_id=f"c{n % 3}", payload=None, actor="a")
+        return Item(partition, f"{n}-0", (n, 0), cast(Envelope, envelope), b"{}")
 
     recent = RecentItems(partitions=2, max_items=2 * 2 * BLOCK)  # two blocks per partition
     recent.start(["5-0", "0-0"])
@@ -167,5 +169,7 @@ def test_recent_items_serve_every_event_after_a_cursor_at_or_after_their_floor()
     assert pages is not None
     keys = [i.key[0] for page in pages for i in page if i.key > (floor + 3, 0)]
     assert keys == list(range(floor + 4, 6 + 3 * BLOCK + 10))
+    for page in pages:  # the open block's index is kept as it grows: the same as one built afresh
+        assert page.lookup == IndexedItems(list(page)).lookup
     assert recent.after(1, (0, 0)) == []  # nothing after the start position yet
     assert RecentItems(2, 0).after(0, (9, 0)) is None  # off: never covers
