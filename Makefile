@@ -80,7 +80,8 @@ bench-scale: $(VENV)/.bench
 bench-soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
-# Not in `bench`: up to 15 minutes; BENCH_ARGS="--connections 10000" for a smaller run.
+# Not in `bench`: up to 15 minutes (idle connections, then two reconnect storms); BENCH_ARGS="--connections
+# 10000" for a smaller run, "--storm none" for the idle figures only.
 bench-c100k: $(STAMP)
 	$(BIN)/python -m benchmarks.c100k $(BENCH_ARGS)
 

@@ -6,7 +6,10 @@ connections from `--processes` load-generator processes (benchmarks/c100k_load.p
 its own 127.x.y.z source address. With all of them live it watches the idle process for `--idle-s`
 (presence heartbeats and sweeps, WebSocket pings) and prints: connections, RSS per connection, Redis
 ops/s and CPU, the fanout's CPU, its event loop's lag p99 (its `parley_loop_lag_seconds`), the load
-average, the machine and the date. Bounded: every wait has a deadline; the run stops within 15 minutes.
+average, the machine and the date. Then (`--storm`) messages flow while every client drops at once and
+while the fanout is killed and restarted; each storm's recovery is measured and every user's events are
+checked against the log (benchmarks/storm.py). Bounded: every wait has a deadline; the run stops within
+15 minutes.
 Run: make bench-c100k   (BENCH_ARGS="--connections 10000" for a smaller run)
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -22,17 +26,22 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psycopg
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.c100k_load import conversations_of
 from benchmarks.fanout import SECRET, rss_bytes
 from benchmarks.looplag import Buckets, gc_pauses, lag_buckets, lag_quantile_ms
 from benchmarks.machine import describe
 from benchmarks.processes import server
+from benchmarks.storm import LoadProcess, Sender, Storm, ask_all, cpu_s, expected_spans, storm, total
 from command_api import commands
 from command_api.append import Appender
 from command_api.bodies import CreateConversation
@@ -48,13 +57,6 @@ FDS_PER_PROCESS_RESERVE = 200
 DEADLINE_S = 14 * 60
 
 
-def conversations_of(user: int, users: int, per_user: int, members: int) -> list[str]:
-    """User `user`'s conversations: for each of `per_user` rounds the users are cut into groups of
-    `members` (each round shifted), one conversation per group, so every user is in `per_user` of them."""
-    groups = math.ceil(users / members)
-    return [f"c{j}-{((user + j * 7) % users) // members}" for j in range(per_user)] if groups else []
-
-
 def memberships(users: int, per_user: int, members: int) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for user in range(users):
@@ -68,11 +70,6 @@ def raise_fd_limit() -> int:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -99,37 +96,6 @@ class Scrape:
         )  # fmt: skip
 
 
-class LoadProcess:
-    """One `benchmarks.c100k_load` child and its JSON lines."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, count: int) -> None:
-        self.proc = proc
-        self.count = count
-
-    async def line(self, timeout_s: float) -> dict[str, int]:
-        assert self.proc.stdout is not None
-        raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)
-        if not raw:
-            raise RuntimeError(f"load process exited ({await self.proc.wait()})")
-        return dict(json.loads(raw))
-
-    async def ask(self, command: bytes, timeout_s: float = 30) -> dict[str, int]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + b"\n")
-        await self.proc.stdin.drain()
-        return await self.line(timeout_s)
-
-    async def stop(self) -> None:
-        if self.proc.returncode is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(b"stop\n")
-            try:
-                await asyncio.wait_for(self.proc.wait(), 30)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-
-
 def stages_of(args: argparse.Namespace, processes: int) -> list[list[int]]:
     """The load processes started together; profiled, one after the other (a snapshot after each)."""
     return [[p] for p in range(processes)] if args.profile else [list(range(processes))]
@@ -143,10 +109,6 @@ async def snapshot(pid: int, folder: Path, k: int) -> None:
             return
         await asyncio.sleep(0.1)
     raise RuntimeError(f"snapshot {k} not written")
-
-
-def total(counts: list[dict[str, int]], key: str) -> int:
-    return sum(c[key] for c in counts)
 
 
 async def create_conversations(redis_url: str, namespace: str, members: dict[str, list[str]]) -> None:
@@ -181,6 +143,62 @@ async def projector_caught_up(port: int, deadline: float) -> None:
     raise RuntimeError("the projector did not catch up in time")
 
 
+async def storms_phase(
+    storms: list[str], args: argparse.Namespace, loads: list[LoadProcess], r: redis.Redis,
+    database_url: str, port: int, pid: int, redis_url: str, restart: Callable[[], Any],
+) -> list[str]:  # fmt: skip
+    """Messages flow at `--storm-rate` while each storm runs; then every user's events are checked against
+    the log: each conversation's messages from the first to the last, no gap, no duplicate."""
+    members = memberships(sum(lp.count for lp in loads), args.per_user, args.members)
+    sender = Sender(redis_url, "c100k", PARTITIONS, members)
+    await sender.start(args.storm_rate)
+    results: list[Storm] = []
+    try:
+        await asyncio.sleep(2.0)
+        for n, kind in enumerate(storms):
+            sent = sender.sent
+            profiled = args.cprofile is not None and n == 0
+            if profiled:
+                os.kill(pid, signal.SIGUSR2)
+            result, pid = await storm(kind, loads, r, database_url, port, pid, restart, args.storm_bound_s)
+            if profiled:
+                os.kill(pid, signal.SIGUSR2)
+            result.sent = sender.sent - sent
+            results.append(result)
+            print("\n".join(result.lines()), flush=True)
+            await asyncio.sleep(3.0)
+    finally:
+        await sender.stop()
+    want_live = total(await ask_all(loads, b"report"), "live")  # those that were live at first
+    last, quiet_since, counts = -1, time.monotonic(), []
+    for _ in range(480):  # until all are live and received nothing new for 2 s (at most two minutes)
+        counts = await ask_all(loads, b"report")
+        events = total(counts, "events")
+        if events != last:
+            last, quiet_since = events, time.monotonic()
+        elif time.monotonic() - quiet_since > 2.0 and total(counts, "live_now") >= want_live:
+            break
+        await asyncio.sleep(0.25)
+    if (live_now := total(counts, "live_now")) < want_live:
+        print(f"NOTE: {want_live - live_now:,} clients were not live again when the log was checked")
+    spans, holes = await expected_spans(redis_url, "c100k", PARTITIONS)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spans, f)
+    checks = await ask_all(loads, f"check {f.name}".encode())
+    os.unlink(f.name)
+    counts = await ask_all(loads, b"report")
+    lines = [
+        f"\nstorm check against the log     {sender.sent:,} messages in {len(spans):,} conversations "
+        f"({sender.failed} appends failed, {holes} seq holes in the log)",
+        f"  users checked                  {total(checks, 'checked'):,}: {total(checks, 'wrong'):,} with a "
+        f"conversation's messages not exactly first..last, {total(checks, 'missing'):,} conversations "
+        f"missing, {total(checks, 'foreign'):,} foreign",
+        f"  gaps {total(counts, 'gaps'):,}, duplicates {total(counts, 'duplicates'):,}, resyncs "
+        f"{total(counts, 'resyncs'):,}, slow-consumer closes seen by clients {total(counts, 'slow_consumer'):,}",
+    ]
+    return [line for result in results for line in ["", *result.lines()]] + lines
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,9 +217,30 @@ async def main() -> None:
         "--profile", type=Path, default=None,
         help="run the fanout under tracemalloc; snapshots in this folder after each load process",
     )  # fmt: skip
+    parser.add_argument(
+        "--storm", default="both", choices=("both", "drop", "kill", "none"),
+        help="after the idle watch: every client drops at once (drop), the fanout is killed (kill), or both",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cprofile", type=Path, default=None,
+        help="run the fanout under cProfile during the first storm; its stats (pstats) to this file",
+    )  # fmt: skip
+    parser.add_argument("--fanout-log", type=Path, default=None, help="append the fanout's stderr here")
+    parser.add_argument(
+        "--storm-rate", type=float, default=100.0, help="messages/s appended during the storms"
+    )
+    parser.add_argument("--storm-bound-s", type=float, default=120.0, help="longest wait for one storm")
     args = parser.parse_args()
+    storms = (
+        []
+        if args.profile or args.storm == "none"
+        else ["drop", "kill"]
+        if args.storm == "both"
+        else [args.storm]
+    )
     started = time.monotonic()
     deadline = started + DEADLINE_S
+    storm_lines: list[str] = []
 
     limit = raise_fd_limit()
     wanted = args.connections
@@ -223,9 +262,13 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         with (
             RedisServer(Path(tmp) / "redis", appendfsync="everysec") as redis_server,
-            PostgresServer(Path(tmp) / "pg", fast=True) as postgres,
+            PostgresServer(
+                Path(tmp) / "pg", fast=True, settings={"shared_preload_libraries": "pg_stat_statements"}
+            ) as postgres,
         ):
             database_url = postgres.create_database("parley")
+            with psycopg.connect(database_url, autocommit=True) as conn:  # Postgres reads per resume
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             fanout_port, projector_port = free_port(), free_port()
             env = {
                 **os.environ, "REDIS_URL": redis_server.url, "DATABASE_URL": database_url,
@@ -239,14 +282,18 @@ async def main() -> None:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 env["PARLEY_PROFILE_DIR"] = str(args.profile)
                 fanout_module = "benchmarks.profiled_fanout"
+            elif args.cprofile:
+                env["PARLEY_CPROFILE_OUT"] = str(args.cprofile.resolve())
+                fanout_module = "benchmarks.cprofiled_fanout"
             t = time.monotonic()
             await create_conversations(redis_server.url, "c100k", members)
             print(f"created {len(members):,} conversations in {time.monotonic() - t:.1f} s", flush=True)
             r = redis.Redis.from_url(redis_server.url)
-            with (
-                server(["projector"], projector_port, env),
-                server([fanout_module], fanout_port, env) as fanout,
-            ):
+            with contextlib.ExitStack() as processes_:
+                processes_.enter_context(server(["projector"], projector_port, env))
+                fanout = processes_.enter_context(
+                    server([fanout_module], fanout_port, env, log_path=args.fanout_log)
+                )
                 await projector_caught_up(projector_port, deadline)
                 await asyncio.sleep(1.0)
                 rss_before = rss_bytes(fanout.pid)
@@ -255,7 +302,8 @@ async def main() -> None:
                 counts: list[dict[str, int]] = []
                 t, cpu_before = time.monotonic(), cpu_s(fanout.pid)
                 stages = stages_of(args, processes)
-                budget_s = max(10, int(deadline - time.monotonic() - args.idle_s - 90) // len(stages))
+                reserve_s = args.idle_s + 90 + (args.storm_bound_s + 30) * len(storms)
+                budget_s = max(10, int(deadline - time.monotonic() - reserve_s) // len(stages))
                 try:
                     for stage in stages:
                         started_now = []
@@ -263,8 +311,10 @@ async def main() -> None:
                             first, count = p * share, min(share, connections - p * share)
                             proc = await asyncio.create_subprocess_exec(
                                 sys.executable, "-m", "benchmarks.c100k_load",
-                                *(str(a) for a in (fanout_port, first, count, p, args.concurrency, int(args.deflate), budget_s)),
+                                *(str(a) for a in (fanout_port, first, count, p, args.concurrency, int(args.deflate), budget_s,
+                                                    connections, args.per_user, args.members)),
                                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+                                limit=1 << 24,
                             )  # fmt: skip
                             started_now.append(LoadProcess(proc, count))
                         loads += started_now
@@ -290,6 +340,11 @@ async def main() -> None:
                     after = Scrape.take(fanout_port, fanout.pid, r)
                     rss_after = rss_bytes(fanout.pid)
                     counts = [await lp.ask(b"report") for lp in loads]
+                    if storms:
+                        storm_lines = await storms_phase(
+                            storms, args, loads, r, database_url, fanout_port, fanout.pid, redis_server.url,
+                            lambda: processes_.enter_context(server([fanout_module], fanout_port, env, log_path=args.fanout_log)),
+                        )  # fmt: skip
                 finally:
                     await asyncio.gather(*(lp.stop() for lp in loads))
     window = after.at - before.at
@@ -327,6 +382,8 @@ async def main() -> None:
     print(
         f"load average (1, 5, 15 min)      {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores"
     )
+    for text in storm_lines:
+        print(text)
     print(f"run took                         {time.monotonic() - started:.0f} s")
 
 

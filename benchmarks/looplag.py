@@ -11,8 +11,8 @@ Buckets = list[tuple[float, float]]
 """(upper bound in seconds, cumulative count) of the lag histogram, ascending."""
 
 
-def lag_buckets(port: int) -> Buckets:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+def lag_buckets(port: int, timeout_s: float = 30) -> Buckets:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s).text
     return sorted(
         (float(s.labels["le"]), s.value)
         for family in text_string_to_metric_families(text)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
@@ -30,17 +32,19 @@ def server(
     port: int,
     env: Mapping[str, str] | None = None,
     ready_path: str | None = "/readyz",
+    log_path: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`python -m <module_args>` until it listens on `port` (and `ready_path` answers 200, unless None);
-    terminated (then killed after 15 s) when the block ends.
+    terminated (then killed after 15 s) when the block ends. Its stderr is appended to `log_path` if given.
 
     Raises:
         RuntimeError: the process exited, or was not ready within 30 s.
     """
-    proc = subprocess.Popen(
-        [sys.executable, "-m", *module_args], env=None if env is None else dict(env),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    with open(log_path, "ab") if log_path is not None else open(os.devnull, "wb") as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *module_args], env=None if env is None else dict(env),
+            stdout=subprocess.DEVNULL, stderr=errors,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
         while not _ready(port, ready_path):

@@ -64,11 +64,15 @@ def redis_client(
     cluster: bool = False,
     health_check_s: float = REDIS_HEALTH_CHECK_S,
     max_connections: int | None = None,
+    pool_wait_s: float | None = None,
 ) -> RedisClient:
     """A client on `url` whose dead pooled connections are replaced before a caller sees an error; with
     `cluster`, on the Redis Cluster one of whose nodes `url` names (`max_connections` is then per node).
 
     `socket_timeout_s` bounds each reply (None: no bound; a blocking read needs more than its block time).
+    `pool_wait_s` (one Redis only): when all `max_connections` (default 100) are busy, a command waits up to
+    that long for one rather than failing at once ("Too many connections"), as a reconnect storm's burst
+    of resumes would.
     """
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), REDIS_RETRIES, (redis.exceptions.ConnectionError,))
     options: dict[str, Any] = {
@@ -77,6 +81,11 @@ def redis_client(
     }  # fmt: skip
     if cluster:
         return RedisCluster.from_url(url, max_connections=max_connections or 100, **options)
+    if pool_wait_s is not None:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections or 100, timeout=pool_wait_s, **options, **_POOL_OPTIONS
+        )
+        return aioredis.Redis.from_pool(pool)
     return aioredis.Redis.from_url(url, max_connections=max_connections, **options, **_POOL_OPTIONS)
 
 

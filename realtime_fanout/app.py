@@ -48,7 +48,7 @@ class Services:
         layout = settings.log.layout()
         url = settings.log.redis_url
         cluster = settings.log.redis_cluster
-        self.redis = redis_client(url, 10, cluster=cluster)
+        self.redis = redis_client(url, 10, cluster=cluster, pool_wait_s=settings.redis_pool_wait_s)
         self.reader_redis = redis_client(url, settings.read_block_ms / 1000 + 10, cluster=cluster)
         self.supervisor = Supervisor("fanout")
         self.pool: AsyncConnectionPool[Any] | None = None
@@ -68,15 +68,18 @@ class Services:
             archive=archive,
             track_acts=settings.presence_scope == "engaged",
             supervisor=self.supervisor,
+            recent_items=settings.recent_items,
         )
         history_log = EventLog(self.redis, layout)
         self.history = History(
-            history_log, settings.replay_page, archive, settings.archive_wait_s, self._flights()
-        )
+            history_log, settings.replay_page, archive, settings.archive_wait_s, self._flights(),
+            self.hub.recent,
+        )  # fmt: skip
         self.verifier = TokenVerifier(settings.auth)
         self.bus = SignalBus(
             self.redis, self.hub, typing_ttl_s=settings.typing_ttl_s, typing_per_s=settings.typing_per_s,
             presence_ttl_s=settings.presence_ttl_s, presence_scope=settings.presence_scope,
+            leave_grace_s=settings.presence_leave_grace_s,
         )  # fmt: skip
         self.slots = UserSlots(settings.max_connections_per_user)
         self._starter: asyncio.Task[None] | None = None

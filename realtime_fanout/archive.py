@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from events.log import LogEntry
 from events.membership import MEMBERSHIP_TYPES, PRIVATE_TYPES
 from realtime_fanout.cursor import StreamKey, stream_key
-from realtime_fanout.item import decode_entry
+from realtime_fanout.item import IndexedItems, decode_entry
 from realtime_fanout.metrics import HISTORY_COALESCED, HISTORY_READS
 from realtime_fanout.pageflights import Page, PageFlights
 from realtime_fanout.pooltimeout import forget_pool_wait
@@ -99,7 +99,7 @@ class Archive:
         args = (epoch, partition, *after, *until, self.page)
         rows = await self._rows(_PAGE_SQL, args)
         entries = [LogEntry(partition, sid, bytes(data)) for sid, data in rows if data is not None]
-        items = [i for i in map(decode_entry, entries) if i is not None]
+        items = IndexedItems(i for i in map(decode_entry, entries) if i is not None)
         last_id = rows[-1][0] if rows else None
         last = stream_key(last_id) if last_id is not None else None
         return Page(items, after, last_id, last, len(rows) >= self.page)

@@ -9,6 +9,7 @@ and for a short linger after.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,9 +20,10 @@ from events.log import EventLog
 from realtime_fanout.archive import Archive
 from realtime_fanout.cursor import StreamKey, stream_key
 from realtime_fanout.exceptions import HistoryGone
-from realtime_fanout.item import Item, decode_entry
+from realtime_fanout.item import IndexedItems, Item, decode_entry
 from realtime_fanout.metrics import HISTORY_COALESCED, HISTORY_READS
 from realtime_fanout.pageflights import Page, PageFlights
+from realtime_fanout.recent import RecentItems
 from realtime_fanout.trimrule import Served, history_plan, stream_holds
 
 _NO_LIVE: StreamKey = (1 << 64, 0)  # later than any stream id: only a fresh read serves a partial page
@@ -37,12 +39,15 @@ class History:
         archive: Archive | None = None,
         archive_wait_s: float = 2.0,
         flights: PageFlights[int] | None = None,
+        recent: RecentItems | None = None,
     ) -> None:
         self.log = log
         self.page = page
         self.archive = archive
         self.archive_wait_s = archive_wait_s
         self.flights: PageFlights[int] = flights or PageFlights()
+        self._infos: dict[int, asyncio.Future[Any]] = {}
+        self.recent = recent
 
     @property
     def reads(self) -> int:
@@ -57,10 +62,9 @@ class History:
         (inclusive) the archive must serve first (`trimrule.history_plan`). Raises HistoryGone when neither
         can serve, after waiting up to `archive_wait_s` for the archive to catch up."""
         after = stream_key(after_id)
-        try:
-            info: Any = await self.log.redis.xinfo_stream(self.log.layout.stream_key(partition))
-        except redis.exceptions.ResponseError:  # no such key: the partition has no stream (yet)
-            info = None
+        if self.recent is not None and self.recent.covers(partition, after):
+            return None  # the hub read every entry after it since it started: nothing was trimmed before
+        info = await self.stream_info(partition)
         if stream_holds(info, after):
             return None  # the archive is not asked: the common case costs one XINFO
         deadline = time.monotonic() + self.archive_wait_s
@@ -75,6 +79,30 @@ class History:
                 )
             await asyncio.sleep(0.1)
 
+    async def stream_info(self, partition: int) -> Any:
+        """`XINFO STREAM` of `partition` (None: no such stream). One call in flight per partition serves
+        every caller that asks while it runs (a storm's resumes ask 2 per partition each); an answer is
+        never kept after it arrived, so it is no older than a call of the caller's own would be, give or
+        take that one round trip."""
+        flight = self._infos.get(partition)
+        if flight is None:
+            flight = asyncio.ensure_future(self._xinfo(partition))
+            self._infos[partition] = flight
+            flight.add_done_callback(functools.partial(self._landed, partition))
+        return await asyncio.shield(flight)
+
+    def _landed(self, partition: int, flight: asyncio.Future[Any]) -> None:
+        if self._infos.get(partition) is flight:
+            del self._infos[partition]
+        if not flight.cancelled():
+            flight.exception()  # retrieved: every waiter re-raises it; none left is no warning
+
+    async def _xinfo(self, partition: int) -> Any:
+        try:
+            return await self.log.redis.xinfo_stream(self.log.layout.stream_key(partition))
+        except redis.exceptions.ResponseError:  # no such key: the partition has no stream (yet)
+            return None
+
     async def pages(
         self, epoch: str, partition: int, after_id: str, live_from: str | None = None
     ) -> AsyncIterator[list[Item]]:
@@ -85,6 +113,12 @@ class History:
         Raises:
             HistoryGone: entries after `after_id` were trimmed and the archive does not hold them.
         """
+        held = None if self.recent is None else self.recent.after(partition, stream_key(after_id))
+        if held is not None:  # the hub's recent items: no read at all
+            HISTORY_COALESCED.labels("memory").inc(len(held))
+            for block in held:
+                yield block
+            return
         until = await self.archive_until(epoch, partition, after_id)
         if until is not None and self.archive is not None:
             while True:
@@ -114,7 +148,7 @@ class History:
 
     async def _read(self, partition: int, after_id: str) -> Page:
         entries = await self.log.read_range(partition, f"({after_id}", "+", self.page)
-        items = [i for i in map(decode_entry, entries) if i is not None]
+        items = IndexedItems(i for i in map(decode_entry, entries) if i is not None)
         last_id = entries[-1].stream_id if entries else None
         last = stream_key(last_id) if last_id is not None else None
         return Page(items, stream_key(after_id), last_id, last, len(entries) >= self.page)

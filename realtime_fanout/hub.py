@@ -24,6 +24,7 @@ from realtime_fanout.exceptions import HubUnavailable
 from realtime_fanout.item import Item, decode_entry
 from realtime_fanout.membership import PRIVATE_PAYLOADS, MembershipIndex, Span
 from realtime_fanout.metrics import CONNECTION_FAILURES, DELIVERIES, ENTRIES_READ
+from realtime_fanout.recent import RecentItems
 from realtime_fanout.routing import Abortable, Router, Subscriber
 from realtime_fanout.verdicts import Verdicts
 from servicekit.supervisor import Policy, Supervisor, honour_cancellation
@@ -55,6 +56,7 @@ class Hub:
         archive: Archive | None = None,
         track_acts: bool = False,
         supervisor: Supervisor | None = None,
+        recent_items: int = 0,
     ) -> None:
         self.log = EventLog(redis, layout)
         self.archive = archive
@@ -67,6 +69,7 @@ class Hub:
         self.router = Router(track_acts=track_acts)
         self.failure: str | None = None
         self.verdicts = Verdicts()
+        self.recent = RecentItems(layout.partitions, recent_items)
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -89,6 +92,7 @@ class Hub:
             await self._bootstrap(partition, head)
         self.epoch = epoch
         self.positions = heads
+        self.recent.start(heads)
         self._task = self.supervisor.spawn(
             "fanout-hub", self._run, Policy.STOP, context=self._where, on_stop=self._stopped
         )
@@ -190,6 +194,7 @@ class Hub:
             self.positions[entry.partition] = entry.stream_id
             if item is not None:
                 if self.verdicts.admit(entry.partition, entry.stream_id, item.envelope):
+                    self.recent.add(item)
                     self.dispatch(item)
             else:
                 log.error("skipping undecodable entry %s of partition %d", entry.stream_id, entry.partition)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from events.codec import decode, encode
 from events.exceptions import DecodeError
@@ -42,3 +43,27 @@ def decode_entry(entry: LogEntry) -> Item | None:
     except DecodeError:
         return None
     return Item(entry.partition, entry.stream_id, stream_key(entry.stream_id), envelope, encode(envelope))
+
+
+@dataclass(frozen=True, slots=True)
+class PageIndex:
+    """Where a page's items are: positions per conversation, and per user those of the membership events
+    that concern them."""
+
+    by_conversation: dict[str, list[int]]
+    concerning: dict[str, list[int]]
+
+
+class IndexedItems(list[Item]):
+    """A history page's items (in log order) with an index built on first use, once per page: every
+    session replaying a shared page looks up its own conversations instead of judging every item."""
+
+    @cached_property
+    def lookup(self) -> PageIndex:
+        by_conversation: dict[str, list[int]] = {}
+        concerning: dict[str, list[int]] = {}
+        for n, item in enumerate(self):
+            by_conversation.setdefault(item.envelope.conversation_id, []).append(n)
+            for user in concerns(item.envelope):
+                concerning.setdefault(user, []).append(n)
+        return PageIndex(by_conversation, concerning)

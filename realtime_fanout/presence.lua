@@ -4,7 +4,9 @@
 -- every key shares the hash tag in ARGV[2], and so does the channel (SPUBLISH names it like a key).
 -- ARGV: [1] op, [2] key prefix, [3] pub/sub channel, [4] ttl ms, [5] PUBLISH or SPUBLISH, then per op:
 --   touch: conn, user, conn, user, ...  add or refresh connections for ttl; returns how many went online
---   leave: conn, user                   forget one connection; returns 1 when the user went offline
+--   leave: grace, conn, user, ...       forget connections; returns how many users went offline. With grace
+--                                       (ms) > 0 each is kept until then instead (noting when it left, for
+--                                       last-seen): a user back within it has no transition at all
 --   sweep: limit                        forget at most `limit` expired connections; returns {seen, offline}
 -- Transitions flip the online hash, so each is published exactly once, in order, as JSON
 -- {"type":"presence","user_id":U,"online":B,"last_seen":ms|null}. Time is the server's (TIME).
@@ -21,6 +23,7 @@ end
 local function drop(user, conn)
   redis.call('ZREM', prefix .. ':c:' .. user, conn)
   redis.call('ZREM', expiry, conn .. ' ' .. user)
+  redis.call('HDEL', prefix .. ':left', conn)
 end
 
 -- After a removal: purge the user's expired connections; offline when none is left and they were online.
@@ -51,9 +54,20 @@ if op == 'touch' then
   end
   return went
 elseif op == 'leave' then
-  local conn, user = ARGV[6], ARGV[7]
-  drop(user, conn)
-  return settle(user, now)
+  local grace = tonumber(ARGV[6])
+  local went = 0
+  for i = 7, #ARGV, 2 do
+    local conn, user = ARGV[i], ARGV[i + 1]
+    if grace <= 0 then
+      drop(user, conn)
+      went = went + settle(user, now)
+    elseif redis.call('ZSCORE', prefix .. ':c:' .. user, conn) then
+      redis.call('ZADD', prefix .. ':c:' .. user, now + grace, conn)
+      redis.call('ZADD', expiry, now + grace, conn .. ' ' .. user)
+      redis.call('HSET', prefix .. ':left', conn, now)
+    end
+  end
+  return went
 elseif op == 'sweep' then
   local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[6]))
   local offline = 0
@@ -61,8 +75,9 @@ elseif op == 'sweep' then
     local member, expires = due[i], tonumber(due[i + 1])
     local sp = string.find(member, ' ', 1, true)
     local conn, user = string.sub(member, 1, sp - 1), string.sub(member, sp + 1)
+    local left = tonumber(redis.call('HGET', prefix .. ':left', conn))
     drop(user, conn)
-    offline = offline + settle(user, math.min(now, expires - ttl))
+    offline = offline + settle(user, left or math.min(now, expires - ttl))
   end
   return {#due / 2, offline}
 end

@@ -67,7 +67,14 @@ class PresenceStore:
 
     async def leave(self, conn_id: str, user_id: str) -> bool:
         """Forget one connection; True when it was the user's last (they went offline, published)."""
-        return int(str(await self._run("leave", conn_id, user_id))) == 1
+        return await self.leave_many([(conn_id, user_id)]) == 1
+
+    async def leave_many(self, connections: list[tuple[str, str]], grace_s: float = 0.0) -> int:
+        """Forget (conn_id, user_id) records in one script call; returns how many users went offline. With
+        `grace_s` they are kept that long instead (a sweep then forgets them, last seen when they left):
+        a user who reconnects meanwhile (a network blip, a restart) goes neither offline nor online."""
+        args = [part for pair in connections for part in pair]
+        return int(str(await self._run("leave", round(grace_s * 1000), *args))) if args else 0
 
     async def sweep(self, limit: int) -> tuple[int, int]:
         """Forget at most `limit` expired connections; returns (forgotten, users gone offline)."""

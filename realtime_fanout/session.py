@@ -16,7 +16,7 @@ import msgspec
 from events.membership import is_private
 from realtime_fanout.cursor import Cursor, stream_key
 from realtime_fanout.frames import EventFrame, EventsFrame, LiveFrame, encode_frame
-from realtime_fanout.item import Item
+from realtime_fanout.item import IndexedItems, Item
 from realtime_fanout.membership import Span, UserMemberships
 from realtime_fanout.unread import UnreadTracker, receipt
 
@@ -82,9 +82,30 @@ class Session:
         `replayable` refuses is skipped: the hub refused it, or it comes live."""
         if self.phase is not Phase.REPLAY:
             raise RuntimeError("feed_replay after replay_done")
+        if isinstance(items, IndexedItems):
+            self._feed_indexed(items)
+            return
         for item in items:
             if self.replayable is None or self.replayable(item):
                 self._consider(item)
+
+    def _feed_indexed(self, items: IndexedItems) -> None:
+        """As `feed_replay`, judging only the items of conversations this user has or gets a span in
+        (for the others judging changes nothing but the cursor), then moving the cursor past the page."""
+        index = items.lookup
+        mine = index.concerning.get(self.user_id, [])
+        wanted = set(self.memberships.spans).union(items[n].envelope.conversation_id for n in mine)
+        picks = set(mine)
+        for cid in wanted:
+            picks.update(index.by_conversation.get(cid, ()))
+        for n in sorted(picks):
+            if self.replayable is None or self.replayable(items[n]):
+                self._consider(items[n])
+        for item in reversed(items):  # the last replayable item: the cursor covers the page up to it
+            if self.replayable is None or self.replayable(item):
+                if not self.cursor.covers(item.partition, item.key):
+                    self.cursor.advance(item.partition, item.stream_id, item.key)
+                return
 
     def feed_live(self, item: Item) -> None:
         """A live item from the hub; buffered until `replay_done`, then judged at once."""

@@ -37,10 +37,13 @@ class FanoutSettings(EnvSettings):
     archive_wait_s: float = setting("PARLEY_FANOUT_ARCHIVE_WAIT_S", 2.0, minimum=0.0)
     history_linger_s: float = setting("PARLEY_FANOUT_HISTORY_LINGER_S", 2.0, minimum=0.0)
     history_cache_pages: int = setting("PARLEY_FANOUT_HISTORY_CACHE_PAGES", 64, minimum=0)
+    recent_items: int = setting("PARLEY_FANOUT_RECENT_ITEMS", 20_000, minimum=0)
+    redis_pool_wait_s: float = setting("PARLEY_FANOUT_REDIS_POOL_WAIT_S", 5.0, minimum=0.0)
     unread_wait_s: float = setting("PARLEY_FANOUT_UNREAD_WAIT_S", 1.0, minimum=0.0)
     typing_ttl_s: float = setting("PARLEY_FANOUT_TYPING_TTL_S", 5.0, minimum=0.1)
     typing_per_s: float = setting("PARLEY_FANOUT_TYPING_PER_S", 2.0, minimum=0.0)
     presence_ttl_s: float = setting("PARLEY_FANOUT_PRESENCE_TTL_S", 30.0, minimum=0.3)
+    presence_leave_grace_s: float = setting("PARLEY_FANOUT_PRESENCE_LEAVE_GRACE_S", 5.0, minimum=0.0)
     presence_scope: PresenceScope = setting("PARLEY_FANOUT_PRESENCE_SCOPE", "engaged")
     max_message_bytes: int = setting(
         "PARLEY_FANOUT_MAX_MESSAGE_BYTES", MAX_CLIENT_MESSAGE_BYTES, minimum=1024

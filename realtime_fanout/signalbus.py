@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
@@ -43,6 +44,14 @@ SWEEP_ROUNDS = 10
 POLL_S = 1.0
 
 
+@dataclass(slots=True)
+class _Leaves:
+    """Presence records to forget in one go, and the future their callers await."""
+
+    pairs: list[tuple[str, str]]
+    done: asyncio.Future[None]
+
+
 class SignalTarget(Abortable, Protocol):
     """What the bus needs of a connection: identity, filter, a non-blocking `signal`, and `abort`."""
 
@@ -72,17 +81,20 @@ class SignalBus:
         typing_per_s: float,
         presence_ttl_s: float,
         presence_scope: PresenceScope,
+        leave_grace_s: float = 0.0,
     ) -> None:
         self.redis = redis
         self.hub = hub
         self.store = PresenceStore(redis, hub.layout.namespace, presence_ttl_s)
         self.presence_ttl_s = presence_ttl_s
         self.presence_scope = presence_scope
+        self.leave_grace_s = leave_grace_s
         self.limiter = RateLimiter(typing_per_s)
         self.tracker = TypingTracker(typing_ttl_s)
         self._conns: dict[str, dict[SignalTarget, str]] = {}
         self._typing_wake = asyncio.Event()
         self._touching = asyncio.Lock()  # a heartbeat must not re-add a record that `leave` removed
+        self._leaves: _Leaves | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.subscribed = asyncio.Event()
 
@@ -128,12 +140,35 @@ class SignalBus:
             self._conns.pop(conn.user_id, None)
         if conn_id is None:
             return
+        batch = self._leaves
+        if batch is None:
+            batch = self._leaves = _Leaves([], asyncio.get_running_loop().create_future())
+            asyncio.get_running_loop().create_task(self._leave(batch), name="fanout-presence-leave")
+        batch.pairs.append((conn_id, conn.user_id))
+        await asyncio.shield(batch.done)
+
+    async def _leave(self, batch: _Leaves) -> None:
+        """Forget `batch`'s records, TOUCH_CHUNK per script call: the leaves that arrive while the lock is
+        awaited join it (a storm's disconnects cost a few calls, not one each)."""
         try:
             async with self._touching:
-                await self.store.leave(conn_id, conn.user_id)
+                self._leaves = None
+                for start in range(0, len(batch.pairs), TOUCH_CHUNK):
+                    await self.store.leave_many(batch.pairs[start : start + TOUCH_CHUNK], self.leave_grace_s)
         except REDIS_ERRORS as exc:
             SIGNAL_ERRORS.labels("leave").inc()
-            log.warning("presence leave of %s failed (it will expire): %s", conn.user_id, exc)
+            log.warning(
+                "presence leave of %d connections failed (they will expire): %s", len(batch.pairs), exc
+            )
+        except BaseException as exc:
+            batch.done.set_exception(exc)
+            batch.done.exception()  # retrieved: the waiters re-raise it
+            raise
+        finally:
+            if self._leaves is batch:
+                self._leaves = None
+        if not batch.done.done():
+            batch.done.set_result(None)
 
     async def typing(self, conn: SignalTarget, message: Typing) -> None:
         """Publish a participant's typing signal, rate-limited per user; others are dropped and counted."""

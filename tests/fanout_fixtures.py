@@ -102,6 +102,9 @@ def fanout_env(redis_url: str, namespace: str, **extra: str) -> dict[str, str]:
         REDIS_URL=redis_url, PARLEY_LOG_NAMESPACE=namespace, PARLEY_PARTITIONS=str(PARTITIONS),
         PARLEY_JWT_SECRET=SECRET, PARLEY_DEV_MODE="1", PARLEY_FANOUT_READ_BLOCK_MS="500",
         PARLEY_FANOUT_PING_INTERVAL_S="1", PARLEY_FANOUT_PING_TIMEOUT_S="5",
+        # transitions at once when a connection ends, as the presence tests expect; the leave grace (a quick
+        # return is no transition) is tested at the store (test_fanout_signals) and measured in bench-c100k
+        PARLEY_FANOUT_PRESENCE_LEAVE_GRACE_S="0",
     )  # fmt: skip
     env.update(extra)
     return env

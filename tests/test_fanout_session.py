@@ -24,7 +24,7 @@ from events.schema import (
 from realtime_fanout.cursor import Cursor
 from realtime_fanout.exceptions import ForeignEpoch, MalformedCursor
 from realtime_fanout.frames import EventFrame, EventsFrame, LiveFrame, decode_server_frame
-from realtime_fanout.item import Item, decode_entry
+from realtime_fanout.item import IndexedItems, Item, decode_entry
 from realtime_fanout.membership import MembershipIndex, Span
 from realtime_fanout.session import Session
 
@@ -259,6 +259,7 @@ def test_any_splice_delivers_exactly_the_visible_events_after_the_cursor(
         for p, n in enumerate(sizes)
     ]
     only = data.draw(st.none() | st.sets(st.sampled_from(CONVERSATIONS), min_size=1), label="filter")
+    indexed = data.draw(st.booleans(), label="indexed pages")  # a history page's index: the same frames
     session = Session(
         "u", log.position(after), conversations=only, seed=log.seed("u", live_from),
         max_batch=data.draw(st.integers(1, 5), label="batch"),
@@ -290,7 +291,7 @@ def test_any_splice_delivers_exactly_the_visible_events_after_the_cursor(
             n = len(source[p]) - data.draw(st.integers(0, len(source[p]) - 1))
             chunk, source[p] = source[p][:n], source[p][n:]
             if source is replay:
-                session.feed_replay(chunk)
+                session.feed_replay(IndexedItems(chunk) if indexed else chunk)
             else:
                 for item in chunk:
                     session.feed_live(item)

@@ -194,6 +194,26 @@ async def test_expired_connections_are_swept_once_and_concurrent_leaves_go_offli
     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
+async def test_a_leave_with_grace_is_no_transition_when_the_user_comes_back_within_it(
+    redis_client: aioredis.Redis, log_namespace: str
+) -> None:
+    store = PresenceStore(redis_client, log_namespace, ttl_s=30)
+    pubsub = redis_client.pubsub()
+    await pubsub.subscribe(store.channel)
+    await store.touch([("a1", "alice"), ("b1", "bob")])
+    left = time.time()
+    assert await store.leave_many([("a1", "alice"), ("b1", "bob")], grace_s=0.3) == 0  # a storm: kept
+    await store.touch([("a2", "alice")])  # alice is back in time, bob is not
+    await asyncio.sleep(0.4)
+    assert await store.sweep(limit=10) == (2, 1)
+    messages = await published(pubsub)
+    assert [(m["user_id"], m["online"]) for m in messages] == [("alice", True), ("bob", True), ("bob", False)]
+    [alice, bob] = await store.snapshot(["alice", "bob"])
+    assert alice.online and not bob.online and bob.last_seen is not None
+    assert left - 1 <= bob.last_seen <= left + 0.2  # when he left, not when the grace ended
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
 def frames_of(client: Client, kind: str, **match: Any) -> list[dict[str, Any]]:
     return [f for f in client.control if f["type"] == kind and all(f[k] == v for k, v in match.items())]
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -16,9 +17,11 @@ from command_api.append import Appender
 from events.codec import decode
 from events.log import EventLog
 from events.position import parse_stream_id
-from events.schema import MessageSent
+from events.schema import Envelope, MessageSent
 from realtime_fanout.cursor import Cursor
+from realtime_fanout.item import IndexedItems, Item
 from realtime_fanout.pageflights import Page, PageFlights
+from realtime_fanout.recent import BLOCK, RecentItems
 from servicekit.log_settings import LogSettings
 from tests.fanout_fixtures import PARTITIONS, Client, Log, archive_everything
 
@@ -148,3 +151,25 @@ async def test_page_flights_share_in_flight_and_lingering_reads() -> None:
     assert (await flights.read(0, (2, 0), None, lambda: read(2)))[1] is False
     assert (await flights.read(1, (2, 0), None, lambda: read(2)))[1] is False  # another scope
     assert flights.reads == 3
+
+
+def test_recent_items_serve_every_event_after_a_cursor_at_or_after_their_floor() -> None:
+    def item(partition: int, n: int) -> Item:  # the blocks look at positions and conversations
+        envelope = SimpleNamespace(conversation_id=f"c{n % 3}", payload=None, actor="a")
+        return Item(partition, f"{n}-0", (n, 0), cast(Envelope, envelope), b"{}")
+
+    recent = RecentItems(partitions=2, max_items=2 * 2 * BLOCK)  # two blocks per partition
+    recent.start(["5-0", "0-0"])
+    for n in range(6, 6 + 3 * BLOCK + 10):
+        recent.add(item(0, n))
+    assert not recent.covers(0, (5, 0)) and recent.after(0, (5, 0)) is None  # the first block was evicted
+    floor = 5 + BLOCK
+    assert recent.covers(0, (floor, 0))
+    pages = recent.after(0, (floor + 3, 0))
+    assert pages is not None
+    keys = [i.key[0] for page in pages for i in page if i.key > (floor + 3, 0)]
+    assert keys == list(range(floor + 4, 6 + 3 * BLOCK + 10))
+    for page in pages:  # the open block's index is kept as it grows: the same as one built afresh
+        assert page.lookup == IndexedItems(list(page)).lookup
+    assert recent.after(1, (0, 0)) == []  # nothing after the start position yet
+    assert RecentItems(2, 0).after(0, (9, 0)) is None  # off: never covers

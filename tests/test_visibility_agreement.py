@@ -178,6 +178,13 @@ async def check(url: str, h: History, cuts: set[int]) -> None:
                 }
                 assert pure == {i for ids in visible_events(h.events, user).values() for i in ids}, user
                 assert audit_view(h, user) == visible_events(h.events, user), (user, "the audit's oracle")
+            one_by_one = [await seeder.seed(user, EPOCH, ["0-0"]) for user in USERS]
+            before = seeder.snapshots
+            together = await asyncio.gather(*(seeder.seed(user, EPOCH, ["0-0"]) for user in USERS))
+            assert seeder.snapshots - before == 1  # asked at once: one snapshot for every user
+            assert [(s.positions, s.conversations) for s in together] == [
+                (s.positions, s.conversations) for s in one_by_one
+            ]
         await check_span_sql(conn, model.tables["memberships"].values(), max(h.seqs.values()))
 
 
