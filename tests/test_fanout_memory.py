@@ -22,15 +22,15 @@ from command_api.append import Appender
 from projector.migrate import migrate
 from realtime_fanout.app import create_app
 from realtime_fanout.connection import Connection
+from realtime_fanout.edge import StreamEdge, ws_options
 from realtime_fanout.session import Session
 from realtime_fanout.settings import FanoutSettings
-from realtime_fanout.wsproto import AbortingWebSocketProtocol, protocol_class
 from servicekit.httpedge import BoundedHttpToolsProtocol, server_config
 from servicekit.settings import Env
 from tests.fanout_fixtures import SECRET, Log, close_code, token
 from tests.inprocess import uvicorn_serving
 
-SERVER_SIDE = (Connection, Session, AbortingWebSocketProtocol, BoundedHttpToolsProtocol)
+SERVER_SIDE = (Connection, Session, StreamEdge, BoundedHttpToolsProtocol)
 
 
 def alive() -> dict[str, int]:
@@ -56,8 +56,9 @@ async def fanout_in_process(
         "PARLEY_FANOUT_READ_BLOCK_MS": "200",
     })  # fmt: skip
     settings = FanoutSettings.from_env(env)
-    config = server_config(create_app(settings), settings.http, "127.0.0.1", 0, loop="asyncio",
-                           ws=protocol_class(settings.close_timeout_s), log_level="warning")  # fmt: skip
+    app = create_app(settings)
+    config = server_config(app, settings.http, "127.0.0.1", 0, loop="asyncio", log_level="warning",
+                           **ws_options(settings, app))  # fmt: skip
     async with uvicorn_serving(config) as port:
         yield f"ws://127.0.0.1:{port}/v1/stream"
 
