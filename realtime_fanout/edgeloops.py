@@ -16,8 +16,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WHEEL_STEPS = 50
-"""Steps of the keepalive wheel per ping interval: pings go out spread over the interval, not in bursts."""
+WHEEL_STEP_S = 0.05
+"""How often the keepalive wheel turns (at most 400 steps per ping interval): pings go out spread over the
+interval, at 100,000 connections and 20 s about 250 per step, not in bursts."""
+MAX_WHEEL_STEPS = 400
 
 
 class Flusher:
@@ -65,22 +67,24 @@ class Keepalive:
         "horizon_s",
         "interval_s",
         "step_s",
+        "steps",
         "timeout_s",
     )
 
     def __init__(self, interval_s: float, timeout_s: float) -> None:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
-        self.step_s = interval_s / WHEEL_STEPS
+        self.steps = max(1, min(MAX_WHEEL_STEPS, round(interval_s / WHEEL_STEP_S)))
+        self.step_s = interval_s / self.steps
         self.horizon_s = 2 * interval_s + 1
-        self._slots: list[set[StreamEdge]] = [set() for _ in range(WHEEL_STEPS)]
+        self._slots: list[set[StreamEdge]] = [set() for _ in range(self.steps)]
         self._check_back = math.ceil(timeout_s / self.step_s)
         """Steps after a ping when its pong is checked (past a whole turn, the next ping's step checks)."""
         self._step = 0
         self._handle: asyncio.TimerHandle | None = None
 
     def add(self, edge: StreamEdge) -> None:
-        edge.bucket = (self._step - 1) % WHEEL_STEPS  # first pinged a whole interval from now
+        edge.bucket = (self._step - 1) % self.steps  # first pinged a whole interval from now
         self._slots[edge.bucket].add(edge)
         if self._handle is None:
             self._handle = asyncio.get_running_loop().call_later(self.step_s, self._turn)
@@ -92,10 +96,10 @@ class Keepalive:
 
     def _turn(self) -> None:
         self._handle = None
-        step, self._step = self._step, (self._step + 1) % WHEEL_STEPS
+        step, self._step = self._step, (self._step + 1) % self.steps
         now = time.monotonic()
-        if self._check_back < WHEEL_STEPS:
-            for edge in list(self._slots[(step - self._check_back) % WHEEL_STEPS]):
+        if self._check_back < self.steps:
+            for edge in list(self._slots[(step - self._check_back) % self.steps]):
                 if edge.ping_sent_at and now - edge.ping_sent_at >= self.timeout_s - self.step_s / 2:
                     self._expire(edge)
         for edge in list(self._slots[step]):
