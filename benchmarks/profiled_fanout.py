@@ -19,7 +19,10 @@ FRAMES = 1
 
 def object_sizes() -> dict[str, Any]:
     """sys.getsizeof (shallow) of the objects one subscribed connection holds, and counts per type."""
+    from starlette.websockets import WebSocket
+
     from realtime_fanout.connection import Connection
+    from realtime_fanout.edge import StreamEdge
 
     connections = [o for o in gc.get_objects() if isinstance(o, Connection)]
     if not connections:
@@ -27,20 +30,23 @@ def object_sizes() -> dict[str, Any]:
     c = connections[-1]
     ws = c.ws
     parts: dict[str, Any] = {
-        "Connection": c, "Connection.__dict__": c.__dict__, "ConnectionProtocol": c.protocol,
+        "Connection": c, "Connection.__dict__": getattr(c, "__dict__", None), "ConnectionProtocol": c.protocol,
         "ConnectionProtocol.__dict__": vars(c.protocol), "Session": c.session,
         "Session.__dict__": getattr(c.session, "__dict__", None),
-        "starlette WebSocket": ws, "WebSocket.__dict__": vars(ws), "scope": ws.scope,
         "writer wake-up": c._wake, "writer wake-up __dict__": getattr(c._wake, "__dict__", None),
     }  # fmt: skip
-    receive = ws._receive
-    uvicorn_protocol = getattr(receive, "__self__", None)
-    if uvicorn_protocol is not None:
-        parts["uvicorn protocol"] = uvicorn_protocol
-        parts["uvicorn protocol.__dict__"] = vars(uvicorn_protocol)
-        parts["websockets ServerProtocol"] = uvicorn_protocol.conn
-        parts["ServerProtocol.__dict__"] = vars(uvicorn_protocol.conn)
-        parts["transport"] = uvicorn_protocol.transport
+    if isinstance(ws, WebSocket):
+        parts |= {"starlette WebSocket": ws, "WebSocket.__dict__": vars(ws), "scope": ws.scope}
+        uvicorn_protocol = getattr(ws._receive, "__self__", None)
+        if uvicorn_protocol is not None:
+            parts["uvicorn protocol"] = uvicorn_protocol
+            parts["uvicorn protocol.__dict__"] = vars(uvicorn_protocol)
+            parts["websockets ServerProtocol"] = uvicorn_protocol.conn
+            parts["ServerProtocol.__dict__"] = vars(uvicorn_protocol.conn)
+            parts["transport"] = uvicorn_protocol.transport
+    elif isinstance(ws, StreamEdge):
+        parts |= {"native edge": ws, "websockets ServerProtocol": ws.ws, "ServerProtocol.__dict__": vars(ws.ws),
+                  "transport": ws.transport}  # fmt: skip
     sizes = {name: sys.getsizeof(obj) for name, obj in parts.items() if obj is not None}
     counts: dict[str, int] = {}
     for o in gc.get_objects():

@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from realtime_fanout.app import create_app
+    from realtime_fanout.edge import ws_options
     from realtime_fanout.settings import FanoutSettings
-    from realtime_fanout.wsproto import ws_options
     from servicekit.httpedge import configure_logging, edge_sockets, server_config
 
     configure_logging()
@@ -26,10 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     except ServiceKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    app = create_app(settings)
     config = server_config(
-        create_app(settings), settings.http, settings.host, settings.port, timeout_graceful_shutdown=5,
-        **ws_options(settings),
-    )  # fmt: skip
+        app,
+        settings.http,
+        settings.host,
+        settings.port,
+        timeout_graceful_shutdown=5,
+        **ws_options(settings, app),
+    )
     uvicorn.Server(config).run(sockets=edge_sockets(settings.http, settings.host, settings.port))
     return 0
 

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from typing import Any, Protocol
 
 import psycopg
 import redis.exceptions
@@ -41,6 +42,25 @@ log = logging.getLogger(__name__)
 SUBPROTOCOL_PREFIX = "bearer."
 
 
+def offered_token(subprotocols: Iterable[str], query_token: str | None) -> tuple[str | None, str | None]:
+    """(the subprotocol to accept, the token) offered with the upgrade: a `bearer.` subprotocol, else the
+    `token` query parameter."""
+    for proto in subprotocols:
+        if proto.startswith(SUBPROTOCOL_PREFIX):
+            return proto, proto[len(SUBPROTOCOL_PREFIX) :]
+    return None, query_token
+
+
+class Socket(Protocol):
+    """What a connection needs of its WebSocket (Starlette's, or the native edge's): the peer leaving is
+    `WebSocketDisconnect`, a binary message `KeyError` (as Starlette's `receive_text`)."""
+
+    async def accept(self, subprotocol: str | None = None) -> None: ...
+    async def receive_text(self) -> str: ...
+    async def send_text(self, data: str) -> None: ...
+    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
 def limits_of(settings: FanoutSettings) -> Limits:
     return Limits(settings.auth_timeout_s, settings.max_buffer_bytes, settings.max_message_bytes,
                   settings.max_batch)  # fmt: skip
@@ -55,13 +75,13 @@ class Connection:
     """The I/O shell around one ConnectionProtocol; a hub Subscriber and a signal-bus target."""
 
     __slots__ = (
-        "_attached", "_done", "_timer", "_timer_at", "_wake", "bus", "history", "hub", "protocol", "seeder",
-        "settings", "ws",
+        "_attached", "_done", "_joined", "_peer_left", "_subscribed", "_timer", "_timer_at", "_wake", "bus",
+        "history", "hub", "protocol", "seeder", "settings", "ws",
     )  # fmt: skip
 
     def __init__(
         self,
-        ws: WebSocket,
+        ws: WebSocket | Socket,
         hub: Hub,
         history: History,
         verifier: TokenVerifier,
@@ -82,6 +102,7 @@ class Connection:
         self._attached = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._subscribed = self._joined = self._peer_left = False
 
     @property
     def user_id(self) -> str:
@@ -131,11 +152,10 @@ class Connection:
             self.hub.detach(self)
 
     async def run(self) -> None:
+        """Establish the connection, serve it until it closes, then end it."""
         protocol = self.protocol
         subprotocol, token = self._offered_token()
         await self.ws.accept(subprotocol=subprotocol)
-        subscribed = joined = False
-        peer_left = False
         try:
             if token is not None:
                 protocol.offer_token(token)
@@ -143,31 +163,48 @@ class Connection:
             request = await self._handshake()
             if request is not None:
                 await self._subscribe(request)
-            admitted(self.ws.scope)
+            self._admitted()
             if not protocol.closing:
-                subscribed = True
+                self._subscribed = True
                 CONNECTIONS.inc()
                 if self.bus is not None:
-                    joined = True
+                    self._joined = True
                     await self.bus.join(self)
+                if self._serve_by_callbacks():
+                    return  # the edge drives it from here, and ends it
                 await self._serve()
             with contextlib.suppress(Exception):
                 await self._flush()  # the error frame, if the close has one
         except (WebSocketDisconnect, WebSocketDisconnected):  # the peer left, maybe seen by a send first
-            peer_left = True
+            self._peer_left = True
         except Exception:
             log.exception("connection of %s failed", protocol.principal and protocol.principal.user_id)
             protocol.abort()
-        finally:
-            self._cancel_timer()
-            self._detach()
-            protocol.finish()
-            if subscribed:
-                CONNECTIONS.dec()
-            if joined and self.bus is not None:
-                await self.bus.leave(self)
+        await self._end()
+
+    def _admitted(self) -> None:
+        assert isinstance(self.ws, WebSocket)
+        admitted(self.ws.scope)
+
+    def _serve_by_callbacks(self) -> bool:
+        """Whether the connection is served by its edge's callbacks from now on (no task while idle)."""
+        return False
+
+    async def _end(self) -> None:
+        """Give back what the connection held (hub, slot, presence), then close unless the peer left."""
+        protocol = self.protocol
+        self._cancel_timer()
+        self._detach()
+        protocol.finish()
+        if self._subscribed:
+            self._subscribed = False
+            CONNECTIONS.dec()
+        if self._joined and self.bus is not None:
+            self._joined = False
+            await self.bus.leave(self)
         close = protocol.close
-        if not peer_left:
+        if not self._peer_left:
+            self._peer_left = True  # closed once
             code, reason = (close.code, close.reason) if close is not None else (closecodes.NORMAL, "")
             CLOSES.labels(str(code)).inc()
             with contextlib.suppress(Exception):
@@ -175,10 +212,8 @@ class Connection:
                     await self.ws.close(code, reason)
 
     def _offered_token(self) -> tuple[str | None, str | None]:
-        for proto in self.ws.scope.get("subprotocols", []):
-            if proto.startswith(SUBPROTOCOL_PREFIX):
-                return proto, proto[len(SUBPROTOCOL_PREFIX) :]
-        return None, self.ws.query_params.get("token")
+        assert isinstance(self.ws, WebSocket)
+        return offered_token(self.ws.scope.get("subprotocols", []), self.ws.query_params.get("token"))
 
     async def _receive(self, *, timed: bool) -> None:
         """Feed the protocol one client message, or (`timed`) the time if its deadline passes first."""
@@ -336,3 +371,115 @@ class Connection:
         if not self.protocol.closing:
             self._arm_timer()  # woken early (a clock step): wait again
         self._changed()
+
+
+class Edge(Socket, Protocol):
+    """The native edge's side of a connection served by callbacks (realtime_fanout/edge.py)."""
+
+    def offered(self) -> tuple[str | None, str | None]: ...
+    def admitted(self) -> None: ...
+    def go_live(self, connection: CallbackConnection) -> None: ...
+    def want_flush(self, connection: CallbackConnection) -> None: ...
+    def write_texts(self, frames: list[bytes]) -> None: ...
+    def writable_now(self) -> bool: ...
+    def timer_horizon_s(self) -> float: ...
+    async def writable(self) -> None: ...
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None: ...
+    def pause_reading_until(self, work: Coroutine[Any, Any, None]) -> None: ...
+
+
+class CallbackConnection(Connection):
+    """A connection that, once live, holds no task: the edge feeds it client messages and the peer's
+    leaving, a process-wide flusher writes its frames, its token expiry is a timer."""
+
+    __slots__ = ("_live", "edge", "flush_pending")
+
+    def __init__(self, edge: Edge, *args: Any, **kwargs: Any) -> None:
+        super().__init__(edge, *args, **kwargs)
+        self.edge = edge
+        self._live = False
+        self.flush_pending = False
+
+    def offer(self, item: Item) -> None:
+        if not self.protocol.offer(item):
+            self._changed()
+        elif self._live:
+            self.edge.want_flush(self)
+
+    @property
+    def live(self) -> bool:
+        return self._live
+
+    def _offered_token(self) -> tuple[str | None, str | None]:
+        return self.edge.offered()
+
+    def _admitted(self) -> None:
+        self.edge.admitted()
+
+    def _serve_by_callbacks(self) -> bool:
+        self._live = True
+        self._arm_timer()
+        self.edge.go_live(self)  # messages that arrived while subscribing are fed now
+        self._changed()
+        return True
+
+    async def _flush(self) -> None:
+        await self.edge.writable()
+        self.flush_now()
+
+    def _arm_timer(self) -> None:
+        """A deadline beyond the edge's keepalive horizon holds no timer: the keepalive wheel, which visits
+        every connection once per ping interval, arms it once it is near (`arm_timer_if_near`)."""
+        deadline = self.protocol.deadline()
+        if deadline is not None and deadline - time.time() > self.edge.timer_horizon_s():
+            self._cancel_timer()
+            return
+        super()._arm_timer()
+
+    def arm_timer_if_near(self) -> None:
+        if self._live and self._timer is None:
+            self._arm_timer()
+
+    def flush_now(self) -> None:
+        """Write every frame the protocol has (the edge calls it when the transport is writable)."""
+        frames = self.protocol.data_to_send()
+        if frames:
+            self.edge.write_texts(frames)
+
+    def _changed(self) -> None:
+        if not self._live:
+            super()._changed()
+        elif self.protocol.closing:
+            self._detach()
+            self._live = False
+            self.edge.spawn(self._close_live())
+        else:
+            self.edge.want_flush(self)
+
+    async def _close_live(self) -> None:
+        with contextlib.suppress(Exception):
+            self.flush_now()  # the error frame, if the close has one
+        await self._end()
+
+    def receive_live(self, text: str | None) -> None:
+        """A client message (None: a binary one) while live."""
+        if not self._live:
+            return
+        protocol = self.protocol
+        if text is None:
+            protocol.receive_binary()
+        else:
+            protocol.receive_text(text, time.time())
+        while (request := protocol.next_request()) is not None:
+            if isinstance(request, Typing) and self.bus is not None:
+                # the client is not read meanwhile, as a reading task awaiting it would not read
+                self.edge.pause_reading_until(self.bus.typing(self, request))
+        self._arm_timer()  # a refreshed token moves the deadline
+        self._changed()
+
+    def peer_gone(self) -> None:
+        """The peer closed, or the connection was lost or shut down: end without a close of our own."""
+        self._peer_left = True
+        if self._live:
+            self._live = False
+            self.edge.spawn(self._end())

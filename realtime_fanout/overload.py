@@ -3,8 +3,8 @@
 Establishing a connection (JWT, subscribe, history, unread seed, presence join) is the costly part of its
 life (milliseconds of CPU, measured in `make bench-c100k`); an idle one is cheap. When more arrive than
 the process serves, waiting handshakes would pile up until every one of them times out; above the limit
-the upgrade is refused at once with 503 and Retry-After (wsproto.py), before any ASGI task exists, and
-the client library retries with full jitter.
+the upgrade is refused at once with 503 and Retry-After (edge.py; wsproto.py under
+PARLEY_FANOUT_WS_EDGE=uvicorn), before any task exists, and the client library retries with full jitter.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from realtime_fanout.frames import MAX_CLIENT_MESSAGE_BYTES
 from realtime_fanout.signals import PresenceScope
@@ -10,6 +11,9 @@ from servicekit.auth_settings import AuthSettings
 from servicekit.http_settings import EDGE_DEFAULTS, HttpEdgeSettings
 from servicekit.log_settings import LogSettings
 from servicekit.settings import EnvSettings, setting
+
+WsEdge = Literal["native", "uvicorn"]
+"""native: realtime_fanout/edge.py (no task per idle connection); uvicorn: its protocol (wsproto.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,3 +56,4 @@ class FanoutSettings(EnvSettings):
     max_admitting: int = setting("PARLEY_FANOUT_MAX_ADMITTING", 1000, minimum=0)
     admission_retry_after_s: int = setting("PARLEY_FANOUT_ADMISSION_RETRY_AFTER_S", 1, minimum=1)
     ws_deflate: bool = setting("PARLEY_FANOUT_WS_DEFLATE", True)
+    ws_edge: WsEdge = setting("PARLEY_FANOUT_WS_EDGE", "native")

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import socket
-import struct
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
 from websockets.http11 import Request
 
+from realtime_fanout.edge import reset
 from realtime_fanout.flag import Flag
 from realtime_fanout.metrics import ADMISSION_REFUSED
 from realtime_fanout.overload import SCOPE_KEY, Admission
@@ -190,11 +188,7 @@ class AbortingWebSocketProtocol(WebSocketsSansIOProtocol):
         """Drop the connection with a TCP RST: a plain close would leave the kernel trying to deliver
         the unsent bytes to a peer that does not read (an orphaned socket holding its buffer)."""
         self.close_timer = None
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.transport.abort()
+        reset(self.transport)
 
     def keepalive_timeout(self) -> None:
         super().keepalive_timeout()

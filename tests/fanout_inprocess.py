@@ -12,8 +12,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from realtime_fanout.app import create_app
+from realtime_fanout.edge import ws_options
 from realtime_fanout.settings import FanoutSettings
-from realtime_fanout.wsproto import ws_options
 from servicekit.httpedge import server_config
 from servicekit.settings import Env
 
@@ -39,7 +39,13 @@ async def served_fanout(env: Mapping[str, str]) -> AsyncIterator[ServedFanout]:
     settings = FanoutSettings.from_env(Env({**env, "PARLEY_FANOUT_GC_PACED": "0", "PARLEY_FANOUT_PORT": "0"}))
     app = create_app(settings)
     config = server_config(
-        app, settings.http, "127.0.0.1", 0, timeout_graceful_shutdown=2, loop="none", **ws_options(settings)
+        app,
+        settings.http,
+        "127.0.0.1",
+        0,
+        timeout_graceful_shutdown=2,
+        loop="none",
+        **ws_options(settings, app),
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

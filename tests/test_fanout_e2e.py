@@ -44,12 +44,14 @@ from tests.oracle import visible_events
 from tests.rawredis import Entries
 
 
+@pytest.mark.parametrize("edge", ["native", "uvicorn"])
 async def test_a_message_reaches_every_participant_and_nobody_else(
-    appender: Appender, make_fanout: Any
+    appender: Appender, make_fanout: Any, edge: str
 ) -> None:
+    """On either WebSocket edge (PARLEY_FANOUT_WS_EDGE; the rest of the suite runs the default, native)."""
     log = Log(appender)
     await log.create("room", "alice", "bob")
-    fanout = await make_fanout()
+    fanout = await make_fanout(PARLEY_FANOUT_WS_EDGE=edge)
     alice, bob, eve = [await Client.open(fanout.url, u) for u in ("alice", "bob", "eve")]
     await log.send("room", "alice", "hello")
     await log.create("other", "eve")

@@ -30,17 +30,25 @@ from projector.migrate import migrate
 from realtime_fanout.app import create_app
 from realtime_fanout.archive import Archive
 from realtime_fanout.connection import Connection
+from realtime_fanout.edge import StreamEdge, ws_options
 from realtime_fanout.pageflights import Page, PageFlights
 from realtime_fanout.session import Session
 from realtime_fanout.settings import FanoutSettings
 from realtime_fanout.unreadseed import UnreadSeeder
-from realtime_fanout.wsproto import AbortingWebSocketProtocol, ws_options
+from realtime_fanout.wsproto import AbortingWebSocketProtocol
 from servicekit.httpedge import BoundedHttpToolsProtocol, server_config
 from servicekit.settings import Env
 from tests.fanout_fixtures import SECRET, Log, close_code, token
 from tests.inprocess import uvicorn_serving
 
-SERVER_SIDE = (Connection, Session, AbortingWebSocketProtocol, ServerProtocol, BoundedHttpToolsProtocol)
+SERVER_SIDE = (
+    Connection,
+    Session,
+    StreamEdge,
+    AbortingWebSocketProtocol,
+    ServerProtocol,
+    BoundedHttpToolsProtocol,
+)
 
 
 def alive() -> dict[str, int]:
@@ -66,8 +74,9 @@ async def fanout_in_process(
         "PARLEY_FANOUT_READ_BLOCK_MS": "200",
     })  # fmt: skip
     settings = FanoutSettings.from_env(env)
-    config = server_config(create_app(settings), settings.http, "127.0.0.1", 0, loop="asyncio",
-                           log_level="warning", **ws_options(settings))  # fmt: skip
+    app = create_app(settings)
+    config = server_config(app, settings.http, "127.0.0.1", 0, loop="asyncio", log_level="warning",
+                           **ws_options(settings, app))  # fmt: skip
     async with uvicorn_serving(config) as port:
         yield f"ws://127.0.0.1:{port}/v1/stream"
 
