@@ -14,7 +14,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-FRAMES = 1
+FRAMES = int(os.environ.get("PARLEY_PROFILE_FRAMES", "1"))  # frames per traceback (1: by line)
+
+
+def type_counts() -> dict[str, int]:
+    """Objects the collector tracks, per type (the 40 most numerous)."""
+    counts: dict[str, int] = {}
+    for o in gc.get_objects():
+        counts[type(o).__qualname__] = counts.get(type(o).__qualname__, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:40])
 
 
 def object_sizes() -> dict[str, Any]:
@@ -25,8 +33,8 @@ def object_sizes() -> dict[str, Any]:
     from realtime_fanout.edge import StreamEdge
 
     connections = [o for o in gc.get_objects() if isinstance(o, Connection)]
-    if not connections:
-        return {"connections": 0}
+    if not connections or not hasattr(connections[-1], "__dict__"):
+        return {"connections": len(connections), "gc_counts": type_counts()}
     c = connections[-1]
     ws = c.ws
     parts: dict[str, Any] = {

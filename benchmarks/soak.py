@@ -6,7 +6,10 @@ random fault every `--fault-every` seconds. Until `--restarts-until` (a fraction
 fault is a kill -9 and restart of the command API, the projector or a fanout; after it, a fault leaves every
 process alive (all Redis client connections cut, or a service frozen with SIGSTOP for 2-4 s), so that each
 process lives through the whole judged second half. Every `--sample-every` seconds it samples each process's
-RSS, Redis `used_memory`, entries not yet projected and dead letters, and prints a row a minute.
+RSS, Redis `used_memory`, entries not yet projected and dead letters, and prints a row a minute; and each
+fanout's heap as the interpreter and glibc see it (servicekit.memstats: blocks the interpreter holds,
+malloc's bytes in use and free-but-kept), so RSS growth can be told apart as live objects or allocator
+retention (reported, not judged).
 
 Verdict (exit 0 only when all hold), the first half being warm-up (caches fill, restarted processes
 bootstrap): every service process is flat, i.e. the median RSS of the last 3 samples is under the median of
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import random
 import re
@@ -32,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +51,16 @@ from realtime_fanout.client import Recorder, write_received
 from servicekit.settings import Env
 from tests.test_faults import USERS, Load, Stack, run_audit, stack, subscriber, wait_projected
 
+HEAP_GAUGES = re.compile(r'^parley_(python_allocated_blocks|malloc_bytes\{field="\w+"\}) (\S+)$', re.M)
+HEAP_COLUMNS = {  # gauge -> column, scale
+    "python_allocated_blocks": ("blocks k", 1e3),
+    'malloc_bytes{field="uordblks"}': ("malloc in use MiB", 2**20),
+    'malloc_bytes{field="fordblks"}': ("malloc free MiB", 2**20),
+    'malloc_bytes{field="arena"}': ("malloc heap MiB", 2**20),
+    'malloc_bytes{field="hblkhd"}': ("malloc mmap MiB", 2**20),
+    "rss_heap": ("RSS brk heap MiB", 2**20),
+    "rss_anon_mmap": ("RSS anon mmap MiB", 2**20),  # less malloc mmap: pymalloc arenas (and stacks)
+}
 NOT_JUDGED = {
     "redis": "reported (grows with the retained log up to the retention window)",
     "postgres": "reported (shared buffers fill as the database grows; summed over backends)",
@@ -61,6 +76,7 @@ class Sample:
     backlog: int
     dead_letters: int
     accepted: int
+    heap: dict[str, dict[str, float]] = field(default_factory=dict)  # fanout -> memstats gauges
 
 
 @dataclass
@@ -84,6 +100,27 @@ def rss_kib(pid: int | None) -> int | None:
     except OSError:
         return None
     return None
+
+
+def mappings_kib(pid: int | None) -> dict[str, float]:
+    """RSS of the brk heap (glibc's main arena) and of anonymous mmaps (pymalloc's 1 MiB arenas, glibc's
+    other arenas and large blocks, thread stacks), from /proc/PID/smaps; {} when gone."""
+    heap = anon = 0
+    name = ""
+    try:
+        with open(f"/proc/{pid}/smaps") as smaps:
+            for line in smaps:
+                head = line.split()
+                if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:
+                    name = head[5] if len(head) > 5 else ""
+                elif head and head[0] == "Rss:":
+                    if name == "[heap]":
+                        heap += int(head[1])
+                    elif name == "":
+                        anon += int(head[1])
+    except (OSError, ValueError):
+        return {}
+    return {"rss_heap": heap * 1024.0, "rss_anon_mmap": anon * 1024.0}
 
 
 def children(pid: int) -> list[int]:
@@ -116,7 +153,18 @@ async def sample(k: Soak, accepted: int) -> Sample:
     finally:
         await client.aclose()
     backlog = 0
+    heap: dict[str, dict[str, float]] = {}
     async with httpx.AsyncClient() as http:
+        for service in k.s.fanouts:
+            try:
+                text = (await http.get(f"http://127.0.0.1:{service.port}/metrics", timeout=5)).text
+            except httpx.HTTPError:
+                continue
+            gauges = {name: float(value) for name, value in HEAP_GAUGES.findall(text)}
+            heap[Path(service.log).stem] = {
+                **gauges,
+                **mappings_kib(service.proc.pid if service.proc else None),
+            }
         for service in k.s.projectors:
             try:
                 text = (await http.get(f"http://127.0.0.1:{service.port}/metrics", timeout=5)).text
@@ -130,7 +178,7 @@ async def sample(k: Soak, accepted: int) -> Sample:
         row = await cur.fetchone()
         dead = int(row[0]) if row else 0
     pids = processes(k)
-    return Sample(time.monotonic() - k.started, memory(k, pids), pids, used, backlog, dead, accepted)
+    return Sample(time.monotonic() - k.started, memory(k, pids), pids, used, backlog, dead, accepted, heap)
 
 
 async def writer_loop(load: Load, user: str, until: float) -> None:
@@ -198,6 +246,45 @@ def table(k: Soak, names: list[str], every_s: float) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def heap_table(k: Soak, half: list[Sample], every_s: float) -> None:
+    """Per fanout, a row per `every_s`: RSS beside the interpreter's blocks and glibc's bytes; then each
+    column's change over the second half (live objects grow with `blocks` and `in use`, retention with
+    `free` or with RSS alone)."""
+    for name in sorted({n for s in k.samples for n in s.heap}):
+        rows = [s for s in k.samples if name in s.heap]
+        head = ["t s", "RSS MiB", *(column for column, _ in HEAP_COLUMNS.values())]
+        print(f"\n{name}: RSS beside the live heap (interpreter blocks, glibc mallinfo2):")
+        print("| " + " | ".join(head) + " |\n|" + "---:|" * len(head))
+        shown = -every_s
+        for sample in rows:
+            if sample.at_s - shown < every_s and sample is not rows[-1]:
+                continue
+            shown = sample.at_s
+            rss = sample.rss_kib.get(name)
+            cells = [f"{sample.at_s:.0f}", "-" if rss is None else f"{rss / 1024:.1f}",
+                     *(f"{sample.heap[name].get(g, 0) / scale:.1f}" for g, (_, scale) in HEAP_COLUMNS.items())]  # fmt: skip
+            print("| " + " | ".join(cells) + " |")
+        judged = [s for s in half if name in s.heap and s.rss_kib.get(name)]
+        window = min(3, max(len(judged) // 2, 1))
+        if len(judged) < 2:
+            continue
+
+        def change(
+            value: Callable[[Sample], float], unit: str, scale: float, rows: list[Sample] = judged
+        ) -> str:
+            start = statistics.median(value(s) for s in rows[:window])  # noqa: B023  (called at once)
+            end = statistics.median(value(s) for s in rows[-window:])  # noqa: B023
+            per_min = slope([(s.at_s, value(s)) for s in rows]) * 60 / scale
+            return f"{start / scale:.1f} -> {end / scale:.1f} {unit} ({per_min:+.2f}/min)"
+
+        parts = [f"RSS {change(lambda s: float(s.rss_kib[name] or 0) * 1024, 'MiB', 2**20)}"]  # noqa: B023
+        for gauge, (column, scale) in HEAP_COLUMNS.items():
+            unit = "k" if scale == 1e3 else "MiB"
+            value = functools.partial(lambda s, g: s.heap[name].get(g, 0.0), g=gauge)  # noqa: B023
+            parts.append(f"{column.rsplit(' ', 1)[0]} {change(value, unit, scale)}")
+        print(f"  second half: {'; '.join(parts)}")
+
+
 def report(k: Soak, growth: float, load_end_s: float) -> bool:
     """Print the table and the verdict per process; True when every judged criterion holds."""
     loaded = [s for s in k.samples if s.at_s <= load_end_s]
@@ -241,6 +328,7 @@ def report(k: Soak, growth: float, load_end_s: float) -> bool:
     print(f"  commands accepted: {last.accepted} ({rate:.0f}/s); faults: {len(k.faults)}")
     for line in k.faults:
         print(f"    {line}")
+    heap_table(k, half, 60.0)
     return ok and pending_ok and max(dead) == 0
 
 
@@ -251,6 +339,8 @@ class Plan:
     restarts_until: float  # fraction of the run
     sample_every_s: float
     growth: float
+    fanout_env: tuple[tuple[int, str, str], ...] = ()  # (fanout index, variable, value)
+    fanout_module: tuple[tuple[int, str], ...] = ()  # (fanout index, module run with -m)
 
 
 async def soak(plan: Plan, seed: int) -> int:
@@ -278,6 +368,13 @@ async def run(tmp: Path, plan: Plan, rng: random.Random) -> bool:
             # would grow each service's cache of verified tokens (4,096) all through the run: bounded, but
             # not the steady state the soak judges.
             s.keep_tokens()
+            for index, module in plan.fanout_module:
+                s.fanouts[index].module = module
+            for index, variable, value in plan.fanout_env:
+                s.fanouts[index].env[variable] = value
+            for restart in {e[0] for e in plan.fanout_env} | {m[0] for m in plan.fanout_module}:
+                await s.fanouts[restart].stop()  # the module and settings are read at start
+                await s.fanouts[restart].start()
             k = Soak(s, pg, database_url)
             load = Load(f"http://127.0.0.1:{s.api.port}", s.token, rng)
             recorders = [Recorder(f"sub-{user}", user) for user in USERS[:4]]
@@ -326,8 +423,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--growth", type=float, default=0.05,
                         help="flat: RSS grows by less than this fraction over the second half (default 0.05)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--fanout-env", action="append", default=[], metavar="I:VAR=VALUE",
+                        help="set VAR for fanout I only (0 or 1; an A/B of a setting in one run); repeatable")  # fmt: skip
+    parser.add_argument("--fanout-module", action="append", default=[], metavar="I:MODULE",
+                        help="run fanout I as `python -m MODULE` (benchmarks.profiled_fanout: tracemalloc snapshots "
+                             "on SIGUSR1 into PARLEY_PROFILE_DIR)")  # fmt: skip
     args = parser.parse_args(argv)
-    plan = Plan(args.duration, args.fault_every, args.restarts_until, args.sample_every, args.growth)
+    fanout_module = tuple((int(i), m) for i, m in (spec.split(":", 1) for spec in args.fanout_module))
+    fanout_env = tuple(
+        (int(index), *pair.split("=", 1)) for index, pair in (spec.split(":", 1) for spec in args.fanout_env)
+    )
+    plan = Plan(args.duration, args.fault_every, args.restarts_until, args.sample_every, args.growth,
+                fanout_env, fanout_module)  # fmt: skip
     return asyncio.run(soak(plan, args.seed))
 
 

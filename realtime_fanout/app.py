@@ -33,6 +33,7 @@ from servicekit.health import add_health_routes
 from servicekit.httpedge import NO_DOC_PAGES
 from servicekit.lifespan import services_lifespan
 from servicekit.looplag import start_loop_lag_probe
+from servicekit.memstats import register_memory_collector
 from servicekit.problems import AnswerUnexpected, add_http_problem_handlers
 from servicekit.slots import UserSlots
 from servicekit.supervisor import Policy, Supervisor
@@ -155,6 +156,7 @@ class FanoutApp(FastAPI):
 def create_app(settings: FanoutSettings | None = None) -> FastAPI:
     """Build the fanout app; Redis is connected in the lifespan, so building has no side effect."""
     settings = settings or FanoutSettings.from_env()
+    register_memory_collector()
 
     app = FanoutApp(
         title="Parley realtime fanout",

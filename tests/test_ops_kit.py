@@ -17,8 +17,10 @@ from prometheus_client import REGISTRY
 import command_api.metrics
 import projector.metrics
 import realtime_fanout.metrics
+import servicekit.looplag
 import servicekit.metrics
 from realtime_fanout.closecodes import SLOW_CONSUMER
+from servicekit.memstats import register_memory_collector
 from tests.test_http_edge import Services, services  # noqa: F401  (the three services, as real processes)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,12 +31,19 @@ REDIS_EXPORTER = frozenset({"redis_memory_used_bytes", "redis_memory_max_bytes"}
 """redis_exporter's standard names for Redis `INFO memory` `used_memory` and `maxmemory`."""
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created")}
 METRIC = re.compile(r"\b(?:parley|redis)_[a-z0-9_]+")
-MODULES = (command_api.metrics, projector.metrics, realtime_fanout.metrics, servicekit.metrics)
+MODULES = (
+    command_api.metrics,
+    projector.metrics,
+    realtime_fanout.metrics,
+    servicekit.metrics,
+    servicekit.looplag,
+)
 
 
 def exported() -> set[str]:
     """Every series name the services' metric modules register on the default registry."""
     assert MODULES
+    register_memory_collector()  # the fanout's heap gauges, computed at scrape time
     names = set()
     for family in REGISTRY.collect():
         if family.name.startswith("parley_"):
