@@ -21,9 +21,10 @@ def test_the_collector_exports_the_interpreters_blocks_and_mallocs_bytes() -> No
 
 
 @pytest.mark.skipif(not mallinfo(), reason="glibc's mallinfo2 is not available here")
-def test_live_buffers_count_as_in_use_and_freed_ones_as_free() -> None:
-    """2 KiB buffers (over pymalloc's 512 B: glibc's) are `uordblks` while alive; freed, one in 64 kept, most
-    of their bytes stay with glibc as `fordblks` (the heap's holes) unless its top could shrink."""
+def test_live_buffers_count_as_in_use_and_freed_ones_leave_it() -> None:
+    """2 KiB buffers (over pymalloc's 512 B: glibc's) are `uordblks` while alive and leave it once freed (one
+    in 64 kept). Where the freed bytes go, `fordblks` or back to the system, is glibc's choice: not asserted
+    (it differed between a lone run and the full suite)."""
     before = mallinfo()
     peak = [bytes(2048) for _ in range(20_000)]  # ~40 MiB
     during = mallinfo()
@@ -32,5 +33,4 @@ def test_live_buffers_count_as_in_use_and_freed_ones_as_free() -> None:
     del peak
     after = mallinfo()
     assert during["uordblks"] - after["uordblks"] > 35 * 2**20
-    assert after["fordblks"] - before["fordblks"] > 30 * 2**20  # the kept buffers pin the heap's top
     assert len(kept) == 313
