@@ -58,7 +58,9 @@ def reset(transport: Any) -> None:
 
 
 def _bearer(_protocol: ServerProtocol, offered: Sequence[Subprotocol]) -> Subprotocol | None:
-    return next((p for p in offered if p.startswith("bearer.")), None)
+    """The subprotocol to accept: the one `offered_token` takes the token from."""
+    chosen, _ = offered_token(offered, None)
+    return None if chosen is None else Subprotocol(chosen)
 
 
 class StreamEdge(asyncio.Protocol):
