@@ -239,6 +239,12 @@ class EventLog:
         items = await self._one(partition, _RAW_XRANGE, "-", "+")
         return _text(items[0][0]) if items else None
 
+    async def info(self, partition: int) -> Any:
+        """`XINFO STREAM` of `partition` as redis-py parses it; None only when the stream does not exist.
+        Any other refusal (CLUSTERDOWN and TRYAGAIN during a failover or migration) is raised: taking it
+        for "no stream" made a resume look trimmed, and a lag or an audit look empty."""
+        return await stream_info(self.redis, self.layout.stream_key(partition))
+
     async def _one(self, partition: int, command: bytes, start: str, end: str) -> Any:
         args = (command, self.layout.stream_key(partition), start, end, "COUNT", 1)
         if isinstance(self.redis, RedisCluster):
@@ -246,6 +252,19 @@ class EventLog:
             return items
         return await self.redis.execute_command(*args)  # type: ignore[no-untyped-call]
 
+
+async def stream_info(client: RedisClient, key: str) -> Any:
+    """`XINFO STREAM key`; None when there is no such key (`EventLog.info` for a partition)."""
+    try:
+        return await client.xinfo_stream(key)
+    except redis.exceptions.ResponseError as exc:
+        if type(exc) is redis.exceptions.ResponseError and NO_SUCH_KEY in str(exc).lower():
+            return None
+        raise
+
+
+NO_SUCH_KEY = "no such key"
+"""How Redis 6.2 and 7 word XINFO's refusal of a missing key (`ERR no such key`)."""
 
 # Sent as bytes, these command names match none of redis-py's response callbacks (keyed by str), so
 # the reply stays the raw nested list: building a dict per entry was 12% of the projector's CPU.

@@ -60,9 +60,8 @@ async def _idempotency(redis: RedisClient, log: EventLog) -> list[IdempotencyRec
 
 
 async def _stream(log: EventLog, p: int) -> tuple[list[LogEntry], int | None, str]:
-    try:
-        info: Any = await log.redis.xinfo_stream(log.layout.stream_key(p))
-    except redis.exceptions.ResponseError:  # no stream yet
+    info: Any = await log.info(p)
+    if info is None:  # no stream yet
         return [], 0 if _has_entries_added(await log.redis.info("server")) else None, "0-0"
     added = info.get("entries-added")
     last = info.get("last-generated-id", b"0-0")
@@ -98,7 +97,10 @@ async def gather(
         epoch = await log.open(create=False)
         idem = await _idempotency(client, log)
         streams = [await _stream(log, p) for p in range(log.layout.partitions)]
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, LogError) as exc:
+    except (
+        redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterError,
+        redis.exceptions.TryAgainError, LogError,
+    ) as exc:  # fmt: skip
         raise AuditUnreachable(f"Redis at {settings.log.redis_url}: {exc}") from None
     finally:
         await client.aclose()

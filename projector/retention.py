@@ -22,7 +22,7 @@ import redis.exceptions
 from psycopg_pool import AsyncConnectionPool
 
 from events.layout import LogLayout
-from events.log import EventLog
+from events.log import EventLog, stream_info
 from events.position import parse_stream_id
 from events.redisclient import RedisClient
 from projector import metrics
@@ -242,9 +242,8 @@ class Retention:
         return (None if head is None else str(head[0])), checkpoint, ""
 
     async def _stream(self, partition: int) -> StreamInfo:
-        try:
-            info: dict[Any, Any] = await self.redis.xinfo_stream(self.layout.stream_key(partition))
-        except redis.exceptions.ResponseError:  # no such key: nothing was ever appended
+        info: dict[Any, Any] | None = await stream_info(self.redis, self.layout.stream_key(partition))
+        if info is None:  # nothing was ever appended
             return StreamInfo(None, None, 0)
         first, last = info.get("first-entry"), info.get("last-entry")  # the same on Redis 6.2 and 7
         return StreamInfo(_id(first), _id(last), int(info.get("length", 0)))

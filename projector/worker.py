@@ -427,11 +427,7 @@ class Worker:
         """
         lags: dict[int, Lag] = {}
         for p, projector in list(self.projectors.items()):
-            key = self.layout.stream_key(p)
-            try:
-                info: dict[Any, Any] = await self.redis.xinfo_stream(key)
-            except redis.exceptions.ResponseError:  # no stream yet
-                info = {}
+            info: dict[Any, Any] = await self.log.info(p) or {}  # None: no stream yet
             added = info.get("entries-added", info.get("length", 0))
             last = info.get("last-entry")
             head = _text(last[0]) if last else "0-0"

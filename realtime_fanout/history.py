@@ -14,8 +14,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import redis.exceptions
-
 from events.log import EventLog
 from realtime_fanout.archive import Archive
 from realtime_fanout.cursor import StreamKey, stream_key
@@ -98,10 +96,7 @@ class History:
             flight.exception()  # retrieved: every waiter re-raises it; none left is no warning
 
     async def _xinfo(self, partition: int) -> Any:
-        try:
-            return await self.log.redis.xinfo_stream(self.log.layout.stream_key(partition))
-        except redis.exceptions.ResponseError:  # no such key: the partition has no stream (yet)
-            return None
+        return await self.log.info(partition)
 
     async def pages(
         self, epoch: str, partition: int, after_id: str, live_from: str | None = None

@@ -231,8 +231,10 @@ async def test_kill_9_of_a_master_under_load(
                 received = tmp_path / "received.jsonl"
                 write_received(received, recorders)
                 code, report = await run_audit(database_env, received)
-                assert code == 0, report
+                assert code == 0, json.dumps(report, indent=1)
         finally:
-            for collector in collectors:
-                await collector.stop()
-            fanout.stop()
+            try:
+                for collector in collectors:
+                    await collector.stop()  # re-raises what ended a collector
+            finally:
+                fanout.stop()  # else its process outlives the test and fails a later one (ResourceWarning)

@@ -7,15 +7,17 @@ import re
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from hypothesis import given
 from hypothesis import strategies as st
 
+from devstack.cluster import RedisClusterServers
 from events import schema
 from events.codec import decode
 from events.exceptions import EpochChanged, LogNotInitialized, PartitionMismatch
 from events.ids import ID_PATTERN
 from events.layout import TAG_SCHEMES, LogLayout, partition_tag
-from events.log import EventLog
+from events.log import EventLog, stream_info
 from events.position import LogPosition, parse_stream_id
 
 ids = st.from_regex(ID_PATTERN, fullmatch=True)
@@ -222,3 +224,34 @@ def test_from_token_refuses_malformed_tokens(token: str) -> None:
 def test_from_token_refuses_non_ascii_digits(token: str) -> None:
     with pytest.raises(ValueError):
         LogPosition.from_token(token)
+
+
+async def test_stream_info_is_none_only_for_a_missing_stream(
+    redis_client: aioredis.Redis, log_namespace: str
+) -> None:
+    """Only "no such key" means no stream; any other refusal is raised, never read as an empty history
+    (a failover's CLUSTERDOWN once made a resume look trimmed and answered it with a resync)."""
+    layout = LogLayout(log_namespace, 2)
+    log = EventLog(redis_client, layout)
+    assert await log.info(0) is None
+    await redis_client.xadd(layout.stream_key(0), {"e": b"x"})
+    assert (await log.info(0))["length"] == 1
+    await redis_client.set(layout.stream_key(1), "not a stream")
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        await log.info(1)
+
+
+@pytest.mark.cluster
+async def test_stream_info_raises_a_cluster_refusal(redis_cluster: RedisClusterServers) -> None:
+    """Asked of every node, a missing key's XINFO is None on the one master serving its slot; every
+    other node's MOVED is raised (CLUSTERDOWN, during a failover, comes back the same way)."""
+    answers: list[str] = []
+    for node in redis_cluster.nodes:
+        client = aioredis.Redis(host="127.0.0.1", port=node.port)
+        try:
+            answers.append(repr(await stream_info(client, "{p0}stream-info-probe")))
+        except redis.exceptions.ResponseError as exc:
+            answers.append(type(exc).__name__)
+        finally:
+            await client.aclose()
+    assert sorted(answers) == ["MovedError"] * 5 + ["None"], answers
