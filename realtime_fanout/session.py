@@ -116,16 +116,18 @@ class Session:
             self._consider(item)
 
     def replay_done(self) -> None:
-        """End of history: judge the buffered live items, queue a `live` frame, stay live from now."""
+        """End of history: queue a `live` frame at the cursor history reached, then judge the live items
+        buffered meanwhile. So a subscription without a cursor learns where it starts before any event
+        (the audit checks from there), and what follows `live` is exactly what arrived after it."""
         if self.phase is Phase.LIVE:
             return
         self.phase = Phase.LIVE
+        self._pending.append(self.cursor.copy())
+        self.pending_bytes += FRAME_OVERHEAD_BYTES
         buffered, self._buffer = self._buffer, []
         for item in buffered:
             self.pending_bytes -= len(item.json) + FRAME_OVERHEAD_BYTES
             self._consider(item)
-        self._pending.append(self.cursor.copy())
-        self.pending_bytes += FRAME_OVERHEAD_BYTES
 
     def visible(self, item: Item) -> bool:
         """True when the user may see `item`: membership at its seq and the conversation filter; a user's

@@ -156,6 +156,23 @@ def test_received_check_sees_a_gap_a_duplicate_and_what_is_not_yours() -> None:
     assert "not theirs" in verdict(record("bob", [0, 1, 2, 3, 4]))[0]
     assert "out of order" in verdict(record("ann", [1, 0, 3, 4]))[0]
 
+    def fresh(user: str, got: list[int], start: str, *, live_first: bool = True) -> Recorder:
+        """Subscribed without a cursor: the server's first frame, `live`, names where it starts."""
+        rec = Recorder(f"s-{user}-{got}-{start}", user)
+        rec.subscribed(None, None)
+        if live_first:
+            rec.received(Live(cur(start)))
+        for i in got:
+            rec.received(Event(msgspec_builtins(events[i]), cur(f"100{i}-0")))
+        return rec
+
+    assert (
+        verdict(fresh("ann", [3, 4], "1002-0"), fresh("bob", [3], "1002-0"), fresh("ann", [], "1004-0")) == []
+    )
+    assert "missing" in verdict(fresh("ann", [4], "1002-0"))[0]
+    assert "twice" in verdict(fresh("ann", [3, 3, 4], "1002-0"))[0]
+    assert "outside the cursors" in verdict(fresh("ann", [3, 4], "1002-0", live_first=False))[0]
+
 
 def msgspec_builtins(event: schema.Envelope) -> dict[str, object]:
     decoded: dict[str, object] = json.loads(encode(event))

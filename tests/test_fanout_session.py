@@ -186,6 +186,22 @@ def test_live_is_buffered_during_replay_and_overlap_is_dropped() -> None:
     assert Cursor.decode(cursors[-1], epoch=EPOCH, partitions=1).positions == [log.items[0][-1].stream_id]
 
 
+def test_live_names_where_history_ended_before_what_was_buffered() -> None:
+    """A subscription without a cursor learns its start from `live` before any event; an item the hub
+    read between the attach and the end of history follows `live`."""
+    log = small_log()
+    start = log.position([4]).encode()
+    session = Session("alice", log.position([4]), seed=log.seed("alice", [4]))
+    for item in log.items[0][4:]:
+        session.feed_live(item)
+    session.replay_done()
+    frames = session.frames()
+    first = decode_server_frame(frames[0])
+    assert isinstance(first, LiveFrame) and first.cursor == start
+    ids, _ = delivered(frames[1:])
+    assert ids == [log.items[0][k].envelope.event_id for k in (4, 6, 7)]
+
+
 def test_batches_carry_the_cursor_after_their_last_event() -> None:
     log = FakeLog(partitions=1)
     log.create("c", "bob")

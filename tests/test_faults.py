@@ -315,7 +315,7 @@ async def run_with_fault(s: Stack, tmp: Path, inject: Callable[[Stack], Awaitabl
     received = tmp / "received.jsonl"
     write_received(received, recorders)
     code, report = await run_audit(s, received)
-    assert code == 0, report
+    assert code == 0, json.dumps(report, indent=1)  # in full: the examples name what went wrong
     assert all(c["checked"] for c in report["checks"]), report
     if int(_redis_version(s.redis.binary).split(".")[0]) >= 7:  # the hole count ran, not its 6.2 stand-in
         assert not any("6.2" in note for c in report["checks"] for note in c["notes"]), report
