@@ -60,7 +60,7 @@ class Services:
                 settings.database_url, open=False, min_size=1, max_size=4, timeout=5
             )
             archive = Archive(self.pool, settings.replay_page, self._flights())
-            self.seeder = UnreadSeeder(self.pool, settings.unread_wait_s)
+            self.seeder = UnreadSeeder(self.pool, settings.unread_wait_s, window=settings.unread_window)
         self.hub = Hub(
             self.reader_redis,
             layout,

@@ -26,7 +26,7 @@ from realtime_fanout.frames import Subscribe, Typing
 from realtime_fanout.history import History
 from realtime_fanout.hub import Hub
 from realtime_fanout.item import Item
-from realtime_fanout.metrics import CLOSES, CONNECTIONS, RESYNCS
+from realtime_fanout.metrics import CLOSES, CONNECTIONS, RESYNCS, UNREAD_RESEEDS
 from realtime_fanout.overload import admitted
 from realtime_fanout.protocol import ConnectionProtocol, Limits
 from realtime_fanout.session import Session
@@ -75,8 +75,8 @@ class Connection:
     """The I/O shell around one ConnectionProtocol; a hub Subscriber and a signal-bus target."""
 
     __slots__ = (
-        "_attached", "_done", "_joined", "_peer_left", "_subscribed", "_timer", "_timer_at", "_wake", "bus",
-        "history", "hub", "protocol", "seeder", "settings", "ws",
+        "_attached", "_done", "_joined", "_peer_left", "_reseeding", "_subscribed", "_timer", "_timer_at",
+        "_wake", "bus", "history", "hub", "protocol", "seeder", "settings", "ws",
     )  # fmt: skip
 
     def __init__(
@@ -103,6 +103,7 @@ class Connection:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._subscribed = self._joined = self._peer_left = False
+        self._reseeding: asyncio.Task[None] | None = None
 
     @property
     def user_id(self) -> str:
@@ -281,7 +282,9 @@ class Connection:
         unread = UnreadSeed.none(partitions)
         if self.seeder is not None:
             unread = await self.seeder.seed(self.user_id, start.epoch, positions)
-        session.unread = UnreadTracker(self.user_id, unread)
+        session.unread = UnreadTracker(
+            self.user_id, unread, window=self.settings.unread_window, on_reseed=self._reseed_soon
+        )
         if resync is not None:
             RESYNCS.labels(resync).inc()
             protocol.resync(start.encode(), resync)
@@ -297,6 +300,37 @@ class Connection:
     async def _flush(self) -> None:
         for frame in self.protocol.data_to_send():
             await self.ws.send_text(frame.decode())
+
+    def _reseed_soon(self) -> None:
+        """The unread tracker doubts a conversation's count (its bounded state cannot tell): read a fresh
+        seed, one read at a time per connection."""
+        if self._reseeding is None and self.seeder is not None:
+            self._reseeding = self._spawn(self._reseed())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(work)
+
+    async def _reseed(self) -> None:
+        session = self.session
+        tracker = None if session is None else session.unread
+        try:
+            while session is not None and tracker is not None and self.seeder is not None:
+                asks = tracker.take_asks()
+                if not asks or self.protocol.closing:
+                    return
+                live_from = [f"{k[0]}-{k[1]}" if k is not None else "0-0" for k in tracker.positions]
+                try:
+                    seed = await self.seeder.seed(self.user_id, session.cursor.epoch, live_from)
+                except Exception:  # a bug: those counts stop, the connection goes on
+                    log.exception("unread reseed of %s for %s failed", self.user_id, asks)
+                    tracker.give_up(asks)
+                    return
+                for cid in asks:
+                    session.notify(tracker.reseeded(cid, seed, session.memberships))
+                    UNREAD_RESEEDS.labels("dropped" if cid in tracker.forgotten else "exact").inc()
+                self._changed()
+        finally:
+            self._reseeding = None
 
     async def _serve(self) -> None:
         """A writer task and a reader task, ended by either or by a close; the protocol's deadline (token

@@ -19,6 +19,12 @@ ADMISSION_REFUSED = Counter(
     "WebSocket upgrades answered 503: PARLEY_FANOUT_MAX_ADMITTING connections were being established",
 )
 RESYNCS = Counter("parley_fanout_resyncs_total", "Resync frames sent, by reason", ["reason"])
+UNREAD_RESEEDS = Counter(
+    "parley_fanout_unread_reseeds_total",
+    "Conversations whose unread count was read again (a read or delete the held ids could not decide), by "
+    "outcome (exact|dropped: no usable seed, no more unread frames for it on that connection)",
+    ["outcome"],
+)
 HISTORY_READS = Counter(
     "parley_fanout_history_reads_total", "History pages read from a backend (redis|archive)", ["source"]
 )

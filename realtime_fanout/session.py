@@ -129,6 +129,12 @@ class Session:
             self.pending_bytes -= len(item.json) + FRAME_OVERHEAD_BYTES
             self._consider(item)
 
+    def notify(self, notes: list[bytes]) -> None:
+        """Queue notification frames that no item caused (an unread count after a fresh seed)."""
+        for note in notes:
+            self._pending.append(note)
+            self.pending_bytes += len(note)
+
     def visible(self, item: Item) -> bool:
         """True when the user may see `item`: membership at its seq and the conversation filter; a user's
         own archive/unarchive reaches all their connections, and nobody else's."""

@@ -7,6 +7,7 @@ from typing import Literal
 
 from realtime_fanout.frames import MAX_CLIENT_MESSAGE_BYTES
 from realtime_fanout.signals import PresenceScope
+from realtime_fanout.unread import UNREAD_WINDOW
 from servicekit.auth_settings import AuthSettings
 from servicekit.http_settings import EDGE_DEFAULTS, HttpEdgeSettings
 from servicekit.log_settings import LogSettings
@@ -44,6 +45,7 @@ class FanoutSettings(EnvSettings):
     recent_items: int = setting("PARLEY_FANOUT_RECENT_ITEMS", 0, minimum=0)
     redis_pool_wait_s: float = setting("PARLEY_FANOUT_REDIS_POOL_WAIT_S", 5.0, minimum=0.0)
     unread_wait_s: float = setting("PARLEY_FANOUT_UNREAD_WAIT_S", 1.0, minimum=0.0)
+    unread_window: int = setting("PARLEY_FANOUT_UNREAD_WINDOW", UNREAD_WINDOW, minimum=1)
     typing_ttl_s: float = setting("PARLEY_FANOUT_TYPING_TTL_S", 5.0, minimum=0.1)
     typing_per_s: float = setting("PARLEY_FANOUT_TYPING_PER_S", 2.0, minimum=0.0)
     presence_ttl_s: float = setting("PARLEY_FANOUT_PRESENCE_TTL_S", 30.0, minimum=0.3)

@@ -1,12 +1,13 @@
 """Seeds the unread tracker from the projector's read model (schema `parley`), at known log positions.
 
-One REPEATABLE READ snapshot reads the checkpoints (the log position each partition's rows reflect) and the
-users' inbox rows and unread messages, so the rows are exactly the state at those positions; the seeds
-asked for meanwhile share the next snapshot (a batch of users). A partition
-is usable when its checkpoint is in the hub's epoch and at or after the hub position the connection
-attached at (later events are folded live; earlier ones would be missing). While a checkpoint of the
-hub's epoch is merely behind we retry for `wait_s`, then leave those partitions unseeded; a partition
-without a checkpoint (or of another epoch), missing tables or an unreachable database: no wait, unseeded.
+One REPEATABLE READ snapshot reads the checkpoints (the log position each partition's rows reflect), the
+users' inbox rows and, per conversation, their newest unread messages and the unread count, so the rows
+are exactly the state at those positions; the seeds asked for meanwhile share the next snapshot (a batch
+of users). A partition is usable when its checkpoint is in the hub's epoch and at or after the hub
+position the connection attached at (later events are folded live; earlier ones would be missing). While
+a checkpoint of the hub's epoch is merely behind we retry for `wait_s`, then leave those partitions
+unseeded; a partition without a checkpoint (or of another epoch), missing tables or an unreachable
+database: no wait, unseeded.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from realtime_fanout.cursor import StreamKey, stream_key
 from realtime_fanout.pooltimeout import forget_pool_wait
-from realtime_fanout.unread import UnreadSeed, seed_of
+from realtime_fanout.unread import UNREAD_WINDOW, UnreadSeed, seed_of
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,13 @@ _CHECKPOINTS_SQL = "SELECT partition, epoch, stream_id FROM parley.checkpoints"
 _INBOX_SQL = (
     "SELECT user_id, conversation_id, read_seq FROM parley.read_markers WHERE user_id = ANY(%(users)s)"
 )
-_UNREAD_SQL = (
-    "SELECT user_id, conversation_id, message_id, seq FROM parley.unread_messages "
-    "WHERE user_id = ANY(%(users)s)"
+_UNREAD_SQL = (  # the newest `keep` unread messages of each (user, conversation), and how many in all
+    "SELECT user_id, conversation_id, message_id, seq, total FROM ("
+    " SELECT user_id, conversation_id, message_id, seq, count(*) OVER w AS total,"
+    "  row_number() OVER (w ORDER BY seq DESC) AS newest"
+    " FROM parley.unread_messages WHERE user_id = ANY(%(users)s)"
+    " WINDOW w AS (PARTITION BY user_id, conversation_id)) t "
+    "WHERE newest <= %(keep)s"
 )
 
 
@@ -75,8 +80,17 @@ class UnreadSeeder:
     and holds one pooled connection, not all of them.
     """
 
-    def __init__(self, pool: AsyncConnectionPool[Any], wait_s: float = 1.0, max_batch: int = 500) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        wait_s: float = 1.0,
+        max_batch: int = 500,
+        window: int = UNREAD_WINDOW,
+    ) -> None:
+        """`window`: unread message ids read per conversation (the tracker's), plus one for the bound on
+        the older ones' seq; the rest are only counted."""
         self.pool = pool
+        self.window = window
         self.wait_s = wait_s
         self.max_batch = max(1, max_batch)
         self.snapshots = 0
@@ -149,15 +163,19 @@ class UnreadSeeder:
             )
             inbox: dict[str, dict[str, int]] = {}
             unread: dict[str, list[tuple[str, str, int]]] = {}
+            totals: dict[str, dict[str, int]] = {}
             if users:
                 for user, c, r in await (await conn.execute(_INBOX_SQL, {"users": users})).fetchall():
                     inbox.setdefault(user, {})[c] = int(r)
-                for user, c, m, q in await (await conn.execute(_UNREAD_SQL, {"users": users})).fetchall():
+                asked = {"users": users, "keep": self.window + 1}
+                for user, c, m, q, n in await (await conn.execute(_UNREAD_SQL, asked)).fetchall():
                     unread.setdefault(user, []).append((c, m, int(q)))
+                    totals.setdefault(user, {})[c] = int(n)
         seeds = []
         for ask, (positions, lagging) in zip(batch, usable, strict=True):
             if any(p is not None for p in positions):
-                seed = seed_of(positions, inbox.get(ask.user_id, {}), unread.get(ask.user_id, []))
+                seed = seed_of(positions, inbox.get(ask.user_id, {}), unread.get(ask.user_id, []),
+                               totals.get(ask.user_id, {}))  # fmt: skip
             else:
                 seed = UnreadSeed(positions)
             seed.lagging = lagging

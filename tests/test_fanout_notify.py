@@ -110,6 +110,38 @@ async def test_unread_counts_read_receipts_and_own_archive_reach_the_right_conne
         await client.close()
 
 
+async def test_a_delete_and_a_read_past_the_held_ids_are_counted_exactly_by_a_reseed(
+    appender: Appender, make_fanout: Any, projector: str
+) -> None:
+    """One unread id held per conversation (PARLEY_FANOUT_UNREAD_WINDOW=1): deleting the oldest unread
+    message, then reading part of the backlog, cannot be decided from it; the connection reads the count
+    again from the read model, and each frame still equals the read model's row."""
+    log = Log(appender)
+    await log.create("room", "alice", "bob")
+    for n in range(4):
+        await log.send("room", "alice", f"m{n}")  # seq 2-5
+    await until_projected(projector, "bob", "room", (4, 0))
+    fanout = await make_fanout(
+        DATABASE_URL=projector, PARLEY_FANOUT_UNREAD_WAIT_S="10", PARLEY_FANOUT_UNREAD_WINDOW="1"
+    )
+    bob = await Client.open(fanout.url, "bob")
+    async with await psycopg.AsyncConnection.connect(projector) as conn:
+        cur = await conn.execute(
+            "SELECT message_id FROM parley.messages WHERE conversation_id = 'room' AND seq = 2"
+        )
+        (first,) = await cur.fetchone() or (None,)
+    await appender.append(commands.delete_message(Context(actor="alice"), "room", str(first)))
+    await bob.until(lambda c: kinds(c, "unread"))
+    unread = {"type": "unread", "conversation_id": "room", "unread": 3, "read_seq": 0, "seq": 6}
+    assert kinds(bob, "unread") == [unread]
+    await until_projected(projector, "bob", "room", (3, 0))
+    await appender.append(commands.mark_read(Context(actor="bob"), "room", MarkRead(up_to_seq=3)))
+    await bob.until(lambda c: len(kinds(c, "unread")) == 2)
+    assert kinds(bob, "unread")[-1] == {**unread, "unread": 2, "read_seq": 3, "seq": 7}
+    await until_projected(projector, "bob", "room", (2, 3))
+    await bob.close()
+
+
 @pytest.mark.slow
 async def test_after_remove_delete_re_add_the_unread_frame_equals_the_read_model(
     appender: Appender, make_fanout: Any, projector: str

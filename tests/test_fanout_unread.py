@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import msgspec
 import redis.asyncio as aioredis
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from events.codec import encode
@@ -27,9 +27,9 @@ from events.schema import (
 from realtime_fanout.cursor import Cursor
 from realtime_fanout.hub import Hub
 from realtime_fanout.item import Item, decode_entry
-from realtime_fanout.membership import MembershipIndex
+from realtime_fanout.membership import MembershipIndex, UserMemberships
 from realtime_fanout.session import Session
-from realtime_fanout.unread import UnreadSeed, UnreadTracker, seed_of
+from realtime_fanout.unread import UNREAD_WINDOW, UnreadSeed, UnreadTracker, seed_of
 from realtime_fanout.unreadseed import usable_positions
 from servicekit.log_settings import LogSettings
 from tests.oracle import Unread, unread
@@ -95,8 +95,9 @@ def logs(draw: st.DrawFn) -> Log:
     return log
 
 
-def seed_at(log: Log, user: str, k: int) -> UnreadSeed:
-    """What the read model holds after the first k items: the user's marker and unread message ids."""
+def seed_at(log: Log, user: str, k: int, keep: int | None = None) -> UnreadSeed:
+    """What the read model holds after the first k items: the user's marker and unread message ids (only
+    the newest `keep` and the count, as the fanout's seeder reads them, when given)."""
     ref = definition(log.items[:k], user)
     position = log.items[k - 1].key if k else (0, 0)
     if ref is None:
@@ -106,7 +107,8 @@ def seed_at(log: Log, user: str, k: int) -> UnreadSeed:
         for i in log.items[:k]
         if isinstance(i.envelope.payload, MessageSent)
     }
-    return seed_of([position], {"c": ref.read_seq}, [("c", m, seqs[m]) for m in ref.messages])
+    rows = sorted((("c", m, seqs[m]) for m in ref.messages), key=lambda row: -row[2])[:keep]
+    return seed_of([position], {"c": ref.read_seq}, rows, {"c": len(ref.messages)} if ref.messages else {})
 
 
 @dataclass(eq=False)
@@ -125,12 +127,13 @@ class Subscriber:
         raise AssertionError(f"{self.user_id}'s connection aborted")
 
 
-def connect(hub: Hub, log: Log, user: str, k: int) -> Session:
+def connect(hub: Hub, log: Log, user: str, k: int, window: int = UNREAD_WINDOW) -> Session:
     """A connection of `user` attached to `hub` after the first k items, its unread seeded at k."""
     sub = Subscriber(user)
     _, spans = hub.attach(sub)
     cursor = Cursor("e", [log.items[k - 1].stream_id if k else "0-0"])
-    sub.session = Session(user, cursor, seed=spans, unread=UnreadTracker(user, seed_at(log, user, k)))
+    tracker = UnreadTracker(user, seed_at(log, user, k), window=window)
+    sub.session = Session(user, cursor, seed=spans, unread=tracker)
     sub.session.replay_done()
     sub.session.frames()
     return sub.session
@@ -170,6 +173,57 @@ def test_unread_frames_follow_the_definition_through_membership_churn(log: Log, 
             or (before.messages, before.read_seq) != (ref.messages, ref.read_seq)
         ):
             assert frames  # being added, or a change: reported at once
+
+
+@settings(max_examples=300, deadline=None)
+@given(log=logs(), data=st.data())
+def test_a_bounded_window_reseeds_and_keeps_every_count_exact(log: Log, data: st.DataObject) -> None:
+    """With 1-3 unread ids held, a read or delete the tracker cannot decide turns the conversation
+    uncertain (no frames), a reseed from the read model (at the item, or a few items ahead) installs the
+    truth, and every frame and the final count equal the definition."""
+    user = data.draw(st.sampled_from(USERS), label="user")
+    window = data.draw(st.integers(1, 3), label="window")
+    k = data.draw(st.integers(0, len(log.items)), label="connects after")
+    hub = new_hub()
+    for item in log.items[:k]:
+        hub.dispatch(item)
+    session = connect(hub, log, user, k, window=window)
+    tracker = session.unread
+    assert tracker is not None
+    skip_to = 0  # a reseed ahead of the items: theirs up to here are in it, and make no frame
+    for n in range(k, len(log.items)):
+        hub.dispatch(log.items[n])
+        frames = [f for f in map(msgspec.json.decode, session.frames()) if f["type"] == "unread"]
+        asked = tracker.take_asks()
+        if asked:
+            assert frames == [] and tracker.count("c") is None  # uncertain: silent until the seed
+            at = n + 1 + data.draw(st.integers(0, min(2, len(log.items) - n - 1)), label="seed ahead")
+            event(f"reseeded, {at - n - 1} ahead")
+            session.notify(
+                tracker.reseeded("c", seed_at(log, user, at, keep=window + 1), session.memberships)
+            )
+            frames = [f for f in map(msgspec.json.decode, session.frames()) if f["type"] == "unread"]
+            ref = definition(log.items[:at], user)
+            assert ref is not None and tracker.count("c") == len(ref.messages)
+            if ref.member:
+                assert frames == [{"type": "unread", "conversation_id": "c", "unread": len(ref.messages),
+                                   "read_seq": ref.read_seq, "seq": log.items[n].envelope.seq}]  # fmt: skip
+            skip_to = at
+            continue
+        if n < skip_to:
+            assert frames == []
+            continue
+        ref = definition(log.items[: n + 1], user)
+        if ref is None or not ref.member:
+            assert frames == []
+            continue
+        want = {"type": "unread", "conversation_id": "c", "unread": len(ref.messages), "read_seq": ref.read_seq,
+                "seq": log.items[n].envelope.seq}  # fmt: skip
+        assert all(f == want for f in frames)
+    ref = definition(log.items, user)
+    if ref is not None and "c" in tracker.states:
+        assert tracker.count("c") == len(ref.messages)
+        assert len(tracker.states["c"].messages) <= window
 
 
 def test_a_message_deleted_while_out_is_not_counted_after_the_re_add() -> None:
@@ -249,3 +303,20 @@ def test_a_read_model_snapshot_seeds_only_partitions_at_or_after_the_hub() -> No
     positions, lagging = usable_positions(rows, "e", ["4-0", "3-0", "1-0", "0-0"])
     assert positions == [(5, 0), None, None, (0, 0)] and lagging  # ahead; behind; foreign epoch; empty
     assert usable_positions({2: ("old", "9-0")}, "e", ["0-0", "1-0", "1-0"]) == ([(0, 0), None, None], False)
+
+
+def test_a_connection_holds_window_ids_whatever_the_backlog() -> None:
+    """10,000 unread in one conversation: the seed (as the seeder reads it) and every later message keep
+    `window` ids and an exact count; a read of everything clears the older ones without a reseed."""
+    rows = [("c", f"m{seq}", seq) for seq in range(10_001, 10_001 - (UNREAD_WINDOW + 1), -1)]
+    tracker = UnreadTracker("u", seed_of([(0, 0)], {"c": 0}, rows, {"c": 10_000}))
+    log = Log()
+    memberships = UserMemberships("u")
+    memberships.apply(log.append("v", ConversationCreated(title="t", participants=("v", "u"))).envelope)
+    log.seqs["c"] = 10_001  # the backlog's messages
+    for n in range(3):
+        tracker.observe(log.append("v", MessageSent(message_id=f"new{n}", body="b")), memberships)
+    state = tracker.states["c"]
+    assert len(state.messages) == UNREAD_WINDOW and tracker.count("c") == 10_003
+    tracker.observe(log.append("u", MessagesRead(up_to_seq=10_004)), memberships)
+    assert tracker.count("c") == 0 and tracker.take_asks() == []

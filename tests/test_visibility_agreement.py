@@ -43,6 +43,9 @@ USERS = ("ann", "bob", "cat", "dan")
 CONVERSATIONS = ("c1", "c2")
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 EPOCH = "e"
+SEED_WINDOW = 1
+"""The fanout seeder's unread ids per conversation here: 1 (+1 for the older ones' bound), so the SQL's
+newest-per-conversation cut is checked against the definition."""
 
 
 @dataclass
@@ -166,7 +169,7 @@ async def check(url: str, h: History, cuts: set[int]) -> None:
         model = fold_entries(entries)
         assert not model.dead_letters  # a valid log
         async with AsyncConnectionPool(url, min_size=1, max_size=1, open=False) as pool:
-            seeder = UnreadSeeder(pool, wait_s=0)
+            seeder = UnreadSeeder(pool, wait_s=0, window=SEED_WINDOW)  # the SQL's bound is exercised
             spans = [s for s in model.tables["memberships"].values() if isinstance(s, Span)]
             for user in USERS:
                 await check_user(conn, seeder, user, h, items, ids_of)
@@ -222,7 +225,13 @@ async def check_user(
             continue
         count = len(ref.messages)
         assert tracked[cid] == count, (user, cid, "session tracker")
-        assert len(seed.conversations[cid].messages) == count, (user, cid, "unread seed")
+        held = seed.conversations[cid]
+        message_seq = {e.payload.message_id: e.seq for e in h.events
+                       if e.conversation_id == cid and isinstance(e.payload, schema.MessageSent)}  # fmt: skip
+        assert held.count == count, (user, cid, "unread seed")
+        newest = sorted(ref.messages, key=lambda m: -message_seq[m])[: SEED_WINDOW + 1]
+        assert sorted(held.messages) == sorted(newest), (user, cid, "the seed holds the newest ids")
+        assert all(message_seq[m] > held.older_top for m in held.messages) or not held.older
         assert seed.conversations[cid].read_seq == ref.read_seq
         if ref.member:
             assert listed[cid].unread_count == count, (user, cid, "query API")
