@@ -70,6 +70,7 @@ class Services:
             track_acts=settings.presence_scope == "engaged",
             supervisor=self.supervisor,
             recent_items=settings.recent_items,
+            ledger_ids=settings.ledger_ids,
         )
         history_log = EventLog(self.redis, layout)
         self.history = History(

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 
+from events.admission import MAX_MESSAGES
 from events.codec import decode
 from events.exceptions import DecodeError
 from events.layout import LogLayout
@@ -57,6 +58,7 @@ class Hub:
         track_acts: bool = False,
         supervisor: Supervisor | None = None,
         recent_items: int = 0,
+        ledger_ids: int = MAX_MESSAGES,
     ) -> None:
         self.log = EventLog(redis, layout)
         self.archive = archive
@@ -68,7 +70,8 @@ class Hub:
         self.positions: list[str] = ["0-0"] * layout.partitions
         self.router = Router(track_acts=track_acts)
         self.failure: str | None = None
-        self.verdicts = Verdicts()
+        self.ledger_ids = ledger_ids
+        self.verdicts = Verdicts(max_messages=ledger_ids)
         self.recent = RecentItems(layout.partitions, recent_items)
         self._task: asyncio.Task[None] | None = None
 
@@ -84,7 +87,7 @@ class Hub:
         """Open the log, learn memberships from the archive's trimmed part and the held history, then read
         live in the background."""
         epoch = await self.log.open(create=False)
-        self.verdicts = Verdicts()  # a retried start judges everything again
+        self.verdicts = Verdicts(max_messages=self.ledger_ids)  # a retried start judges everything again
         heads = [await self.log.head(p) for p in range(self.layout.partitions)]
         for partition, head in enumerate(heads):
             if self.archive is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from events.admission import MAX_MESSAGES
 from realtime_fanout.frames import MAX_CLIENT_MESSAGE_BYTES
 from realtime_fanout.signals import PresenceScope
 from realtime_fanout.unread import UNREAD_WINDOW
@@ -46,6 +47,7 @@ class FanoutSettings(EnvSettings):
     redis_pool_wait_s: float = setting("PARLEY_FANOUT_REDIS_POOL_WAIT_S", 5.0, minimum=0.0)
     unread_wait_s: float = setting("PARLEY_FANOUT_UNREAD_WAIT_S", 1.0, minimum=0.0)
     unread_window: int = setting("PARLEY_FANOUT_UNREAD_WINDOW", UNREAD_WINDOW, minimum=1)
+    ledger_ids: int = setting("PARLEY_FANOUT_LEDGER_IDS", MAX_MESSAGES, minimum=0)
     typing_ttl_s: float = setting("PARLEY_FANOUT_TYPING_TTL_S", 5.0, minimum=0.1)
     typing_per_s: float = setting("PARLEY_FANOUT_TYPING_PER_S", 2.0, minimum=0.0)
     presence_ttl_s: float = setting("PARLEY_FANOUT_PRESENCE_TTL_S", 30.0, minimum=0.3)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from events.admission import MESSAGE_WINDOW, Ledger
+from events.admission import MAX_MESSAGES, MESSAGE_WINDOW, Ledger
 from events.schema import Envelope
 from realtime_fanout.cursor import StreamKey
 from realtime_fanout.item import Item
@@ -27,8 +27,8 @@ class Verdicts:
     entry (a dead letter in the projector too).
     """
 
-    def __init__(self, window: int = MESSAGE_WINDOW) -> None:
-        self.ledger = Ledger(window)
+    def __init__(self, window: int = MESSAGE_WINDOW, max_messages: int = MAX_MESSAGES) -> None:
+        self.ledger = Ledger(window, max_messages)
         self.refused: set[tuple[int, str]] = set()
 
     def admit(self, partition: int, stream_id: str, envelope: Envelope) -> bool:
