@@ -28,7 +28,7 @@ from realtime_fanout.metrics import CONNECTION_FAILURES, DELIVERIES, ENTRIES_REA
 from realtime_fanout.recent import RecentItems
 from realtime_fanout.routing import Abortable, Router, Subscriber
 from realtime_fanout.verdicts import Verdicts
-from servicekit.supervisor import Policy, Supervisor, honour_cancellation
+from servicekit.supervisor import Policy, Supervisor, cancel_and_wait, honour_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +218,7 @@ class Hub:
             try:
                 await asyncio.wait(readers, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for reader in readers:
-                    reader.cancel()
-                await asyncio.gather(*readers, return_exceptions=True)
+                await cancel_and_wait(readers, "fanout-hub-node")
             for reader in readers:
                 if not reader.cancelled() and (exc := reader.exception()) is not None:
                     raise exc

@@ -33,6 +33,20 @@ def honour_cancellation() -> None:
         raise asyncio.CancelledError
 
 
+async def cancel_and_wait(tasks: list[asyncio.Task[None]], name: str, again_after_s: float = 1.0) -> None:
+    """Cancel `tasks` and wait until every one has ended, cancelling again each `again_after_s` those that
+    go on (a loop without `honour_cancellation` around a call that swallowed the cancel): a backstop, so a
+    lost cancellation costs a warning and a second, never a stopped reader. Their outcomes stay in them."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=again_after_s)
+        if pending:
+            log.warning("%d %s task(s) still running %.1fs after a cancel: cancelling again",
+                        len(pending), name, again_after_s)  # fmt: skip
+
+
 class Policy(enum.Enum):
     """What a crash of a task leads to."""
 
@@ -78,11 +92,8 @@ class Supervisor:
             raise TaskStopped("; ".join(f"{name}: {why}" for name, why in sorted(self.stopped.items())))
 
     async def close(self) -> None:
-        """Cancel every task still running and wait for them."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Cancel every task still running and wait for them (cancelling again any that goes on)."""
+        await cancel_and_wait(list(self._tasks), self.service)
 
     async def _supervise(
         self,

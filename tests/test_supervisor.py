@@ -11,7 +11,7 @@ import pytest
 
 from servicekit.exceptions import TaskStopped
 from servicekit.metrics import TASK_FAILURES, TASK_STOPPED
-from servicekit.supervisor import Policy, Supervisor, honour_cancellation
+from servicekit.supervisor import Policy, Supervisor, cancel_and_wait, honour_cancellation
 
 
 def failures(service: str, task: str, policy: str) -> float:
@@ -111,3 +111,28 @@ async def test_a_loop_ends_on_cancel_even_when_a_call_swallowed_the_cancellation
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 5)
     assert rounds
+
+
+async def test_cancel_and_wait_cancels_again_a_loop_that_lost_its_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A loop that does not honour a lost cancellation (no `honour_cancellation`) is cancelled again."""
+    lost: list[int] = []
+
+    async def careless_loop() -> None:
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if not lost:
+                    lost.append(1)  # the first cancel is swallowed, as the 3.11 bug does
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                    continue
+                raise
+
+    task = asyncio.create_task(careless_loop())
+    await asyncio.sleep(0.02)
+    with caplog.at_level(logging.WARNING):
+        await asyncio.wait_for(cancel_and_wait([task], "test", again_after_s=0.05), 5)
+    assert task.cancelled() and lost == [1]
+    assert "still running" in caplog.text
