@@ -282,9 +282,7 @@ class Connection:
         unread = UnreadSeed.none(partitions)
         if self.seeder is not None:
             unread = await self.seeder.seed(self.user_id, start.epoch, positions)
-        session.unread = UnreadTracker(
-            self.user_id, unread, window=self.settings.unread_window, on_reseed=self._reseed_soon
-        )
+        session.unread = UnreadTracker(self.user_id, unread, window=self.settings.unread_window)
         if resync is not None:
             RESYNCS.labels(resync).inc()
             protocol.resync(start.encode(), resync)
@@ -298,13 +296,17 @@ class Connection:
         await self._flush()
 
     async def _flush(self) -> None:
+        self._reseed_if_asked()
         for frame in self.protocol.data_to_send():
             await self.ws.send_text(frame.decode())
 
-    def _reseed_soon(self) -> None:
-        """The unread tracker doubts a conversation's count (its bounded state cannot tell): read a fresh
-        seed, one read at a time per connection."""
-        if self._reseeding is None and self.seeder is not None:
+    def _reseed_if_asked(self) -> None:
+        """When the unread tracker doubts a conversation's count (its bounded state cannot tell), read a
+        fresh seed, one read at a time per connection. Asked at each flush: a doubting event is always
+        followed by one (its own frame), and a callback from the tracker would be a reference cycle."""
+        session = self.protocol.session
+        unread = None if session is None else session.unread
+        if unread is not None and unread.asks and self._reseeding is None and self.seeder is not None:
             self._reseeding = self._spawn(self._reseed())
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -476,6 +478,7 @@ class CallbackConnection(Connection):
 
     def flush_now(self) -> None:
         """Write every frame the protocol has (the edge calls it when the transport is writable)."""
+        self._reseed_if_asked()
         frames = self.protocol.data_to_send()
         if frames:
             self.edge.write_texts(frames)

@@ -6,7 +6,8 @@ sent while u was a participant. The tracker keeps, per conversation, u's read ma
 there are (`older`, none above `older_top`): a connection's memory is bounded per conversation, not by its
 user's unread backlog. A read below `older_top` or a delete of an id it does not hold, while older ones
 exist, cannot be decided from that: the conversation turns uncertain, its frames stop, its items are kept
-(`max_pending`), and the tracker asks its I/O layer (`on_reseed`) for a fresh seed; `reseeded` installs
+(`max_pending`), and the tracker asks its I/O layer for a fresh seed (`asks`, which the connection looks
+at when it flushes: no callback, so no reference back to the connection); `reseeded` installs
 the read model's state and folds the kept items after the seed's position. It is seeded from a read-model
 snapshot taken at known log positions (one per partition) and folds only events after them; a partition
 without a seed position gets no unread frames. While the user is out of a conversation its state is
@@ -17,7 +18,7 @@ are always produced.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from events.membership import joins
@@ -86,14 +87,12 @@ class UnreadTracker:
         user_id: str,
         seed: UnreadSeed,
         window: int = UNREAD_WINDOW,
-        on_reseed: Callable[[], None] | None = None,
         max_pending: int = MAX_PENDING,
     ) -> None:
         self.user_id = user_id
         self.positions = list(seed.positions)
         self.window = max(1, window)
         self.max_pending = max_pending
-        self.on_reseed = on_reseed
         self.states = {cid: self._bound(state) for cid, state in seed.conversations.items()}
         self.uncertain: dict[str, _Uncertain] = {}
         self.asks: list[str] = []  # uncertain conversations whose seed is not yet asked for (`take_asks`)
@@ -115,9 +114,12 @@ class UnreadTracker:
         if self.skips:
             skip = self.skips.get(cid)
             if skip is not None:
-                if item.key <= skip:
+                if item.key > skip:
+                    del self.skips[cid]
+                elif self.user_id in joins(item.envelope) and cid in self.states:
+                    return [self._frame(cid, item.envelope.seq)]  # in the seed; being added still reports it
+                else:
                     return []
-                del self.skips[cid]
         pending = self.uncertain.get(cid)
         if pending is not None:
             pending.items.append(item)
@@ -179,8 +181,6 @@ class UnreadTracker:
     def _doubt(self, cid: str, item: Item, later: list[Item]) -> None:
         self.uncertain[cid] = _Uncertain(item.partition, item.key, item.envelope.seq, later)
         self.asks.append(cid)
-        if self.on_reseed is not None:
-            self.on_reseed()
 
     def _forget(self, cid: str) -> None:
         self.uncertain.pop(cid, None)
