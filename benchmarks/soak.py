@@ -17,10 +17,12 @@ the first 3 of the second half times (1 + `--growth`) (default 5%: an unbounded 
 leak grows far faster under this load; a fanout leaked +70 MiB in 4 minutes); dead letters do not grow
 (none at all); entries not projected do not grow (the backlog's least-squares slope over the second half is
 under 1% of the command rate, and it is 0 once the load stops); the audit (clients' records included) is
-green. Redis and Postgres are reported, not judged: they hold the data, which grows with the log. What a
-fanout holds per conversation (its membership index) grows with the conversations the load creates, by
-design; its entry check's message ids are capped (`--ledger-ids`, 5,000 here, so the cap is reached in the
-warm-up half and its plateau is what is judged).
+green. Redis and Postgres are reported, not judged: they hold the data, which grows with the log. The load
+is steady: each writer goes round 5 conversations of its own (`--conversations-per-writer`; 0 makes a new
+one every round, and then what every process holds per conversation, and each connection per conversation
+of its user, grows with the log by design). The fanouts' entry-check message ids are capped at 5,000
+(`--ledger-ids`) and the projector's cached conversation states at 5,000 messages (`--cache-messages`), so
+those caps are reached in the warm-up half and their plateau is what is judged.
 
 The harness (stack, writers, subscribers, audit) is the fault suite's (tests/test_faults.py).
 """
@@ -345,6 +347,8 @@ class Plan:
     fanout_env: tuple[tuple[int, str, str], ...] = ()  # (fanout index, variable, value)
     fanout_module: tuple[tuple[int, str], ...] = ()  # (fanout index, module run with -m)
     ledger_ids: int = 5_000
+    keep: int = 5
+    cache_messages: int = 5_000
 
 
 async def soak(plan: Plan, seed: int) -> int:
@@ -367,7 +371,10 @@ async def run(tmp: Path, plan: Plan, rng: random.Random) -> bool:
         PostgresServer(tmp / "pg", fast=True) as pg,
     ):
         database_url = pg.create_database("parley")
-        async with stack(redis, database_url, tmp, PARLEY_FANOUT_LEDGER_IDS=str(plan.ledger_ids)) as s:
+        async with stack(
+            redis, database_url, tmp, PARLEY_FANOUT_LEDGER_IDS=str(plan.ledger_ids),
+            PARLEY_PROJECTOR_CACHE_MESSAGES=str(plan.cache_messages),
+        ) as s:  # fmt: skip
             # A client keeps its token (valid an hour) across commands and reconnects. A fresh one per call
             # would grow each service's cache of verified tokens (4,096) all through the run: bounded, but
             # not the steady state the soak judges.
@@ -380,7 +387,7 @@ async def run(tmp: Path, plan: Plan, rng: random.Random) -> bool:
                 await s.fanouts[restart].stop()  # the module and settings are read at start
                 await s.fanouts[restart].start()
             k = Soak(s, pg, database_url)
-            load = Load(f"http://127.0.0.1:{s.api.port}", s.token, rng)
+            load = Load(f"http://127.0.0.1:{s.api.port}", s.token, rng, keep=plan.keep)
             recorders = [Recorder(f"sub-{user}", user) for user in USERS[:4]]
             done, stop = asyncio.Event(), asyncio.Event()
             subs = [
@@ -435,13 +442,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ledger-ids", type=int, default=5_000,
                         help="the fanouts' PARLEY_FANOUT_LEDGER_IDS (default 5000, reached in the warm-up half; "
                              "the shipped 250,000 fills for hours at this rate, so its plateau is not judged)")  # fmt: skip
+    parser.add_argument("--cache-messages", type=int, default=5_000,
+                        help="the projector's PARLEY_PROJECTOR_CACHE_MESSAGES (default 5000, reached in the warm-up "
+                             "half; the shipped 500,000 takes hours here)")  # fmt: skip
+    parser.add_argument("--conversations-per-writer", type=int, default=5,
+                        help="each writer goes round this many conversations of its own, so what a user is in "
+                             "stops growing (a steady state); 0: a new conversation every round (default 5)")  # fmt: skip
     args = parser.parse_args(argv)
     fanout_module = tuple((int(i), m) for i, m in (spec.split(":", 1) for spec in args.fanout_module))
     fanout_env = tuple(
         (int(index), *pair.split("=", 1)) for index, pair in (spec.split(":", 1) for spec in args.fanout_env)
     )
     plan = Plan(args.duration, args.fault_every, args.restarts_until, args.sample_every, args.growth,
-                fanout_env, fanout_module, args.ledger_ids)  # fmt: skip
+                fanout_env, fanout_module, args.ledger_ids, args.conversations_per_writer,
+                args.cache_messages)  # fmt: skip
     return asyncio.run(soak(plan, args.seed))
 
 

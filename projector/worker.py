@@ -94,13 +94,16 @@ class PartitionProjector:
         self.version = 0
         self.applied = 0
         self.cache: OrderedDict[str, ConversationState] = OrderedDict()
+        self.held: dict[str, int] = {}  # messages each cached conversation held after its last batch
+        self.held_total = 0
+        self._touched: set[str] = set()
         self.stopped: str | None = None
         self.retrying: str | None = None  # the last transient error, until a batch succeeds again
         self.lease_lost = False
 
     async def load(self) -> None:
         """Reset the cache and read the checkpoint; raise EpochMismatch if it belongs to another log."""
-        self.cache.clear()
+        self._clear_cache()
         async with self.worker.pool.connection() as conn:
             cp = await self.worker.store.checkpoint(conn, self.partition)
         if cp.epoch is not None and cp.epoch != self.worker.epoch:
@@ -195,6 +198,28 @@ class PartitionProjector:
                 self.partition, f"{self.position}#{self.version}", f"{cp.stream_id}#{cp.version}"
             )
 
+    def _clear_cache(self) -> None:
+        self.cache.clear()
+        self.held.clear()
+        self.held_total = 0
+
+    def _bound_cache(self) -> None:
+        """Evict the oldest-loaded conversations while the cache holds more than
+        PARLEY_PROJECTOR_CACHE_CONVERSATIONS of them or PARLEY_PROJECTOR_CACHE_MESSAGES messages in all (a
+        state holds every message of its conversation, ~250 B each without its body; evicted ones are
+        loaded again when next needed). Counted per batch over the conversations it touched only."""
+        for cid in self._touched:
+            state = self.cache.get(cid)
+            now = 0 if state is None else len(state.messages)
+            self.held_total += now - self.held.get(cid, 0)
+            self.held[cid] = now
+        settings = self.worker.settings
+        while self.cache and (
+            len(self.cache) > settings.cache_conversations or self.held_total > settings.cache_messages
+        ):
+            cid, _ = self.cache.popitem(last=False)
+            self.held_total -= self.held.pop(cid, 0)
+
     async def apply(self, entries: Sequence[LogEntry]) -> int:
         """Fold and commit `entries` (the next ones after `position`); returns how many it moved past."""
         started = time.perf_counter()
@@ -204,7 +229,7 @@ class PartitionProjector:
             if not _entry_fault(exc):
                 raise
             log.error("partition %d: batch failed (%s); applying one entry at a time", self.partition, exc)
-            self.cache.clear()
+            self._clear_cache()
             for entry in entries:
                 batch = await self._commit([entry], isolate=True)
         self._after_commit(batch, time.perf_counter() - started)
@@ -214,11 +239,8 @@ class PartitionProjector:
         w = self.worker
         assert w.epoch is not None
         decoded = decode_entries(entries)
-        needed = {
-            e.conversation_id
-            for e in decoded
-            if isinstance(e, Envelope) and e.conversation_id not in self.cache
-        }
+        self._touched = {e.conversation_id for e in decoded if isinstance(e, Envelope)}
+        needed = {cid for cid in self._touched if cid not in self.cache}
         async with w.pool.connection() as conn:
             try:
                 if needed:
@@ -230,7 +252,7 @@ class PartitionProjector:
                 await w.store.commit(conn, batch, w.settings.worker_id if w.use_leases else None)
                 forget_bodies(batch.tables)
             except BaseException as exc:
-                self.cache.clear()
+                self._clear_cache()
                 if not isolate or not _entry_fault(exc):
                     raise
                 # This single entry cannot be applied or written: keep it as a dead letter, move past it.
@@ -248,9 +270,8 @@ class PartitionProjector:
         return batch
 
     def _after_commit(self, batch: Batch, seconds: float) -> None:
-        limit = self.worker.settings.cache_conversations
-        while len(self.cache) > limit:
-            self.cache.popitem(last=False)
+        self._bound_cache()
+
         if not self.worker.observe:
             return
         label = str(self.partition)

@@ -178,6 +178,8 @@ class Load:
     accepted: list[dict[str, Any]] = field(default_factory=list)
     replays: int = 0
     retries: int = 0  # attempts that failed (no answer, or 5xx) and were sent again with the same key
+    keep: int = 0  # 0: each round is a new conversation; N: each writer goes round N of its own (steady)
+    kept: dict[str, list[tuple[str, list[str], int]]] = field(default_factory=dict)
 
     async def command(self, http: httpx.AsyncClient, user: str, method: str, path: str,
                       body: Any = None) -> httpx.Response:  # fmt: skip
@@ -216,14 +218,22 @@ class Load:
             await asyncio.sleep(0.1)
 
     async def writer(self, user: str) -> None:
-        """One conversation of `user`'s, then a mix of sends, joins, leaves, reads and archiving."""
+        """One conversation of `user`'s (a new one, or with `keep` one of the writer's N), then a mix of
+        sends, joins, leaves, reads and archiving."""
         rng = random.Random(self.rng.random())
         async with httpx.AsyncClient() as http:
-            others = rng.sample([u for u in USERS if u != user], 2)
-            created = await self.command(http, user, "POST", "/v1/conversations",
-                                         {"title": f"{user}'s", "participants": others})  # fmt: skip
-            assert created.status_code == 202, created.text
-            cid, members, seq = created.json()["conversation_id"], [user, *others], 1
+            kept = self.kept.setdefault(user, [])
+            if self.keep and len(kept) >= self.keep:
+                slot = rng.randrange(len(kept))
+                cid, members, seq = kept[slot]
+            else:
+                others = rng.sample([u for u in USERS if u != user], 2)
+                created = await self.command(http, user, "POST", "/v1/conversations",
+                                             {"title": f"{user}'s", "participants": others})  # fmt: skip
+                assert created.status_code == 202, created.text
+                cid, members, seq = created.json()["conversation_id"], [user, *others], 1
+                slot = len(kept)
+                kept.append((cid, members, seq))
             base = f"/v1/conversations/{cid}"
             for _ in range(COMMANDS_PER_WRITER):
                 roll = rng.random()
@@ -251,6 +261,10 @@ class Load:
                 if answer.status_code == 202:
                     seq = max(seq, answer.json()["seq"])
                 await asyncio.sleep(rng.uniform(0.0, 0.04))
+            if self.keep:
+                kept[slot] = (cid, members, seq)
+            else:
+                kept.clear()
 
 
 async def subscriber(s: Stack, rec: Recorder, done: asyncio.Event, rng: random.Random) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,33 @@ async def test_worker_projects_real_log_equal_to_fold(
         await assert_equal_to_fold(database_url, worker.log)
         async with await psycopg.AsyncConnection.connect(database_url) as conn:
             assert len(await dead_letter_keys(conn)) >= 1
+    finally:
+        stop.set()
+        await task
+        await worker.close()
+        await appender.close()
+
+
+async def test_a_message_capped_state_cache_evicts_and_reloads_and_still_equals_the_fold(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
+) -> None:
+    """PARLEY_PROJECTOR_CACHE_MESSAGES 12: conversations are evicted after nearly every batch and loaded
+    again; the read models still equal the fold, and no partition's cache holds more than the cap."""
+    settings = dataclasses.replace(
+        settings_for(redis_server_url, log_namespace, database_url, cache_messages=12), batch=20
+    )
+    appender = Appender(redis_client, settings.log.layout())
+    await appender.open()
+    await Workload(seed=11).append(appender, 400)
+    worker = Worker(settings)
+    await worker.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await wait_caught_up(worker)
+        await assert_equal_to_fold(database_url, worker.log)
+        for projector in worker.projectors.values():
+            assert projector.held_total == sum(len(s.messages) for s in projector.cache.values()) <= 12
     finally:
         stop.set()
         await task
