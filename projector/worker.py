@@ -271,7 +271,6 @@ class PartitionProjector:
 
     def _after_commit(self, batch: Batch, seconds: float) -> None:
         self._bound_cache()
-
         if not self.worker.observe:
             return
         label = str(self.partition)

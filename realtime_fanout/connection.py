@@ -305,24 +305,18 @@ class Connection:
         fresh seed, one read at a time per connection. Asked at each flush: a doubting event is always
         followed by one (its own frame), and a callback from the tracker would be a reference cycle."""
         session = self.protocol.session
-        unread = None if session is None else session.unread
-        if unread is not None and unread.asks and self._reseeding is None and self.seeder is not None:
-            self._reseeding = self._spawn(self._reseed())
+        if session is None or self._reseeding is not None or self.seeder is None:
+            return
+        if session.unread is not None and session.unread.asks:
+            reseed = self._reseed(session, session.unread, self.seeder)
+            self._reseeding = asyncio.get_running_loop().create_task(reseed)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        return asyncio.get_running_loop().create_task(work)
-
-    async def _reseed(self) -> None:
-        session = self.session
-        tracker = None if session is None else session.unread
+    async def _reseed(self, session: Session, tracker: UnreadTracker, seeder: UnreadSeeder) -> None:
         try:
-            while session is not None and tracker is not None and self.seeder is not None:
-                asks = tracker.take_asks()
-                if not asks or self.protocol.closing:
-                    return
+            while (asks := tracker.take_asks()) and not self.protocol.closing:
                 live_from = [f"{k[0]}-{k[1]}" if k is not None else "0-0" for k in tracker.positions]
                 try:
-                    seed = await self.seeder.seed(self.user_id, session.cursor.epoch, live_from)
+                    seed = await seeder.seed(self.user_id, session.cursor.epoch, live_from)
                 except Exception:  # a bug: those counts stop, the connection goes on
                     log.exception("unread reseed of %s for %s failed", self.user_id, asks)
                     tracker.give_up(asks)

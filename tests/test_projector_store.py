@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +52,26 @@ async def wait_caught_up(worker: Worker) -> None:
     await asyncio.wait_for(loop(), 30)
 
 
-async def project_until_caught_up(settings: ProjectorSettings) -> None:
-    """Run a worker until it has projected (and archived) everything in the log, then stop it."""
+@contextlib.asynccontextmanager
+async def caught_up_worker(settings: ProjectorSettings) -> AsyncIterator[Worker]:
+    """A running worker that has projected (and archived) everything in the log; stopped on exit."""
     worker = Worker(settings)
     await worker.start()
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
         await wait_caught_up(worker)
+        yield worker
     finally:
         stop.set()
         await task
         await worker.close()
+
+
+async def project_until_caught_up(settings: ProjectorSettings) -> None:
+    """Run a worker until it has projected (and archived) everything in the log, then stop it."""
+    async with caught_up_worker(settings):
+        pass
 
 
 async def assert_equal_to_fold(database_url: str, log: EventLog) -> None:
@@ -140,20 +150,13 @@ async def test_a_message_capped_state_cache_evicts_and_reloads_and_still_equals_
     )
     appender = Appender(redis_client, settings.log.layout())
     await appender.open()
-    await Workload(seed=11).append(appender, 400)
-    worker = Worker(settings)
-    await worker.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
     try:
-        await wait_caught_up(worker)
-        await assert_equal_to_fold(database_url, worker.log)
-        for projector in worker.projectors.values():
-            assert projector.held_total == sum(len(s.messages) for s in projector.cache.values()) <= 12
+        await Workload(seed=11).append(appender, 400)
+        async with caught_up_worker(settings) as worker:
+            await assert_equal_to_fold(database_url, worker.log)
+            for projector in worker.projectors.values():
+                assert projector.held_total == sum(len(s.messages) for s in projector.cache.values()) <= 12
     finally:
-        stop.set()
-        await task
-        await worker.close()
         await appender.close()
 
 
