@@ -5,24 +5,10 @@ a snapshot (DIR/snapshot-K.tracemalloc) and the sizes of one idle connection's o
 from __future__ import annotations
 
 import gc
-import json
-import os
-import signal
 import sys
-import tracemalloc
-from pathlib import Path
-from types import FrameType
 from typing import Any
 
-FRAMES = int(os.environ.get("PARLEY_PROFILE_FRAMES", "1"))  # frames per traceback (1: by line)
-
-
-def type_counts() -> dict[str, int]:
-    """Objects the collector tracks, per type (the 40 most numerous)."""
-    counts: dict[str, int] = {}
-    for o in gc.get_objects():
-        counts[type(o).__qualname__] = counts.get(type(o).__qualname__, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:40])
+from benchmarks.profiling import profile_on_signal, type_counts
 
 
 def object_sizes() -> dict[str, Any]:
@@ -56,30 +42,13 @@ def object_sizes() -> dict[str, Any]:
         parts |= {"native edge": ws, "websockets ServerProtocol": ws.ws, "ServerProtocol.__dict__": vars(ws.ws),
                   "transport": ws.transport}  # fmt: skip
     sizes = {name: sys.getsizeof(obj) for name, obj in parts.items() if obj is not None}
-    counts: dict[str, int] = {}
-    for o in gc.get_objects():
-        counts[type(o).__qualname__] = counts.get(type(o).__qualname__, 0) + 1
-    top = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:40])
+    top = type_counts()
     tasks = sum(1 for o in gc.get_objects() if type(o).__name__ == "Task")
     return {"connections": len(connections), "shallow_bytes": sizes, "tasks": tasks, "gc_counts": top}
 
 
 def main() -> None:
-    out = Path(os.environ["PARLEY_PROFILE_DIR"])
-    taken = [0]
-
-    def dump(_signum: int, _frame: FrameType | None) -> None:
-        taken[0] += 1
-        gc.collect()
-        tracemalloc.take_snapshot().dump(str(out / f"snapshot-{taken[0]}.tracemalloc"))
-        try:
-            sizes = object_sizes()
-        except Exception as exc:  # a profiling aid: say what failed rather than break the served loop
-            sizes = {"error": repr(exc)}
-        (out / f"sizes-{taken[0]}.json").write_text(json.dumps(sizes, indent=1))
-
-    tracemalloc.start(FRAMES)
-    signal.signal(signal.SIGUSR1, dump)
+    profile_on_signal(object_sizes)
     from realtime_fanout.__main__ import main as fanout_main
 
     sys.exit(fanout_main([]))

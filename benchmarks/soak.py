@@ -7,7 +7,7 @@ fault is a kill -9 and restart of the command API, the projector or a fanout; af
 process alive (all Redis client connections cut, or a service frozen with SIGSTOP for 2-4 s), so that each
 process lives through the whole judged second half. Every `--sample-every` seconds it samples each process's
 RSS, Redis `used_memory`, entries not yet projected and dead letters, and prints a row a minute; and each
-fanout's heap as the interpreter and glibc see it (servicekit.memstats: blocks the interpreter holds,
+service's heap as the interpreter and glibc see it (servicekit.memstats: blocks the interpreter holds,
 malloc's bytes in use and free-but-kept), so RSS growth can be told apart as live objects or allocator
 retention (reported, not judged).
 
@@ -50,11 +50,12 @@ import psycopg
 import redis.asyncio as aioredis
 
 from benchmarks.machine import describe
+from benchmarks.profiling import top_growth
 from devstack.servers import PostgresServer, RedisServer
 from projector.settings import ProjectorSettings
 from realtime_fanout.client import Recorder, write_received
 from servicekit.settings import Env
-from tests.test_faults import USERS, Load, Stack, run_audit, stack, subscriber, wait_projected
+from tests.test_faults import USERS, Load, Service, Stack, run_audit, stack, subscriber, wait_projected
 
 HEAP_GAUGES = re.compile(r'^parley_(python_allocated_blocks|malloc_bytes\{field="\w+"\}) (\S+)$', re.M)
 HEAP_COLUMNS = {  # gauge -> column, scale
@@ -81,7 +82,7 @@ class Sample:
     backlog: int
     dead_letters: int
     accepted: int
-    heap: dict[str, dict[str, float]] = field(default_factory=dict)  # fanout -> memstats gauges
+    heap: dict[str, dict[str, float]] = field(default_factory=dict)  # service -> memstats gauges
 
 
 @dataclass
@@ -160,7 +161,7 @@ async def sample(k: Soak, accepted: int) -> Sample:
     backlog = 0
     heap: dict[str, dict[str, float]] = {}
     async with httpx.AsyncClient() as http:
-        for service in k.s.fanouts:
+        for service in k.s.services():
             try:
                 text = (await http.get(f"http://127.0.0.1:{service.port}/metrics", timeout=5)).text
             except httpx.HTTPError:
@@ -252,7 +253,7 @@ def table(k: Soak, names: list[str], every_s: float) -> None:
 
 
 def heap_table(k: Soak, half: list[Sample], every_s: float) -> None:
-    """Per fanout, a row per `every_s`: RSS beside the interpreter's blocks and glibc's bytes; then each
+    """Per service, a row per `every_s`: RSS beside the interpreter's blocks and glibc's bytes; then each
     column's change over the second half (live objects grow with `blocks` and `in use`, retention with
     `free` or with RSS alone)."""
     for name in sorted({n for s in k.samples for n in s.heap}):
@@ -344,8 +345,9 @@ class Plan:
     restarts_until: float  # fraction of the run
     sample_every_s: float
     growth: float
-    fanout_env: tuple[tuple[int, str, str], ...] = ()  # (fanout index, variable, value)
-    fanout_module: tuple[tuple[int, str], ...] = ()  # (fanout index, module run with -m)
+    service_env: tuple[tuple[str, str, str], ...] = ()  # (service, variable, value)
+    service_module: tuple[tuple[str, str], ...] = ()  # (service, module run with -m)
+    profile: Path | None = None  # tracemalloc snapshots of the services run under benchmarks.profiled_*
     ledger_ids: int = 5_000
     keep: int = 5
     cache_messages: int = 5_000
@@ -379,13 +381,7 @@ async def run(tmp: Path, plan: Plan, rng: random.Random) -> bool:
             # would grow each service's cache of verified tokens (4,096) all through the run: bounded, but
             # not the steady state the soak judges.
             s.keep_tokens()
-            for index, module in plan.fanout_module:
-                s.fanouts[index].module = module
-            for index, variable, value in plan.fanout_env:
-                s.fanouts[index].env[variable] = value
-            for restart in {e[0] for e in plan.fanout_env} | {m[0] for m in plan.fanout_module}:
-                await s.fanouts[restart].stop()  # the module and settings are read at start
-                await s.fanouts[restart].start()
+            await configure(s, plan)
             k = Soak(s, pg, database_url)
             load = Load(f"http://127.0.0.1:{s.api.port}", s.token, rng, keep=plan.keep)
             recorders = [Recorder(f"sub-{user}", user) for user in USERS[:4]]
@@ -396,12 +392,16 @@ async def run(tmp: Path, plan: Plan, rng: random.Random) -> bool:
             await asyncio.sleep(1.0)  # every subscriber live before the load: a null cursor starts at `live`
             k.started = time.monotonic()
             watch = asyncio.create_task(sampler(k, load, plan.sample_every_s, stop))
+            profiled = [v for v in s.services() if v.module.startswith("benchmarks.profiled")]
+            halfway = asyncio.get_running_loop().call_later(plan.duration_s / 2, snapshot, profiled)
             until = k.started + plan.duration_s
             restarts_until = k.started + plan.restarts_until * plan.duration_s
             await asyncio.gather(faults(k, plan.fault_every_s, restarts_until, until, rng),
                                  *(writer_loop(load, u, until) for u in USERS[:4]))  # fmt: skip
             k.samples.append(await sample(k, len(load.accepted)))
             load_end_s = k.samples[-1].at_s
+            halfway.cancel()
+            snapshot(profiled)
             done.set()
             await asyncio.wait_for(asyncio.gather(*subs), 120)
             await wait_projected(ProjectorSettings.from_env(Env(s.env), auth=False), 120)
@@ -409,6 +409,13 @@ async def run(tmp: Path, plan: Plan, rng: random.Random) -> bool:
             await watch
             k.samples.append(await sample(k, len(load.accepted)))
             judged = report(k, plan.growth, load_end_s)
+            if plan.profile is not None:
+                await asyncio.sleep(5.0)  # each dump collects and writes a snapshot
+                for v in profiled:
+                    print(
+                        f"\n{Path(v.log).stem}: traced growth from the second half's start to the load's end"
+                    )
+                    print("\n".join(top_growth(plan.profile / Path(v.log).stem, 1, 2)))
             received = tmp / "received.jsonl"
             write_received(received, recorders)
             code, audit = await run_audit(s, received)
@@ -420,6 +427,27 @@ async def run(tmp: Path, plan: Plan, rng: random.Random) -> bool:
             if code != 0:
                 print(audit)
             return code == 0 and judged
+
+
+def snapshot(services: list[Service]) -> None:
+    for service in services:
+        service.signal(signal.SIGUSR1)
+
+
+async def configure(s: Stack, plan: Plan) -> None:
+    """Each named service's module and variables; those changed restart (both are read at start)."""
+    by_name = {Path(v.log).stem: v for v in s.services()}
+    if unknown := {n for n, *_ in (*plan.service_env, *plan.service_module)} - by_name.keys():
+        raise SystemExit(f"no such service: {', '.join(sorted(unknown))} (one of {', '.join(by_name)})")
+    for name, module in plan.service_module:
+        by_name[name].module = module
+        if plan.profile is not None:
+            by_name[name].env["PARLEY_PROFILE_DIR"] = str(plan.profile / name)
+    for name, variable, value in plan.service_env:
+        by_name[name].env[variable] = value
+    for name in {e[0] for e in plan.service_env} | {m[0] for m in plan.service_module}:
+        await by_name[name].stop()
+        await by_name[name].start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,11 +462,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--growth", type=float, default=0.05,
                         help="flat: RSS grows by less than this fraction over the second half (default 0.05)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--fanout-env", action="append", default=[], metavar="I:VAR=VALUE",
-                        help="set VAR for fanout I only (0 or 1; an A/B of a setting in one run); repeatable")  # fmt: skip
-    parser.add_argument("--fanout-module", action="append", default=[], metavar="I:MODULE",
-                        help="run fanout I as `python -m MODULE` (benchmarks.profiled_fanout: tracemalloc snapshots "
-                             "on SIGUSR1 into PARLEY_PROFILE_DIR)")  # fmt: skip
+    parser.add_argument("--service-env", action="append", default=[], metavar="NAME:VAR=VALUE",
+                        help="set VAR for one service (api, projector0, fanout0, fanout1: an A/B of a setting "
+                             "in one run); repeatable")  # fmt: skip
+    parser.add_argument("--service-module", action="append", default=[], metavar="NAME:MODULE",
+                        help="run a service as `python -m MODULE` (benchmarks.profiled_fanout, "
+                             "benchmarks.profiled_projector: under tracemalloc); repeatable")  # fmt: skip
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="snapshots of the profiled services at half time and at the load's end into "
+                             "DIR/NAME, and the lines that grew between them")  # fmt: skip
     parser.add_argument("--ledger-ids", type=int, default=5_000,
                         help="the fanouts' PARLEY_FANOUT_LEDGER_IDS (default 5000, reached in the warm-up half; "
                              "the shipped 250,000 fills for hours at this rate, so its plateau is not judged)")  # fmt: skip
@@ -449,12 +481,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="each writer goes round this many conversations of its own, so what a user is in "
                              "stops growing (a steady state); 0: a new conversation every round (default 5)")  # fmt: skip
     args = parser.parse_args(argv)
-    fanout_module = tuple((int(i), m) for i, m in (spec.split(":", 1) for spec in args.fanout_module))
-    fanout_env = tuple(
-        (int(index), *pair.split("=", 1)) for index, pair in (spec.split(":", 1) for spec in args.fanout_env)
+    service_module = tuple((n, m) for n, m in (spec.split(":", 1) for spec in args.service_module))
+    service_env = tuple(
+        (name, *pair.split("=", 1)) for name, pair in (spec.split(":", 1) for spec in args.service_env)
     )
     plan = Plan(args.duration, args.fault_every, args.restarts_until, args.sample_every, args.growth,
-                fanout_env, fanout_module, args.ledger_ids, args.conversations_per_writer,
+                service_env, service_module, args.profile, args.ledger_ids, args.conversations_per_writer,
                 args.cache_messages)  # fmt: skip
     return asyncio.run(soak(plan, args.seed))
 

@@ -17,6 +17,7 @@ from command_api.web import add_web_routes
 from servicekit.health import add_health_routes
 from servicekit.httpedge import NO_DOC_PAGES
 from servicekit.lifespan import services_lifespan
+from servicekit.memstats import register_memory_collector
 from servicekit.openapi import extend_openapi
 from servicekit.problems import AnswerUnexpected, add_http_problem_handlers
 
@@ -33,6 +34,7 @@ class CommandApp(FastAPI):
 def create_app(settings: CommandApiSettings | None = None) -> CommandApp:
     """Build the command API; Redis is connected in the lifespan, so building has no side effect."""
     settings = settings or CommandApiSettings.from_env()
+    register_memory_collector()
 
     app = CommandApp(
         title="Parley command API",

@@ -46,6 +46,7 @@ from servicekit.auth import TokenVerifier, parse_bearer
 from servicekit.exceptions import AuthError
 from servicekit.health import add_health_routes
 from servicekit.httpedge import NO_DOC_PAGES
+from servicekit.memstats import register_memory_collector
 from servicekit.openapi import extend_openapi
 from servicekit.problems import (
     AnswerUnexpected,
@@ -72,6 +73,7 @@ def create_app(settings: ProjectorSettings, worker: Worker, reads: Reads) -> Fas
     if settings.auth is None:
         raise ValueError("the query API needs JWT settings")
     verifier = TokenVerifier(settings.auth)
+    register_memory_collector()
     app = FastAPI(
         title="Parley query API", version="1", summary="Read models of the Parley log.", **NO_DOC_PAGES
     )

@@ -105,7 +105,7 @@ def test_the_kit_covers_what_an_operator_must_see() -> None:
     assert "parley_retention_stream_entries" in " ".join(dashboard_exprs())
 
 
-async def test_every_service_serves_the_kit_metrics_and_counts_answers_by_status(
+async def test_every_service_serves_the_kit_metrics_its_heap_and_counts_answers_by_status(
     services: Services,  # noqa: F811
 ) -> None:
     known = exported()
@@ -117,3 +117,4 @@ async def test_every_service_serves_the_kit_metrics_and_counts_answers_by_status
             series = {line.split("{")[0].split(" ")[0] for line in scraped.splitlines() if line[:1] != "#"}
             ours = {s for s in series if s.startswith("parley_")}
             assert ours <= known, f"{name} serves metrics the test does not know: {sorted(ours - known)}"
+            assert "parley_python_allocated_blocks" in ours, f"{name} does not serve its heap gauges"
