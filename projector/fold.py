@@ -121,7 +121,7 @@ def _sent(
 def _edited(
     state: ConversationState, event: Envelope, payload: schema.MessageEdited, changes: Changes, *_: object
 ) -> None:
-    message = state.messages[payload.message_id]
+    message = state.message(payload.message_id)
     conv = state.conversation
     if conv.last_message_id == message.message_id:
         conv.last_message_preview = preview(payload.body)
@@ -134,7 +134,7 @@ def _edited(
 def _deleted(
     state: ConversationState, event: Envelope, payload: schema.MessageDeleted, changes: Changes, *_: object
 ) -> None:
-    message = state.messages[payload.message_id]
+    message = state.message(payload.message_id)
     conv = state.conversation
     conv.message_count -= 1
     if conv.last_message_id == message.message_id:
@@ -164,7 +164,8 @@ def _read(
     read_seq = max(row.read_seq, payload.up_to_seq)
     if read_seq >= (state.conversation.last_message_seq or 0):
         row.unread_count = 0  # no message after the marker
-    elif in_order:  # the count is exact, so moving the marker forward only drops the messages it passes
+    elif in_order and state.holds_after(row.read_seq):
+        # the count is exact, so moving the marker forward only drops the messages it passes
         if row.unread_count:
             row.unread_count -= state.unread_between(event.actor, row.read_seq, read_seq)
     else:

@@ -66,6 +66,7 @@ class ProjectorSettings(EnvSettings):
     worker_id: str = setting("PARLEY_PROJECTOR_WORKER_ID", default_factory=_worker_id)
     cache_conversations: int = setting("PARLEY_PROJECTOR_CACHE_CONVERSATIONS", 50_000, minimum=1)
     cache_messages: int = setting("PARLEY_PROJECTOR_CACHE_MESSAGES", 500_000, minimum=0)
+    state_messages: int = setting("PARLEY_PROJECTOR_STATE_MESSAGES", 1_000, minimum=1)
     retry_max_s: float = setting("PARLEY_PROJECTOR_RETRY_MAX_S", 10.0, minimum=0.1)
     max_lag_s: float = setting("PARLEY_PROJECTOR_MAX_LAG_S", 30.0, minimum=0)
     rebuild_processes: int = setting("PARLEY_PROJECTOR_REBUILD_PROCESSES", 2, minimum=1)

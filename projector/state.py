@@ -176,7 +176,16 @@ Tables = dict[str, tuple[list[Any], list[Any]]]
 VERSIONS = TABLE_OF[Version]
 
 
-_ABSENT, _LIVE, _DELETED = MessageFact.ABSENT, MessageFact.LIVE, MessageFact.DELETED
+_ABSENT, _LIVE, _DELETED, _FORGOTTEN = (
+    MessageFact.ABSENT,
+    MessageFact.LIVE,
+    MessageFact.DELETED,
+    MessageFact.FORGOTTEN,
+)
+
+
+class StateIncomplete(Exception):
+    """A fold needed a message its state does not hold: the batch's `needs` were not loaded (a bug)."""
 
 
 @dataclass(slots=True)
@@ -184,7 +193,10 @@ class ConversationState:
     """Everything the fold needs to know about one conversation to apply its next event; it is the
     projector's `events.admission.ConversationFacts`.
 
-    `messages` is in sequence order (the fold appends; the store loads them ordered).
+    `messages` holds every message with seq above `held_after` (0: all of them), in sequence order (the fold
+    appends; the store loads them ordered; `trim` keeps the newest). Older ones a batch needs (an edit or
+    delete of one, a read marker set below `held_after`) are loaded into `older` first (`needs`), with
+    every message in `(older_after, held_after]` when a count needs them; `trim` drops them again.
     """
 
     conversation: Conversation
@@ -192,6 +204,10 @@ class ConversationState:
     inbox: dict[str, Inbox] = field(default_factory=dict)
     messages: dict[str, Message] = field(default_factory=dict)
     members: list[str] | None = None  # current participants, cached until membership changes
+    held_after: int = 0
+    older: dict[str, Message] = field(default_factory=dict)
+    older_after: int | None = None
+    looked_up: set[str] = field(default_factory=set)  # ids `older` was loaded for (absent if not in it)
 
     @property
     def last_seq(self) -> int:
@@ -200,10 +216,19 @@ class ConversationState:
     def was_member(self, user_id: str) -> bool:
         return user_id in self.inbox
 
-    def message_fact(self, message_id: str) -> MessageFact:
-        message = self.messages.get(message_id)
+    def message(self, message_id: str) -> Message:
+        message = self.messages.get(message_id) or self.older.get(message_id)
         if message is None:
-            return _ABSENT
+            raise StateIncomplete(
+                f"message {message_id} of {self.conversation.conversation_id} is not loaded"
+            )
+        return message
+
+    def message_fact(self, message_id: str) -> MessageFact:
+        """A send of an id not held is FORGOTTEN (accepted: the write side keeps ids unique, exactly)."""
+        message = self.messages.get(message_id) or self.older.get(message_id)
+        if message is None:
+            return _ABSENT if self.held_after == 0 or message_id in self.looked_up else _FORGOTTEN
         return _LIVE if message.deleted_at is None else _DELETED
 
     def current_members(self) -> list[str]:
@@ -223,12 +248,24 @@ class ConversationState:
         """True when `message` is one `user_id`'s unread count may include (read marker aside)."""
         return message.deleted_at is None and message.author != user_id and self.saw(user_id, message.seq)
 
+    def holds_after(self, seq: int) -> bool:
+        """True when `messages` holds every message with a seq above `seq`."""
+        return seq >= self.held_after
+
     def unread_after(self, user_id: str, read_seq: int) -> int:
-        """The unread count from its definition (linear in the conversation's messages)."""
-        return sum(1 for m in self.messages.values() if m.seq > read_seq and self.counts_for(user_id, m))
+        """The unread count from its definition (linear in the messages after `read_seq`)."""
+        n = sum(1 for m in self.messages.values() if m.seq > read_seq and self.counts_for(user_id, m))
+        if read_seq < self.held_after:
+            if self.older_after is None or read_seq < self.older_after:
+                raise StateIncomplete(
+                    f"messages after seq {read_seq} of {self.conversation.conversation_id} are not loaded"
+                )
+            n += sum(1 for m in self.older.values() if m.seq > read_seq and self.counts_for(user_id, m))
+        return n
 
     def unread_between(self, user_id: str, low: int, high: int) -> int:
-        """How many counted messages have `low < seq <= high` (newest first; stops at `low`)."""
+        """How many counted messages have `low < seq <= high` (newest first; stops at `low`); `low` is at
+        or above `held_after`."""
         n = 0
         for m in reversed(self.messages.values()):
             if m.seq <= low:
@@ -236,6 +273,17 @@ class ConversationState:
             if m.seq <= high and self.counts_for(user_id, m):
                 n += 1
         return n
+
+    def trim(self, keep: int) -> None:
+        """Hold only the newest `keep` messages (all of them were written) and nothing loaded for a batch."""
+        extra = len(self.messages) - keep
+        if extra > 0:
+            ids = iter(list(self.messages))
+            for _ in range(extra):
+                self.held_after = self.messages.pop(next(ids)).seq
+        self.older.clear()
+        self.older_after = None
+        self.looked_up.clear()
 
 
 @dataclass(slots=True)

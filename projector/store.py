@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from events import schema
 from projector.batch import Batch, DeadLetter, archive_row
 from projector.exceptions import CheckpointMoved, EpochMismatch, LeaseLost
 from projector.migrate import LIVE_SCHEMA, STORE_SCHEMA
@@ -33,6 +34,10 @@ _ARCHIVE_COLUMNS = (
     "epoch", "partition", "stream_id", "stream_ms", "stream_seq", "event_id", "conversation_id",
     "seq", "type", "actor", "occurred_at", "data",
 )  # fmt: skip
+
+
+_MESSAGE_STATE = "conversation_id, seq, message_id, author, NULL, sent_at, reply_to, edited_at, deleted_at"
+"""A message as the fold holds it: every column but the body (`Message` order)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +161,11 @@ class Store:
         )
         return {r[0]: Checkpoint(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()}
 
-    async def load_states(self, conn: AsyncConn, ids: Iterable[str]) -> dict[str, ConversationState]:
-        """The fold state of every existing conversation among `ids` (message bodies left out)."""
+    async def load_states(
+        self, conn: AsyncConn, ids: Iterable[str], window: int | None = None
+    ) -> dict[str, ConversationState]:
+        """The fold state of every existing conversation among `ids` (message bodies left out), holding its
+        newest `window` messages (None: all; `ConversationState.held_after` says where they start)."""
         wanted = list(ids)
         if not wanted:
             return {}
@@ -191,17 +199,81 @@ class Store:
         )
         for r in await cur.fetchall():
             states[r[1]].inbox[r[0]] = Inbox.loaded(r)
+        if window is None:
+            cur = await conn.execute(
+                self._q(
+                    f"SELECT {_MESSAGE_STATE} FROM {{s}}.messages WHERE conversation_id = ANY(%s) "
+                    "ORDER BY conversation_id, seq"
+                ),
+                (present,),
+            )
+            for r in await cur.fetchall():
+                states[r[0]].messages[r[2]] = Message.loaded(r)
+            return states
+        # The newest window + 1 of each conversation, newest first, from the primary key's index: one more
+        # than held says where the held ones start.
         cur = await conn.execute(
             self._q(
-                "SELECT conversation_id, seq, message_id, author, NULL, sent_at, reply_to, edited_at, "
-                "deleted_at "
-                "FROM {s}.messages WHERE conversation_id = ANY(%s) ORDER BY conversation_id, seq"
+                f"SELECT m.* FROM unnest(%s::text[]) c(id) CROSS JOIN LATERAL (SELECT {_MESSAGE_STATE} "
+                "FROM {s}.messages WHERE conversation_id = c.id ORDER BY seq DESC LIMIT %s) m"
             ),
-            (present,),
+            (present, window + 1),
         )
+        newest_first: dict[str, list[Any]] = {}
         for r in await cur.fetchall():
-            states[r[0]].messages[r[2]] = Message.loaded(r)
+            newest_first.setdefault(r[0], []).append(r)
+        for cid, rows in newest_first.items():
+            state = states[cid]
+            if len(rows) > window:
+                state.held_after = rows.pop()[1]
+            for r in reversed(rows):
+                state.messages[r[2]] = Message.loaded(r)
         return states
+
+    async def load_needs(
+        self, conn: AsyncConn, states: dict[str, ConversationState], events: Iterable[Any]
+    ) -> None:
+        """Load into each state's `older` the messages below its window that `events` need: those an edit
+        or delete names, and all those after a read marker a `MessagesRead` sets below the window."""
+        ids: dict[str, set[str]] = {}
+        after: dict[str, int] = {}
+        for event in events:
+            state = states.get(getattr(event, "conversation_id", ""))
+            if state is None or state.held_after == 0:
+                continue
+            payload = event.payload
+            if isinstance(payload, schema.MessageEdited | schema.MessageDeleted):
+                if payload.message_id not in state.messages:
+                    ids.setdefault(event.conversation_id, set()).add(payload.message_id)
+            elif isinstance(payload, schema.MessagesRead):
+                row = state.inbox.get(event.actor)
+                low = max(payload.up_to_seq, row.read_seq if row is not None else 0)
+                if low < state.held_after:
+                    after[event.conversation_id] = min(low, after.get(event.conversation_id, low))
+        for cid, wanted in ids.items():
+            state = states[cid]
+            cur = await conn.execute(
+                self._q(
+                    f"SELECT {_MESSAGE_STATE} FROM {{s}}.messages WHERE conversation_id = %s AND seq <= %s "
+                    "AND message_id = ANY(%s)"
+                ),
+                (cid, state.held_after, list(wanted)),
+            )
+            for r in await cur.fetchall():
+                state.older.setdefault(r[2], Message.loaded(r))
+            state.looked_up |= wanted
+        for cid, low in after.items():
+            state = states[cid]
+            cur = await conn.execute(
+                self._q(
+                    f"SELECT {_MESSAGE_STATE} FROM {{s}}.messages WHERE conversation_id = %s AND seq > %s "
+                    "AND seq <= %s"
+                ),
+                (cid, low, state.held_after),
+            )
+            for r in await cur.fetchall():
+                state.older.setdefault(r[2], Message.loaded(r))
+            state.older_after = low
 
     async def commit(self, conn: AsyncConn, batch: Batch, lease_owner: str | None = None) -> None:
         """Write `batch` and move the checkpoint to `batch.last`, all in one transaction.

@@ -206,8 +206,9 @@ class PartitionProjector:
     def _bound_cache(self) -> None:
         """Evict the oldest-loaded conversations while the cache holds more than
         PARLEY_PROJECTOR_CACHE_CONVERSATIONS of them or PARLEY_PROJECTOR_CACHE_MESSAGES messages in all (a
-        state holds every message of its conversation, ~250 B each without its body; evicted ones are
-        loaded again when next needed). Counted per batch over the conversations it touched only."""
+        state holds the newest PARLEY_PROJECTOR_STATE_MESSAGES of its conversation, ~250 B each without its
+        body; evicted ones are loaded again when next needed). Counted per batch over the conversations it
+        touched only."""
         for cid in self._touched:
             state = self.cache.get(cid)
             now = 0 if state is None else len(state.messages)
@@ -244,13 +245,17 @@ class PartitionProjector:
         async with w.pool.connection() as conn:
             try:
                 if needed:
-                    self.cache.update(await w.store.load_states(conn, needed))
+                    self.cache.update(await w.store.load_states(conn, needed, w.settings.state_messages))
+                await w.store.load_needs(conn, self.cache, decoded)
                 batch = fold_batch(
                     Batch(self.partition, w.epoch, self.position, self.version), entries, decoded, self.cache,
                     archive=w.store.archive,
                 )  # fmt: skip
                 await w.store.commit(conn, batch, w.settings.worker_id if w.use_leases else None)
                 forget_bodies(batch.tables)
+                for cid in self._touched:
+                    if (state := self.cache.get(cid)) is not None:
+                        state.trim(w.settings.state_messages)
             except BaseException as exc:
                 self._clear_cache()
                 if not isolate or not _entry_fault(exc):

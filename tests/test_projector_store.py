@@ -140,22 +140,34 @@ async def test_worker_projects_real_log_equal_to_fold(
         await appender.close()
 
 
-async def test_a_message_capped_state_cache_evicts_and_reloads_and_still_equals_the_fold(
-    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str
-) -> None:
+@pytest.mark.parametrize(("state_messages", "cache_messages"), [(1_000, 12), (2, 12), (1, 500_000)])
+async def test_a_capped_state_cache_evicts_and_reloads_and_still_equals_the_fold(
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, database_url: str,
+    state_messages: int, cache_messages: int,
+) -> None:  # fmt: skip
     """PARLEY_PROJECTOR_CACHE_MESSAGES 12: conversations are evicted after nearly every batch and loaded
-    again; the read models still equal the fold, and no partition's cache holds more than the cap."""
+    again; PARLEY_PROJECTOR_STATE_MESSAGES 1 or 2: a state holds its newest messages only, so edits and
+    deletes of older ones and read markers set anywhere (the workload's) load them first. The read models
+    still equal the fold (of whole states), and no state or cache holds more than its cap."""
     settings = dataclasses.replace(
-        settings_for(redis_server_url, log_namespace, database_url, cache_messages=12), batch=20
-    )
+        settings_for(redis_server_url, log_namespace, database_url, cache_messages=cache_messages),
+        batch=20, state_messages=state_messages,
+    )  # fmt: skip
     appender = Appender(redis_client, settings.log.layout())
     await appender.open()
     try:
-        await Workload(seed=11).append(appender, 400)
+        workload = Workload(seed=11, read_anywhere=True)
+        await workload.append(appender, 400)
         async with caught_up_worker(settings) as worker:
+            await workload.append(appender, 400)
+            await wait_caught_up(worker)
             await assert_equal_to_fold(database_url, worker.log)
             for projector in worker.projectors.values():
-                assert projector.held_total == sum(len(s.messages) for s in projector.cache.values()) <= 12
+                assert projector.held_total == sum(len(s.messages) for s in projector.cache.values())
+                assert projector.held_total <= cache_messages
+                assert all(len(s.messages) <= state_messages and not s.older for s in projector.cache.values())
+            if state_messages < 1_000:
+                assert any(s.held_after for p in worker.projectors.values() for s in p.cache.values())
     finally:
         await appender.close()
 

@@ -24,6 +24,7 @@ class Workload:
 
     seed: int = 0
     users: int = 20
+    read_anywhere: bool = False  # a read marker set to a random seq, not the conversation's last
     members: dict[str, list[str]] = field(default_factory=dict)
     creators: dict[str, str] = field(default_factory=dict)
     messages: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
@@ -73,7 +74,8 @@ class Workload:
             mid, author = msgs.pop(rng.randrange(len(msgs)))
             return commands.delete_message(commands.Context(author), cid, mid)
         if roll < 0.85:
-            return commands.mark_read(commands.Context(actor), cid, bodies.MarkRead(max(1, self.seqs[cid])))
+            up_to = rng.randint(1, max(1, self.seqs[cid])) if self.read_anywhere else max(1, self.seqs[cid])
+            return commands.mark_read(commands.Context(actor), cid, bodies.MarkRead(up_to))
         if roll < 0.9:
             user = self.user()
             if user not in members:
