@@ -8,7 +8,7 @@ checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ import psycopg
 from psycopg import sql
 
 from events import schema
+from events.schema import Envelope
 from projector.batch import Batch, DeadLetter, archive_row
 from projector.exceptions import CheckpointMoved, EpochMismatch, LeaseLost
 from projector.migrate import LIVE_SCHEMA, STORE_SCHEMA
@@ -231,14 +232,16 @@ class Store:
         return states
 
     async def load_needs(
-        self, conn: AsyncConn, states: dict[str, ConversationState], events: Iterable[Any]
+        self, conn: AsyncConn, states: Mapping[str, ConversationState], events: Iterable[Envelope | Exception]
     ) -> None:
         """Load into each state's `older` the messages below its window that `events` need: those an edit
         or delete names, and all those after a read marker a `MessagesRead` sets below the window."""
         ids: dict[str, set[str]] = {}
         after: dict[str, int] = {}
         for event in events:
-            state = states.get(getattr(event, "conversation_id", ""))
+            if not isinstance(event, Envelope):
+                continue
+            state = states.get(event.conversation_id)
             if state is None or state.held_after == 0:
                 continue
             payload = event.payload
@@ -251,29 +254,23 @@ class Store:
                 if low < state.held_after:
                     after[event.conversation_id] = min(low, after.get(event.conversation_id, low))
         for cid, wanted in ids.items():
-            state = states[cid]
-            cur = await conn.execute(
-                self._q(
-                    f"SELECT {_MESSAGE_STATE} FROM {{s}}.messages WHERE conversation_id = %s AND seq <= %s "
-                    "AND message_id = ANY(%s)"
-                ),
-                (cid, state.held_after, list(wanted)),
-            )
-            for r in await cur.fetchall():
-                state.older.setdefault(r[2], Message.loaded(r))
-            state.looked_up |= wanted
+            await self._load_older(conn, states[cid], "message_id = ANY(%s)", list(wanted))
+            states[cid].looked_up |= wanted
         for cid, low in after.items():
-            state = states[cid]
-            cur = await conn.execute(
-                self._q(
-                    f"SELECT {_MESSAGE_STATE} FROM {{s}}.messages WHERE conversation_id = %s AND seq > %s "
-                    "AND seq <= %s"
-                ),
-                (cid, low, state.held_after),
-            )
-            for r in await cur.fetchall():
-                state.older.setdefault(r[2], Message.loaded(r))
-            state.older_after = low
+            await self._load_older(conn, states[cid], "seq > %s", low)
+            states[cid].older_after = low
+
+    async def _load_older(self, conn: AsyncConn, state: ConversationState, where: str, value: Any) -> None:
+        """The messages of `state`'s conversation at or below `held_after` that `where` selects."""
+        cur = await conn.execute(
+            self._q(
+                f"SELECT {_MESSAGE_STATE} FROM {{s}}.messages WHERE conversation_id = %s AND seq <= %s "
+                f"AND {where}"
+            ),
+            (state.conversation.conversation_id, state.held_after, value),
+        )
+        for r in await cur.fetchall():
+            state.older.setdefault(r[2], Message.loaded(r))
 
     async def commit(self, conn: AsyncConn, batch: Batch, lease_owner: str | None = None) -> None:
         """Write `batch` and move the checkpoint to `batch.last`, all in one transaction.

@@ -165,7 +165,9 @@ async def test_a_capped_state_cache_evicts_and_reloads_and_still_equals_the_fold
             for projector in worker.projectors.values():
                 assert projector.held_total == sum(len(s.messages) for s in projector.cache.values())
                 assert projector.held_total <= cache_messages
-                assert all(len(s.messages) <= state_messages and not s.older for s in projector.cache.values())
+                assert all(
+                    len(s.messages) <= state_messages and not s.older for s in projector.cache.values()
+                )
             if state_messages < 1_000:
                 assert any(s.held_after for p in worker.projectors.values() for s in p.cache.values())
     finally:
