@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from typing import Any, Self
 
 import msgspec
@@ -277,10 +278,8 @@ class ConversationState:
     def trim(self, keep: int) -> None:
         """Hold only the newest `keep` messages (all of them were written) and nothing loaded for a batch."""
         extra = len(self.messages) - keep
-        if extra > 0:
-            ids = iter(list(self.messages))
-            for _ in range(extra):
-                self.held_after = self.messages.pop(next(ids)).seq
+        for message_id in list(islice(self.messages, max(extra, 0))):
+            self.held_after = self.messages.pop(message_id).seq
         self.older.clear()
         self.older_after = None
         self.looked_up.clear()

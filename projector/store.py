@@ -200,32 +200,21 @@ class Store:
         )
         for r in await cur.fetchall():
             states[r[1]].inbox[r[0]] = Inbox.loaded(r)
-        if window is None:
-            cur = await conn.execute(
-                self._q(
-                    f"SELECT {_MESSAGE_STATE} FROM {{s}}.messages WHERE conversation_id = ANY(%s) "
-                    "ORDER BY conversation_id, seq"
-                ),
-                (present,),
-            )
-            for r in await cur.fetchall():
-                states[r[0]].messages[r[2]] = Message.loaded(r)
-            return states
-        # The newest window + 1 of each conversation, newest first, from the primary key's index: one more
-        # than held says where the held ones start.
+        # The newest window + 1 of each conversation (all: LIMIT NULL), newest first, from the primary key's
+        # index: one more than held says where the held ones start.
         cur = await conn.execute(
             self._q(
                 f"SELECT m.* FROM unnest(%s::text[]) c(id) CROSS JOIN LATERAL (SELECT {_MESSAGE_STATE} "
                 "FROM {s}.messages WHERE conversation_id = c.id ORDER BY seq DESC LIMIT %s) m"
             ),
-            (present, window + 1),
+            (present, None if window is None else window + 1),
         )
         newest_first: dict[str, list[Any]] = {}
         for r in await cur.fetchall():
             newest_first.setdefault(r[0], []).append(r)
         for cid, rows in newest_first.items():
             state = states[cid]
-            if len(rows) > window:
+            if window is not None and len(rows) > window:
                 state.held_after = rows.pop()[1]
             for r in reversed(rows):
                 state.messages[r[2]] = Message.loaded(r)
