@@ -14,6 +14,7 @@ import msgspec
 import redis.exceptions
 import uuid_utils
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.cluster import PRIMARY
 
 from events.exceptions import EpochChanged, LogNotInitialized, PartitionMismatch, TagsMismatch
 from events.layout import LogLayout
@@ -53,11 +54,42 @@ _MOVED = (
 )
 
 
-class EventLog:
-    """Opens the log and reads its partitions; every call talks to Redis, nothing is cached but the epoch."""
+_REPLICA_CHECK = ((b"READONLY",), (b"ROLE",))
+"""Sent first in each write of replica reads: serve this connection's reads of the master's slots, and say
+whether this node is a replica in sync with its master."""
 
-    def __init__(self, redis: RedisClient, layout: LogLayout) -> None:
+
+REPLICA_LOOKUP_S = 1.0
+"""With replica reads, how often a reader that had to read a master asks the cluster for its replicas."""
+
+
+class ReplicaNotInSync(TopologyChanged):
+    """The replica a read went to is not in sync with its master (a master that rejoined as a replica and
+    still holds its own history, which may end in entries the log lost); read again once it is."""
+
+
+def _check_replica(ok: Any, role: Any) -> None:
+    if isinstance(ok, Exception):
+        raise ok
+    if isinstance(role, Exception):
+        raise role
+    kind = _text(role[0])
+    if kind == "slave" and _text(role[3]) != "connected":
+        raise ReplicaNotInSync(f"replica of {_text(role[1])}:{role[2]} is {_text(role[3])}")
+
+
+class EventLog:
+    """Opens the log and reads its partitions; every call talks to Redis, nothing is cached but the epoch.
+
+    With `replica_reads` (on a cluster) entries are read from the first replica of each partition's master
+    when the master has one: a reader then takes only entries that replica holds, so when the master dies
+    and that replica is promoted, nothing a reader took is lost from the log (README: Redis Cluster).
+    """
+
+    def __init__(self, redis: RedisClient, layout: LogLayout, *, replica_reads: bool = False) -> None:
         self.redis = redis
+        self.replica_reads = replica_reads
+        self._looked_up = 0.0
         self.layout = layout
         self.epoch: str | None = None
 
@@ -137,15 +169,26 @@ class EventLog:
     def _node(self, partition: int) -> ClusterNode:
         assert isinstance(self.redis, RedisCluster)
         slot = self.redis.keyslot(self.layout.stream_key(partition))
-        return self.redis.nodes_manager.get_node_from_slot(slot)
+        primary = self.redis.nodes_manager.get_node_from_slot(slot)
+        if self.replica_reads:
+            serving = self.redis.nodes_manager.slots_cache.get(slot) or [primary]
+            return serving[1] if len(serving) > 1 else primary  # the same replica every time
+        return primary
 
     async def _on_node(self, partitions: Sequence[int], commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send raw reads in one write to the node serving `partitions` (one node's), read each reply; a
-        refusal (MOVED, ASK, CLUSTERDOWN) or a lost node relearns the topology, raises `TopologyChanged`."""
+        refusal (MOVED, ASK, CLUSTERDOWN), a lost node or a replica not in sync relearns the topology and
+        raises `TopologyChanged`."""
         assert isinstance(self.redis, RedisCluster)
         try:
             await learn_topology(self.redis)
-            replies = await send_on_node(self._node(partitions[0]), commands)
+            node = self._node(partitions[0])
+            if self.replica_reads:
+                ok, role, *replies = await send_on_node(node, [*_REPLICA_CHECK, *commands])
+                _check_replica(ok, role)
+                await self._look_for_replicas(node)
+            else:
+                replies = await send_on_node(node, commands)
         except (
             *_MOVED, redis.exceptions.RedisClusterException, redis.exceptions.ConnectionError,
             redis.exceptions.TimeoutError,
@@ -159,6 +202,14 @@ class EventLog:
             if isinstance(reply, redis.exceptions.ResponseError):
                 raise reply
         return replies
+
+    async def _look_for_replicas(self, node: ClusterNode) -> None:
+        """Replica reads that went to a master (none of its replicas known): learn the topology again, at
+        most every REPLICA_LOOKUP_S (Redis 7 lists a replica only once it has received some data)."""
+        assert isinstance(self.redis, RedisCluster)
+        if node.server_type == PRIMARY and time.monotonic() - self._looked_up >= REPLICA_LOOKUP_S:
+            self._looked_up = time.monotonic()
+            await refresh_topology(self.redis)
 
     async def read_many(
         self, after: dict[int, str], count: int, block_ms: int | None = None

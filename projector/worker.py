@@ -308,7 +308,7 @@ class Worker:
             settings.log.redis_url, settings.block_ms / 1000 + 10, cluster=settings.log.redis_cluster,
             max_connections=settings.log.partitions + 8,
         )  # fmt: skip
-        self.log = EventLog(self.redis, self.layout)
+        self.log = EventLog(self.redis, self.layout, replica_reads=settings.log.read_replicas)
         self.poller = Poller(self.log, settings.batch, settings.block_ms)
         self.store = store or Store()
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(

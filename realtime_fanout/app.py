@@ -71,8 +71,9 @@ class Services:
             supervisor=self.supervisor,
             recent_items=settings.recent_items,
             ledger_ids=settings.ledger_ids,
+            replica_reads=settings.log.read_replicas,
         )
-        history_log = EventLog(self.redis, layout)
+        history_log = EventLog(self.redis, layout, replica_reads=settings.log.read_replicas)
         self.history = History(
             history_log, settings.replay_page, archive, settings.archive_wait_s, self._flights(),
             self.hub.recent,

@@ -59,8 +59,9 @@ class Hub:
         supervisor: Supervisor | None = None,
         recent_items: int = 0,
         ledger_ids: int = MAX_MESSAGES,
+        replica_reads: bool = False,
     ) -> None:
-        self.log = EventLog(redis, layout)
+        self.log = EventLog(redis, layout, replica_reads=replica_reads)
         self.archive = archive
         self.layout = layout
         self.block_ms = block_ms

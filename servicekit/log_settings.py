@@ -17,6 +17,7 @@ class LogSettings(EnvSettings):
     partitions: int = setting("PARLEY_PARTITIONS", 8, minimum=1)
     redis_cluster: bool = setting("PARLEY_REDIS_CLUSTER", False)
     partition_tags: TagScheme = setting("PARLEY_PARTITION_TAGS", "spread")
+    read_replicas: bool = setting("PARLEY_READ_REPLICAS", False)
 
     def layout(self) -> LogLayout:
         return LogLayout(self.namespace, self.partitions, self.partition_tags)

@@ -145,13 +145,22 @@ async def test_kill_9_of_a_master_under_load(
     wait_replicas: int,
 ) -> None:
     env = cluster_env(
-        own_cluster, log_namespace, PARLEY_WAIT_REPLICAS=str(wait_replicas), PARLEY_WAIT_TIMEOUT_MS="500"
+        own_cluster,
+        log_namespace,
+        PARLEY_WAIT_REPLICAS=str(wait_replicas),
+        PARLEY_WAIT_TIMEOUT_MS="500",
+        PARLEY_READ_REPLICAS=str(wait_replicas),
     )
     database_env = {**env, "DATABASE_URL": database_url, "PARLEY_PROJECTOR_BLOCK_MS": "200"}
     async with ApiClient.running(env) as api, projecting(database_env):
         cids = await four_conversations(api)
         fanout = Fanout(
-            fanout_env(own_cluster.url, log_namespace, PARLEY_REDIS_CLUSTER="1"),
+            fanout_env(
+                own_cluster.url,
+                log_namespace,
+                PARLEY_REDIS_CLUSTER="1",
+                PARLEY_READ_REPLICAS=str(wait_replicas),
+            ),
             free_port(),
             tmp_path / "f.log",
         )

@@ -17,7 +17,7 @@ from events.codec import decode
 from events.exceptions import EpochChanged, LogNotInitialized, PartitionMismatch
 from events.ids import ID_PATTERN
 from events.layout import TAG_SCHEMES, LogLayout, partition_tag
-from events.log import EventLog, stream_info
+from events.log import EventLog, ReplicaNotInSync, _check_replica, stream_info
 from events.position import LogPosition, parse_stream_id
 
 ids = st.from_regex(ID_PATTERN, fullmatch=True)
@@ -255,3 +255,21 @@ async def test_stream_info_raises_a_cluster_refusal(redis_cluster: RedisClusterS
         finally:
             await client.aclose()
     assert sorted(answers) == ["MovedError"] * 5 + ["None"], answers
+
+
+@pytest.mark.parametrize(
+    ("role", "in_sync"),
+    [
+        ([b"master", 3120, [[b"127.0.0.1", b"7001", b"3120"]]], True),
+        ([b"slave", b"127.0.0.1", 7000, b"connected", 3120], True),
+        ([b"slave", b"127.0.0.1", 7000, b"connect", -1], False),
+        ([b"slave", b"127.0.0.1", 7000, b"connecting", -1], False),
+        ([b"slave", b"127.0.0.1", 7000, b"sync", -1], False),
+    ],
+)
+def test_replica_reads_take_a_replica_only_in_sync_with_its_master(role: list[object], in_sync: bool) -> None:
+    if in_sync:
+        _check_replica(b"OK", role)
+    else:
+        with pytest.raises(ReplicaNotInSync, match=re.escape("replica of 127.0.0.1:7000")):
+            _check_replica(b"OK", role)

@@ -60,7 +60,7 @@ async def open_reader(
     """
     client = redis_client(source.log.redis_url, None, cluster=source.log.redis_cluster)
     try:
-        log = EventLog(client, source.log.layout())
+        log = EventLog(client, source.log.layout(), replica_reads=source.log.read_replicas)
         try:
             epoch = await log.open(create=False)
         except (redis.exceptions.RedisError, OSError) as exc:
