@@ -80,6 +80,9 @@ class Poller:
             wake.clear()
             mine = {p: w for p, w in self._waiting.items() if self.log.node_of(p) == node}
             if not mine:
+                # A topology learned meanwhile (another node's failover, a replica found) may have moved
+                # waiting partitions to a node with no loop yet.
+                self._kick()
                 await wake.wait()
                 continue
             folding = any(self.log.node_of(p) == node for p in self._folding)

@@ -19,7 +19,8 @@ from devstack.cluster import RedisClusterServers, _command, _info_field
 from devstack.ports import free_port
 from events.codec import decode
 from events.log import EventLog, LogEntry, TopologyChanged
-from events.redisclient import redis_client
+from events.redisclient import redis_client, refresh_topology
+from projector.poller import Poller
 from servicekit.log_settings import LogSettings
 from tests.apiclient import ApiClient
 from tests.fanout_fixtures import PARTITIONS, Fanout, fanout_env
@@ -88,6 +89,38 @@ async def test_replica_reads_go_to_the_replica_and_block_there(
         await client.xadd(key, {"e": b"second"})
         assert [e.data for e in await asyncio.wait_for(reading, 5)] == [b"second"]
         assert time.monotonic() - started < 1.0
+    finally:
+        await client.aclose()
+
+
+async def test_a_projector_poll_follows_a_partition_the_topology_moved(
+    redis_cluster: RedisClusterServers, log_namespace: str
+) -> None:
+    """A partition waiting on the poller whose node changes (a refresh found its replica, or another node's
+    failover) without its loop's read failing is read on the new node, not left waiting for ever."""
+    client = redis_client(redis_cluster.url, 10, cluster=True)
+    assert isinstance(client, RedisCluster)
+    try:
+        layout = LogSettings("", log_namespace, PARTITIONS).layout()
+        log = EventLog(client, layout)
+        await log.open(create=True)
+        key = layout.stream_key(0)
+        await client.xadd(key, {"e": b"first"})
+        deadline = time.monotonic() + 10
+        while len(client.nodes_manager.slots_cache[client.keyslot(key)]) < 2:  # the replica listed
+            assert time.monotonic() < deadline, "the replica never showed"
+            await refresh_topology(client)
+            await asyncio.sleep(0.1)
+        poller = Poller(log, 10, block_ms=100)
+        try:
+            reading = asyncio.create_task(poller.read(0, await log.head(0)))
+            await asyncio.sleep(0.3)  # the master's loop is polling partition 0
+            log.replica_reads = True  # partition 0 is now on another node, as after a refresh
+            await asyncio.sleep(0.3)  # the loop's poll in flight ends empty
+            await client.xadd(key, {"e": b"second"})
+            assert [e.data for e in await asyncio.wait_for(reading, 5)] == [b"second"]
+        finally:
+            await poller.close()
     finally:
         await client.aclose()
 

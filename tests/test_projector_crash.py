@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -82,11 +83,17 @@ async def checkpoints(database_url: str) -> dict[int, str]:
 
 
 async def wait_until_projected(log: EventLog, database_url: str, limit_s: float = 40) -> None:
+    last: list[Any] = []
+
     async def loop() -> None:
-        while await checkpoints(database_url) != await heads(log):
+        while (now := [await checkpoints(database_url), await heads(log)])[0] != now[1]:
+            last[:] = now
             await asyncio.sleep(0.1)
 
-    await asyncio.wait_for(loop(), limit_s)
+    try:
+        await asyncio.wait_for(loop(), limit_s)
+    except TimeoutError:
+        raise AssertionError(f"not projected in {limit_s}s: checkpoints {last[0]}, heads {last[1]}") from None
 
 
 async def assert_read_models_equal_fold(log: EventLog, database_url: str) -> None:
