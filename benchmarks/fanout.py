@@ -21,8 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,9 @@ import websockets
 
 from benchmarks.fanout_load import FanoutLoad, Tally, wait_quiet
 from benchmarks.looplag import lag_buckets, lag_quantile_ms
-from benchmarks.machine import describe
+from benchmarks.machine import HostShare, describe
 from benchmarks.processes import server
+from benchmarks.projector import Cpu
 from command_api import commands
 from command_api.append import Appender
 from command_api.bodies import CreateConversation, SendMessage
@@ -41,6 +42,7 @@ from command_api.commands import Context
 from devstack.binaries import redis_server_binary
 from devstack.ports import free_port
 from devstack.servers import PostgresServer, RedisServer
+from events.cursor import decode_cursor
 from events.layout import LogLayout
 from events.redisclient import redis_client
 from servicekit.auth_settings import AuthSettings
@@ -108,6 +110,17 @@ def _message_ids(frame: dict[str, Any]) -> Iterator[tuple[str, float, float]]:
             yield message_id, float(sent), logged
 
 
+SPLIT_EVERY = 10
+"""Every this many subscribers also split each delivery's latency at its append (decoding cursors costs)."""
+_LAYOUT = LogLayout("split", PARTITIONS)
+
+
+def appended_at(cursor: str, conversation_id: str) -> float:
+    """When Redis appended the last event a frame's cursor is after: its stream id's milliseconds."""
+    position = decode_cursor(cursor).positions[_LAYOUT.partition_for(conversation_id)]
+    return int(position.split("-", 1)[0]) / 1000
+
+
 async def parley_subscriber(
     port: int, stack: Stack, index: int, tally: Tally, ready: asyncio.Event, stop: asyncio.Event
 ) -> None:
@@ -134,8 +147,12 @@ async def _parley_subscriber(
             if frame["type"] == "live":
                 ready.set()
             elif frame["type"] in ("event", "events"):
+                logged = 0.0
                 for message_id, sent, logged in _message_ids(frame):
                     tally.record(index, message_id, sent, logged)
+                if logged and index % SPLIT_EVERY == 0:
+                    last = frame["events"][-1] if frame["type"] == "events" else frame["event"]
+                    tally.record_append(logged, appended_at(frame["cursor"], last["conversation_id"]))
 
 
 async def connect_all(starters: list[Any], timeout_s: float) -> list[asyncio.Task[Any]]:
@@ -181,10 +198,10 @@ async def parley_phase(
     fanout_port: int,
     api_port: int | None,
     tag: str,
-    measure: AbstractContextManager[Any] | None = None,
+    measure: Sequence[AbstractContextManager[Any]] = (),
 ) -> tuple[Tally, int, float]:
-    """Subscribe everyone, send the load (over HTTP when `api_port`), count what arrives; `measure` is
-    entered once everyone is subscribed and left once the deliveries arrived."""
+    """Subscribe everyone, send the load (over HTTP when `api_port`), count what arrives; each of
+    `measure` is entered once everyone is subscribed and left once the deliveries arrived."""
     tally, stop = Tally(), asyncio.Event()
     tasks = await connect_all(
         [
@@ -198,7 +215,9 @@ async def parley_phase(
     # measuring (its garbage is freed by reference counting; it is re-enabled right after).
     gc.collect()
     gc.disable()
-    with measure or nullcontext():
+    with ExitStack() as measuring:
+        for probe in measure:
+            measuring.enter_context(probe)
         started = time.perf_counter()
         if api_port is None:
             pending: list[Any] = []
@@ -388,16 +407,25 @@ async def main() -> None:
             fanout_port, api_port = free_port(), free_port()
             env = {**stack.env, "PARLEY_FANOUT_PORT": str(fanout_port), "PARLEY_API_PORT": str(api_port)}
             await stack.create_conversations(saturation)
-            with service("realtime_fanout", env, fanout_port), service("command_api", env, api_port):
+            with (
+                service("realtime_fanout", env, fanout_port) as fanout_proc,
+                service("command_api", env, api_port) as api_proc,
+            ):
                 tally, expected, _ = await parley_phase(saturation, stack, fanout_port, None, "sat")
                 sat = tally
                 results.append(line("Parley fanout, saturation", tally, expected))
                 print(results[-1], flush=True)
                 lag_before = lag_buckets(fanout_port)
                 own = OwnLag()
+                host = HostShare()
+                assert redis.pid is not None and postgres.pid is not None
+                servers = {"fanout": fanout_proc.pid, "command API": api_proc.pid, "redis": redis.pid}
+                cpu = Cpu({**servers, "postgres": postgres.pid}, here="receivers")
+                measured = time.perf_counter()
                 tally, expected, publish_s = await parley_phase(
-                    fixed, stack, fanout_port, api_port, "e2e", measure=own
+                    fixed, stack, fanout_port, api_port, "e2e", measure=(own, host, cpu)
                 )
+                measured = time.perf_counter() - measured
                 lag_p99, probes = lag_quantile_ms(lag_before, lag_buckets(fanout_port), 0.99)
                 e2e = tally
                 results.append(line(f"Parley end to end at {args.rate_deliveries:,.0f}/s", tally, expected,
@@ -406,6 +434,20 @@ async def main() -> None:
                 results.append(
                     f"{'  of which API accepted -> receipt':<34} p50 {tally.fanout_percentile_ms(0.5):7.2f} ms   "
                     f"p99 {tally.fanout_percentile_ms(0.99):7.2f} ms (event built by the API, appended, fanned out)"
+                )
+                print(results[-1], flush=True)
+                (built50, fan50), (built99, fan99) = (
+                    tally.split_percentile_ms(0.5),
+                    tally.split_percentile_ms(0.99),
+                )
+                results.append(
+                    f"{'    built -> appended (Redis clock)':<34} p50 {built50:7.2f} ms   p99 {built99:7.2f} ms "
+                    f"(the command API and Redis; {len(tally.built_to_appended_s):,} frames of every "
+                    f"{SPLIT_EVERY}th subscriber, ms resolution)"
+                )
+                print(results[-1], flush=True)
+                results.append(
+                    f"{'    appended -> receipt':<34} p50 {fan50:7.2f} ms   p99 {fan99:7.2f} ms (the fanout and the receivers)"
                 )
                 print(results[-1], flush=True)
                 results.append(
@@ -418,6 +460,9 @@ async def main() -> None:
                     f"{own.quantile_ms(0.99):5.1f} ms (every receiving client runs in this process: its lag is "
                     "in every latency above and is the harness's, not Parley's)"
                 )
+                print(results[-1], flush=True)
+                shares = ", ".join(f"{name} {spent / measured:.0%}" for name, spent in cpu.spent().items())
+                results.append(f"{'  host, same phase':<34} {host.summary()}; of a core: {shares}")
                 print(results[-1], flush=True)
                 resume_s = await resume_phase(stack, fanout_port, args.resume_events)
                 results.append(

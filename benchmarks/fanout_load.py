@@ -59,6 +59,8 @@ class Tally:
     received: Counter[tuple[int, str]] = field(default_factory=Counter)
     latencies_s: list[float] = field(default_factory=list)
     fanout_latencies_s: list[float] = field(default_factory=list)
+    built_to_appended_s: list[float] = field(default_factory=list)
+    appended_to_receipt_s: list[float] = field(default_factory=list)
     first_at: float | None = None
     last_at: float | None = None
     disconnects: int = 0
@@ -78,12 +80,18 @@ class Tally:
         if logged_at is not None:
             self.fanout_latencies_s.append(wall - logged_at)
 
+    def record_append(self, logged_at: float, appended_at: float) -> None:
+        """Split a delivery at its append: `appended_at` is Redis's clock (the stream id's milliseconds)."""
+        self.built_to_appended_s.append(appended_at - logged_at)
+        self.appended_to_receipt_s.append(time.time() - appended_at)
+
     def fanout_percentile_ms(self, q: float) -> float:
         """From the event's `occurred_at` (set by the command API) to receipt: the log and fanout part."""
-        if not self.fanout_latencies_s:
-            return float("nan")
-        ordered = sorted(self.fanout_latencies_s)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+        return _percentile_ms(self.fanout_latencies_s, q)
+
+    def split_percentile_ms(self, q: float) -> tuple[float, float]:
+        """(built by the API -> appended, appended -> receipt) at quantile `q`, over the recorded splits."""
+        return _percentile_ms(self.built_to_appended_s, q), _percentile_ms(self.appended_to_receipt_s, q)
 
     @property
     def unique(self) -> int:
@@ -129,3 +137,10 @@ async def paced(sends: list[tuple[str, str]], rate_per_s: float) -> AsyncIterato
             if delay > 0.002:
                 await asyncio.sleep(delay)
         yield item
+
+
+def _percentile_ms(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000

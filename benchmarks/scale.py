@@ -151,7 +151,7 @@ async def fanout_phase(target: Target, pg: PostgresServer, load: FanoutLoad, ben
         with service("realtime_fanout", {**stack.env, "PARLEY_FANOUT_PORT": str(port)}, port) as fanout:
             quiet = await idle({"fanout": fanout.pid, **target.pids()}, IDLE_S)
             cpu = Cpu({"fanout": fanout.pid, **target.pids()}, here="subscribers + appender")
-            tally, expected, _ = await parley_phase(load, stack, port, None, "scale", cpu)
+            tally, expected, _ = await parley_phase(load, stack, port, None, "scale", (cpu,))
     finally:
         await stack.close()
     note = f"{expected // load.messages} recipients a message"
