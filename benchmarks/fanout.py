@@ -31,7 +31,7 @@ import msgspec
 import websockets
 
 from benchmarks.fanout_load import FanoutLoad, Tally, wait_quiet
-from benchmarks.looplag import lag_buckets, lag_quantile_ms
+from benchmarks.looplag import gc_pauses, lag_buckets, lag_quantile_ms
 from benchmarks.machine import HostShare, describe
 from benchmarks.processes import server
 from benchmarks.projector import Cpu
@@ -415,7 +415,7 @@ async def main() -> None:
                 sat = tally
                 results.append(line("Parley fanout, saturation", tally, expected))
                 print(results[-1], flush=True)
-                lag_before = lag_buckets(fanout_port)
+                lag_before, gc_before = lag_buckets(fanout_port), gc_pauses(fanout_port)
                 own = OwnLag()
                 host = HostShare()
                 assert redis.pid is not None and postgres.pid is not None
@@ -427,6 +427,13 @@ async def main() -> None:
                 )
                 measured = time.perf_counter() - measured
                 lag_p99, probes = lag_quantile_ms(lag_before, lag_buckets(fanout_port), 0.99)
+                collected = {
+                    kind: (
+                        count - gc_before.get(kind, (0.0, 0.0))[0],
+                        total - gc_before.get(kind, (0.0, 0.0))[1],
+                    )
+                    for kind, (count, total) in gc_pauses(fanout_port).items()
+                }
                 e2e = tally
                 results.append(line(f"Parley end to end at {args.rate_deliveries:,.0f}/s", tally, expected,
                                     f"(HTTP command -> receipt; sent in {publish_s:.1f} s)"))  # fmt: skip
@@ -454,6 +461,13 @@ async def main() -> None:
                     f"{'  fanout event loop lag':<34} p99 <= {lag_p99:5.1f} ms ({probes:,} probes of its scheduling "
                     "delay in the same phase)"
                 )
+                print(results[-1], flush=True)
+                pauses = ", ".join(
+                    f"{int(n)} {kind} ({total / n * 1000:.1f} ms each)"
+                    for kind, (n, total) in collected.items()
+                    if n
+                )
+                results.append(f"{'  fanout scheduled collections':<34} {pauses or 'none'} in the same phase")
                 print(results[-1], flush=True)
                 results.append(
                     f"{'  harness (receivers) loop lag':<34} p50 {own.quantile_ms(0.5):5.1f} ms   p99 "
