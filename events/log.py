@@ -14,7 +14,7 @@ import msgspec
 import redis.exceptions
 import uuid_utils
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.cluster import PRIMARY
+from redis.cluster import PRIMARY, REPLICA
 
 from events.exceptions import EpochChanged, LogNotInitialized, PartitionMismatch, TagsMismatch
 from events.layout import LogLayout
@@ -68,7 +68,9 @@ class ReplicaNotInSync(TopologyChanged):
     still holds its own history, which may end in entries the log lost); read again once it is."""
 
 
-def _check_replica(ok: Any, role: Any) -> None:
+def _check_replica(ok: Any, role: Any, as_replica: bool) -> None:
+    """Raise `ReplicaNotInSync` unless the node's `ROLE` is a replica in sync, or a master where the reader
+    read a master (`as_replica` False: no replica of it known)."""
     if isinstance(ok, Exception):
         raise ok
     if isinstance(role, Exception):
@@ -76,6 +78,8 @@ def _check_replica(ok: Any, role: Any) -> None:
     kind = _text(role[0])
     if kind == "slave" and _text(role[3]) != "connected":
         raise ReplicaNotInSync(f"replica of {_text(role[1])}:{role[2]} is {_text(role[3])}")
+    if kind == "master" and as_replica:  # promoted, or a killed master back that has not learned it lost
+        raise ReplicaNotInSync("a node taken for a replica answers as a master: the topology changed")
 
 
 class EventLog:
@@ -185,7 +189,7 @@ class EventLog:
             node = self._node(partitions[0])
             if self.replica_reads:
                 ok, role, *replies = await send_on_node(node, [*_REPLICA_CHECK, *commands])
-                _check_replica(ok, role)
+                _check_replica(ok, role, node.server_type == REPLICA)
                 await self._look_for_replicas(node)
             else:
                 replies = await send_on_node(node, commands)

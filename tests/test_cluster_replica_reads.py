@@ -18,7 +18,7 @@ from redis.cluster import REPLICA
 from devstack.cluster import RedisClusterServers, _command, _info_field
 from devstack.ports import free_port
 from events.codec import decode
-from events.log import EventLog, LogEntry, TopologyChanged
+from events.log import REPLICA_LOOKUP_S, EventLog, LogEntry, TopologyChanged
 from events.redisclient import redis_client, refresh_topology
 from projector.poller import Poller
 from servicekit.log_settings import LogSettings
@@ -168,6 +168,12 @@ async def test_an_entry_a_failover_loses_reaches_no_reader(
                 answer = await api.post("u0", f"/v1/conversations/{cids[0]}/messages", {"body": f"m{n}"})
                 assert answer.status_code == 202, answer.text
             before = (await masters_log.read_range(partition, "-", "+"))[-1].stream_id
+            deadline = time.monotonic() + 10
+            while len(cluster.nodes_manager.slots_cache[slot]) < 2:  # Redis 7 lists it once it has data
+                assert time.monotonic() < deadline, "the replica never showed"
+                await refresh_topology(cluster)
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(REPLICA_LOOKUP_S + 1)  # the readers have looked for it again meanwhile
             assert replica.pid is not None
             os.kill(replica.pid, signal.SIGSTOP)  # replication of that master stops: the replica cannot
             _command(master.port, "CLIENT", "KILL", "TYPE", "replica")  # reconnect, nothing is on its way
