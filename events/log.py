@@ -173,11 +173,11 @@ class EventLog:
     def _node(self, partition: int) -> ClusterNode:
         assert isinstance(self.redis, RedisCluster)
         slot = self.redis.keyslot(self.layout.stream_key(partition))
-        primary = self.redis.nodes_manager.get_node_from_slot(slot)
         if self.replica_reads:
-            serving = self.redis.nodes_manager.slots_cache.get(slot) or [primary]
-            return serving[1] if len(serving) > 1 else primary  # the same replica every time
-        return primary
+            serving = self.redis.nodes_manager.slots_cache.get(slot, ())
+            if len(serving) > 1:
+                return serving[1]  # the same replica every time
+        return self.redis.nodes_manager.get_node_from_slot(slot)
 
     async def _on_node(self, partitions: Sequence[int], commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send raw reads in one write to the node serving `partitions` (one node's), read each reply; a

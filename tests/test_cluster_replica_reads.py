@@ -57,6 +57,15 @@ async def whole_log(log: EventLog, limit_s: float = 20) -> list[LogEntry]:
             await asyncio.sleep(0.2)
 
 
+async def until_replica_listed(client: RedisCluster, key: str, limit_s: float = 10) -> None:
+    """Until `client` knows a replica of `key`'s master (Redis 7 lists one only once it has data)."""
+    deadline = time.monotonic() + limit_s
+    while len(client.nodes_manager.slots_cache[client.keyslot(key)]) < 2:
+        assert time.monotonic() < deadline, "the replica never showed"
+        await refresh_topology(client)
+        await asyncio.sleep(0.1)
+
+
 READERS_TAKE_S = 1.5
 """How long the readers have to take the unreplicated entry (they poll every few milliseconds)."""
 
@@ -106,11 +115,7 @@ async def test_a_projector_poll_follows_a_partition_the_topology_moved(
         await log.open(create=True)
         key = layout.stream_key(0)
         await client.xadd(key, {"e": b"first"})
-        deadline = time.monotonic() + 10
-        while len(client.nodes_manager.slots_cache[client.keyslot(key)]) < 2:  # the replica listed
-            assert time.monotonic() < deadline, "the replica never showed"
-            await refresh_topology(client)
-            await asyncio.sleep(0.1)
+        await until_replica_listed(client, key)
         poller = Poller(log, 10, block_ms=100)
         try:
             reading = asyncio.create_task(poller.read(0, await log.head(0)))
@@ -168,11 +173,7 @@ async def test_an_entry_a_failover_loses_reaches_no_reader(
                 answer = await api.post("u0", f"/v1/conversations/{cids[0]}/messages", {"body": f"m{n}"})
                 assert answer.status_code == 202, answer.text
             before = (await masters_log.read_range(partition, "-", "+"))[-1].stream_id
-            deadline = time.monotonic() + 10
-            while len(cluster.nodes_manager.slots_cache[slot]) < 2:  # Redis 7 lists it once it has data
-                assert time.monotonic() < deadline, "the replica never showed"
-                await refresh_topology(cluster)
-                await asyncio.sleep(0.1)
+            await until_replica_listed(cluster, layout.stream_key(partition))
             await asyncio.sleep(REPLICA_LOOKUP_S + 1)  # the readers have looked for it again meanwhile
             assert replica.pid is not None
             os.kill(replica.pid, signal.SIGSTOP)  # replication of that master stops: the replica cannot
