@@ -236,6 +236,8 @@ class Storm:
     first_s: float
     ready_s: float | None
     fanout_cpu_s: float
+    load_cpu_s: float
+    elapsed_s: float
     redis: dict[str, float]
     pg: dict[str, float]
     fanout: dict[str, float]
@@ -272,6 +274,9 @@ class Storm:
             f"{'99 %' if reached else 'the last'} at {self.t99_s:.2f} s)",
             f"  fanout CPU per resume          {1000 * self.fanout_cpu_s / n:.2f} ms "
             f"({n / max(self.fanout_cpu_s, 1e-9):,.0f} resumes per CPU-second)",
+            f"  share of a core over the storm fanout {self.fanout_cpu_s / max(self.elapsed_s, 1e-9):.0%}, "
+            f"load processes {self.load_cpu_s / max(self.elapsed_s, 1e-9):.0%} in all "
+            f"({1000 * self.load_cpu_s / n:.2f} ms per resume: the harness's, not Parley's)",
         ]
         calls = sum(self.redis.values())
         top = ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(self.redis.items(), key=lambda kv: -kv[1])[:6])
@@ -364,6 +369,7 @@ async def storm(
     await asyncio.sleep(BACKGROUND_S)  # the same-run background: messages, projector, heartbeats
     before = Probe.take(r, database_url, port)
     cpu_before = cpu_s(fanout_pid)
+    load_before = sum(cpu_s(load.proc.pid) for load in loads)
     notes: list[str] = []
     ready_s: float | None = None
     started = time.monotonic()
@@ -384,6 +390,8 @@ async def storm(
     after = Probe.take(r, database_url, port)
     scale = (time.monotonic() - started) / BACKGROUND_S
     fanout_cpu = cpu_s(fanout_pid) - cpu_before
+    load_cpu = sum(cpu_s(load.proc.pid) for load in loads) - load_before
+    elapsed = time.monotonic() - started
     times = sorted(t - started for c in counts for t in c["resumed_at"])
     resumed = len(times)
     if resumed < clients:
@@ -395,7 +403,7 @@ async def storm(
 
     lag_p99, _ = lag_quantile_ms(before.lag, after.lag, 0.99)
     result = Storm(
-        kind, clients, resumed, pick(0.99), all_s, pick(0.01), ready_s, fanout_cpu,
+        kind, clients, resumed, pick(0.99), all_s, pick(0.01), ready_s, fanout_cpu, load_cpu, elapsed,
         net(after.commands, before.commands, quiet.commands, scale),
         net(after.statements, before.statements, quiet.statements, scale), delta(after.fanout, before.fanout),
         {k: total(counts, k) - total(marked, k) for k in ("slow_consumer", "attempts", "gaps", "duplicates", "resyncs")},

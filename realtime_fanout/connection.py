@@ -240,9 +240,14 @@ class Connection:
             if isinstance(request, Subscribe):
                 return request
             await self._receive(timed=True)
-            if not self.protocol.closing:
+            if not self.protocol.closing and not self._message_waiting():
                 await self._flush()  # a client may wait for `authenticated` before it subscribes
         return None
+
+    def _message_waiting(self) -> bool:
+        """Whether the client's next message already arrived (a subscribe pipelined after the auth: the
+        `authenticated` frame then leaves with the splice's first write)."""
+        return False
 
     async def _subscribe(self, message: Subscribe) -> None:
         """Splice history and live; a log store that fails meanwhile (Redis, or the archive) closes 4503."""
@@ -289,7 +294,8 @@ class Connection:
         for partition, after in session.replay_plan(positions).items():
             async for page in self.history.pages(start.epoch, partition, after, positions[partition]):
                 protocol.feed_replay(page)
-                await self._flush()
+                if protocol.pending_bytes >= self.settings.max_buffer_bytes // 4:
+                    await self._flush()  # within the send budget; else one write for the whole splice
                 if protocol.closing:
                     return
         protocol.replay_done()
@@ -412,6 +418,7 @@ class Edge(Socket, Protocol):
     def want_flush(self, connection: CallbackConnection) -> None: ...
     def write_texts(self, frames: list[bytes]) -> None: ...
     def writable_now(self) -> bool: ...
+    def message_waiting(self) -> bool: ...
     def timer_horizon_s(self) -> float: ...
     async def writable(self) -> None: ...
     def spawn(self, work: Coroutine[Any, Any, None]) -> None: ...
@@ -445,6 +452,9 @@ class CallbackConnection(Connection):
 
     def _admitted(self) -> None:
         self.edge.admitted()
+
+    def _message_waiting(self) -> bool:
+        return self.edge.message_waiting()
 
     def _serve_by_callbacks(self) -> bool:
         self._live = True

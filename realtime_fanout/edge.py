@@ -298,6 +298,9 @@ class StreamEdge(asyncio.Protocol):
         """The upgrade was answered in `_handshake`; the offered token is forgotten from here on."""
         self._offered = None
 
+    def message_waiting(self) -> bool:
+        return bool(self._inbox)
+
     async def receive_text(self) -> str:
         while not self._inbox:
             if self._state & (self.LOST | self.CLOSE_SENT):

@@ -278,9 +278,13 @@ class ConnectionProtocol:
         self._control_bytes += len(frame)
         self._check_budget()
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued to send (control frames and the session's): what the send budget bounds."""
+        return self._control_bytes + (self.session.pending_bytes if self.session is not None else 0)
+
     def _check_budget(self) -> None:
-        pending = self._control_bytes + (self.session.pending_bytes if self.session is not None else 0)
-        if pending > self.limits.max_buffer_bytes:
+        if self.pending_bytes > self.limits.max_buffer_bytes:
             self._end(Close(closecodes.SLOW_CONSUMER, "slow-consumer"))
 
     def _fail(self, code: int, reason: str, detail: str) -> None:

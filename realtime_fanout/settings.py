@@ -43,7 +43,7 @@ class FanoutSettings(EnvSettings):
     archive_wait_s: float = setting("PARLEY_FANOUT_ARCHIVE_WAIT_S", 2.0, minimum=0.0)
     history_linger_s: float = setting("PARLEY_FANOUT_HISTORY_LINGER_S", 2.0, minimum=0.0)
     history_cache_pages: int = setting("PARLEY_FANOUT_HISTORY_CACHE_PAGES", 64, minimum=0)
-    recent_items: int = setting("PARLEY_FANOUT_RECENT_ITEMS", 0, minimum=0)
+    recent_items: int = setting("PARLEY_FANOUT_RECENT_ITEMS", 20_000, minimum=0)
     redis_pool_wait_s: float = setting("PARLEY_FANOUT_REDIS_POOL_WAIT_S", 5.0, minimum=0.0)
     unread_wait_s: float = setting("PARLEY_FANOUT_UNREAD_WAIT_S", 1.0, minimum=0.0)
     unread_window: int = setting("PARLEY_FANOUT_UNREAD_WINDOW", UNREAD_WINDOW, minimum=1)

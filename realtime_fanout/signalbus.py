@@ -9,7 +9,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,7 +19,7 @@ from events.redisclient import REDIS_ERRORS, RedisClient, refresh_topology
 from realtime_fanout.frames import PresenceFrame, PresenceSnapshotFrame, Typing, TypingFrame, encode_frame
 from realtime_fanout.hub import Hub, abort_failed
 from realtime_fanout.metrics import SIGNAL_ERRORS, SIGNALS_DELIVERED, TYPING_DROPPED
-from realtime_fanout.presence import PresenceStore
+from realtime_fanout.presence import PresenceEntry, PresenceStore
 from realtime_fanout.routing import Abortable
 from realtime_fanout.signals import (
     PresenceScope,
@@ -39,6 +39,7 @@ from servicekit.supervisor import Policy, honour_cancellation
 log = logging.getLogger(__name__)
 
 TOUCH_CHUNK = 200
+SNAPSHOT_CHUNK = 1000  # users per presence read (two HMGETs)
 SWEEP_LIMIT = 100
 SWEEP_ROUNDS = 10
 POLL_S = 1.0
@@ -50,6 +51,21 @@ class _Leaves:
 
     pairs: list[tuple[str, str]]
     done: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Joins:
+    """Connections whose presence is recorded and whose snapshots are read in one go; their callers await
+    `done`."""
+
+    conns: list[SignalTarget]
+    done: asyncio.Future[None]
+
+
+def _fail_waiters(done: asyncio.Future[None], exc: BaseException) -> None:
+    """Every caller awaiting a batch re-raises its bug or cancellation (retrieved: no warning if none)."""
+    done.set_exception(exc)
+    done.exception()
 
 
 class SignalTarget(Abortable, Protocol):
@@ -95,6 +111,9 @@ class SignalBus:
         self._typing_wake = asyncio.Event()
         self._touching = asyncio.Lock()  # a heartbeat must not re-add a record that `leave` removed
         self._leaves: _Leaves | None = None
+        self._joins: _Joins | None = None
+        self._batches: set[asyncio.Task[None]] = set()
+        self._joining = asyncio.Lock()  # one join batch at a time: the joins meanwhile form the next
         self._tasks: list[asyncio.Task[None]] = []
         self.subscribed = asyncio.Event()
 
@@ -118,19 +137,62 @@ class SignalBus:
         return f"{sum(map(len, self._conns.values()))} connections"
 
     async def join(self, conn: SignalTarget) -> None:
-        """Register `conn`, record its presence, then queue its presence snapshot (Redis failures: none)."""
-        conn_id = uuid.uuid4().hex
-        self._conns.setdefault(conn.user_id, {})[conn] = conn_id
-        snapshot: bytes | None = None
+        """Register `conn`, record its presence, then queue its presence snapshot (Redis failures: none).
+        The joins that arrive while a batch is in Redis form the next one: a reconnect storm's joins cost
+        a few script calls and reads, not three each."""
+        self._conns.setdefault(conn.user_id, {})[conn] = uuid.uuid4().hex
+        batch = self._joins
+        if batch is None:
+            batch = self._joins = _Joins([], asyncio.get_running_loop().create_future())
+            self._run_batch(self._join(batch), "fanout-presence-join")
+        batch.conns.append(conn)
+        await asyncio.shield(batch.done)
+
+    def _run_batch(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._batches.add(task)  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(self._batches.discard)
+
+    async def _join(self, batch: _Joins) -> None:
+        snapshots: dict[SignalTarget, bytes] = {}
         try:
-            await self.store.touch([(conn_id, conn.user_id)])
-            visible = presence_visible(self.hub.index, conn.user_id, self.presence_scope)
-            entries = await self.store.snapshot(sorted(visible))
-            snapshot = encode_frame(PresenceSnapshotFrame(entries))
+            async with self._joining:
+                self._joins = None
+                snapshots = await self._record_joins(batch.conns)
         except REDIS_ERRORS as exc:
             SIGNAL_ERRORS.labels("join").inc()
-            log.warning("presence join of %s failed: %s", conn.user_id, exc)
-        conn.presence_ready(snapshot)
+            log.warning("presence join of %d connections failed: %s", len(batch.conns), exc)
+        except BaseException as exc:
+            _fail_waiters(batch.done, exc)
+            raise
+        finally:
+            if self._joins is batch:
+                self._joins = None
+            for conn in batch.conns:
+                try:
+                    conn.presence_ready(snapshots.get(conn))
+                except Exception:  # one connection's bug closes that connection, nobody else's
+                    abort_failed(conn, "its presence snapshot")
+        if not batch.done.done():
+            batch.done.set_result(None)
+
+    async def _record_joins(self, conns: list[SignalTarget]) -> dict[SignalTarget, bytes]:
+        """Touch every joining connection, then read the presence each may see in one snapshot."""
+        registered = ((self._conns.get(conn.user_id, {}).get(conn), conn.user_id) for conn in conns)
+        pairs = [(conn_id, user) for conn_id, user in registered if conn_id is not None]
+        for start in range(0, len(pairs), TOUCH_CHUNK):
+            await self.store.touch(pairs[start : start + TOUCH_CHUNK])
+        visible = {conn: sorted(presence_visible(self.hub.index, conn.user_id, self.presence_scope))
+                   for conn in conns}  # fmt: skip
+        users = sorted({user for seen in visible.values() for user in seen})
+        entries: dict[str, PresenceEntry] = {}
+        for start in range(0, len(users), SNAPSHOT_CHUNK):
+            for entry in await self.store.snapshot(users[start : start + SNAPSHOT_CHUNK]):
+                entries[entry.user_id] = entry
+        return {
+            conn: encode_frame(PresenceSnapshotFrame([entries[user] for user in seen]))
+            for conn, seen in visible.items()
+        }
 
     async def leave(self, conn: SignalTarget) -> None:
         """Unregister `conn` and forget its presence record (if Redis fails, the record expires)."""
@@ -143,7 +205,7 @@ class SignalBus:
         batch = self._leaves
         if batch is None:
             batch = self._leaves = _Leaves([], asyncio.get_running_loop().create_future())
-            asyncio.get_running_loop().create_task(self._leave(batch), name="fanout-presence-leave")
+            self._run_batch(self._leave(batch), "fanout-presence-leave")
         batch.pairs.append((conn_id, conn.user_id))
         await asyncio.shield(batch.done)
 
@@ -161,8 +223,7 @@ class SignalBus:
                 "presence leave of %d connections failed (they will expire): %s", len(batch.pairs), exc
             )
         except BaseException as exc:
-            batch.done.set_exception(exc)
-            batch.done.exception()  # retrieved: the waiters re-raise it
+            _fail_waiters(batch.done, exc)
             raise
         finally:
             if self._leaves is batch:
@@ -260,7 +321,7 @@ class SignalBus:
             finally:
                 self.subscribed.clear()
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
 
     async def _heartbeat(self) -> None:
         while True:

@@ -20,6 +20,7 @@ from tests.cluster_fixtures import CLUSTER_BINARIES, CLUSTER_PARAMS, Clusters
 from tests.cluster_fixtures import clusters as clusters  # the fixtures, for every test
 from tests.cluster_fixtures import log_redis as log_redis
 from tests.cluster_fixtures import redis_cluster as redis_cluster
+from tests.pgfolders import pg_folder
 
 pytest_plugins = ["tests.fanout_fixtures"]  # the fanout end-to-end fixtures (`appender`, `make_fanout`)
 
@@ -44,8 +45,15 @@ def database_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     if url := os.environ.get("TEST_DATABASE_URL"):
         yield url
         return
-    with PostgresServer(tmp_path_factory.mktemp("pg") / "data", fast=True) as server:
+    with pg_folder() as folder, PostgresServer(folder / "data", fast=True) as server:
         yield server.url
+
+
+@pytest.fixture
+def pg_root() -> Iterator[Path]:
+    """A folder for a test's own Postgres servers (tests/pgfolders.py: why not tmp_path)."""
+    with pg_folder() as folder:
+        yield folder
 
 
 @pytest.fixture

@@ -80,8 +80,8 @@ def test_database_url_is_a_fresh_database(database_url: str) -> None:
     assert database_url.endswith("/" + row[0])
 
 
-def test_postgres_restart_and_stop_leave_no_process(tmp_path: Path) -> None:
-    server = PostgresServer(tmp_path / "pg", fast=True)
+def test_postgres_restart_and_stop_leave_no_process(pg_root: Path) -> None:
+    server = PostgresServer(pg_root / "pg", fast=True)
     with server:
         url = server.create_database("app")
         with psycopg.connect(url, autocommit=True) as conn:
@@ -199,7 +199,7 @@ def test_devstack_runs_two_processes_of_each_service(
     assert not [pid for pid in children if group_alive(pid)]
 
 
-def test_devstack_runs_a_postgres_replica_the_query_api_reads(tmp_path: Path) -> None:
+def test_devstack_runs_a_postgres_replica_the_query_api_reads(pg_root: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     ports = _free_service_ports()
     env.update(ports, PARLEY_RUN_PG_REPLICA="1")
@@ -215,22 +215,22 @@ def test_devstack_runs_a_postgres_replica_the_query_api_reads(tmp_path: Path) ->
             assert time.monotonic() < deadline, details
             time.sleep(0.2)
 
-    code, output, children = _run_devstack_until_banner(tmp_path, env, replica_serving)
+    code, output, children = _run_devstack_until_banner(pg_root, env, replica_serving)
     assert code == 0, output
     assert "replica    postgresql://" in output and "(the query API reads it)" in output
-    assert (tmp_path / ".data" / "postgres-replica" / "standby.signal").is_file()
+    assert (pg_root / ".data" / "postgres-replica" / "standby.signal").is_file()
     assert not [pid for pid in children if group_alive(pid)]
 
 
-def test_devstack_starts_and_stops_its_own_servers(tmp_path: Path) -> None:
+def test_devstack_starts_and_stops_its_own_servers(pg_root: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env.update(_free_service_ports())
-    code, output, children = _run_devstack_until_banner(tmp_path, env)
+    code, output, children = _run_devstack_until_banner(pg_root, env)
     assert code == 0, output
     assert len(children) >= 2
     assert not [pid for pid in children if group_alive(pid)]
-    assert (tmp_path / ".data" / "jwt-secret").is_file()
-    assert (tmp_path / ".data" / "postgres" / "PG_VERSION").is_file()
+    assert (pg_root / ".data" / "jwt-secret").is_file()
+    assert (pg_root / ".data" / "postgres" / "PG_VERSION").is_file()
     postgres_url = next(line.split()[-1] for line in output.splitlines() if "postgres " in line)
     assert postgres_url.endswith("/parley")
     assert pgadmin.with_database(postgres_url, "x").endswith("/x")

@@ -23,8 +23,10 @@ from realtime_fanout.frames import (
     decode_client_message,
     encode_frame,
 )
+from realtime_fanout.hub import Hub
 from realtime_fanout.membership import MembershipIndex, Span
 from realtime_fanout.presence import PresenceEntry, PresenceStore
+from realtime_fanout.signalbus import SignalBus
 from realtime_fanout.signals import (
     PresenceSignal,
     RateLimiter,
@@ -165,7 +167,7 @@ async def test_presence_transitions_are_exact_with_several_connections(
         not alice.online and alice.last_seen is not None and before - 1 <= alice.last_seen <= time.time() + 1
     )
     assert messages[-1]["last_seen"] == round(alice.last_seen * 1000)
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
 
 
 async def test_expired_connections_are_swept_once_and_concurrent_leaves_go_offline_once(
@@ -191,7 +193,7 @@ async def test_expired_connections_are_swept_once_and_concurrent_leaves_go_offli
     for user in ("dead", "gone", "many"):
         assert messages.count((user, False)) == 1, messages
     assert ("live", False) not in messages
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
 
 
 async def test_a_leave_with_grace_is_no_transition_when_the_user_comes_back_within_it(
@@ -211,7 +213,7 @@ async def test_a_leave_with_grace_is_no_transition_when_the_user_comes_back_with
     [alice, bob] = await store.snapshot(["alice", "bob"])
     assert alice.online and not bob.online and bob.last_seen is not None
     assert left - 1 <= bob.last_seen <= left + 0.2  # when he left, not when the grace ended
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
 
 
 def frames_of(client: Client, kind: str, **match: Any) -> list[dict[str, Any]]:
@@ -437,3 +439,60 @@ async def test_acts_in_archived_history_count_for_presence(
     assert snapshot_users(one) == ["victim"] and snapshot_users(two) == []
     for client in (victim, one, two):
         await client.close()
+
+
+class Joiner:
+    """A connection as the signal bus sees it, keeping the presence snapshot it is handed."""
+
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+        self.conversations: frozenset[str] | None = None
+        self.snapshot: bytes | None = None
+        self.ready = 0
+
+    def signal(self, frame: bytes, *, presence: bool) -> None: ...
+
+    def presence_ready(self, snapshot: bytes | None) -> None:
+        self.snapshot, self.ready = snapshot, self.ready + 1
+
+    def abort(self) -> None:
+        raise AssertionError(f"{self.user_id} aborted")
+
+
+async def test_joins_that_arrive_together_cost_one_touch_and_one_snapshot_and_see_each_other(
+    redis_client: aioredis.Redis, log_namespace: str
+) -> None:
+    """A reconnect storm's joins are batched: one presence script call and one read for them all, and each
+    snapshot is read after every join of its batch was recorded (each sees the others online)."""
+    users = [f"u{n}" for n in range(40)]
+    hub = Hub(redis_client, LogSettings("", log_namespace, 1).layout())  # not started: its index by hand
+    hub.index.learn([Span("c", user, 1) for user in users] + [Span("d", "u0", 1), Span("d", "out", 1)])
+    bus = SignalBus(redis_client, hub, typing_ttl_s=5, typing_per_s=2, presence_ttl_s=30,
+                    presence_scope="shared")  # fmt: skip
+    calls = {"touch": 0, "snapshot": 0}
+    touch, snapshot = bus.store.touch, bus.store.snapshot
+
+    async def counted_touch(connections: list[tuple[str, str]]) -> int:
+        calls["touch"] += 1
+        return await touch(connections)
+
+    async def counted_snapshot(of: list[str]) -> list[PresenceEntry]:
+        calls["snapshot"] += 1
+        return await snapshot(of)
+
+    bus.store.touch, bus.store.snapshot = counted_touch, counted_snapshot  # type: ignore[method-assign,assignment]
+    joiners = [Joiner(user) for user in users]
+    await asyncio.gather(*(bus.join(conn) for conn in joiners))
+    assert calls == {"touch": 1, "snapshot": 1}
+    for conn in joiners:
+        assert conn.ready == 1 and conn.snapshot is not None
+        entries = msgspec.json.decode(conn.snapshot)["users"]
+        seen = {entry["user_id"]: entry["online"] for entry in entries}
+        expected = {user: True for user in users if user != conn.user_id}
+        if conn.user_id == "u0":
+            expected["out"] = False  # shares d with u0 only, never joined
+        assert seen == expected, conn.user_id
+    assert await snapshot(users) == [PresenceEntry(user, True, None) for user in users]
+    late = Joiner("u1")
+    await bus.join(late)  # alone: a batch of one
+    assert calls == {"touch": 2, "snapshot": 2} and late.ready == 1

@@ -484,9 +484,11 @@ async def test_fault_then_audit_is_green(
     assert load.retries > 0 or not retried  # commands were in flight or refused while it was down
 
 
-async def test_postgres_stopped_10_s_then_audit_is_green(fault_redis: RedisServer, tmp_path: Path) -> None:
+async def test_postgres_stopped_10_s_then_audit_is_green(
+    fault_redis: RedisServer, tmp_path: Path, pg_root: Path
+) -> None:
     """Postgres of our own, stopped for 10 s under load (the projector waits and retries), then started."""
-    with PostgresServer(tmp_path / "pg", fast=True) as pg:
+    with PostgresServer(pg_root / "pg", fast=True) as pg:
         database_url = pg.create_database("parley")
 
         async def stop_postgres(_s: Stack) -> None:

@@ -317,9 +317,9 @@ async def wait_caught_up(worker: Worker) -> None:
 
 @pytest.mark.slow
 async def test_postgres_down_then_back_worker_retries_and_resumes(
-    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, tmp_path: Path
+    redis_server_url: str, redis_client: aioredis.Redis, log_namespace: str, pg_root: Path
 ) -> None:
-    server = PostgresServer(tmp_path / "pg", fast=False)
+    server = PostgresServer(pg_root / "pg", fast=False)
     await asyncio.to_thread(server.start)
     try:
         database_url = await asyncio.to_thread(server.create_database, "parley")

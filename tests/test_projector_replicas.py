@@ -24,6 +24,7 @@ from projector.worker import Worker
 from servicekit.settings import Env
 from tests.apiclient import ApiClient
 from tests.conftest import DEV_SECRET
+from tests.pgfolders import pg_folder
 
 WRITERS = 4
 MESSAGES_PER_WRITER = 15
@@ -67,10 +68,10 @@ class Servers:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def servers() -> Iterator[Servers]:
     """A primary of our own (wal_level=replica, initdb's default) and a hot standby streaming from it."""
-    root = tmp_path_factory.mktemp("pgrep")
     with (
+        pg_folder() as root,
         PostgresServer(root / "primary", fast=True) as primary,
         PostgresStandby(primary, root / "standby", fast=True) as standby,
     ):
