@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 
 from events.admission import MAX_MESSAGES
 from events.codec import decode
@@ -19,10 +20,11 @@ from events.exceptions import DecodeError
 from events.layout import LogLayout
 from events.log import EventLog, LogEntry, TopologyChanged
 from events.redisclient import REDIS_ERRORS, RedisClient
+from events.schema import Envelope
 from realtime_fanout.archive import Archive
 from realtime_fanout.cursor import stream_key
 from realtime_fanout.exceptions import HubUnavailable
-from realtime_fanout.item import Item, decode_entry
+from realtime_fanout.item import Item, decode_entry, item_of
 from realtime_fanout.membership import PRIVATE_PAYLOADS, MembershipIndex, Span
 from realtime_fanout.metrics import CONNECTION_FAILURES, DELIVERIES, ENTRIES_READ
 from realtime_fanout.recent import RecentItems
@@ -90,13 +92,14 @@ class Hub:
         epoch = await self.log.open(create=False)
         self.verdicts = Verdicts(max_messages=self.ledger_ids)  # a retried start judges everything again
         heads = [await self.log.head(p) for p in range(self.layout.partitions)]
+        held: list[list[Item]] = []
         for partition, head in enumerate(heads):
             if self.archive is not None:
                 await self._bootstrap_archive(epoch, partition)
-            await self._bootstrap(partition, head)
+            held.append(await self._bootstrap(partition, head))
         self.epoch = epoch
         self.positions = heads
-        self.recent.start(heads)
+        self.recent.start(heads, held)
         self._task = self.supervisor.spawn(
             "fanout-hub", self._run, Policy.STOP, context=self._where, on_stop=self._stopped
         )
@@ -116,9 +119,12 @@ class Hub:
         for sub in self.router.subscribers():
             sub.abort()
 
-    async def _bootstrap(self, partition: int, head: str) -> None:
+    async def _bootstrap(self, partition: int, head: str) -> list[Item]:
+        """Learn memberships (and acts) from the partition's held history; returns its latest events, as
+        many as the recent items hold, so resumes after a restart are served from memory too."""
         after = "0-0"
         index = self.router.index
+        latest: deque[tuple[LogEntry, Envelope]] = deque(maxlen=self.recent.per_partition)
         while head != "0-0":
             start = f"({after}" if after != "0-0" else "-"
             entries = await self.log.read_range(partition, start, head, BOOTSTRAP_PAGE)
@@ -132,9 +138,12 @@ class Hub:
                 index.apply(envelope)
                 if self.router.track_acts and not isinstance(envelope.payload, PRIVATE_PAYLOADS):
                     index.note_act(envelope.conversation_id, envelope.actor, envelope.seq)
+                if latest.maxlen:
+                    latest.append((entry, envelope))
             if len(entries) < BOOTSTRAP_PAGE:
-                return
+                break
             after = entries[-1].stream_id
+        return [item_of(entry, envelope) for entry, envelope in latest]
 
     async def _bootstrap_archive(self, epoch: str, partition: int) -> None:
         assert self.archive is not None

@@ -42,6 +42,11 @@ def decode_entry(entry: LogEntry) -> Item | None:
         envelope = decode(entry.data)
     except DecodeError:
         return None
+    return item_of(entry, envelope)
+
+
+def item_of(entry: LogEntry, envelope: Envelope) -> Item:
+    """The Item of an entry already decoded to `envelope`."""
     return Item(entry.partition, entry.stream_id, stream_key(entry.stream_id), envelope, encode(envelope))
 
 

@@ -28,12 +28,24 @@ class RecentItems:
         self._open: list[IndexedItems] = [_open_block() for _ in range(partitions)]
         self._floor: list[StreamKey | None] = [None] * partitions
 
-    def start(self, positions: list[str]) -> None:
-        """The hub reads live after `positions`: forget everything, hold what comes after them."""
+    @property
+    def per_partition(self) -> int:
+        """How many of a partition's latest items are held at most (its whole blocks)."""
+        return self.max_blocks * BLOCK
+
+    def start(self, positions: list[str], held: list[list[Item]] | None = None) -> None:
+        """The hub reads live after `positions`: forget everything, then hold `held[p]` (the latest events of
+        partition p up to its position, every one of them from the first on: a warm start after a restart)
+        and what comes after."""
         for partition, position in enumerate(positions):
             self._blocks[partition].clear()
             self._open[partition] = _open_block()
             self._floor[partition] = stream_key(position) if self.max_blocks else None
+            before = held[partition] if held is not None and self.max_blocks else []
+            if before:
+                self._floor[partition] = before[0].key  # every event after the first held one is held
+            for item in before:
+                self.add(item)
 
     def add(self, item: Item) -> None:
         """An event the hub dispatched (in log order per partition)."""

@@ -213,6 +213,16 @@ class Client:
         await self.ws.close()
 
 
+async def cursor_after_one(log: Log, url: str, sender: str, user: str, conversation: str) -> str:
+    """`user`'s cursor once it received one message `sender` posted to `conversation` (then it leaves)."""
+    client = await Client.open(url, user)
+    await log.send(conversation, sender, "first")
+    await client.until(lambda c: c.bodies() == ["first"])
+    await client.close()
+    assert client.cursor is not None
+    return client.cursor
+
+
 async def close_code(ws: ClientConnection, wait_s: float = 10) -> int | None:
     """Read until the server closes; return its close code."""
     try:

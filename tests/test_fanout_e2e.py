@@ -37,6 +37,7 @@ from tests.fanout_fixtures import (
     Log,
     archive_everything,
     close_code,
+    cursor_after_one,
     on_clusters_too,
     token,
 )
@@ -119,11 +120,7 @@ async def test_resume_after_disconnect_gets_exactly_the_missed_events(
     log = Log(appender)
     await log.create("room", "alice", "bob")
     fanout = await make_fanout()
-    bob = await Client.open(fanout.url, "bob")
-    await log.send("room", "alice", "first")
-    await bob.until(lambda c: c.bodies() == ["first"])
-    cursor = bob.cursor
-    await bob.close()
+    cursor = await cursor_after_one(log, fanout.url, "alice", "bob", "room")
     await asyncio.gather(*(log.send("room", "alice", f"m{n}") for n in range(100)))
     again = await Client.open(fanout.url, "bob", cursor)
     await again.until(lambda c: len(c.bodies()) == 100)

@@ -23,7 +23,7 @@ from realtime_fanout.item import IndexedItems, Item
 from realtime_fanout.pageflights import Page, PageFlights
 from realtime_fanout.recent import BLOCK, RecentItems
 from servicekit.log_settings import LogSettings
-from tests.fanout_fixtures import PARTITIONS, Client, Log, archive_everything
+from tests.fanout_fixtures import PARTITIONS, Client, Log, archive_everything, cursor_after_one
 
 PAGE = 20
 
@@ -173,3 +173,50 @@ def test_recent_items_serve_every_event_after_a_cursor_at_or_after_their_floor()
         assert page.lookup == IndexedItems(list(page)).lookup
     assert recent.after(1, (0, 0)) == []  # nothing after the start position yet
     assert RecentItems(2, 0).after(0, (9, 0)) is None  # off: never covers
+
+
+def test_recent_items_started_warm_serve_every_event_after_the_first_held_one() -> None:
+    def item(n: int) -> Item:
+        envelope = SimpleNamespace(conversation_id=f"c{n % 3}", payload=None, actor="a")
+        return Item(0, f"{n}-0", (n, 0), cast(Envelope, envelope), b"{}")
+
+    recent = RecentItems(partitions=1, max_items=2 * BLOCK)
+    assert recent.per_partition == 2 * BLOCK
+    held = [item(n) for n in range(100, 100 + 2 * BLOCK)]
+    recent.start([held[-1].stream_id], [held])
+    assert not recent.covers(0, (99, 0)) and recent.covers(0, (100, 0))
+    pages = recent.after(0, (150, 0))
+    assert pages is not None
+    assert [i.key[0] for page in pages for i in page if i.key > (150, 0)] == list(range(151, 100 + 2 * BLOCK))
+    recent.add(item(100 + 2 * BLOCK))  # live after the warm ones: the same blocks go on
+    pages = recent.after(0, (100 + 2 * BLOCK - 1, 0))
+    assert (
+        pages is not None and [i.key[0] for p in pages for i in p if i.key > (355, 0)][-1] == 100 + 2 * BLOCK
+    )
+    for page in pages:
+        assert page.lookup == IndexedItems(list(page)).lookup
+    cold = RecentItems(partitions=1, max_items=0)
+    cold.start(["5-0"], [held])  # off: nothing held, never covers
+    assert cold.after(0, (100, 0)) is None
+
+
+async def test_a_restarted_fanout_serves_resumes_from_the_events_it_read_at_start(
+    appender: Appender, make_fanout: Any
+) -> None:
+    """After a restart (a deploy, a crash) the hub holds the latest events it bootstrapped from: clients
+    resuming from cursors inside them read nothing from Redis, and get exactly what follows."""
+    log = Log(appender)
+    await log.create("room", "alice", "bob")
+    first = await make_fanout()
+    cursor = await cursor_after_one(log, first.url, "alice", "bob", "room")
+    for body in ("two", "three"):
+        await log.send("room", "alice", body)
+    restarted = await make_fanout()
+    clients = await asyncio.gather(*(Client.open(restarted.url, "bob", cursor) for _ in range(3)))
+    for client in clients:
+        await client.until(lambda c: c.bodies() == ["two", "three"])
+        assert [e["seq"] for e in client.events] == [3, 4]
+    assert await metric(restarted.port, "parley_fanout_history_reads_total", source="redis") == 0
+    assert await metric(restarted.port, "parley_fanout_history_coalesced_total", source="memory") > 0
+    for client in clients:
+        await client.close()
