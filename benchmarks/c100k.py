@@ -146,6 +146,7 @@ async def projector_caught_up(port: int, deadline: float) -> None:
 async def storms_phase(
     storms: list[str], args: argparse.Namespace, loads: list[LoadProcess], r: redis.Redis,
     database_url: str, port: int, pid: int, redis_url: str, restart: Callable[[], Any],
+    connect: tuple[float, float],
 ) -> list[str]:  # fmt: skip
     """Messages flow at `--storm-rate` while each storm runs; then every user's events are checked against
     the log: each conversation's messages from the first to the last, no gap, no duplicate."""
@@ -164,6 +165,7 @@ async def storms_phase(
             if profiled:
                 os.kill(pid, signal.SIGUSR2)
             result.sent = sender.sent - sent
+            result.connect = connect
             results.append(result)
             print("\n".join(result.lines()), flush=True)
             await asyncio.sleep(3.0)
@@ -344,6 +346,7 @@ async def main() -> None:
                         storm_lines = await storms_phase(
                             storms, args, loads, r, database_url, fanout_port, fanout.pid, redis_server.url,
                             lambda: processes_.enter_context(server([fanout_module], fanout_port, env, log_path=args.fanout_log)),
+                            (connect_cpu_ms / 1000, live / connect_s),
                         )  # fmt: skip
                 finally:
                     await asyncio.gather(*(lp.stop() for lp in loads))

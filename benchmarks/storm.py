@@ -246,6 +246,8 @@ class Storm:
     closes: dict[str, int] = field(default_factory=dict)
     sent: int = 0
     notes: list[str] = field(default_factory=list)
+    connect: tuple[float, float] | None = None
+    """The same run's first connects, the baseline: (fanout CPU seconds per connection, connections/s)."""
 
     def lines(self) -> list[str]:
         n = max(self.resumed, 1)
@@ -278,6 +280,13 @@ class Storm:
             f"load processes {self.load_cpu_s / max(self.elapsed_s, 1e-9):.0%} in all "
             f"({1000 * self.load_cpu_s / n:.2f} ms per resume: the harness's, not Parley's)",
         ]
+        if self.connect is not None:
+            cpu_each, per_s = self.connect
+            out.append(
+                f"  against this run's first connects: resume CPU {self.fanout_cpu_s / n / max(cpu_each, 1e-9):.2f}x "
+                f"a connect's ({1000 * cpu_each:.2f} ms), resumes/s {rate / max(per_s, 1e-9):.2f}x the "
+                f"connect rate ({per_s:,.0f}/s)"
+            )
         calls = sum(self.redis.values())
         top = ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(self.redis.items(), key=lambda kv: -kv[1])[:6])
         out.append(

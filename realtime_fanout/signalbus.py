@@ -9,7 +9,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,10 +62,18 @@ class _Joins:
     done: asyncio.Future[None]
 
 
-def _fail_waiters(done: asyncio.Future[None], exc: BaseException) -> None:
-    """Every caller awaiting a batch re-raises its bug or cancellation (retrieved: no warning if none)."""
-    done.set_exception(exc)
-    done.exception()
+@contextlib.contextmanager
+def _settling(done: asyncio.Future[None]) -> Iterator[None]:
+    """Ends a batch's `done`: every caller awaiting it returns, or re-raises the batch's bug or
+    cancellation (retrieved: no warning when nobody is left)."""
+    try:
+        yield
+    except BaseException as exc:
+        done.set_exception(exc)
+        done.exception()
+        raise
+    if not done.done():
+        done.set_result(None)
 
 
 class SignalTarget(Abortable, Protocol):
@@ -155,26 +163,22 @@ class SignalBus:
 
     async def _join(self, batch: _Joins) -> None:
         snapshots: dict[SignalTarget, bytes] = {}
-        try:
-            async with self._joining:
-                self._joins = None
-                snapshots = await self._record_joins(batch.conns)
-        except REDIS_ERRORS as exc:
-            SIGNAL_ERRORS.labels("join").inc()
-            log.warning("presence join of %d connections failed: %s", len(batch.conns), exc)
-        except BaseException as exc:
-            _fail_waiters(batch.done, exc)
-            raise
-        finally:
-            if self._joins is batch:
-                self._joins = None
-            for conn in batch.conns:
-                try:
-                    conn.presence_ready(snapshots.get(conn))
-                except Exception:  # one connection's bug closes that connection, nobody else's
-                    abort_failed(conn, "its presence snapshot")
-        if not batch.done.done():
-            batch.done.set_result(None)
+        with _settling(batch.done):
+            try:
+                async with self._joining:
+                    self._joins = None
+                    snapshots = await self._record_joins(batch.conns)
+            except REDIS_ERRORS as exc:
+                SIGNAL_ERRORS.labels("join").inc()
+                log.warning("presence join of %d connections failed: %s", len(batch.conns), exc)
+            finally:
+                if self._joins is batch:
+                    self._joins = None
+                for conn in batch.conns:
+                    try:
+                        conn.presence_ready(snapshots.get(conn))
+                    except Exception:  # one connection's bug closes that connection, nobody else's
+                        abort_failed(conn, "its presence snapshot")
 
     async def _record_joins(self, conns: list[SignalTarget]) -> dict[SignalTarget, bytes]:
         """Touch every joining connection, then read the presence each may see in one snapshot."""
@@ -212,24 +216,21 @@ class SignalBus:
     async def _leave(self, batch: _Leaves) -> None:
         """Forget `batch`'s records, TOUCH_CHUNK per script call: the leaves that arrive while the lock is
         awaited join it (a storm's disconnects cost a few calls, not one each)."""
-        try:
-            async with self._touching:
-                self._leaves = None
-                for start in range(0, len(batch.pairs), TOUCH_CHUNK):
-                    await self.store.leave_many(batch.pairs[start : start + TOUCH_CHUNK], self.leave_grace_s)
-        except REDIS_ERRORS as exc:
-            SIGNAL_ERRORS.labels("leave").inc()
-            log.warning(
-                "presence leave of %d connections failed (they will expire): %s", len(batch.pairs), exc
-            )
-        except BaseException as exc:
-            _fail_waiters(batch.done, exc)
-            raise
-        finally:
-            if self._leaves is batch:
-                self._leaves = None
-        if not batch.done.done():
-            batch.done.set_result(None)
+        with _settling(batch.done):
+            try:
+                async with self._touching:
+                    self._leaves = None
+                    for start in range(0, len(batch.pairs), TOUCH_CHUNK):
+                        chunk = batch.pairs[start : start + TOUCH_CHUNK]
+                        await self.store.leave_many(chunk, self.leave_grace_s)
+            except REDIS_ERRORS as exc:
+                SIGNAL_ERRORS.labels("leave").inc()
+                log.warning(
+                    "presence leave of %d connections failed (they will expire): %s", len(batch.pairs), exc
+                )
+            finally:
+                if self._leaves is batch:
+                    self._leaves = None
 
     async def typing(self, conn: SignalTarget, message: Typing) -> None:
         """Publish a participant's typing signal, rate-limited per user; others are dropped and counted."""
