@@ -320,12 +320,16 @@ def configure_logging(level: int = logging.INFO) -> None:
     install_redaction()
 
 
+ACCESS_LOGGER = "parley.access"
+"""The logger of per-connection lines a service writes itself (the fanout's WebSocket connections)."""
+
+
 def install_redaction() -> None:
     redacting = RedactingFilter()
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(redacting)
-    for name in ("uvicorn.error", "uvicorn.access"):
+    for name in ("uvicorn.error", "uvicorn.access", ACCESS_LOGGER):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactingFilter) for f in logger.filters):
             logger.addFilter(redacting)
