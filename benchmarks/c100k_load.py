@@ -4,8 +4,8 @@ Each connection is websockets' sans-I/O client protocol on a bare asyncio transp
 queue): a few KiB each, so one process holds tens of thousands. Pings are answered by the protocol.
 Its source address is 127.<process>.x.y, so loopback ports do not run out. Every user keeps its cursor
 and, per conversation, the first and last seq received (a seq not following the last is counted as a gap
-or a duplicate); a connection lost after it was live is resumed from the cursor, with full-jitter
-exponential backoff as the client library does (realtime_fanout/client.py). Driven over stdin/stdout:
+or a duplicate); a connection lost after it was live is resumed from the cursor, retried as the client library
+retries (`realtime_fanout.client.retry_delay`: full jitter, a refusal's Retry-After honoured). Driven over stdin/stdout:
 `python -m benchmarks.c100k_load PORT FIRST COUNT PROCESS_INDEX CONCURRENCY DEFLATE BUDGET_S USERS PER_USER MEMBERS`
 (DEFLATE 1: offer permessage-deflate, as browsers do; no new connection after BUDGET_S); it prints one JSON
 line when every connection is live or failed, then answers each command with a JSON line: `report`
@@ -35,6 +35,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import WebSocketURI, parse_uri
 
+from realtime_fanout.client import retry_after, retry_delay
 from servicekit.auth_settings import AuthSettings
 from servicekit.settings import Env
 from servicekit.tokens import mint_token
@@ -96,7 +97,7 @@ class Counts:
 class User:
     """One user's subscription across connections: cursor, per-conversation seqs, backoff."""
 
-    __slots__ = ("attempt", "cursor", "index", "live", "resuming", "seen", "transport")
+    __slots__ = ("attempt", "cursor", "index", "live", "resuming", "retry_after", "seen", "transport")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -106,6 +107,7 @@ class User:
         self.live = False
         self.resuming = False
         self.attempt = 0
+        self.retry_after: float | None = None
 
     def received(self, conversation_id: str, seq: int, counts: Counts) -> None:
         counts.events += 1
@@ -159,6 +161,8 @@ class Client(asyncio.Protocol):
                 if self.proto.state is State.OPEN:
                     for message in self.messages:
                         self.proto.send_text(message)
+                else:
+                    user.retry_after = retry_after(event.status_code, event.headers.get("Retry-After"))
             elif isinstance(event, Frame) and event.opcode is Opcode.TEXT:
                 counts.frames += 1
                 frame = _frame.decode(event.data)
@@ -256,13 +260,12 @@ class Load:
             self.loop.create_task(self.resume(user))
 
     async def resume(self, user: User) -> None:
-        """Reconnect `user` from its cursor, retrying with full-jitter backoff until live."""
+        """Reconnect `user` from its cursor, retrying as the client library does until live."""
         user.resuming = True
         while self.resuming and not user.live:
-            delay = self.rng.uniform(
-                0.0, min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2.0 ** min(user.attempt, 60))
-            )
+            delay = retry_delay(user.attempt, BACKOFF_INITIAL_S, BACKOFF_MAX_S, self.rng, user.retry_after)
             user.attempt += 1
+            user.retry_after = None
             await asyncio.sleep(delay)
             self.counts.attempts += 1
             try:

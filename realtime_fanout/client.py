@@ -8,7 +8,8 @@
                 case Live(): pass                  # caught up (after every (re)connect)
 
 Connections that fail or close (1006, 1011, 1012, 4008, 4503, ...) are retried with exponential backoff and
-full jitter, resuming from the cursor after the last item handed out; so nothing is lost or repeated.
+full jitter (an admission refusal's Retry-After is honoured), resuming from the cursor after the last item
+handed out; so nothing is lost or repeated.
 Give it a `Recorder` and it notes what it subscribed from and received, for `python -m projector audit
 --received` (README: Audit).
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from realtime_fanout import closecodes
 from realtime_fanout.exceptions import ClientError, ClientGaveUp, ClientRejected
@@ -140,6 +141,24 @@ def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Rand
     return rng.uniform(0.0, min(max_s, initial_s * 2.0 ** min(attempt, 60)))
 
 
+def retry_delay(
+    attempt: int, initial_s: float, max_s: float, rng: random.Random, retry_after_s: float | None = None
+) -> float:
+    """`backoff_delay`, but when the server answered with Retry-After, at least that (up to `max_s`),
+    spread over up to half again so the refused do not all come back together."""
+    delay = backoff_delay(attempt, initial_s, max_s, rng)
+    if retry_after_s is None:
+        return delay
+    return max(delay, min(max_s, retry_after_s * rng.uniform(1.0, 1.5)))
+
+
+def retry_after(status: int, value: str | None) -> float | None:
+    """Seconds a 503 or 429 answer's Retry-After asks for (delay-seconds form; None otherwise)."""
+    if status not in (429, 503) or value is None or not value.strip().isdigit():
+        return None
+    return float(value)
+
+
 def refresh_delay(expires_at: float, now: float, margin_s: float) -> float:
     """Seconds until a fresh token is due: `margin_s` before expiry, but not before half the time left."""
     remaining = expires_at - now
@@ -153,11 +172,12 @@ class FanoutClient:
     order per conversation, unless a `Resync` says history was lost. `cursor` is where it resumes: just
     after the last item handed out that carried a cursor (every `Live` and `Resync`, the last `Event` of
     each server frame); persist it after such an item and a later `cursor=` repeats nothing.
-    Connections that fail or close are retried with exponential backoff and full jitter, except a close
-    that retrying cannot fix (`ClientRejected`). `token` is a fixed string or a `TokenProvider`, asked
-    again at each connect and `refresh_margin_s` before expiry (at half the remaining lifetime for short
-    tokens). `conversations` limits the subscription to those ids (None: all the user's).
-    `max_failures` consecutive failed attempts without a frame end it with `ClientGaveUp` (None: retry
+    Connections that fail or close are retried with exponential backoff and full jitter (never sooner than
+    a refusal's Retry-After, up to `backoff_max_s`), except a close that retrying cannot fix
+    (`ClientRejected`). `token` is a fixed string or a `TokenProvider`, asked again at each connect and
+    `refresh_margin_s` before expiry (at half the remaining lifetime for short tokens). `conversations`
+    limits the subscription to those ids (None: all the user's). `max_failures` consecutive failed
+    attempts without a frame end it with `ClientGaveUp` (None: retry
     for ever). `connects` and `refreshes` count connections made and tokens refreshed.
     """
 
@@ -225,6 +245,7 @@ class FanoutClient:
         """
         failures = 0
         while not self._closed:
+            asked: float | None = None
             try:
                 async for item in self._connection():
                     failures = 0
@@ -239,13 +260,16 @@ class FanoutClient:
                 self._raise_if_fatal(closed)
                 log.info("fanout connection closed (%s); resuming", closed)
             except (OSError, TimeoutError, InvalidHandshake) as exc:
+                if isinstance(exc, InvalidStatus):
+                    response = exc.response
+                    asked = retry_after(response.status_code, response.headers.get("Retry-After"))
                 log.info("fanout connection failed (%s); retrying", exc)
             if self._closed:
                 return
             if self.max_failures is not None and failures >= self.max_failures:
                 raise ClientGaveUp(f"{failures} consecutive connection attempts failed")
             await asyncio.sleep(
-                backoff_delay(failures, self.backoff_initial_s, self.backoff_max_s, self._rng)
+                retry_delay(failures, self.backoff_initial_s, self.backoff_max_s, self._rng, asked)
             )
             failures += 1
 

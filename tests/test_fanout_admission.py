@@ -12,18 +12,23 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from command_api.append import Appender
+from realtime_fanout.client import FanoutClient, Live
 from realtime_fanout.metrics import ADMISSION_REFUSED
 from tests.fanout_fixtures import Client, Log, fanout_env, token
 from tests.fanout_inprocess import served_fanout
+
+
+def admitting(redis_url: str, namespace: str, limit: int, retry_after_s: int) -> dict[str, str]:
+    """The fanout's environment with at most `limit` connections being established at once."""
+    return fanout_env(redis_url, namespace, PARLEY_FANOUT_MAX_ADMITTING=str(limit),
+                      PARLEY_FANOUT_ADMISSION_RETRY_AFTER_S=str(retry_after_s))  # fmt: skip
 
 
 async def test_upgrades_beyond_the_limit_get_503_until_the_pending_ones_are_live_or_gone(
     appender: Appender, redis_server_url: str, log_namespace: str
 ) -> None:
     await Log(appender).create("room", "alice", "bob")
-    env = fanout_env(redis_server_url, log_namespace, PARLEY_FANOUT_MAX_ADMITTING="2",
-                     PARLEY_FANOUT_ADMISSION_RETRY_AFTER_S="3")  # fmt: skip
-    async with served_fanout(env) as fanout:
+    async with served_fanout(admitting(redis_server_url, log_namespace, 2, retry_after_s=3)) as fanout:
         pending = [await connect(fanout.url, open_timeout=5) for _ in range(2)]  # upgraded, not subscribed
         refused = ADMISSION_REFUSED._value.get()
         with pytest.raises(InvalidStatus) as caught:
@@ -50,3 +55,29 @@ async def test_upgrades_beyond_the_limit_get_503_until_the_pending_ones_are_live
                     await asyncio.sleep(0.1)
         for ws in (*again, first):
             await ws.close()
+
+
+async def test_the_client_library_retries_a_refused_upgrade_no_sooner_than_its_retry_after(
+    appender: Appender, redis_server_url: str, log_namespace: str
+) -> None:
+    await Log(appender).create("room", "alice", "bob")
+    async with served_fanout(admitting(redis_server_url, log_namespace, 1, retry_after_s=2)) as fanout:
+        pending = await connect(fanout.url, open_timeout=5)  # holds the only place
+        refused = ADMISSION_REFUSED._value.get()
+        client = FanoutClient(fanout.url, token("alice"), backoff_initial_s=0.05)
+        started = asyncio.get_running_loop().time()
+        items = client.items()
+        first = asyncio.ensure_future(anext(items))
+        async with asyncio.timeout(5):
+            while ADMISSION_REFUSED._value.get() == refused:
+                await asyncio.sleep(0.01)
+        await pending.close()  # the place is free at once; the client was asked to wait 2 s
+        async with asyncio.timeout(10):
+            assert isinstance(await first, Live)
+        waited = asyncio.get_running_loop().time() - started
+        assert ADMISSION_REFUSED._value.get() == refused + 1  # one refusal, then the wait it asked for
+        assert 2.0 <= waited < 4.0
+        await client.close()
+        async with asyncio.timeout(5):
+            async for _ in items:
+                pass

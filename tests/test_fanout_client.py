@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import random
 
-from realtime_fanout.client import Event, Live, Resync, backoff_delay, items_of, refresh_delay
+from realtime_fanout.client import (
+    Event,
+    Live,
+    Resync,
+    backoff_delay,
+    items_of,
+    refresh_delay,
+    retry_after,
+    retry_delay,
+)
 
 
 def test_a_batch_carries_its_cursor_on_the_last_event_only() -> None:
@@ -34,3 +43,18 @@ def test_refresh_is_due_a_margin_before_expiry_but_not_in_a_hurry() -> None:
     assert refresh_delay(expires_at=3600, now=0, margin_s=60) == 3540
     assert refresh_delay(expires_at=10, now=0, margin_s=60) == 5  # short tokens: halfway
     assert refresh_delay(expires_at=0, now=5, margin_s=60) == 0
+
+
+def test_a_refusal_s_retry_after_is_waited_at_least_spread_and_capped() -> None:
+    rng = random.Random(3)
+    delays = [retry_delay(0, 0.1, 10.0, rng, retry_after_s=2.0) for _ in range(200)]
+    assert all(2.0 <= d <= 3.0 for d in delays) and max(delays) - min(delays) > 0.8
+    assert all(retry_delay(20, 0.1, 10.0, rng, retry_after_s=1.0) <= 10.0 for _ in range(50))
+    assert all(retry_delay(0, 0.1, 10.0, rng, retry_after_s=3600.0) == 10.0 for _ in range(5))
+    assert all(retry_delay(0, 0.1, 10.0, rng) <= 0.1 for _ in range(50))  # none asked: backoff alone
+
+
+def test_retry_after_is_read_from_refusals_in_seconds_only() -> None:
+    assert retry_after(503, "2") == 2.0 and retry_after(429, " 1 ") == 1.0
+    assert retry_after(503, None) is None and retry_after(503, "Wed, 21 Oct 2026 07:28:00 GMT") is None
+    assert retry_after(503, "-1") is None and retry_after(500, "2") is None
