@@ -4,8 +4,9 @@ Each connection is websockets' sans-I/O client protocol on a bare asyncio transp
 queue): a few KiB each, so one process holds tens of thousands. Pings are answered by the protocol.
 Its source address is 127.<process>.x.y, so loopback ports do not run out. Every user keeps its cursor
 and, per conversation, the first and last seq received (a seq not following the last is counted as a gap
-or a duplicate); a connection lost after it was live is resumed from the cursor, retried as the client library
-retries (`realtime_fanout.client.retry_delay`: full jitter, a refusal's Retry-After honoured). Driven over stdin/stdout:
+or a duplicate); a connection lost after it was live is resumed from the cursor, retried as the client
+library retries (`realtime_fanout.client.retry_delay`: full jitter, a refusal's Retry-After honoured).
+Driven over stdin/stdout:
 `python -m benchmarks.c100k_load PORT FIRST COUNT PROCESS_INDEX CONCURRENCY DEFLATE BUDGET_S USERS PER_USER MEMBERS`
 (DEFLATE 1: offer permessage-deflate, as browsers do; no new connection after BUDGET_S); it prints one JSON
 line when every connection is live or failed, then answers each command with a JSON line: `report`

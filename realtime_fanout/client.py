@@ -177,8 +177,8 @@ class FanoutClient:
     (`ClientRejected`). `token` is a fixed string or a `TokenProvider`, asked again at each connect and
     `refresh_margin_s` before expiry (at half the remaining lifetime for short tokens). `conversations`
     limits the subscription to those ids (None: all the user's). `max_failures` consecutive failed
-    attempts without a frame end it with `ClientGaveUp` (None: retry
-    for ever). `connects` and `refreshes` count connections made and tokens refreshed.
+    attempts without a frame end it with `ClientGaveUp` (None: retry for ever). `connects` and
+    `refreshes` count connections made and tokens refreshed.
     """
 
     def __init__(
